@@ -1,0 +1,40 @@
+"""Exceptions raised by tokensieve.
+
+Every error a user can trigger with bad input derives from :class:`TokensieveError` *and* from the built-in
+exception a Python user would expect (``ValueError`` or ``TypeError``), so ``except ValueError`` keeps working.
+"""
+
+
+class TokensieveError(Exception):
+    """Base class of every error tokensieve raises on purpose."""
+
+
+class BudgetError(TokensieveError, ValueError):
+    """The budget is not a usable number of tokens or keep ratio for this input."""
+
+
+class BudgetTypeError(TokensieveError, TypeError):
+    """The budget is not a number at all."""
+
+
+class UnknownMethodError(TokensieveError, KeyError):
+    """No method is registered under that name."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedModelError(TokensieveError, TypeError):
+    """No adapter knows this model class."""
+
+
+class PlaceholderError(TokensieveError, ValueError):
+    """The image placeholders in ``input_ids`` do not match the images given."""
+
+
+class NonFiniteFeaturesError(TokensieveError, ValueError):
+    """The vision features contain NaN or Inf, so no ranking of them means anything."""
+
+
+class MissingSignalError(TokensieveError, ValueError):
+    """A method needs a signal (for example CLS attention) that this model cannot provide."""

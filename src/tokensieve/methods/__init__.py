@@ -1,0 +1,38 @@
+"""Method registry: one pure selector per file in this folder."""
+
+from __future__ import annotations
+
+from ..errors import UnknownMethodError
+from .base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Request, Selection, Signals
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"method name must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# Import for registration side effects; order is the order of `list_methods()`.
+from . import evocut, divprune, visionzip, fastervlm, pool, random  # noqa: E402,F401
+
+__all__ = [
+    "Layout", "Method", "Request", "Selection", "Signals", "PRE_PROJECTOR", "POST_PROJECTOR",
+    "register", "get_method", "method_names",
+]

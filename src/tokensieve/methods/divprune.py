@@ -1,0 +1,66 @@
+"""DivPrune: keep a maximally diverse subset of the projected image tokens.
+
+Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR 2025 (arXiv
+2503.02175). The selection is the greedy max-min (farthest-point) heuristic on cosine distance.
+
+Choices:
+
+* Works after the projector, on the LM input embeddings, as the paper does.
+* The first pick is the most isolated token (largest distance to its nearest *other* token); with a single
+  candidate it is that candidate.
+* A running minimum distance to the selected set makes the greedy loop O(N * k) after the O(N^2 d) matrix,
+  instead of re-reducing over the whole selected set each step as the released code does.
+* Picked tokens are masked explicitly instead of relying on their zero self-distance, so exact duplicates of a
+  picked token (distance 0 as well) can still be chosen once everything else is exhausted and k == N returns
+  every index. Ties go to the lowest index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BudgetError
+from . import register
+from .base import POST_PROJECTOR, Method, Selection, Signals
+
+
+def cosine_distances(x: torch.Tensor) -> torch.Tensor:
+    """1 - cos between every pair of rows, [B, N, N], in float32."""
+    unit = F.normalize(x.float(), dim=-1)
+    return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
+
+
+def maxmin_select(distances: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min picks on a [B, N, N] distance matrix, returned sorted, [B, k]."""
+    b, n, _ = distances.shape
+    eye = torch.eye(n, dtype=torch.bool, device=distances.device)
+    nearest_other = distances.masked_fill(eye, float("inf")).amin(dim=-1)  # [B, N]
+    first = nearest_other.argmax(dim=-1)  # N == 1: the only row, inf, index 0
+
+    picked = torch.empty(b, k, dtype=torch.int64, device=distances.device)
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=distances.device)
+    rows = torch.arange(b, device=distances.device)
+    picked[:, 0] = first
+    chosen[rows, first] = True
+    closest = distances[rows, first]  # [B, N] distance to the selected set
+    for step in range(1, k):
+        nxt = closest.masked_fill(chosen, float("-inf")).argmax(dim=-1)
+        picked[:, step] = nxt
+        chosen[rows, nxt] = True
+        closest = torch.minimum(closest, distances[rows, nxt])
+    return picked.sort(dim=-1).values
+
+
+@register
+class DivPrune(Method):
+    name = "divprune"
+    description = "Greedy max-min cosine diversity over the projected image tokens."
+    stage = POST_PROJECTOR
+    signals = ()
+
+    def select(self, signals: Signals, k: int) -> Selection:
+        n = signals.num_tokens
+        if not 1 <= k <= n:
+            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        return Selection(indices=maxmin_select(cosine_distances(signals.features), k))

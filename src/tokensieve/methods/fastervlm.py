@@ -1,0 +1,48 @@
+"""FasterVLM: keep the patches the [CLS] query attends to most.
+
+Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning" (FasterVLM), arXiv
+2412.01818. Choices: the score is the head-mean of the CLS attention row at the layer that *produces* the features
+the LM consumes (``feature_layer - 1``, i.e. CLIP layer 22 for LLaVA's ``hidden_states[-2]``), as in the official
+code; ``layer`` overrides it. Kept tokens stay in raster order; ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+from ..errors import BudgetError, MissingSignalError
+from . import register
+from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+
+
+@register
+class FasterVLM(Method):
+    name = "fastervlm"
+    description = "Keep the top-k patches by [CLS] attention (head mean) at the feature layer."
+    stage = PRE_PROJECTOR
+    signals = ("CLS attention (feature layer)",)
+
+    def __init__(self, layer: int | None = None):
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+            raise ValueError(f"layer must be a non-negative int or None, got {layer!r}")
+        self.layer = layer
+
+    def _layer(self, num_layers: int, feature_layer: int) -> int:
+        layer = self.layer if self.layer is not None else feature_layer - 1
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this encoder, got {layer}")
+        return layer
+
+    def request(self, num_layers: int, feature_layer: int) -> Request:
+        return Request(cls_attention=(self._layer(num_layers, feature_layer),))
+
+    def select(self, signals: Signals, k: int) -> Selection:
+        n = signals.num_tokens
+        if not 1 <= k <= n:
+            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        layer = self._layer(signals.num_layers, signals.feature_layer)
+        if layer not in signals.cls_attention:
+            raise MissingSignalError(f"fastervlm needs the CLS attention of encoder layer {layer}")
+        attention = signals.cls_attention[layer].float()
+        if tuple(attention.shape[::2]) != (signals.batch, n):
+            raise ValueError(f"cls_attention[{layer}] has shape {tuple(attention.shape)}, expected [B, H, {n}]")
+        scores = attention.mean(dim=1)
+        return Selection(indices=topk_sorted(scores, k), scores=scores)

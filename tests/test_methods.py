@@ -1,0 +1,415 @@
+"""Selectors on hand-made tensors: contract checks for every method, then method-specific behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokensieve.methods import Layout, Selection, Signals, get_method, method_names
+from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR
+from tokensieve.methods.divprune import maxmin_select, cosine_distances
+from tokensieve.methods.evocut import evocut_scores
+from tokensieve.methods.pool import pooled_grid
+from tokensieve.methods.visionzip import default_contextual
+
+B, GRID, D, HEADS, HEAD_DIM = 2, (6, 6), 16, 4, 8
+N = GRID[0] * GRID[1]
+NUM_LAYERS, FEATURE_LAYER = 6, 5
+
+
+def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: int = 0) -> Signals:
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1] + num_prefix
+    hidden = {i: torch.randn(b, n, d, generator=g) for i in range(NUM_LAYERS + 1)}
+    attention = {
+        i: torch.softmax(torch.randn(b, HEADS, n + 1, generator=g) * 3, dim=-1)[..., 1:] for i in range(NUM_LAYERS)
+    }
+    keys = {i: torch.randn(b, HEADS, n, HEAD_DIM, generator=g) for i in range(NUM_LAYERS)}
+    return Signals(
+        features=hidden[FEATURE_LAYER].clone(),
+        layout=Layout(grid=grid, num_prefix=num_prefix),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        hidden_states=hidden,
+        cls_attention=attention,
+        keys=keys,
+        cls_hidden=torch.randn(b, d, generator=g),
+    )
+
+
+def image(signals: Signals, i: int) -> Signals:
+    """The signals of image ``i`` alone, as a batch of one."""
+    return Signals(
+        features=signals.features[i : i + 1],
+        layout=signals.layout,
+        num_layers=signals.num_layers,
+        feature_layer=signals.feature_layer,
+        hidden_states={k: v[i : i + 1] for k, v in signals.hidden_states.items()},
+        cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
+        keys={k: v[i : i + 1] for k, v in signals.keys.items()},
+        cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
+    )
+
+
+def run(name: str, signals: Signals, k: int, **params) -> Selection:
+    method = get_method(name)(**params)
+    request = method.request(signals.num_layers, signals.feature_layer)
+    # the method must only need what it asked for
+    kept = Signals(
+        features=signals.features,
+        layout=signals.layout,
+        num_layers=signals.num_layers,
+        feature_layer=signals.feature_layer,
+        hidden_states={i: signals.hidden_states[i] for i in request.hidden_states},
+        cls_attention={i: signals.cls_attention[i] for i in request.cls_attention},
+        keys={i: signals.keys[i] for i in request.keys},
+        cls_hidden=signals.cls_hidden if request.cls_hidden else None,
+    )
+    return method.select(kept, k)
+
+
+# ----------------------------------------------------------------------------------------------------- contract
+
+
+def test_registry_lists_every_method():
+    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random"])
+    for name in method_names():
+        cls = get_method(name)
+        assert cls.name == name
+        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR)
+        assert isinstance(cls.description, str) and "\n" not in cls.description and cls.description
+        assert isinstance(cls.signals, tuple)
+    assert get_method("divprune").stage == POST_PROJECTOR
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("k", [1, 7, N])
+def test_contract(name, k):
+    signals = make_signals()
+    if name == "pool" and k == 7:  # 7 = 1 x 7 cannot fit a 6 x 6 grid
+        with pytest.raises(ValueError):
+            run(name, signals, k)
+        return
+    sel = run(name, signals, k)
+    idx = sel.indices
+    assert idx.dtype == torch.int64 and idx.dim() == 2 and idx.shape[0] == B
+    assert sel.num_out == k
+    out = sel.output(signals.features)
+    assert out.shape == (B, k, D)
+    assert out.dtype == signals.features.dtype
+    if idx.shape[1]:
+        assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be strictly ascending (so unique)"
+        assert int(idx.min()) >= 0 and int(idx.max()) < N
+    if name != "visionzip":
+        assert idx.shape == (B, k)
+    if sel.scores is not None:
+        assert sel.scores.shape == (B, N)
+    if k == N:
+        assert torch.equal(out, signals.features)
+        assert sel.num_merged == 0
+
+    again = run(name, signals, k)
+    assert torch.equal(again.indices, idx)
+    assert torch.equal(again.output(signals.features), out)
+
+    for i in range(B):
+        alone = run(name, image(signals, i), k)
+        assert torch.equal(alone.indices, idx[i : i + 1])
+        torch.testing.assert_close(alone.output(signals.features[i : i + 1]), out[i : i + 1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_budget_out_of_range_is_an_error(name):
+    signals = make_signals()
+    for k in (0, N + 1):
+        with pytest.raises(ValueError):
+            run(name, signals, k)
+
+
+# ------------------------------------------------------------------------------------------------------- evocut
+
+
+def _crowd_states(special: int, steps: int = 5, n: int = N, d: int = D, b: int = 1) -> list[torch.Tensor]:
+    """Every token moves along one of 3 shared directions, except ``special``, which moves orthogonally.
+
+    The directions come in raster blocks of n / 3 tokens, so the strided K-means seeds (tokens 0, n/3, 2n/3 for
+    M = 3) each start on one of them. With more centres than real directions a lone odd token can capture a
+    spare centre of its own and then score ~0: that is the algorithm as specified, so the test uses M = 3.
+    """
+    g = torch.Generator().manual_seed(1)
+    basis = torch.eye(d)
+    direction = basis[(torch.arange(n) * 3) // n].clone()
+    direction[special] = basis[5]
+    states = [torch.randn(b, n, d, generator=g)]
+    for _ in range(steps):
+        magnitude = 0.5 + torch.rand(b, n, 1, generator=g)
+        noise = 1e-3 * torch.randn(b, n, d, generator=g)
+        states.append(states[-1] + magnitude * direction + noise)
+    return states
+
+
+def test_evocut_ranks_the_odd_mover_first():
+    special = 17
+    states = _crowd_states(special, b=2)
+    scores = evocut_scores(states, num_groups=3, iterations=2, alpha=0.95)
+    assert scores.shape == (2, N)
+    assert torch.equal(scores.argmax(dim=-1), torch.tensor([special, special]))
+    # crowd tokens are well explained by a group direction; the odd one is not
+    others = torch.cat([scores[:, :special], scores[:, special + 1 :]], dim=1)
+    assert float(others.max()) < 0.1 * float(scores[:, special].min())
+
+    # through the method: hidden_states indices l0-1 .. end, k = 1 keeps the odd token
+    signals = make_signals(b=2)
+    signals.hidden_states = {i: s for i, s in enumerate(states)}
+    method = get_method("evocut")(start_layer=1, end_layer=5, num_groups=3)
+    assert method.request(NUM_LAYERS, FEATURE_LAYER).hidden_states == (0, 1, 2, 3, 4, 5)
+    sel = method.select(signals, 1)
+    assert sel.indices.tolist() == [[special], [special]]
+    torch.testing.assert_close(sel.scores, scores)
+
+
+def test_evocut_scores_bounds_and_zero_moves():
+    g = torch.Generator().manual_seed(2)
+    states = [torch.randn(3, 20, 8, generator=g) for _ in range(4)]
+    scores = evocut_scores(states, num_groups=5)
+    assert scores.shape == (3, 20)
+    assert float(scores.min()) >= 0.0 and float(scores.max()) <= 2.0
+    # the EMA weights sum to 1 - alpha^T, so the score can never exceed 2 * (1 - alpha^T)
+    assert float(scores.max()) <= 2.0 * (1 - 0.95**3) + 1e-6
+    # nothing moves: every move is the zero vector, deviation 1 everywhere -> s = 1 - alpha^T
+    frozen = [states[0]] * 3
+    torch.testing.assert_close(evocut_scores(frozen, alpha=0.5), torch.full((3, 20), 0.75))
+    # an unbatched input is accepted and matches the batched path
+    torch.testing.assert_close(evocut_scores([s[1] for s in states]), scores_of_image(states, 1))
+
+
+def scores_of_image(states, i):
+    return evocut_scores([s[i : i + 1] for s in states])[0]
+
+
+def test_evocut_more_groups_than_tokens_is_capped():
+    g = torch.Generator().manual_seed(3)
+    states = [torch.randn(1, 3, 4, generator=g) for _ in range(2)]
+    # with a centre per token every token is perfectly explained
+    torch.testing.assert_close(evocut_scores(states, num_groups=8, alpha=0.0), torch.zeros(1, 3), atol=1e-6, rtol=0)
+
+
+def test_evocut_defaults_and_validation():
+    method = get_method("evocut")()
+    assert method.request(24, 23).hidden_states == tuple(range(11, 25))
+    assert get_method("evocut")(end_layer=23).request(24, 23).hidden_states == tuple(range(11, 24))
+    for bad in (1.0, -0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="alpha"):
+            get_method("evocut")(alpha=bad)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="start_layer"):
+            get_method("evocut")(start_layer=bad)
+    with pytest.raises(ValueError, match="start_layer"):
+        get_method("evocut")(start_layer=5, end_layer=3)
+    with pytest.raises(ValueError, match="num_groups"):
+        get_method("evocut")(num_groups=0)
+    with pytest.raises(ValueError, match="eps"):
+        get_method("evocut")(eps=0.0)
+    with pytest.raises(ValueError, match="start_layer=7"):
+        get_method("evocut")(start_layer=7).request(6, 5)
+    with pytest.raises(ValueError, match="end_layer=9"):
+        get_method("evocut")(end_layer=9).request(6, 5)
+
+
+def test_evocut_missing_hidden_state_is_reported():
+    signals = make_signals()
+    del signals.hidden_states[3]
+    with pytest.raises(ValueError, match="missing"):
+        get_method("evocut")().select(signals, 4)
+
+
+# ----------------------------------------------------------------------------------------------------- divprune
+
+
+def test_divprune_duplicates_pick_one_of_each_direction():
+    g = torch.Generator().manual_seed(4)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g)).Q.T  # orthonormal rows
+    group = torch.tensor([0, 1, 0, 2, 1, 0, 3, 1, 0])  # groups 0 and 1 are exact-duplicate groups
+    scale = 1 + torch.rand(len(group), 1, generator=g)  # same direction, different norms
+    x = (basis[group] * scale).unsqueeze(0)
+    signals = Signals(features=x, layout=Layout(grid=(3, 3)), num_layers=NUM_LAYERS, feature_layer=FEATURE_LAYER)
+    sel = get_method("divprune")().select(signals, 4)
+    assert sorted(group[sel.indices[0]].tolist()) == [0, 1, 2, 3]
+    # k == N still returns every token although duplicates sit at distance 0 from a picked one
+    assert get_method("divprune")().select(signals, 9).indices.tolist() == [list(range(9))]
+
+
+def test_divprune_first_pick_is_most_isolated():
+    angles = torch.tensor([0.0, 10.0, 20.0, 120.0]) * math.pi / 180
+    x = torch.stack([angles.cos(), angles.sin()], dim=-1).unsqueeze(0)
+    signals = Signals(features=x, layout=Layout(grid=(2, 2)), num_layers=NUM_LAYERS, feature_layer=FEATURE_LAYER)
+    assert get_method("divprune")().select(signals, 1).indices.tolist() == [[3]]
+    # then the token farthest from 120 degrees, i.e. 0 degrees
+    assert get_method("divprune")().select(signals, 2).indices.tolist() == [[0, 3]]
+    assert get_method("divprune")().select(signals, 3).indices.tolist() == [[0, 2, 3]]
+
+
+def test_divprune_ties_go_to_lowest_index():
+    x = torch.ones(1, 5, 3)
+    assert maxmin_select(cosine_distances(x), 2).tolist() == [[0, 1]]
+
+
+# ---------------------------------------------------------------------------------------------------- fastervlm
+
+
+def test_fastervlm_keeps_top_k_of_head_mean():
+    attention = torch.tensor([[[0.1, 0.5, 0.0, 0.2, 0.1, 0.1], [0.3, 0.0, 0.1, 0.4, 0.2, 0.0]]])  # [1, 2, 6]
+    # head means: 0.2, 0.25, 0.05, 0.3, 0.15, 0.05 -> top 3 = {0, 1, 3}
+    signals = Signals(
+        features=torch.randn(1, 6, 4),
+        layout=Layout(grid=(2, 3)),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        cls_attention={FEATURE_LAYER - 1: attention, 2: attention.flip(-1)},
+    )
+    sel = get_method("fastervlm")().select(signals, 3)
+    assert sel.indices.tolist() == [[0, 1, 3]]
+    torch.testing.assert_close(sel.scores, attention.mean(1))
+    assert get_method("fastervlm")().request(24, 23).cls_attention == (22,)
+    other = get_method("fastervlm")(layer=2)
+    assert other.request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (2,)
+    assert other.select(signals, 3).indices.tolist() == [[2, 4, 5]]
+    with pytest.raises(ValueError, match="layer"):
+        get_method("fastervlm")(layer=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- visionzip
+
+
+def _zip_case(with_cls: bool) -> tuple[Signals, torch.Tensor]:
+    layer = FEATURE_LAYER - 1
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(1, 8, D, generator=g)
+    attention = torch.full((1, 2, 8), 0.01)
+    attention[0, 0, 2] = 0.5  # dominant: 2 and 5
+    attention[0, 1, 5] = 0.4
+    e0, e1 = torch.eye(4)[0], torch.eye(4)[1]
+    key = torch.stack([e0, e0 + 0.1 * e1, e1, e1 + 0.1 * e0, e1, e0, e1, e0 + 0.2 * e1])  # [8, 4]
+    keys = torch.stack([2 * key, torch.zeros_like(key)]).unsqueeze(0)  # head mean = key
+    signals = Signals(
+        features=features,
+        layout=Layout(grid=(2, 4)),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        cls_attention={layer: attention},
+        keys={layer: keys},
+        cls_hidden=torch.randn(1, D, generator=g) if with_cls else None,
+    )
+    f = features[0]
+    # remaining = 0 1 3 4 6 7, stride 3 -> targets 0 and 4; 1, 7 join target 0; 3, 6 join target 4
+    ctx = torch.stack([f[0] + (f[1] + f[7]) / 2, f[4] + (f[3] + f[6]) / 2])
+    expected = torch.cat([f[[2, 5]], ctx]).unsqueeze(0)
+    if with_cls:
+        expected = torch.cat([signals.cls_hidden.unsqueeze(1), expected], dim=1)
+    return signals, expected
+
+
+def test_visionzip_contextual_is_target_plus_mean_of_members():
+    signals, expected = _zip_case(with_cls=False)
+    sel = get_method("visionzip")(contextual=2).select(signals, 4)
+    assert sel.indices.tolist() == [[2, 5]]
+    assert sel.num_merged == 2
+    torch.testing.assert_close(sel.output(signals.features), expected)
+
+    signals, expected = _zip_case(with_cls=True)
+    sel = get_method("visionzip")(contextual=2).select(signals, 5)
+    assert sel.indices.tolist() == [[2, 5]]
+    assert sel.num_merged == 3
+    torch.testing.assert_close(sel.output(signals.features), expected)
+    # the CLS is requested but absent -> its slot goes to a patch
+    no_cls = get_method("visionzip")(contextual=2)
+    signals.cls_hidden = None
+    assert no_cls.select(signals, 5).indices.shape == (1, 3)
+
+
+def test_visionzip_target_without_members_is_kept_alone():
+    signals, _ = _zip_case(with_cls=False)
+    layer = FEATURE_LAYER - 1
+    keys = signals.keys[layer].clone()
+    keys[0, 0, 4] = -2 * torch.eye(4)[3]  # target 4 now attracts nobody
+    signals.keys[layer] = keys
+    out = get_method("visionzip")(contextual=2).select(signals, 4).output(signals.features)
+    f = signals.features[0]
+    torch.testing.assert_close(out[0, 3], f[4])
+    torch.testing.assert_close(out[0, 2], f[0] + (f[1] + f[3] + f[6] + f[7]) / 4)
+
+
+def test_visionzip_default_split():
+    assert [default_contextual(k) for k in (1, 2, 64, 128, 192)] == [0, 1, 10, 20, 30]
+    signals = make_signals(grid=(10, 10))
+    sel = get_method("visionzip")().select(signals, 64)
+    assert sel.num_out == 64 and sel.num_merged == 11  # CLS + 10 contextual
+    assert sel.indices.shape == (B, 53)  # 54 dominant = CLS + 53 patches
+    sel = get_method("visionzip")(include_cls=False).select(signals, 64)
+    assert sel.num_merged == 10 and sel.indices.shape == (B, 54)
+    assert get_method("visionzip")().request(24, 23).cls_attention == (22,)
+    with pytest.raises(ValueError, match="contextual"):
+        get_method("visionzip")(contextual=-1)
+    with pytest.raises(ValueError, match="contextual"):
+        get_method("visionzip")(contextual=7).select(make_signals(), 7)  # no room left for the CLS
+
+
+def test_visionzip_keeps_prefix_cls_candidate():
+    signals = make_signals(num_prefix=1)
+    signals.cls_attention[FEATURE_LAYER - 1][:, :, 0] = 0.0  # least attended, still forced in
+    sel = get_method("visionzip")().select(signals, 10)
+    assert sel.num_out == 10
+    assert bool((sel.indices[:, 0] == 0).all())
+    torch.testing.assert_close(sel.output(signals.features)[:, 0], signals.features[:, 0])
+
+
+# --------------------------------------------------------------------------------------------------------- pool
+
+
+def test_pool_k9_is_2x2_block_means():
+    signals = make_signals()
+    sel = get_method("pool")().select(signals, 9)
+    blocks = signals.features.reshape(B, 3, 2, 3, 2, D).mean(dim=(2, 4)).reshape(B, 9, D)
+    torch.testing.assert_close(sel.output(signals.features), blocks)
+    assert sel.indices[0].tolist() == [0, 2, 4, 12, 14, 16, 24, 26, 28]
+    assert sel.num_merged == 9
+
+
+def test_pool_grid_choice_and_errors():
+    assert pooled_grid(12, (6, 6)) == (4, 3)  # equal aspect error: more rows wins
+    assert pooled_grid(8, (4, 8)) == (2, 4)
+    assert pooled_grid(6, (6, 6)) == (3, 2)
+    with pytest.raises(ValueError, match="k=7"):
+        get_method("pool")().select(make_signals(), 7)
+
+
+def test_pool_keeps_prefix_tokens():
+    signals = make_signals(num_prefix=1)
+    sel = get_method("pool")().select(signals, 10)
+    out = sel.output(signals.features)
+    assert torch.equal(out[:, 0], signals.features[:, 0])
+    blocks = signals.features[:, 1:].reshape(B, 3, 2, 3, 2, D).mean(dim=(2, 4)).reshape(B, 9, D)
+    torch.testing.assert_close(out[:, 1:], blocks)
+    assert sel.indices[0].tolist() == [0] + [1 + i for i in (0, 2, 4, 12, 14, 16, 24, 26, 28)]
+    with pytest.raises(ValueError):
+        get_method("pool")().select(signals, 1)
+    assert torch.equal(get_method("pool")().select(signals, 37).output(signals.features), signals.features)
+
+
+# ------------------------------------------------------------------------------------------------------- random
+
+
+def test_random_seed_controls_the_subset():
+    signals = make_signals()
+    a = get_method("random")(seed=0).select(signals, 7).indices
+    b = get_method("random")(seed=0).select(signals, 7).indices
+    c = get_method("random")(seed=1).select(signals, 7).indices
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(a[0], a[1])  # one subset for the whole batch
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(get_method("random")(seed=0).select(signals, 7).indices, a)
+    with pytest.raises(ValueError, match="seed"):
+        get_method("random")(seed="0")
