@@ -1,0 +1,23 @@
+"""tokensieve: training-free visual-token compression for Hugging Face vision-language models."""
+
+from .budget import Budget, Scope
+from .errors import (
+    BudgetError,
+    BudgetTypeError,
+    MissingSignalError,
+    NonFiniteFeaturesError,
+    PlaceholderError,
+    TokensieveError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from .report import ImageReport, SieveReport
+from .session import MethodInfo, Sieve, SieveHandle, list_methods
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Sieve", "SieveHandle", "Budget", "Scope", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
+    "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
+    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError",
+]

@@ -1,0 +1,22 @@
+"""Model-family adapters: everything model-specific lives here, one file per family."""
+
+from __future__ import annotations
+
+from ..errors import UnsupportedModelError
+from .base import Adapter
+from .llava import LlavaAdapter
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+
+
+def get_adapter(model) -> Adapter:
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    supported = ", ".join(c for a in ADAPTERS for c in a.model_classes)
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not supported by tokensieve; supported model classes: {supported}"
+    )
+
+
+__all__ = ["Adapter", "LlavaAdapter", "ADAPTERS", "get_adapter"]

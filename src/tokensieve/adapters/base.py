@@ -1,0 +1,129 @@
+"""What every model family shares: turning a processor's batch into a compressed batch.
+
+A family adapter supplies only the model-specific parts (where the encoder layers are, how features are produced,
+how many placeholders an image has); the flow below (validate placeholders, encode and select, shrink each image's
+placeholder run, re-pad, hand the kept features to the model through ``mm_encoder_outputs``) is common to all.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..budget import Budget, Scope
+from ..errors import BudgetError, PlaceholderError
+from ..methods.base import Method
+from ..placeholders import find_image_spans, shrink_placeholders
+from ..report import ImageReport, SieveReport
+
+# per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
+_PER_TOKEN_INPUTS = {"labels": -100, "position_ids": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+@dataclass
+class Encoded:
+    """Kept features of every image, in the order the images were given."""
+
+    features: list[torch.Tensor]
+    images: list[ImageReport] = field(default_factory=list)
+    encode_s: float = 0.0
+    selection_s: float = 0.0
+
+
+class Adapter(ABC):
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    scopes: ClassVar[tuple[Scope, ...]] = (Scope.IMAGE,)
+    encoder_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Call arguments consumed by :meth:`encode`; they are not passed on to the language model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def check_budget(self, budget: Budget) -> None:
+        """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""
+        if budget.scope not in self.scopes:
+            raise BudgetError(
+                f"budget scope {budget.scope.value!r} is not supported on {self.family} models; "
+                f"use one of {[s.value for s in self.scopes]}"
+            )
+
+    @abstractmethod
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        """Placeholders each image occupies in the uncompressed prompt."""
+
+    @abstractmethod
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        """Run the vision side with ``method`` selecting, return the kept features of every image."""
+
+    def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+        """A pad id for re-padding: the one the processor used if visible, otherwise the config's."""
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            return int(input_ids[attention_mask == 0][0])
+        text_cfg = self.model.config.get_text_config()
+        for cand in (getattr(text_cfg, "pad_token_id", None), getattr(self.model.config, "pad_token_id", None)):
+            if cand is not None and int(cand) != self.image_token_id:
+                return int(cand)
+        return 0 if self.image_token_id != 0 else 1
+
+    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
+        """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""
+        encoder_kwargs = {k: kwargs.pop(k) for k in self.encoder_inputs if k in kwargs}
+        if encoder_kwargs.get("pixel_values") is None:
+            kwargs.update({k: v for k, v in encoder_kwargs.items() if v is not None and k != "pixel_values"})
+            return kwargs, None
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise PlaceholderError(
+                "tokensieve needs input_ids to find the image placeholders; inputs_embeds alone cannot be compressed"
+            )
+        attention_mask = kwargs.get("attention_mask")
+        spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+        encoded = self.encode(method, budget, encoder_kwargs)
+        for span, im in zip(spans, encoded.images):
+            im.sample = span.sample
+        comp = shrink_placeholders(input_ids, attention_mask, spans, [f.shape[0] for f in encoded.features])
+        pad_id = self.pad_token_id(input_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        new_ids = comp.apply(input_ids, pad_id)
+        new_mask = comp.apply(attention_mask, 0)
+        kwargs["input_ids"] = new_ids
+        kwargs["attention_mask"] = new_mask
+        for name, pad in _PER_TOKEN_INPUTS.items():
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(input_ids.shape):
+                kwargs[name] = comp.apply(t, pad)
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded.features)}
+        report = SieveReport(
+            method=method_name,
+            budget=str(budget),
+            scope=budget.scope.value,
+            stage=method.stage,
+            images=encoded.images,
+            encode_s=encoded.encode_s,
+            selection_s=encoded.selection_s,
+            seq_len_in=int(input_ids.shape[1]),
+            seq_len_out=int(new_ids.shape[1]),
+            kept_positions=comp.kept_positions,
+            input_ids=new_ids,
+            attention_mask=new_mask,
+        )
+        return kwargs, report
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,155 @@
+"""LLaVA-1.5 layout: CLIP tower, features from ``hidden_states[vision_feature_layer]``, MLP projector, decoder LM.
+
+Every image yields the same fixed grid of tokens, so selection can happen before the projector: the projector then
+maps only the kept tokens, and merge-based methods merge in the encoder's space, as the papers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Scope
+from ..capture import AttentionParts, capture_encoder
+from ..errors import NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import POST_PROJECTOR, Layout, Method, Signals
+from ..report import ImageReport
+from .base import Adapter, Encoded, now
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+    # one grid per image: an image is its only crop
+    scopes = (Scope.IMAGE, Scope.CROP)
+    encoder_inputs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        base = model.model
+        tower = base.vision_tower
+        encoder = getattr(tower, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers") or not hasattr(tower.embeddings, "class_embedding"):
+            raise UnsupportedModelError(
+                f"LLaVA with a {type(tower).__name__} vision tower is not supported: tokensieve's llava adapter "
+                "needs a CLIP-style tower (encoder.layers and a CLS token)"
+            )
+        self.base = base
+        self.layers = encoder.layers
+        vc = model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        self.grid = (side, side)
+
+    # -- model facts -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _strategy(self, enc: dict[str, Any]) -> str:
+        return enc.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+
+    def _feature_layer(self, enc: dict[str, Any]):
+        spec = enc.get("vision_feature_layer")
+        return self.model.config.vision_feature_layer if spec is None else spec
+
+    def feature_layer_index(self, enc: dict[str, Any]) -> int:
+        """Non-negative hidden_states index of the features (the last one when several are concatenated)."""
+        spec = self._feature_layer(enc)
+        last = spec if isinstance(spec, int) else list(spec)[-1]
+        return last % (self.num_layers + 1)
+
+    def num_prefix(self, enc: dict[str, Any]) -> int:
+        return 0 if self._strategy(enc) == "default" else 1
+
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        n = self.grid[0] * self.grid[1] + self.num_prefix(encoder_kwargs)
+        return [n] * int(encoder_kwargs["pixel_values"].shape[0])
+
+    def check_budget(self, budget: Budget) -> None:
+        super().check_budget(budget)
+        budget.resolve(self.grid[0] * self.grid[1] + self.num_prefix({}), what="each image of this model")
+
+    @staticmethod
+    def _attention_parts(layer) -> AttentionParts:
+        attn = layer.self_attn
+        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale))
+
+    # -- encode + select ---------------------------------------------------------------------------------------
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        start = now()
+        pixel_values = encoder_kwargs["pixel_values"]
+        n_img = int(pixel_values.shape[0])
+        prefix = self.num_prefix(encoder_kwargs)
+        layout = Layout(self.grid, prefix)
+        n_tok = layout.num_patches + prefix
+        k = budget.resolve(n_tok, what="each image")
+        fl = self.feature_layer_index(encoder_kwargs)
+        request = method.request(self.num_layers, fl)
+        # candidates are the tokens the projector sees: patches, plus CLS under the "full" strategy
+        tok = slice(1 - prefix, None)
+        state: dict[str, Any] = {}
+
+        def select(features: torch.Tensor) -> torch.Tensor:
+            finite = torch.isfinite(features).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                raise NonFiniteFeaturesError(
+                    f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
+                )
+            t0 = now()
+            signals = Signals(
+                features=features,
+                layout=layout,
+                num_layers=self.num_layers,
+                feature_layer=fl,
+                hidden_states={i: cap.hidden_states[i][:, tok] for i in request.hidden_states},
+                cls_attention={i: cap.attention_row(i, 0)[:, :, tok] for i in request.cls_attention},
+                keys={i: cap.key_heads(i)[:, :, tok] for i in request.keys},
+                cls_hidden=cap.hidden_states[fl][:, 0] if request.cls_hidden else None,
+            )
+            sel = method.select(signals, k)
+            out = sel.output(features).to(features.dtype)
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            state["selection"], state["time"] = sel, now() - t0
+            return out
+
+        call = dict(
+            pixel_values=pixel_values,
+            vision_feature_layer=self._feature_layer(encoder_kwargs),
+            vision_feature_select_strategy=self._strategy(encoder_kwargs),
+            return_dict=True,
+        )
+        if encoder_kwargs.get("image_sizes") is not None:
+            call["image_sizes"] = encoder_kwargs["image_sizes"]
+        extra = (fl,) if request.cls_hidden else ()
+        with capture_encoder(self.layers, request, self._attention_parts, extra) as cap:
+            if method.stage == POST_PROJECTOR:
+                out = self.base.get_image_features(**call)
+                features = list(select(torch.stack(list(out.pooler_output))).unbind(0))
+            else:
+                hook = self.base.multi_modal_projector.register_forward_pre_hook(lambda mod, args: (select(args[0]),))
+                try:
+                    out = self.base.get_image_features(**call)
+                finally:
+                    hook.remove()
+                features = list(out.pooler_output)
+        sel = state["selection"]
+        per_image = state["time"] / n_img
+        images = []
+        for i in range(n_img):
+            idx = sel.indices[i] - prefix
+            images.append(
+                ImageReport(
+                    sample=-1,
+                    image=i,
+                    tokens_in=n_tok,
+                    tokens_out=int(features[i].shape[0]),
+                    kept_indices=idx[idx >= 0].tolist(),
+                    grid=self.grid,
+                    merged=sel.num_merged,
+                    selection_s=per_image,
+                )
+            )
+        return Encoded(features, images, encode_s=now() - start, selection_s=state["time"])

@@ -1,0 +1,110 @@
+"""Removable hooks that capture encoder signals during one vision forward.
+
+Signals are read from the encoder's own computation instead of a second pass: hidden states from layer outputs,
+queries and keys from the outputs of ``q_proj``/``k_proj``. CLS-attention rows are then computed from those q/k
+(O(N) per flagged layer), so the encoder keeps running on SDPA or FlashAttention and nothing model-wide switches to
+eager attention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .methods.base import Request
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """How to read one encoder layer's attention: projections and head geometry."""
+
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+class Captured:
+    """Storage filled by the hooks of :func:`capture_encoder`."""
+
+    def __init__(self) -> None:
+        self.hidden_states: dict[int, torch.Tensor] = {}
+        self.queries: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self._parts: dict[int, AttentionParts] = {}
+
+    def split_heads(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, T, H*hd] -> [B, H, T, hd]."""
+        p = self._parts[layer]
+        b, t, _ = x.shape
+        return x.view(b, t, p.num_heads, p.head_dim).transpose(1, 2)
+
+    def key_heads(self, layer: int) -> torch.Tensor:
+        return self.split_heads(self.keys[layer], layer)
+
+    def attention_row(self, layer: int, row: int = 0) -> torch.Tensor:
+        """Softmax attention of query ``row`` over all keys of ``layer``: [B, H, T], in float32.
+
+        Equal to the row of the eager attention map (the vision encoders handled here use no attention mask).
+        """
+        p = self._parts[layer]
+        q = self.split_heads(self.queries[layer][:, row : row + 1], layer).float()  # [B, H, 1, hd]
+        k = self.key_heads(layer).float()  # [B, H, T, hd]
+        logits = (q @ k.transpose(-1, -2)).squeeze(-2) * p.scale
+        return logits.softmax(dim=-1)
+
+
+@contextmanager
+def capture_encoder(
+    layers: Sequence[nn.Module], request: Request, attention_parts, extra_hidden: Sequence[int] = ()
+) -> Iterator[Captured]:
+    """Capture what ``request`` asks for while the body runs the encoder; hooks are removed on exit, always.
+
+    ``attention_parts(layer_module) -> AttentionParts`` is supplied by the adapter, so this module knows nothing
+    about any model family. ``extra_hidden`` adds hidden_states indices the adapter itself needs (e.g. the feature
+    layer for the CLS hidden state).
+    """
+    cap = Captured()
+    handles = []
+    num_layers = len(layers)
+    wanted_hidden = sorted(set(request.hidden_states) | set(extra_hidden))
+    for idx in wanted_hidden:
+        if not 0 <= idx <= num_layers:
+            raise ValueError(f"hidden_states index {idx} outside 0..{num_layers}")
+    attn_layers = sorted(set(request.cls_attention) | set(request.keys))
+    for idx in attn_layers:
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"encoder layer {idx} outside 0..{num_layers - 1}")
+    try:
+        for idx in wanted_hidden:
+            if idx == 0:
+                def pre(mod, args, kwargs, _i=idx):
+                    cap.hidden_states[_i] = args[0] if args else kwargs["hidden_states"]
+                handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(mod, args, out, _i=idx):
+                    cap.hidden_states[_i] = _first(out)
+                handles.append(layers[idx - 1].register_forward_hook(post))
+        for idx in attn_layers:
+            parts = attention_parts(layers[idx])
+            cap._parts[idx] = parts
+            if idx in request.cls_attention:
+                def q_hook(mod, args, out, _i=idx):
+                    cap.queries[_i] = out
+                handles.append(parts.q_proj.register_forward_hook(q_hook))
+            def k_hook(mod, args, out, _i=idx):
+                cap.keys[_i] = out
+            handles.append(parts.k_proj.register_forward_hook(k_hook))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()

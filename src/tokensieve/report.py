@@ -1,0 +1,81 @@
+"""What a sieved call did: per image token counts, kept grid indices and time spent selecting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageReport:
+    """One image of one call.
+
+    ``kept_indices`` index the encoder's patch grid in raster order (row * cols + col), CLS excluded; for methods
+    that create tokens (merging, pooling) they are the positions the created tokens stand for, and ``merged`` says
+    how many of ``tokens_out`` are such created tokens. ``selection_s`` is this image's share of the batched
+    selection time.
+    """
+
+    sample: int
+    image: int
+    tokens_in: int
+    tokens_out: int
+    kept_indices: list[int]
+    grid: tuple[int, int]
+    merged: int
+    selection_s: float
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class SieveReport:
+    """One call of ``generate()`` or ``forward()`` under a sieve."""
+
+    method: str
+    budget: str
+    scope: str
+    stage: str
+    images: list[ImageReport] = field(default_factory=list)
+    encode_s: float = 0.0
+    """Vision encoder + projector time, selection included."""
+    selection_s: float = 0.0
+    seq_len_in: int = 0
+    seq_len_out: int = 0
+    kept_positions: list[torch.Tensor] = field(default_factory=list)
+    """Per sample, the positions of the original sequence that the LM saw, in order (padding included)."""
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    """The compressed batch the LM received: forward() logits are aligned with these, not with the original."""
+
+    @property
+    def tokens_in(self) -> int:
+        return sum(im.tokens_in for im in self.images)
+
+    @property
+    def tokens_out(self) -> int:
+        return sum(im.tokens_out for im in self.images)
+
+    def summary(self) -> str:
+        n = len(self.images)
+        ratio = self.tokens_out / self.tokens_in if self.tokens_in else 1.0
+        return (
+            f"{self.method} (budget {self.budget} per {self.scope}): {n} image(s), visual tokens "
+            f"{self.tokens_in} -> {self.tokens_out} ({ratio:.1%}), sequence {self.seq_len_in} -> {self.seq_len_out}, "
+            f"encode {self.encode_s * 1e3:.1f} ms of which selection {self.selection_s * 1e3:.2f} ms"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "scope": self.scope,
+            "stage": self.stage,
+            "encode_s": self.encode_s,
+            "selection_s": self.selection_s,
+            "seq_len_in": self.seq_len_in,
+            "seq_len_out": self.seq_len_out,
+            "images": [im.to_dict() for im in self.images],
+        }
