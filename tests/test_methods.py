@@ -413,3 +413,28 @@ def test_random_seed_controls_the_subset():
     assert torch.equal(get_method("random")(seed=0).select(signals, 7).indices, a)
     with pytest.raises(ValueError, match="seed"):
         get_method("random")(seed="0")
+
+
+def test_evocut_defaults_rank_an_odd_mover_first_among_eight_groups():
+    """LLaVA-1.5 shapes at the paper's defaults: 576 patches moving along 8 shared directions, one that does not."""
+    g = torch.Generator().manual_seed(7)
+    n, d, layers, special = 576, 64, 24, 300
+    group = torch.arange(n) * 8 // n  # eight raster blocks of 72 tokens
+    states = [torch.randn(1, n, d, generator=g)]
+    for _ in range(layers):
+        dirs = torch.nn.functional.normalize(torch.randn(8, d, generator=g), dim=-1)
+        step = dirs[group] + 0.05 * torch.randn(n, d, generator=g)
+        # the odd token moves orthogonally to all eight group directions
+        odd = torch.randn(d, generator=g)
+        odd = odd - dirs.T @ torch.linalg.lstsq(dirs.T, odd).solution
+        step[special] = torch.nn.functional.normalize(odd, dim=0)
+        states.append(states[-1] + step.unsqueeze(0))
+    method = get_method("evocut")()
+    req = method.request(layers, layers - 1)
+    signals = Signals(
+        features=torch.randn(1, n, d, generator=g), layout=Layout((24, 24)), num_layers=layers,
+        feature_layer=layers - 1, hidden_states={i: states[i] for i in req.hidden_states},
+    )
+    sel = method.select(signals, 1)
+    assert sel.indices.tolist() == [[special]]
+    assert float(sel.scores[0, special]) > 5 * float(sel.scores[0].topk(2).values[1])

@@ -9,6 +9,7 @@ vanilla and a sieved model run side by side in one process.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from contextlib import contextmanager
@@ -101,8 +102,14 @@ class SieveHandle:
         self._model = weakref.ref(model)
         self._generate = model.generate  # the class's bound method
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        # generate() must receive the shrunk prompt itself; an instance attribute shadows the class method
-        model.generate = self.generate
+        # generate() must receive the shrunk prompt itself; an instance attribute shadows the class method.
+        # It carries the original's name, docstring and signature for tools that introspect generate().
+        @functools.wraps(self._generate)
+        def generate(*args, **kwargs):
+            return self.generate(*args, **kwargs)
+
+        self._instance_generate = generate
+        model.generate = generate
         _SIEVED.add(model)
         self.active = True
 
@@ -145,7 +152,7 @@ class SieveHandle:
         self._hook.remove()
         model = self._model()
         if model is not None:
-            if model.__dict__.get("generate") == self.generate:
+            if model.__dict__.get("generate") is self._instance_generate:
                 del model.__dict__["generate"]
             _SIEVED.discard(model)
         self.active = False

@@ -48,6 +48,8 @@ def build_tiny_llava(
     vision_layers: int = 6,
     text_layers: int = 2,
     attn_implementation: str = "sdpa",
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str = "default",
     seed: int = 0,
 ):
     """Return ``(model, processor)``; same seed, same weights, whatever the attention implementation."""
@@ -68,7 +70,7 @@ def build_tiny_llava(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=vision_feature_select_strategy,
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
@@ -83,7 +85,8 @@ def build_tiny_llava(
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+        projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation
     gen = torch.random.fork_rng()

@@ -53,11 +53,10 @@ class LlavaAdapter(Adapter):
         spec = enc.get("vision_feature_layer")
         return self.model.config.vision_feature_layer if spec is None else spec
 
-    def feature_layer_index(self, enc: dict[str, Any]) -> int:
-        """Non-negative hidden_states index of the features (the last one when several are concatenated)."""
+    def feature_layers(self, enc: dict[str, Any]) -> list[int]:
+        """Non-negative hidden_states indices whose patch rows are concatenated into the features."""
         spec = self._feature_layer(enc)
-        last = spec if isinstance(spec, int) else list(spec)[-1]
-        return last % (self.num_layers + 1)
+        return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
 
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
@@ -84,7 +83,8 @@ class LlavaAdapter(Adapter):
         layout = Layout(self.grid, prefix)
         n_tok = layout.num_patches + prefix
         k = budget.resolve(n_tok, what="each image")
-        fl = self.feature_layer_index(encoder_kwargs)
+        feature_layers = self.feature_layers(encoder_kwargs)
+        fl = feature_layers[-1]  # methods reading "the feature layer" use the last one
         request = method.request(self.num_layers, fl)
         # candidates are the tokens the projector sees: patches, plus CLS under the "full" strategy
         tok = slice(1 - prefix, None)
@@ -106,7 +106,10 @@ class LlavaAdapter(Adapter):
                 hidden_states={i: cap.hidden_states[i][:, tok] for i in request.hidden_states},
                 cls_attention={i: cap.attention_row(i, 0)[:, :, tok] for i in request.cls_attention},
                 keys={i: cap.key_heads(i)[:, :, tok] for i in request.keys},
-                cls_hidden=cap.hidden_states[fl][:, 0] if request.cls_hidden else None,
+                # in the features' space: concatenated over the feature layers like the patch rows
+                cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
+                if request.cls_hidden
+                else None,
             )
             sel = method.select(signals, k)
             out = sel.output(features).to(features.dtype)
@@ -123,7 +126,7 @@ class LlavaAdapter(Adapter):
         )
         if encoder_kwargs.get("image_sizes") is not None:
             call["image_sizes"] = encoder_kwargs["image_sizes"]
-        extra = (fl,) if request.cls_hidden else ()
+        extra = tuple(feature_layers) if request.cls_hidden else ()
         with capture_encoder(self.layers, request, self._attention_parts, extra) as cap:
             if method.stage == POST_PROJECTOR:
                 out = self.base.get_image_features(**call)
