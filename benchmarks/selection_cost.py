@@ -4,7 +4,7 @@ Selectors see exactly the shapes a real LLaVA-1.5 gives them (576 patches, 24 la
 LM width 4096 for post-projector methods); the encoder is a random-weight CLIPVisionModel of the real size, timed
 for scale. Results: benchmarks/results/selection_cost.{json,md}.
 
-    python benchmarks/selection_cost.py [--repeats 7] [--threads 2]
+    python benchmarks/selection_cost.py [--repeats 15] [--threads 2]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def encoder_ms(repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budgets", default="192,128,64")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
