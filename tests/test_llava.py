@@ -322,6 +322,32 @@ def test_unsupported_model():
     assert not lm._forward_pre_hooks and "generate" not in lm.__dict__
 
 
+def test_llava_with_a_cls_free_tower_is_refused():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    cfg = LlavaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=16, patch_size=4),
+        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, vocab_size=32),
+        image_token_id=5,
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    with pytest.raises(tokensieve.UnsupportedModelError, match="SiglipVisionModel vision tower is not supported"):
+        Sieve("evocut", 4).apply(model)
+    assert "generate" not in model.__dict__ and not model._forward_pre_hooks
+
+
+def test_four_d_attention_mask_is_refused(tiny, single):
+    model, _ = tiny
+    bad = dict(single)
+    n = single["input_ids"].shape[1]
+    bad["attention_mask"] = torch.ones(1, 1, n, n)
+    with Sieve("evocut", 8)(model):
+        with pytest.raises(tokensieve.PlaceholderError, match="2-D"):
+            logits(model, bad)
+
+
 def test_mismatched_placeholders(tiny, single):
     model, _ = tiny
     before = _snapshot(model)

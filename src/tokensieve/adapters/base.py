@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..budget import Budget, Scope
 from ..errors import BudgetError, PlaceholderError
 from ..methods.base import Method
-from ..placeholders import find_image_spans, shrink_placeholders
+from ..placeholders import Compaction, find_image_spans, shrink_placeholders
 from ..report import ImageReport, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
@@ -79,6 +79,17 @@ class Adapter(ABC):
                 return int(cand)
         return 0 if self.image_token_id != 0 else 1
 
+    def carry_inputs(self, kwargs: dict[str, Any], comp: Compaction, input_ids: torch.Tensor) -> None:
+        """Make the other per-token inputs follow the shrunk prompt.
+
+        The default gathers [B, L, ...] tensors; families whose positions are not [B, L] (M-RoPE's [3, B, L])
+        override this.
+        """
+        for name, pad in _PER_TOKEN_INPUTS.items():
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(input_ids.shape):
+                kwargs[name] = comp.apply(t, pad)
+
     def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
         """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""
         encoder_kwargs = {k: kwargs.pop(k) for k in self.encoder_inputs if k in kwargs}
@@ -91,6 +102,11 @@ class Adapter(ABC):
                 "tokensieve needs input_ids to find the image placeholders; inputs_embeds alone cannot be compressed"
             )
         attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise PlaceholderError(
+                f"tokensieve needs a 2-D [batch, seq] attention_mask to shrink the prompt, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
         spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
         encoded = self.encode(method, budget, encoder_kwargs)
         for span, im in zip(spans, encoded.images):
@@ -103,10 +119,7 @@ class Adapter(ABC):
         new_mask = comp.apply(attention_mask, 0)
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
-        for name, pad in _PER_TOKEN_INPUTS.items():
-            t = kwargs.get(name)
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(input_ids.shape):
-                kwargs[name] = comp.apply(t, pad)
+        self.carry_inputs(kwargs, comp, input_ids)
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded.features)}
         report = SieveReport(
             method=method_name,
