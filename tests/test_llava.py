@@ -375,3 +375,28 @@ def test_list_methods():
     assert {"evocut", "random", "pool", "fastervlm", "visionzip", "divprune"} <= set(infos)
     assert infos["evocut"].stage == "pre_projector" and infos["divprune"].stage == "post_projector"
     assert all(m.description for m in infos.values())
+
+
+@pytest.mark.parametrize("method", ["evocut", "divprune"])
+def test_encoder_runs_once_per_sieved_call(tiny, single, method):
+    """The kept features reach generate() precomputed: no second vision pass, no projector on dropped tokens."""
+    model, _ = tiny
+    calls = {"tower": 0, "projector_tokens": []}
+
+    def tower_hook(mod, args, out):
+        calls["tower"] += 1
+
+    def projector_hook(mod, args, out):
+        calls["projector_tokens"].append(out.shape[1])
+
+    handles = [model.model.vision_tower.register_forward_hook(tower_hook),
+               model.model.multi_modal_projector.register_forward_hook(projector_hook)]
+    try:
+        with Sieve(method, 8)(model):
+            generate(model, single, n=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls["tower"] == 1
+    # pre-projector methods project only what they keep; post-projector ones need every token projected
+    assert calls["projector_tokens"] == ([N_TOKENS] if method == "divprune" else [8])
