@@ -10,13 +10,13 @@ for scale. Results: benchmarks/results/selection_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from _results import machine, write
 
 from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import POST_PROJECTOR, Layout, Signals
@@ -83,20 +83,15 @@ def main() -> None:
                 med, lo, hi = median_ms(lambda: method.select(sig, k).output(sig.features), args.repeats)
             rows.append(dict(method=name, budget=k, median_ms=med, min_ms=lo, max_ms=hi,
                              share_of_encoder=med / enc))
-    meta = dict(cpu=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
-                repeats=args.repeats, encoder="CLIP-L/14-336 random weights, fp32, batch 1",
-                encoder_median_ms=enc)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "selection_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = machine(args.threads, args.repeats, encoder="CLIP-L/14-336 random weights, fp32, batch 1",
+                   encoder_median_ms=enc)
     lines = [f"Selection cost per image, fp32, {args.threads} threads; CLIP-L/14-336 encoder forward: "
              f"{enc:.0f} ms (median of {max(3, args.repeats // 2)}).", "",
              "| method | budget | median ms | min-max ms | % of encoder |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['budget']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} "
                      f"| {100 * r['share_of_encoder']:.2f}% |")
-    (out / "selection_cost.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args.out, "selection_cost", meta, rows, lines)
 
 
 if __name__ == "__main__":

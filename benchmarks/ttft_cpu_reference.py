@@ -12,13 +12,13 @@ Results: benchmarks/results/ttft_cpu_reference.{json,md}. A fuller harness (`tok
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from _results import machine, write
 
 from tokensieve import Sieve
 
@@ -91,19 +91,14 @@ def main() -> None:
         rows.append(dict(method=name, visual_tokens=576 if name == "none" else args.budget, ttft_s=med,
                          min_s=min(times), max_s=max(times), speedup=base / med, selection_s=sel,
                          selection_share=sel / med))
-    meta = dict(cpu=platform.processor() or platform.machine(), threads=args.threads, torch=torch.__version__,
-                repeats=args.repeats, model="CLIP-L/14-336 + Qwen2-0.5B-sized LM, random weights, fp32")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ttft_cpu_reference.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = machine(args.threads, args.repeats, model="CLIP-L/14-336 + Qwen2-0.5B-sized LM, random weights, fp32")
     lines = [f"TTFT (generate, 1 new token), fp32, {args.threads} threads, median of {args.repeats}.", "",
              "| method | visual tokens | TTFT s | min-max s | speed-up | selection ms (% of TTFT) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['visual_tokens']} | {r['ttft_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} "
                      f"| {r['speedup']:.2f}x | {1e3 * r['selection_s']:.1f} ({100 * r['selection_share']:.2f}%) |")
-    (out / "ttft_cpu_reference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(args.out, "ttft_cpu_reference", meta, rows, lines)
 
 
 if __name__ == "__main__":

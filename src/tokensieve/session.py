@@ -124,6 +124,8 @@ class SieveHandle:
         return new_kwargs, report
 
     def _pre_forward(self, module, args, kwargs):
+        if not args and kwargs.get("pixel_values") is None:
+            return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
         if merged.get("pixel_values") is None:
             return None  # text-only call, or a decoding step of a sieved generate()
