@@ -400,3 +400,25 @@ def test_encoder_runs_once_per_sieved_call(tiny, single, method):
     assert calls["tower"] == 1
     # pre-projector methods project only what they keep; post-projector ones need every token projected
     assert calls["projector_tokens"] == ([N_TOKENS] if method == "divprune" else [8])
+
+
+def test_report_carries_the_token_trace(tiny, images):
+    """The per-layer token counts that FLOPs are computed from match the batch the model actually received."""
+    model, processor = tiny
+    batch = processor(
+        images=[images[0], images[1], images[2]],
+        text=[prompt(processor, "what ?"), prompt(processor, "what is in the picture ?", n_images=2)],
+        padding=True,
+        return_tensors="pt",
+    )
+    sieve = Sieve("evocut", budget=16)
+    with sieve(model):
+        model(**batch)
+    rep = sieve.last_report
+    n_layers = model.config.vision_config.num_hidden_layers
+    assert rep.encoder_layer_tokens == [N_TOKENS + 1] * n_layers
+    n_text = model.config.text_config.num_hidden_layers
+    real = rep.attention_mask.sum(dim=1).tolist()
+    assert rep.llm_layer_tokens == [[real[0]] * n_text, [real[1]] * n_text]
+    assert rep.llm_layer_visual_tokens == [[16] * n_text, [32] * n_text]
+    assert rep.to_dict()["llm_layer_visual_tokens"] == rep.llm_layer_visual_tokens

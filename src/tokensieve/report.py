@@ -49,6 +49,13 @@ class SieveReport:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     """The compressed batch the LM received: forward() logits are aligned with these, not with the original."""
+    encoder_layer_tokens: list[int] = field(default_factory=list)
+    """Per vision-encoder layer (layer 0 first), the sequence length one image had entering it, CLS included.
+    The token trace FLOPs are computed from; in-encoder methods make it shrink with depth."""
+    llm_layer_tokens: list[list[int]] = field(default_factory=list)
+    """Per sample, per decoder layer (layer 0 first), the real (unpadded) tokens that layer processed in prefill."""
+    llm_layer_visual_tokens: list[list[int]] = field(default_factory=list)
+    """Per sample, per decoder layer, how many of those tokens were visual; in-LLM methods make it shrink."""
 
     @property
     def tokens_in(self) -> int:
@@ -77,5 +84,8 @@ class SieveReport:
             "selection_s": self.selection_s,
             "seq_len_in": self.seq_len_in,
             "seq_len_out": self.seq_len_out,
+            "encoder_layer_tokens": list(self.encoder_layer_tokens),
+            "llm_layer_tokens": [list(t) for t in self.llm_layer_tokens],
+            "llm_layer_visual_tokens": [list(t) for t in self.llm_layer_visual_tokens],
             "images": [im.to_dict() for im in self.images],
         }

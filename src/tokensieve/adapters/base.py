@@ -33,6 +33,8 @@ class Encoded:
     images: list[ImageReport] = field(default_factory=list)
     encode_s: float = 0.0
     selection_s: float = 0.0
+    encoder_layer_tokens: list[int] = field(default_factory=list)
+    """Sequence length per image entering each encoder layer (see ``SieveReport.encoder_layer_tokens``)."""
 
 
 class Adapter(ABC):
@@ -121,6 +123,9 @@ class Adapter(ABC):
         kwargs["attention_mask"] = new_mask
         self.carry_inputs(kwargs, comp, input_ids)
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded.features)}
+        num_llm_layers = int(self.model.config.get_text_config().num_hidden_layers)
+        real = new_mask.sum(dim=1).tolist()
+        visual = ((new_ids == self.image_token_id) & (new_mask != 0)).sum(dim=1).tolist()
         report = SieveReport(
             method=method_name,
             budget=str(budget),
@@ -134,6 +139,9 @@ class Adapter(ABC):
             kept_positions=comp.kept_positions,
             input_ids=new_ids,
             attention_mask=new_mask,
+            encoder_layer_tokens=list(encoded.encoder_layer_tokens),
+            llm_layer_tokens=[[int(n)] * num_llm_layers for n in real],
+            llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
         )
         return kwargs, report
 

@@ -155,4 +155,8 @@ class LlavaAdapter(Adapter):
                     selection_s=per_image,
                 )
             )
-        return Encoded(features, images, encode_s=now() - start, selection_s=state["time"])
+        # HF runs every encoder layer whatever the feature layer; all of them at full length here
+        trace = [layout.num_patches + 1] * self.num_layers
+        return Encoded(
+            features, images, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace
+        )

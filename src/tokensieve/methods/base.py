@@ -17,6 +17,10 @@ PRE_PROJECTOR = "pre_projector"
 """Stage: select on vision-encoder features, before the projector maps them into the LM's space."""
 POST_PROJECTOR = "post_projector"
 """Stage: select on projected tokens, i.e. the LM input embeddings of the image."""
+IN_ENCODER = "in_encoder"
+"""Stage: drop or merge tokens between vision-encoder layers, so later encoder layers run on fewer tokens."""
+IN_LLM = "in_llm"
+"""Stage: drop visual tokens between decoder layers of the language model, after it has read the prompt."""
 
 
 @dataclass(frozen=True)
