@@ -21,31 +21,7 @@ import torch
 from _results import machine, write
 
 from tokensieve import Sieve
-
-
-def build(seed: int = 0):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
-
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=151646, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def inputs_for(model, text_tokens: int = 40):
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(100, 1000, (text_tokens,), generator=g)
-    img = torch.full((576,), model.config.image_token_id)
-    ids = torch.cat([text[:5], img, text[5:]])[None]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(1, 3, 336, 336, generator=g))
+from tokensieve.archs import build_arch, synthetic_inputs
 
 
 def main() -> None:
@@ -58,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = build()
-    batch = inputs_for(model)
+    model = build_arch("llava15-cpu")
+    batch = synthetic_inputs(model)
     print(f"built model in {time.perf_counter() - t0:.0f} s")
     runs = {"none": []} | {m: [] for m in args.methods.split(",")}
     selection = {m: [] for m in runs if m != "none"}

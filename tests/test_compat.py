@@ -123,3 +123,13 @@ def test_report_serialises(tiny, single):
     (image,) = data["images"]
     assert image["tokens_out"] == 16 and image["merged"] == 3  # CLS + 2 contextual (round(16 * 5 / 32) = 2)
     assert len(image["kept_indices"]) == 13 and image["grid"] == [8, 8]
+
+
+def test_unknown_arch_is_refused_with_the_known_names():
+    from tokensieve.archs import arch_config
+    from tokensieve.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="llava15-cpu"):
+        arch_config("llava15-70b")
+    cfg = arch_config("llava15-cpu")
+    assert cfg.vision_config.image_size // cfg.vision_config.patch_size == 24

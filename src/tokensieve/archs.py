@@ -1,0 +1,65 @@
+"""Real-size, random-weight models built from known configs, so speed can be studied without downloading weights.
+
+Timing does not depend on weight values, only on shapes, so these reproduce the cost of the real checkpoints. Each
+entry is a function returning a ``LlavaForConditionalGeneration`` in eval mode; ``synthetic_inputs`` makes a
+prompt with the model's full placeholder run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import UnsupportedModelError
+
+
+def _llava15_cpu():
+    """CLIP-L/14-336 (24 layers, 577 tokens) + a Qwen2-0.5B-sized LM (24 layers, width 896, 14 heads / 2 KV heads).
+
+    The CPU reference: big enough that the vision encoder and the LM prefill each cost seconds, as in LLaVA-1.5,
+    small enough to run on a 2-core machine.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=151646, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+ARCHS: dict[str, Callable] = {"llava15-cpu": _llava15_cpu}
+"""Name -> config factory."""
+
+
+def arch_config(name: str):
+    if name not in ARCHS:
+        raise UnsupportedModelError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}")
+    return ARCHS[name]()
+
+
+def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-weight model of architecture ``name`` (see :data:`ARCHS`), seeded, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = arch_config(name)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def synthetic_inputs(model, text_tokens: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One image's full placeholder run inside ``text_tokens`` random text tokens, plus random pixels."""
+    vc = model.config.vision_config
+    n_img = (vc.image_size // vc.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(100, 1000, (text_tokens,), generator=g)
+    img = torch.full((n_img,), model.config.image_token_id)
+    ids = torch.cat([text[:5], img, text[5:]])[None]
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g).to(dtype)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
