@@ -22,11 +22,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
+def build_tokenizer(words: list[str] | tuple[str, ...] = _WORDS):
+    """A word-level tokenizer over ``words`` (lower-cased; punctuation split off) with the LLaVA specials."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + _WORDS)}
+    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in dict.fromkeys(words) if w not in SPECIALS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -38,6 +39,24 @@ def build_tokenizer():
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",
+    )
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int, vision_feature_select_strategy: str = "default"):
+    """A LLaVA-1.5-style processor (CLIP preprocessing, CLS counted, chat template) around ``tokenizer``."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -53,27 +72,10 @@ def build_tiny_llava(
     seed: int = 0,
 ):
     """Return ``(model, processor)``; same seed, same weights, whatever the attention implementation."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy=vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = build_processor(tokenizer, image_size, patch_size, vision_feature_select_strategy)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size,

@@ -1,0 +1,237 @@
+"""Accuracy retention: the full-token model once, then every method x budget on the same questions.
+
+Batches are left-padded and decoded greedily; an answer is right when the generated text, stripped and lower-cased,
+equals the reference word. ``loyalty`` is the share of answers identical to the full-token model's, right or wrong:
+it separates "the method broke the model" from "the model was wrong anyway".
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .train import prompt_text
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+def load_model(path: str | Path | None = None):
+    """``(model, processor)`` from ``path``, or the embedded default model; fp32, eval mode, offline."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (expected config.json there)")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return model, processor
+
+
+@dataclass
+class Predictions:
+    answers: list[str]
+    kept_tokens: float
+    """Mean visual tokens per image that the language model received."""
+    tokens_in: float
+
+
+def predict(model, processor, samples: Sequence, *, sieve=None, batch_size: int = 32, max_new_tokens: int = 3,
+            advance: Callable[[int], None] | None = None) -> Predictions:
+    """Greedy answers for ``samples`` (objects with ``image`` and ``question``), under ``sieve`` if given."""
+    from contextlib import nullcontext
+
+    image_token = model.config.image_token_id
+    answers: list[str] = []
+    kept = total = 0
+    images = 0
+    with torch.inference_mode(), (sieve(model) if sieve is not None else nullcontext()):
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            inputs = processor(images=[s.image for s in chunk], text=[prompt_text(processor, s.question) for s in chunk],
+                               return_tensors="pt", padding=True)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            answers += [a.strip().lower() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
+                                                                           skip_special_tokens=True)]
+            n_in = int((inputs["input_ids"] == image_token).sum())
+            total += n_in
+            if sieve is not None:
+                kept += sieve.last_report.tokens_out
+            else:
+                kept += n_in
+            images += len(chunk)
+            if advance is not None:
+                advance(len(chunk))
+    return Predictions(answers, kept / max(images, 1), total / max(images, 1))
+
+
+def _accuracy(answers, samples) -> tuple[float, dict[str, float]]:
+    right = defaultdict(int)
+    count = defaultdict(int)
+    for a, s in zip(answers, samples):
+        count[s.family] += 1
+        right[s.family] += a == s.answer
+    acc = sum(right.values()) / max(1, len(samples))
+    return acc, {f: right[f] / count[f] for f in sorted(count)}
+
+
+def evaluate(model, processor, samples: Sequence, methods: Sequence[str], budgets: Sequence, *,
+             batch_size: int = 32, progress: bool = True, console=None) -> list[dict]:
+    """Records for the full-token model (method ``none``) and each method x budget, in that order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .session import Sieve
+
+    sieves = [Sieve(m, b) for m in methods for b in budgets]  # bad names or budgets fail before any work
+    runs = [(None, None)] + [(s, b) for s, b in zip(sieves, [b for _ in methods for b in budgets])]
+    records = []
+    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("", total=len(runs) * len(samples))
+        vanilla = None
+        for sieve, budget in runs:
+            bar.update(task, description="none (full tokens)" if sieve is None else f"{sieve.name} @ {budget}")
+            pred = predict(model, processor, samples, sieve=sieve, batch_size=batch_size,
+                           advance=lambda n: bar.advance(task, n))
+            acc, fam = _accuracy(pred.answers, samples)
+            if vanilla is None:
+                vanilla = (pred.answers, acc)
+            records.append({
+                "method": "none" if sieve is None else sieve.name,
+                "budget": None if sieve is None else budget,
+                "kept_tokens": round(pred.kept_tokens, 2),
+                "tokens_in": round(pred.tokens_in, 2),
+                "accuracy": acc,
+                "relative": acc / vanilla[1] if vanilla[1] else None,
+                "loyalty": sum(a == v for a, v in zip(pred.answers, vanilla[0])) / max(1, len(samples)),
+                "families": fam,
+                "questions": len(samples),
+            })
+    return records
+
+
+def markdown_table(records: list[dict], title: str = "") -> str:
+    fams = list(records[0]["families"]) if records else []
+    head = ["method", "budget", "kept tokens", "accuracy", "relative", "loyalty"] + fams
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |",
+                                                      "|" + "---|" * len(head)]
+    for r in records:
+        cells = [r["method"], "-" if r["budget"] is None else str(r["budget"]), f"{r['kept_tokens']:.1f}",
+                 f"{100 * r['accuracy']:.1f}", "-" if r["relative"] is None else f"{100 * r['relative']:.1f}%", f"{100 * r['loyalty']:.1f}%"]
+        cells += [f"{100 * r['families'][f]:.1f}" for f in fams]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    by_method = defaultdict(list)
+    for r in records:
+        if r["method"] != "none":
+            by_method[r["method"]].append((r["kept_tokens"], 100 * r["accuracy"]))
+    for name, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for r in records:
+        if r["method"] == "none":
+            ax.axhline(100 * r["accuracy"], color="black", linestyle="--", linewidth=1,
+                       label=f"full ({r['kept_tokens']:.0f} tokens)")
+            ax.plot([r["kept_tokens"]], [100 * r["accuracy"]], marker="*", color="black", markersize=10)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens kept per image")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """``results.json``, ``results.md`` and ``results.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps(records, indent=1))
+    paths["md"].write_text(markdown_table(records, title))
+    plot(records, paths["png"], title)
+    return paths
+
+
+def run_eval(model_dir, data: str, methods: Sequence[str], budgets: Sequence, out_dir, *, limit=None,
+             batch_size: int = 32, progress: bool = True, console=None) -> list[dict]:
+    """What ``tokensieve eval`` does: load, evaluate, write the three outputs."""
+    from . import data as datasets
+    from .session import Sieve
+
+    for m in methods:  # validate before loading anything
+        for b in budgets:
+            Sieve(m, b)
+    model, processor = load_model(model_dir)
+    samples = datasets.load(data, "test", limit)
+    records = evaluate(model, processor, samples, methods, budgets, batch_size=batch_size, progress=progress,
+                       console=console)
+    name = "default model" if model_dir is None else Path(model_dir).name
+    write_outputs(records, out_dir, f"{data} test ({len(samples)} questions), {name}")
+    return records
+
+
+def write_model_card(model_dir: str | Path, batch_size: int = 64) -> str:
+    """Measure the full-token model on both test sets and write its README.md (the model card)."""
+    from . import data as datasets
+
+    model_dir = Path(model_dir)
+    model, processor = load_model(model_dir)
+    info = json.loads((model_dir / "training.json").read_text())
+    cfg = info["config"]
+    rows = []
+    for name in ("shapes", "easyvqa"):
+        samples = datasets.load(name, "test")
+        pred = predict(model, processor, samples, batch_size=batch_size)
+        acc, fam = _accuracy(pred.answers, samples)
+        counts = defaultdict(int)
+        for s in samples:
+            counts[s.family] += 1
+        fam_text = ", ".join(f"{f} {100 * a:.1f}% (n={counts[f]})" for f, a in fam.items())
+        rows.append(f"| {name} test | {len(samples)} | {100 * acc:.1f}% | {fam_text} |")
+    params = sum(p.numel() for p in model.parameters())
+    notes = cfg.get("notes", {})
+    card = f"""# tokensieve default model
+
+A small LLaVA-1.5-layout VLM trained from scratch by `training/train_default.py` as tokensieve's embedded default
+and accuracy yardstick. Stock `LlavaForConditionalGeneration`: CLIP vision tower ({cfg['vision_layers']} layers,
+width {cfg['vision_width']}, {cfg['image_size']} px, patch {cfg['patch_size']}: {(cfg['image_size'] // cfg['patch_size']) ** 2}
+visual tokens + CLS, features from layer -2), 2-layer GELU projector, Llama LM ({cfg['text_layers']} layers, width
+{cfg['text_width']}), word-level tokenizer. {params / 1e6:.2f} M parameters, fp32.
+
+Not a general model: it answers one-word questions about the two datasets below, and nothing else.
+
+## Data
+- `tokensieve.data.shapes` train split (procedural scenes, a fresh scene per sample), {100 * (1 - cfg['easyvqa_share']):.0f}% of samples.
+- easy-VQA train split (PyPI `easy-vqa`, MIT, 38,575 questions on 4,000 images), {100 * cfg['easyvqa_share']:.0f}% of samples.
+
+## Training
+{notes.get('steps_done', cfg['steps'])} steps x batch {cfg['batch_size']}, AdamW (lr {cfg['lr']}, cosine to {cfg['min_lr']},
+warmup {cfg['warmup']}, weight decay {cfg['weight_decay']}), loss on the answer token and EOS only, seed {cfg['seed']}.
+{notes.get('train_minutes', '?')} minutes on {notes.get('threads', '?')} CPU threads ({notes.get('device', 'cpu')},
+torch {notes.get('torch', '?')}). Loss history in `training.json`.
+
+## Test accuracy (full tokens, greedy `generate()`, exact match)
+
+| set | questions | accuracy | per family |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    (model_dir / "README.md").write_text(card)
+    return card

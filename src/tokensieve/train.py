@@ -1,0 +1,219 @@
+"""Training the embedded default model: a small LLaVA-1.5-layout VLM learned from scratch on CPU.
+
+Stock classes only (``LlavaForConditionalGeneration``, CLIP vision tower with its CLS token, Llama LM,
+``vision_feature_layer=-2``), so what the methods see is what they would see in LLaVA-1.5, just smaller. Each
+sample is one question with a one-word answer; the loss covers the answer token and end-of-sequence only, so
+answers come from ``generate()``. Training mixes fresh procedural scenes (never repeated) with the easy-VQA
+train split. Everything is seeded: the same config gives the same weights on the same torch build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import easyvqa, shapes
+from .tiny import CHAT_TEMPLATE, SPECIALS, _WORDS, build_processor, build_tokenizer
+
+CHAT_WORDS = ["user", "assistant", ":"]
+
+
+@dataclass
+class TrainConfig:
+    image_size: int = 96
+    patch_size: int = 8
+    vision_width: int = 96
+    vision_layers: int = 8
+    vision_heads: int = 4
+    vision_mlp: int = 192
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 4
+    text_mlp: int = 256
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup: int = 150
+    weight_decay: float = 0.05
+    easyvqa_share: float = 0.3
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 25
+    notes: dict = field(default_factory=dict)
+
+
+def vocabulary() -> list[str]:
+    """Every word the data uses plus the demo's, fixed in order so the same config gives the same tokenizer."""
+    words = set(shapes.WORDS) | easyvqa.words() | set(_WORDS) | set(CHAT_WORDS)
+    return sorted(words - set(SPECIALS))
+
+
+def build_model(cfg: TrainConfig):
+    """Fresh ``(model, processor)`` for ``cfg``, seeded."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(vocabulary())
+    processor = build_processor(tokenizer, cfg.image_size, cfg.patch_size)
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.max_new_tokens = 4
+    return model, processor
+
+
+def prompt_text(processor, question: str) -> str:
+    """The chat-formatted prompt for one image and one question (falls back to LLaVA's plain form)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{processor.image_token}\n{question}"
+
+
+def make_batch(processor, images, questions, answers) -> dict[str, torch.Tensor]:
+    """Prompt (left-padded by the processor) + answer token + EOS; labels only on the last two positions."""
+    tok = processor.tokenizer
+    inputs = processor(images=list(images), text=[prompt_text(processor, q) for q in questions],
+                       return_tensors="pt", padding=True)
+    ans = []
+    for a in answers:
+        ids = tok(a, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or ids[0] == tok.unk_token_id:
+            raise ValueError(f"answer {a!r} is not one known word for this tokenizer")
+        ans.append([ids[0], tok.eos_token_id])
+    ans = torch.tensor(ans)
+    n = len(answers)
+    input_ids = torch.cat([inputs["input_ids"], ans], 1)
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones(n, 2, dtype=torch.long)], 1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -2:] = ans
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": inputs["pixel_values"],
+            "labels": labels}
+
+
+class Mixture:
+    """Endless seeded batches: fresh ``shapes`` train scenes (families cycled) mixed with easy-VQA train."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.next_scene = 0
+        self.evqa = easyvqa.questions("train")
+        self.evqa_images: dict[int, object] = {}
+
+    def draw(self, n: int):
+        images, questions, answers = [], [], []
+        use_evqa = torch.rand(n, generator=self.gen) < self.cfg.easyvqa_share
+        for flag in use_evqa.tolist():
+            if flag:
+                q, a, image_id = self.evqa[int(torch.randint(len(self.evqa), (1,), generator=self.gen))]
+                if image_id not in self.evqa_images:
+                    self.evqa_images[image_id] = easyvqa.load_image("train", image_id)
+                images.append(self.evqa_images[image_id])
+            else:
+                s = shapes.sample("train", self.next_scene)
+                self.next_scene += 1
+                images.append(s.image)
+                q, a = s.question, s.answer
+            questions.append(q)
+            answers.append(a)
+        return images, questions, answers
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: float | None = None,
+          checkpoint: Callable[[int, object, object], None] | None = None, checkpoint_every: int = 0,
+          fit_s: float | None = None):
+    """Train from scratch; returns ``(model, processor, history)``.
+
+    ``stop_after_s`` ends early (the schedule is not stretched); ``checkpoint(step, model, processor)`` is called
+    every ``checkpoint_every`` steps so a long run can be inspected while it goes. ``fit_s`` shortens
+    ``cfg.steps`` once, at step 40 (inside warm-up, so the schedule equals that of a run started with the shorter
+    ``steps``), to what the measured speed fits into ``fit_s`` seconds; ``cfg.steps`` then records it.
+    """
+    torch.set_num_threads(cfg.threads)
+    model, processor = build_model(cfg)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    data = Mixture(cfg)
+    history = []
+    t0 = time.perf_counter()
+    running = None
+    step = 0
+    t10 = None
+    while step < cfg.steps:
+        if step == 10:
+            t10 = time.perf_counter()
+        if fit_s is not None and step == 40 and t10 is not None:
+            rate = (time.perf_counter() - t10) / 30
+            fitted = max(41, 40 + int((fit_s - (time.perf_counter() - t0)) / rate))
+            if fitted < cfg.steps:
+                log(f"{rate:.2f} s/step: shortening the run from {cfg.steps} to {fitted} steps to fit {fit_s:.0f} s")
+                cfg.steps = fitted
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = make_batch(processor, *data.draw(cfg.batch_size))
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            elapsed = time.perf_counter() - t0
+            history.append({"step": step, "loss": round(loss.item(), 4), "smoothed": round(running, 4),
+                            "lr": lr_at(step, cfg), "elapsed_s": round(elapsed, 1)})
+            log(f"step {step:5d}  loss {loss.item():.4f}  smoothed {running:.4f}  lr {lr_at(step, cfg):.2e}  "
+                f"{elapsed:7.1f} s")
+        if checkpoint is not None and checkpoint_every and step and step % checkpoint_every == 0:
+            model.eval()
+            checkpoint(step, model, processor)
+            model.train()
+        if stop_after_s is not None and time.perf_counter() - t0 > stop_after_s:
+            log(f"stopping early at step {step} after {time.perf_counter() - t0:.0f} s")
+            break
+        step += 1
+    model.eval()
+    return model, processor, history
+
+
+def save(model, processor, out_dir: str | Path, cfg: TrainConfig, history: list, card: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"config": asdict(cfg), "history": history}, indent=1))
+    (out / "README.md").write_text(card)

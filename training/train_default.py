@@ -1,0 +1,67 @@
+"""Train tokensieve's embedded default model (seeded; CPU by default).
+
+    python training/train_default.py --out src/tokensieve/default_model
+
+Trains, saves safetensors + config + tokenizer + processor, then measures the full-token model on the shapes test
+set and the easy-VQA test split and writes the model card. ``--card-only`` re-measures a saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from tokensieve.train import TrainConfig, save, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="src/tokensieve/default_model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (safety)")
+    parser.add_argument("--fit-minutes", type=float, default=None,
+                        help="shorten --steps at step 40 to what fits this long; the card records the steps run")
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--card-only", action="store_true", help="skip training; re-measure --out and rewrite its card")
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    for f in fields(TrainConfig):
+        if f.type in ("int", "float", int, float):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    out = Path(args.out)
+    if not args.card_only:
+        t0 = time.perf_counter()
+
+        def ckpt(step, model, processor):
+            if args.checkpoint_dir:
+                model.save_pretrained(Path(args.checkpoint_dir) / f"step{step}")
+                processor.save_pretrained(Path(args.checkpoint_dir) / f"step{step}")
+
+        model, processor, history = train(
+            cfg, log=lambda m: print(m, flush=True),
+            stop_after_s=None if args.max_minutes is None else args.max_minutes * 60,
+            checkpoint=ckpt, checkpoint_every=args.checkpoint_every,
+            fit_s=None if args.fit_minutes is None else args.fit_minutes * 60,
+        )
+        minutes = (time.perf_counter() - t0) / 60
+        cfg.notes = {"train_minutes": round(minutes, 1), "threads": cfg.threads, "device": args.device,
+                     "torch": torch.__version__, "steps_done": history[-1]["step"] + 1}
+        save(model, processor, out, cfg, history, "(card pending measurement)\n")
+        print(f"saved to {out} after {minutes:.1f} min", flush=True)
+    from tokensieve.evaluate import write_model_card
+
+    card = write_model_card(out, batch_size=args.eval_batch_size)
+    print(card)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
