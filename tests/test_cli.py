@@ -18,7 +18,7 @@ def test_methods_lists_every_method(capsys):
 
 
 def test_run_on_the_tiny_demo_reports_counts(capsys):
-    assert main(["run", "--method", "evocut", "--budget", "64", "--json", "--max-new-tokens", "3"]) == 0
+    assert main(["run", "--tiny", "--method", "evocut", "--budget", "64", "--json", "--max-new-tokens", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "tiny-random-llava"
     assert result["visual_tokens_in"] == 144 and result["visual_tokens_out"] == 64
@@ -27,7 +27,7 @@ def test_run_on_the_tiny_demo_reports_counts(capsys):
 
 
 def test_run_says_plainly_that_the_demo_model_is_random(capsys):
-    assert main(["run", "--method", "pool", "--budget", "0.25", "--max-new-tokens", "2"]) == 0
+    assert main(["run", "--tiny", "--method", "pool", "--budget", "0.25", "--max-new-tokens", "2"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "RANDOM-WEIGHT" in out and "meaningless" in out
     assert "144 -> 36" in out
@@ -49,7 +49,11 @@ def test_saved_model_directory_loads_offline(tmp_path, capsys):
     [
         (["run", "--budget", "0"], "at least one token"),
         (["run", "--budget", "2.5"], "(0, 1]"),
-        (["run", "--budget", "1000", "--max-new-tokens", "1"], "exceeds the 144 visual tokens"),
+        (["run", "--tiny", "--budget", "1000", "--max-new-tokens", "1"], "exceeds the 144 visual tokens"),
+        (["run", "--tiny", "--model", "x"], "either --model or --tiny"),
+        (["eval", "--methods", "nope", "--out", "x"], "unknown method 'nope'"),
+        (["eval", "--budgets", "0.5,3.0", "--out", "x"], "(0, 1]"),
+        (["eval", "--model", "/nonexistent", "--out", "x"], "no model at /nonexistent"),
         (["run", "--method", "nope"], "unknown method 'nope'"),
         (["run", "--param", "alpha=3.0"], "alpha"),
     ],
@@ -63,3 +67,10 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "tokensieve.cli", "methods"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "evocut" in proc.stdout
+
+
+def test_run_defaults_to_the_embedded_model_on_a_benchmark_scene(capsys):
+    assert main(["run", "--method", "pool", "--budget", "0.25", "--json", "--compare"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "default" and result["visual_tokens_out"] == 36
+    assert result["prompt"].endswith("?") and result["vanilla"]["answer"] == result["expected"]
