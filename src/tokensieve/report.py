@@ -13,7 +13,7 @@ class ImageReport:
 
     ``kept_indices`` index the encoder's patch grid in raster order (row * cols + col), CLS excluded; for methods
     that create tokens (merging, pooling) they are the positions the created tokens stand for, and ``merged`` says
-    how many of ``tokens_out`` are such created tokens. ``selection_s`` is this image's share of the batched
+    how many of ``tokens_out`` are such created tokens; ``groups`` says which patches each created token merges. ``selection_s`` is this image's share of the batched
     selection time.
     """
 
@@ -25,6 +25,9 @@ class ImageReport:
     grid: tuple[int, int]
     merged: int
     selection_s: float
+    groups: list[int] | None = None
+    """For methods that merge: per grid patch (raster, CLS excluded), the output token it went into, -1 if
+    dropped; ``None`` for methods that only keep or drop."""
 
     def to_dict(self) -> dict:
         return dict(vars(self))

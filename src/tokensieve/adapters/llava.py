@@ -153,6 +153,7 @@ class LlavaAdapter(Adapter):
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
+                    groups=None if sel.groups is None else sel.groups[i, prefix:].tolist(),
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
