@@ -51,6 +51,17 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert png.format == "PNG" and png.size[0] > png.size[1]
 
 
+def test_bench_on_a_saved_model_directory(tmp_path, capsys):
+    model_dir = tmp_path / "tiny"
+    assert main(["make-tiny", str(model_dir)]) == 0
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(model_dir), "--methods", "fastervlm", "--budgets", "9", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["visual_tokens"] for r in rows] == [144, 9]
+    assert rows[1]["decode_ms_per_token"] is None and rows[1]["ttft_s"]["n"] == 1
+
+
 def test_bench_on_a_model_too_big_here_writes_the_flops_table_only(tmp_path, capsys):
     out = tmp_path / "b7"
     assert main(["bench", "--arch", "llava15-7b", "--methods", "evocut,divprune", "--budgets", "64",

@@ -65,11 +65,11 @@ def arch_config(name: str):
     return ARCHS[name]()
 
 
-def arch_parameters(name: str) -> int:
-    """Parameter count of ``name`` without allocating it (built on the meta device)."""
+def arch_parameters(name_or_config) -> int:
+    """Parameter count of an architecture (name or LLaVA config) without allocating it (built on the meta device)."""
     from transformers import LlavaForConditionalGeneration
 
-    config = arch_config(name)
+    config = arch_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     return sum(p.numel() for p in model.parameters())

@@ -243,10 +243,10 @@ def cmd_bench(args, console: Console) -> int:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(args.model)
-        config = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).config
+        config = AutoConfig.from_pretrained(args.model)
         name = args.model
     else:
         name = args.arch or "llava15-cpu"
@@ -254,39 +254,41 @@ def cmd_bench(args, console: Console) -> int:
     image_tokens = dims_from_config(config).image_tokens
     for cfg in configs[1:]:
         Budget.parse(cfg.budget).resolve(image_tokens, what="each image of this model")
-    title = f"tokensieve bench: {name}"
-    if not args.model:
+    if args.model:
+        image = _open_image(args.image)
+        probe = processor(images=[image], text=[_prompt_text(processor, args.prompt)], return_tensors="pt")
+    else:
         probe = synthetic_inputs(config, text_tokens=args.text_tokens)
-        need = arch_parameters(name) * torch.finfo(dtype).bits // 8
-        avail = _available_bytes(device)
-        reason = "--flops-only given" if args.flops_only else None
-        if reason is None and need * 1.15 + (1 << 30) > avail:
-            reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
-                      f"{avail / 1e9:.1f} GB available")
-        if reason is None and device == "cpu" and not args.force:
-            flops = count_flops(config, vanilla_trace(config, probe["input_ids"], new_tokens=args.new_tokens)).total
-            est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
-            if est > 1800:
-                reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
-                          "(pass --force to run anyway)")
-        if reason is not None:
-            note = (f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
-                    "post-projector methods; timing needs enough memory or a GPU.")
-            console.print(f"[bold yellow]{note}[/]")
-            result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
-            result["meta"].update(note=note, model=name)
-            paths = write_results(result, args.out, title)
-            print(paths["md"].read_text())
-            console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
-            return 0
+    title = f"tokensieve bench: {name}"
+    need = arch_parameters(config) * torch.finfo(dtype).bits // 8
+    avail = _available_bytes(device)
+    reason = "--flops-only given" if args.flops_only else None
+    if reason is None and need * 1.15 + (1 << 30) > avail:
+        reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
+                  f"{avail / 1e9:.1f} GB available")
+    if reason is None and device == "cpu" and not args.force:
+        flops = count_flops(config, vanilla_trace(config, probe["input_ids"], new_tokens=args.new_tokens)).total
+        est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
+        if est > 1800:
+            reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
+                      "(pass --force to run anyway)")
+    if reason is not None:
+        note = (f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
+                "post-projector methods; timing needs enough memory or a GPU.")
+        console.print(f"[bold yellow]{note}[/]")
+        result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
+        result["meta"].update(note=note, model=name)
+        paths = write_results(result, args.out, title)
+        print(paths["md"].read_text())
+        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0
+    if args.model:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in probe.items()}
+    else:
         console.print(f"building {name} (random weights, {args.dtype}, {device}) ...")
         model = build_arch(name, dtype=dtype, device=device)
         batch = synthetic_inputs(model, text_tokens=args.text_tokens)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-        image = _open_image(args.image)
-        batch = processor(images=[image], text=[_prompt_text(processor, args.prompt)], return_tensors="pt")
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
     result = run_bench(model, batch, configs, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
                        log=console.print)
     result["meta"].update(model=name, prompt_tokens=int(batch["input_ids"].shape[1]))
