@@ -17,7 +17,7 @@ attention scores and weighted sum ``4 T^2 d`` (multiply-adds counted as 2); patc
 out (they do not depend on the method's schedule). Configurations alternate within every repeat; the first round
 is a warm-up and is dropped. Results: benchmarks/results/encoder_stage.{json,md}.
 
-    python benchmarks/encoder_stage.py [--repeats 5] [--budgets 192,128,64] [--threads 2]
+    python benchmarks/encoder_stage.py [--repeats 5] [--budgets 192,128,64] [--no-skip-budgets 64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ def vision_flops(trace: list[int], d: int, m: int) -> float:
     return float(sum(8 * t * d * d + 4 * t * d * m + 4 * t * t * d for t in trace))
 
 
-def configs(budgets: list[int]) -> list[tuple[str, str | None, int, dict]]:
+def configs(budgets: list[int], no_skip: list[int]) -> list[tuple[str, str | None, int, dict]]:
     """(label, method, budget, params); method None is the plain model."""
     out = [("none", None, 576, {}), ("none+skip", "evoprune", 576, {})]
     for k in budgets:
         out.append((f"evocut@{k}", "evocut", k, {}))
         for m in ("evoprune", "flowcut"):
-            out.append((f"{m}@{k} no-skip", m, k, {"skip_unused_layers": False}))
+            if k in no_skip:
+                out.append((f"{m}@{k} no-skip", m, k, {"skip_unused_layers": False}))
             out.append((f"{m}@{k}", m, k, {}))
     return out
 
@@ -53,6 +54,7 @@ def configs(budgets: list[int]) -> list[tuple[str, str | None, int, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="192,128,64")
+    parser.add_argument("--no-skip-budgets", default="64", help="budgets that also get a row without layer skipping")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -63,7 +65,8 @@ def main() -> None:
     vc = model.config.vision_config
     d, m = vc.hidden_size, vc.intermediate_size
     n_layers = vc.num_hidden_layers
-    cfgs = configs([int(b) for b in args.budgets.split(",")])
+    cfgs = configs([int(b) for b in args.budgets.split(",")],
+                   [int(b) for b in args.no_skip_budgets.split(",") if b])
     ttft = {c[0]: [] for c in cfgs}
     vision = {c[0]: [] for c in cfgs}
     traces: dict[str, list[int]] = {"none": [577] * n_layers}
