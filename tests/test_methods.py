@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokensieve.methods import Layout, Selection, Signals, get_method, method_names
-from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR
 from tokensieve.methods.divprune import maxmin_select, cosine_distances
 from tokensieve.methods.evocut import evocut_scores
 from tokensieve.methods.pool import pooled_grid
@@ -17,6 +17,8 @@ from tokensieve.methods.visionzip import default_contextual
 B, GRID, D, HEADS, HEAD_DIM = 2, (6, 6), 16, 4, 8
 N = GRID[0] * GRID[1]
 NUM_LAYERS, FEATURE_LAYER = 6, 5
+# selectors on post-encoder signals; in-encoder methods are tested in test_encoder_stage.py
+SELECTORS = [m for m in method_names() if get_method(m).stage != IN_ENCODER]
 
 
 def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: int = 0) -> Signals:
@@ -27,6 +29,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
         i: torch.softmax(torch.randn(b, HEADS, n + 1, generator=g) * 3, dim=-1)[..., 1:] for i in range(NUM_LAYERS)
     }
     keys = {i: torch.randn(b, HEADS, n, HEAD_DIM, generator=g) for i in range(NUM_LAYERS)}
+    received = {i: torch.rand(b, n, generator=g) / n for i in range(NUM_LAYERS)}
     return Signals(
         features=hidden[FEATURE_LAYER].clone(),
         layout=Layout(grid=grid, num_prefix=num_prefix),
@@ -36,6 +39,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
         cls_attention=attention,
         keys=keys,
         cls_hidden=torch.randn(b, d, generator=g),
+        attention_received=received,
     )
 
 
@@ -50,6 +54,7 @@ def image(signals: Signals, i: int) -> Signals:
         cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
         keys={k: v[i : i + 1] for k, v in signals.keys.items()},
         cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
+        attention_received={k: v[i : i + 1] for k, v in signals.attention_received.items()},
     )
 
 
@@ -66,6 +71,7 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
         cls_attention={i: signals.cls_attention[i] for i in request.cls_attention},
         keys={i: signals.keys[i] for i in request.keys},
         cls_hidden=signals.cls_hidden if request.cls_hidden else None,
+        attention_received={i: signals.attention_received[i] for i in request.attention_received},
     )
     return method.select(kept, k)
 
@@ -74,17 +80,18 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 
 def test_registry_lists_every_method():
-    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random"])
+    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune",
+                                     "flowcut", "hiprune", "vtc_cls"])
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
-        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR)
+        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER)
         assert isinstance(cls.description, str) and "\n" not in cls.description and cls.description
         assert isinstance(cls.signals, tuple)
     assert get_method("divprune").stage == POST_PROJECTOR
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", SELECTORS)
 @pytest.mark.parametrize("k", [1, 7, N])
 def test_contract(name, k):
     signals = make_signals()
@@ -120,7 +127,7 @@ def test_contract(name, k):
         torch.testing.assert_close(alone.output(signals.features[i : i + 1]), out[i : i + 1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", SELECTORS)
 def test_budget_out_of_range_is_an_error(name):
     signals = make_signals()
     for k in (0, N + 1):

@@ -31,6 +31,7 @@ def method_names() -> list[str]:
 
 # Import for registration side effects; order is the order of `list_methods()`.
 from . import evocut, divprune, visionzip, fastervlm, pool, random  # noqa: E402,F401
+from . import evoprune, flowcut, hiprune, vtc_cls  # noqa: E402,F401
 
 __all__ = [
     "Layout", "Method", "Request", "Selection", "Signals", "PRE_PROJECTOR", "POST_PROJECTOR",
