@@ -127,7 +127,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune"])
+@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune", "evoprune", "flowcut"])
 def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_side):
     model, processor = tiny
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
