@@ -17,7 +17,7 @@ from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, Enco
 from tokensieve.methods.evoprune import EvoPrune
 from tokensieve.methods.flowcut import FlowCut, normalised_entropy
 
-from .conftest import N_TOKENS, prompt
+from .conftest import N_TOKENS, batch_and_singles, prompt
 
 IN_ENCODER = ["evoprune", "flowcut"]
 FL = 5  # tiny: 6 CLIP layers, LLaVA reads hidden_states[-2] = hidden_states[5]
@@ -139,14 +139,7 @@ def test_batch_equals_single_images_with_per_image_counts(tiny, sharp, images, m
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
     batch = processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
     singles = [processor(images=[images[i]], text=[texts[i]], return_tensors="pt") for i in range(2)]
-    sieve = Sieve(method, 10)
-    with sieve(sharp):
-        batch_logits = logits(sharp, batch)
-        report = sieve.last_report
-        single_logits, single_reports = [], []
-        for s in singles:
-            single_logits.append(logits(sharp, s))
-            single_reports.append(sieve.last_report)
+    batch_logits, report, single_logits, single_reports = batch_and_singles(sharp, Sieve(method, 10), batch, singles)
     traces = [r.encoder_layer_tokens for r in single_reports]
     if method == "flowcut":  # the point of the test: intermediate counts really differ between the images
         assert traces[0] != traces[1] and max(traces[0][1:FL]) < 65
