@@ -10,7 +10,7 @@ from tokensieve import Sieve
 from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, Layout, Signals
 
-from .conftest import N_TOKENS, prompt
+from .conftest import N_TOKENS, batch_and_singles, prompt
 
 ALL = method_names()
 # in-encoder methods have their own hand-written reference in test_encoder_stage.py
@@ -127,7 +127,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune"])
+@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune", "evoprune", "flowcut"])
 def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_side):
     model, processor = tiny
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
@@ -139,13 +139,7 @@ def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_si
         processor.tokenizer.padding_side = "left"
     assert (batch["attention_mask"] == 0).any(), "the two prompts should need padding"
     sieve = Sieve(method, 10)
-    with sieve(model):
-        batch_logits = logits(model, batch)
-        batch_report = sieve.last_report
-        single_logits, single_reports = [], []
-        for s in singles:
-            single_logits.append(logits(model, s))
-            single_reports.append(sieve.last_report)
+    batch_logits, batch_report, single_logits, single_reports = batch_and_singles(model, sieve, batch, singles)
     mask = batch_report.attention_mask.bool()
     for b in range(2):
         assert batch_report.images[b].kept_indices == single_reports[b].images[0].kept_indices

@@ -445,3 +445,33 @@ def test_evocut_defaults_rank_an_odd_mover_first_among_eight_groups():
     sel = method.select(signals, 1)
     assert sel.indices.tolist() == [[special]]
     assert float(sel.scores[0, special]) > 5 * float(sel.scores[0].topk(2).values[1])
+
+
+# ------------------------------------------------------------------------------------------- vtc_cls, hiprune
+
+
+def test_vtc_cls_sums_cls_attention_over_its_layers():
+    signals = make_signals()
+    sel = run("vtc_cls", signals, 7, start_layer=2, end_layer=4)
+    total = sum(signals.cls_attention[i].mean(dim=1) for i in (2, 3, 4))
+    for b in range(B):
+        assert sel.indices[b].tolist() == sorted(total[b].topk(7).indices.tolist())
+    # defaults: layers num_layers // 2 .. feature_layer (3..5 here)
+    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4, 5)
+
+
+def test_hiprune_keeps_anchors_their_neighbours_then_registers():
+    signals = make_signals()
+    rows, cols = GRID
+    obj, out = 1, 4
+    signals.attention_received[out][:] = torch.linspace(0, 1, N)  # registers: the last patches first
+    for anchor, buffers in ((2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),
+                            (cols, {cols + 1, 0, 2 * cols})):  # on the left edge: no wrap to the row above
+        signals.attention_received[obj][:] = 0.01
+        signals.attention_received[obj][:, anchor] = 1.0
+        # k = 10, alpha = 0.5: round(10 * 0.5 / 5) = 1 anchor
+        sel = run("hiprune", signals, 10, object_layer=obj, output_layer=out, alpha=0.5)
+        chosen = {anchor} | buffers
+        registers = set(range(N - (10 - len(chosen)), N))
+        for b in range(B):
+            assert set(sel.indices[b].tolist()) == chosen | registers
