@@ -8,11 +8,11 @@ import torch
 import tokensieve
 from tokensieve import Sieve
 from tokensieve.methods import get_method, method_names
-from tokensieve.methods.base import POST_PROJECTOR, Layout, Signals
+from tokensieve.methods.base import IN_LLM, POST_PROJECTOR, Layout, Signals
 
 from .conftest import N_TOKENS, prompt
 
-ALL = method_names()
+ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
 
 
 def logits(model, inputs):

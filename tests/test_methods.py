@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from tokensieve.methods import Layout, Selection, Signals, get_method, method_names
+from tokensieve.methods import IN_LLM, Layout, Selection, Signals, get_method, method_names
 from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR
 from tokensieve.methods.divprune import maxmin_select, cosine_distances
 from tokensieve.methods.evocut import evocut_scores
 from tokensieve.methods.pool import pooled_grid
 from tokensieve.methods.visionzip import default_contextual
+
+PRE = [n for n in method_names() if get_method(n).stage != IN_LLM]  # selectors of the Signals contract
 
 B, GRID, D, HEADS, HEAD_DIM = 2, (6, 6), 16, 4, 8
 N = GRID[0] * GRID[1]
@@ -74,17 +76,20 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 
 def test_registry_lists_every_method():
-    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random"])
+    assert method_names() == sorted(
+        ["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre", "fastv", "pdrop", "dart"]
+    )
+    assert PRE == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre"])
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
-        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR)
+        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
         assert isinstance(cls.description, str) and "\n" not in cls.description and cls.description
         assert isinstance(cls.signals, tuple)
     assert get_method("divprune").stage == POST_PROJECTOR
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE)
 @pytest.mark.parametrize("k", [1, 7, N])
 def test_contract(name, k):
     signals = make_signals()
@@ -120,7 +125,7 @@ def test_contract(name, k):
         torch.testing.assert_close(alone.output(signals.features[i : i + 1]), out[i : i + 1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", PRE)
 def test_budget_out_of_range_is_an_error(name):
     signals = make_signals()
     for k in (0, N + 1):
