@@ -88,6 +88,7 @@ class _Layout:
 
     def gather(self, rel: torch.Tensor, extra: torch.Tensor) -> "_Layout":
         g = lambda t: t.gather(1, rel)  # noqa: E731
+        extra = extra | g(self.extra)  # alignment slots of earlier boundaries stay alignment slots
         return _Layout(g(self.orig), g(self.valid) & ~extra, extra, g(self.image).masked_fill(extra, -1))
 
     @property
@@ -363,6 +364,8 @@ class LLMStage:
 
     def _signals(self, signals: LLMSignals, s: int, slots: torch.Tensor, src, hs_now: torch.Tensor) -> None:
         method = self.method
+        if method.query is None and not method.needs_keys:
+            return  # a selector that reads only hidden states
         module, h, cos, sin, lay = src
         if lay is not self.cur:  # boundaries are never on adjacent layers, so the scoring layer ran on these slots
             raise StageError(f"{method.name}: boundaries on adjacent layers are not supported")
