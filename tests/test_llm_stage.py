@@ -101,6 +101,7 @@ def test_keep_all_equals_vanilla(deep, one, method, budget):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_gen, want_gen)
     assert sieve.last_report.llm_layer_visual_tokens == [[N_TOKENS] * LAYERS]
+    assert sieve.last_report.stage == "in_llm" and sieve.last_report.budget == str(sieve.budget)
     assert layer_hooks(model) == 0
 
 

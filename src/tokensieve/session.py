@@ -220,7 +220,10 @@ class SieveHandle:
             counts[im.sample].append(im.tokens_out)
         stage = LLMStage(self.adapter, sieve.llm_method, sieve.llm_budget, ids, mask, counts)
         report.llm_budget = str(sieve.llm_budget) if sieve.llm_budget is not None else f"{sieve.llm_method.name} rule"
-        report.stage = IN_LLM if isinstance(sieve.pre_method, KeepAll) else f"{sieve.pre_method.stage}+{IN_LLM}"
+        if isinstance(sieve.pre_method, KeepAll):
+            report.stage, report.budget = IN_LLM, report.llm_budget
+        else:
+            report.stage = f"{sieve.pre_method.stage}+{IN_LLM}"
         return stage
 
     def _pre_forward(self, module, args, kwargs):
