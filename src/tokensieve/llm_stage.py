@@ -147,8 +147,10 @@ class LLMStage:
                 if n == 0:
                     plans.append([])
                     continue
-                target = budget.resolve(n, what="the visual tokens of an image entering the LM") if budget is not None else None
-                plans.append(method.schedule(n, self.num_layers, target) if method.budgeted else method.schedule(n, self.num_layers, None))
+                target = None
+                if budget is not None and method.budgeted:
+                    target = budget.resolve(n, what="the visual tokens of an image entering the LM")
+                plans.append(method.schedule(n, self.num_layers, target))
             self.plans.append(plans)
         self.boundaries = sorted({layer for plans in self.plans for plan in plans for layer, _ in plan})
         for layer in self.boundaries:
