@@ -63,3 +63,10 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "tokensieve.cli", "methods"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "evocut" in proc.stdout
+
+
+def test_run_chains_a_pre_llm_and_an_in_llm_method(capsys):
+    assert main(["run", "--method", "evocut+fastv", "--budget", "64+40", "--json", "--max-new-tokens", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "evocut+fastv" and result["visual_tokens_out"] == 64
+    assert abs(result["llm_visual_tokens_avg"] - 40) < 1  # 4-layer demo LM: 64, 64, then 16 from layer 2 on

@@ -8,11 +8,11 @@ import torch
 import tokensieve
 from tokensieve import Sieve
 from tokensieve.methods import get_method, method_names
-from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, Layout, Signals
+from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
 from .conftest import N_TOKENS, batch_and_singles, prompt
 
-ALL = method_names()
+ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
 # in-encoder methods have their own hand-written reference in test_encoder_stage.py
 AFTER_ENCODER = [m for m in ALL if get_method(m).stage != IN_ENCODER]
 

@@ -7,18 +7,20 @@ import math
 import pytest
 import torch
 
-from tokensieve.methods import Layout, Selection, Signals, get_method, method_names
+from tokensieve.methods import IN_LLM, Layout, Selection, Signals, get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR
 from tokensieve.methods.divprune import maxmin_select, cosine_distances
 from tokensieve.methods.evocut import evocut_scores
 from tokensieve.methods.pool import pooled_grid
 from tokensieve.methods.visionzip import default_contextual
 
+PRE = [n for n in method_names() if get_method(n).stage in (PRE_PROJECTOR, POST_PROJECTOR)]  # the Signals contract
+
 B, GRID, D, HEADS, HEAD_DIM = 2, (6, 6), 16, 4, 8
 N = GRID[0] * GRID[1]
 NUM_LAYERS, FEATURE_LAYER = 6, 5
 # selectors on post-encoder signals; in-encoder methods are tested in test_encoder_stage.py
-SELECTORS = [m for m in method_names() if get_method(m).stage != IN_ENCODER]
+SELECTORS = PRE
 
 
 def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: int = 0) -> Signals:
@@ -80,12 +82,15 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 
 def test_registry_lists_every_method():
-    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune",
-                                     "flowcut", "hiprune", "vtc_cls"])
+    assert method_names() == sorted(
+        ["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune", "flowcut", "hiprune",
+         "vtc_cls", "todre", "fastv", "pdrop", "dart"]
+    )
+    assert PRE == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre", "hiprune", "vtc_cls"])
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
-        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER)
+        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
         assert isinstance(cls.description, str) and "\n" not in cls.description and cls.description
         assert isinstance(cls.signals, tuple)
     assert get_method("divprune").stage == POST_PROJECTOR

@@ -18,6 +18,8 @@ TINY_NOTE = (
 
 
 def _budget(text: str):
+    if "+" in text:  # one budget per chained method: 192+128
+        return [_budget(part) for part in text.split("+")]
     try:
         return int(text)
     except ValueError:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer one prompt about one image with a method applied")
     run.add_argument("--model", help="model directory (AutoModelForImageTextToText); default: built-in tiny demo")
     run.add_argument("--method", default="evocut")
-    run.add_argument("--budget", type=_budget, default=64, help="int: tokens kept per image; float: keep ratio")
+    run.add_argument("--budget", type=_budget, default=64, help="int: tokens kept per image; float: keep ratio; "
+                     "chained methods take one each (--method evocut+fastv --budget 192+128)")
     run.add_argument("--scope", default="image", help="what the budget applies to (image, crop, frame, global)")
     run.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                      help="method hyper-parameter, repeatable (e.g. --param start_layer=10)")
@@ -94,7 +97,8 @@ def cmd_run(args, console: Console) -> int:
     from .session import Sieve
     from .tiny import demo_image
 
-    sieve = Sieve(args.method, args.budget, scope=args.scope, **dict(args.param))  # validate before loading
+    methods = args.method.split("+") if "+" in args.method else args.method
+    sieve = Sieve(methods, args.budget, scope=args.scope, **dict(args.param))  # validate before loading
     model, processor = _load(args, console)
     image = Image.open(args.image).convert("RGB") if args.image else demo_image()
     inputs = processor(images=[image], text=[_prompt_text(processor, args.prompt)], return_tensors="pt")
@@ -124,6 +128,7 @@ def cmd_run(args, console: Console) -> int:
         seq_len_out=report.seq_len_out,
         encode_s=report.encode_s,
         selection_s=report.selection_s,
+        llm_visual_tokens_avg=report.llm_visual_tokens_avg[0] if report.llm_visual_tokens_avg else report.tokens_out,
     )
     if args.json:
         print(json.dumps(result))
@@ -131,6 +136,8 @@ def cmd_run(args, console: Console) -> int:
     table = Table(show_header=False, box=None)
     table.add_row("answer", repr(result["answer"]))
     table.add_row("visual tokens", f"{report.tokens_in} -> {report.tokens_out} ({sieve.name}, budget {args.budget})")
+    if report.llm_budget:
+        table.add_row("in the LM", f"{result['llm_visual_tokens_avg']:.1f} visual tokens averaged over decoder layers")
     table.add_row("prompt length", f"{report.seq_len_in} -> {report.seq_len_out} tokens")
     table.add_row("encode + select", f"{report.encode_s * 1e3:.1f} ms (selection {report.selection_s * 1e3:.2f} ms)")
     table.add_row("generate total", f"{elapsed * 1e3:.1f} ms for up to {args.max_new_tokens} new tokens")

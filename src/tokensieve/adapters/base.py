@@ -63,6 +63,14 @@ class Adapter(ABC):
                 f"use one of {[s.value for s in self.scopes]}"
             )
 
+    def decoder_layers(self):
+        """The language model's decoder layers, where in-LLM stages hook."""
+        return self.model.get_decoder().layers
+
+    def llm_parts(self, layer):
+        """How to score with one decoder layer; families whose layers differ from Llama's override this."""
+        return llama_style_parts(layer)
+
     @abstractmethod
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         """Placeholders each image occupies in the uncompressed prompt."""
@@ -144,6 +152,22 @@ class Adapter(ABC):
             llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
         )
         return kwargs, report
+
+
+# -- in-LLM stage support (kept apart from the encode path above) ----------------------------------------------------
+def llama_style_parts(layer):
+    """Scoring parts of a Llama/Qwen2/Mistral-style decoder layer (``input_layernorm`` + ``self_attn`` projections)."""
+    from ..llm_stage import LLMParts
+
+    attn = layer.self_attn
+    cfg = attn.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return LLMParts(
+        norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, num_heads=heads, num_kv_heads=kv,
+        head_dim=int(attn.head_dim), scaling=float(attn.scaling), q_norm=getattr(attn, "q_norm", None),
+        k_norm=getattr(attn, "k_norm", None),
+    )
 
 
 def now() -> float:

@@ -138,6 +138,10 @@ class Method:
     def select(self, signals: Signals, k: int) -> Selection:
         raise NotImplementedError
 
+    def llm_companion(self) -> "LLMMethod | None":
+        """The in-LLM part of a two-stage method (ToDRE), run after this one in the same call; ``None`` for most."""
+        return None
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
@@ -261,3 +265,85 @@ def check_plan_layers(layers, num_layers: int, feature_layer: int, what: str) ->
             f"hidden_states[{feature_layer}], the output of layer {feature_layer - 1})"
         )
     return layers
+# -- in-LLM methods ----------------------------------------------------------------------------------------------
+
+QUERY_LAST = "last"
+"""Attention rows wanted: the last real token of the prompt (FastV's and PyramidDrop's scoring query)."""
+QUERY_TEXT = "text"
+"""Attention rows wanted: every text token after the first visual token (ToDRE's text-to-visual share)."""
+
+
+@dataclass
+class LLMSignals:
+    """One sample at an in-LLM stage boundary, restricted to the visual tokens still in the sequence.
+
+    hidden:      [n, d] hidden states of the visual tokens entering the stage layer, in sequence order.
+    segments:    visual tokens per image, in order (they sum to n); budgets apply per image.
+    attention:   [H, r, n] softmax attention of the requested query rows to the visual keys, from the layer named by
+                 ``attention_from`` (not renormalised: ``attention.sum(-1)`` is each row's mass on visual keys).
+    keys:        [n, H_kv * head_dim] post-RoPE keys of the visual tokens at the layer before the stage.
+    text_keys / text_hidden: the same for the sample's real non-visual tokens (DART's text pivots).
+    layer:       the decoder layer that will be the first to run without the dropped tokens; num_layers: LM depth.
+    """
+
+    hidden: torch.Tensor
+    segments: list[int]
+    layer: int
+    num_layers: int
+    attention: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    def split(self, x: torch.Tensor, dim: int = -1) -> list[torch.Tensor]:
+        """Cut a per-visual-token tensor into its images."""
+        return list(torch.split(x, self.segments, dim=dim))
+
+
+class LLMMethod(Method):
+    """A selector that runs between decoder layers: it plans a schedule, then keeps indices at each boundary.
+
+    ``schedule`` turns one image's budget into boundaries; the in-LLM stage asks for the signals the class attributes
+    name, computing attention rows from q/k of the named layer (the model stays on SDPA).
+    """
+
+    stage: ClassVar[str] = IN_LLM
+    query: ClassVar[str | None] = None
+    """``QUERY_LAST``, ``QUERY_TEXT`` or ``None`` (attention-free)."""
+    attention_from: ClassVar[str] = "previous"
+    """``previous``: attention of the layer before the boundary (FastV). ``current``: the boundary layer's own q/k on
+    the hidden states entering it (PyramidDrop)."""
+    needs_keys: ClassVar[bool] = False
+    budgeted: ClassVar[bool] = True
+    """False for rules that decide counts themselves (ToDRE's relevance check); such stages take no budget."""
+
+    def schedule(self, n: int, num_layers: int, target: int | None) -> list[tuple[int, int]]:
+        """Boundaries for one image of ``n`` visual tokens: ``[(layer, tokens kept from that layer on), ...]``.
+
+        ``target`` is the wanted average number of this image's visual tokens over all decoder layers (``None`` for
+        unbudgeted rules). Raise :class:`BudgetError` when no schedule of this method can reach it.
+        """
+        raise NotImplementedError
+
+    def select_llm(self, signals: LLMSignals, ks: list[int | None]) -> list[torch.Tensor]:
+        """Per image, ascending indices into that image's current visual tokens to keep (``ks[i]`` of them)."""
+        raise NotImplementedError
+
+
+def averaged_tokens(n: int, num_layers: int, plan: list[tuple[int, int]]) -> float:
+    """Average visual tokens per decoder layer under ``plan`` (boundaries sorted by layer)."""
+    total, count, prev = 0, n, 0
+    for layer, kept in plan:
+        total += count * (layer - prev)
+        prev, count = layer, kept
+    total += count * (num_layers - prev)
+    return total / num_layers
+
+
+def per_segment_topk(scores: torch.Tensor, segments: list[int], ks: list[int]) -> list[torch.Tensor]:
+    """Top-``ks[i]`` of each image's scores, ascending (raster order), ties towards the lower index."""
+    return [topk_sorted(s, k) for s, k in zip(torch.split(scores, segments), ks)]
