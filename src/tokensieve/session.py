@@ -124,10 +124,10 @@ class SieveHandle:
         return new_kwargs, report
 
     def _pre_forward(self, module, args, kwargs):
-        if not args and kwargs.get("pixel_values") is None:
+        if not args and not self.adapter.is_visual(kwargs):
             return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return None  # text-only call, or a decoding step of a sieved generate()
         new_kwargs, _ = self._prepare(merged)
         return (), new_kwargs
@@ -140,7 +140,7 @@ class SieveHandle:
                 if "input_ids" in merged:
                     raise TypeError("generate() got both `inputs` and `input_ids`")
                 merged["input_ids"] = inputs
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return self._generate(**merged)
         original_ids = merged["input_ids"]
         new_kwargs, report = self._prepare(merged)

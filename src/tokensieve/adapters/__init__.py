@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
+from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, QwenVLAdapter)
 
 
 def get_adapter(model) -> Adapter:
@@ -19,4 +20,4 @@ def get_adapter(model) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "ADAPTERS", "get_adapter"]
+__all__ = ["Adapter", "LlavaAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]

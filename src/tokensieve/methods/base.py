@@ -93,12 +93,15 @@ class Selection:
     tokens:  [B, k_out, d] output tokens when the method creates tokens (merging, pooling); ``None`` means the
              output is the plain gather of ``indices``. ``num_merged`` of the output tokens are such created tokens.
     scores:  [B, N] optional per-candidate scores, for reports and plots.
+    anchors: [B, k_out] optional, for ``tokens`` that are not one per index: the candidate each output token
+             stands at (a merged token's destination), so families that keep original positions can place it.
     """
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     num_merged: int = 0
     scores: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
 
     def output(self, features: torch.Tensor) -> torch.Tensor:
         if self.tokens is not None:

@@ -99,8 +99,10 @@ class VisionZip(Method):
             parts.append(cls.unsqueeze(1).to(features.dtype))
         parts.append(gather_tokens(features, dominant))
 
+        targets = dominant[:, :0]
         if contextual > 0:
-            parts.append(self._contextual(signals, layer, dominant, contextual).to(features.dtype))
+            merged, targets = self._contextual(signals, layer, dominant, contextual)
+            parts.append(merged.to(features.dtype))
         if extra == 0 and contextual == 0:
             return Selection(indices=dominant, scores=attention if not forced else None)
         return Selection(
@@ -108,11 +110,13 @@ class VisionZip(Method):
             tokens=torch.cat(parts, dim=1),
             num_merged=contextual + extra,
             scores=None if forced else attention,
+            # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid
+            anchors=None if use_cls_hidden else torch.cat([dominant, targets], dim=1),
         )
 
     @staticmethod
-    def _contextual(signals: Signals, layer: int, dominant: torch.Tensor, contextual: int) -> torch.Tensor:
-        """Merge every non-dominant candidate into one of ``contextual`` strided targets, [B, C, d]."""
+    def _contextual(signals: Signals, layer: int, dominant: torch.Tensor, contextual: int):
+        """Merge every non-dominant candidate into one of ``contextual`` strided targets: ([B, C, d], targets [B, C])."""
         features = signals.features.float()
         b, n, d = features.shape
         ar = torch.arange(n, device=features.device).expand(b, -1)
@@ -138,4 +142,4 @@ class VisionZip(Method):
         sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), gather_tokens(features, others))
         counts = torch.zeros(b, contextual, dtype=features.dtype, device=features.device)
         counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=features.dtype))
-        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1)
+        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1), targets

@@ -1,0 +1,129 @@
+"""Tiny random-weight models of the other supported families, with the inputs their processors make.
+
+Qwen2VLProcessor cannot be built here (its video processor needs torchvision, which does not install next to the
+pinned CPU torch), so :class:`TinyQwenProcessor` does what it does with the real tokenizer-side rules: the real
+``Qwen2VLImageProcessorPil`` makes the pixel patches, each ``<|image_pad|>`` / ``<|video_pad|>`` is expanded to
+``grid.prod() // merge**2`` copies, and ``mm_token_type_ids`` marks them 1 / 2. A video is a list of equally sized
+frames; pairs of frames become one temporal patch, exactly the patch order of the real video processor.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from tokensieve.tiny import _WORDS
+
+QWEN_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+PATCH, MERGE = 8, 2
+
+
+def qwen_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(QWEN_SPECIALS + _WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+class TinyQwenProcessor:
+    def __init__(self, side: int = 32):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = qwen_tokenizer()
+        self.image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=(2 * PATCH * MERGE) ** 2, max_pixels=(side * 2) ** 2, patch_size=PATCH, merge_size=MERGE,
+            temporal_patch_size=2,
+        )
+        self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+
+    def _patches(self, images):
+        out = self.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def __call__(self, texts, images=(), videos=(), padding_side="left"):
+        """``texts`` use ``<image>`` / ``<video>`` markers, consumed in order across the batch."""
+        images, videos = list(images), list(videos)
+        batch = {}
+        if images:
+            batch["pixel_values"], batch["image_grid_thw"] = self._patches(images)
+        if videos:
+            pv, grids = [], []
+            for frames in videos:
+                assert len(frames) % 2 == 0, "a tiny video has an even number of frames"
+                p, g = self._patches(frames[::2])  # each frame pair is one temporal patch of identical frames
+                pv.append(p)
+                grids.append(torch.tensor([len(frames) // 2, int(g[0, 1]), int(g[0, 2])]))
+            batch["pixel_values_videos"], batch["video_grid_thw"] = torch.cat(pv), torch.stack(grids)
+        rows, types = [], []
+        it_img, it_vid = iter(batch.get("image_grid_thw", [])), iter(batch.get("video_grid_thw", []))
+        for text in texts:
+            ids, tt = [self.ids["<s>"]], [0]
+            for word in text.split():
+                if word in ("<image>", "<video>"):
+                    grid = next(it_img if word == "<image>" else it_vid)
+                    n = int(grid.prod()) // MERGE**2
+                    pad = self.ids["<|image_pad|>" if word == "<image>" else "<|video_pad|>"]
+                    ids += [self.ids["<|vision_start|>"]] + [pad] * n + [self.ids["<|vision_end|>"]]
+                    tt += [0] + [1 if word == "<image>" else 2] * n + [0]
+                else:
+                    wid = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+                    ids += wid
+                    tt += [0] * len(wid)
+            rows.append((ids, tt))
+        length = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.ids["<pad>"])
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        mm = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, tt) in enumerate(rows):
+            sl = slice(length - len(ids), None) if padding_side == "left" else slice(0, len(ids))
+            input_ids[b, sl] = torch.tensor(ids)
+            mask[b, sl] = 1
+            mm[b, sl] = torch.tensor(tt)
+        batch.update(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=mm)
+        return batch
+
+
+def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0):
+    """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    proc = TinyQwenProcessor()
+    tok = proc.tokenizer
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=proc.ids["<pad>"], bos_token_id=proc.ids["<s>"], eos_token_id=proc.ids["</s>"],
+    )
+    common = dict(
+        image_token_id=proc.ids["<|image_pad|>"], video_token_id=proc.ids["<|video_pad|>"],
+        vision_start_token_id=proc.ids["<|vision_start|>"], vision_end_token_id=proc.ids["<|vision_end|>"],
+    )
+    if kind == "qwen2_vl":
+        vision = dict(depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=PATCH,
+                      spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3)
+        config, cls = Qwen2VLConfig(vision_config=vision, text_config=text, **common), Qwen2VLForConditionalGeneration
+    elif kind == "qwen2_5_vl":
+        # window 32 px = 2x2 merge units per window; blocks 1 and 3 attend globally
+        vision = dict(depth=vision_layers, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
+                      window_size=32, fullatt_block_indexes=[1, vision_layers - 1])
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.generation_config.pad_token_id = proc.ids["<pad>"]
+    return model.eval(), proc
