@@ -18,6 +18,16 @@ QWEN_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|vision_start|>", "<|vision_
 PATCH, MERGE = 8, 2
 
 
+def greedy(model, inputs, n=4):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def logits(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
 def qwen_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
@@ -127,3 +137,41 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
         model = cls(config)
     model.generation_config.pad_token_id = proc.ids["<pad>"]
     return model.eval(), proc
+
+
+def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0):
+    """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from tokensieve.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor

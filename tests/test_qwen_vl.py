@@ -9,7 +9,7 @@ from tokensieve.errors import BudgetError, PlaceholderError
 from tokensieve.methods import method_names
 from tokensieve.tiny import demo_image
 
-from .families import build_tiny_qwen
+from .families import build_tiny_qwen, greedy as _gen, logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
@@ -33,14 +33,6 @@ def batch(qwen):
     )
 
 
-def _gen(model, inputs, n=4):
-    with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
-
-def _logits(model, inputs):
-    with torch.inference_mode():
-        return model(**inputs).logits
 
 
 @pytest.mark.parametrize("method", method_names())

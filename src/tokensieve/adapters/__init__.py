@@ -5,9 +5,10 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
 
 
 def get_adapter(model) -> Adapter:
@@ -20,4 +21,4 @@ def get_adapter(model) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]
+__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]

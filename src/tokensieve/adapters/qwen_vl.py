@@ -309,7 +309,7 @@ class QwenVLAdapter(Adapter):
         out = sel.output(cand)
         if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
             where = sel.indices
-        elif sel.anchors is not None:
+        elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
             where = sel.anchors
         else:
             raise BudgetError(

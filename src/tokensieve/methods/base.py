@@ -94,7 +94,8 @@ class Selection:
              output is the plain gather of ``indices``. ``num_merged`` of the output tokens are such created tokens.
     scores:  [B, N] optional per-candidate scores, for reports and plots.
     anchors: [B, k_out] optional, for ``tokens`` that are not one per index: the candidate each output token
-             stands at (a merged token's destination), so families that keep original positions can place it.
+             stands at (a merged token's destination; -1 for a token with no grid position, such as a CLS
+             hidden state), so families that place tokens by position can place it.
     """
 
     indices: torch.Tensor

@@ -110,8 +110,8 @@ class VisionZip(Method):
             tokens=torch.cat(parts, dim=1),
             num_merged=contextual + extra,
             scores=None if forced else attention,
-            # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid
-            anchors=None if use_cls_hidden else torch.cat([dominant, targets], dim=1),
+            # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid (-1)
+            anchors=torch.cat([dominant[:, :extra] * 0 - 1, dominant, targets], dim=1),
         )
 
     @staticmethod
