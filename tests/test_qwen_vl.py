@@ -180,3 +180,33 @@ def test_user_position_ids_are_refused_and_model_untouched(qwen, batch):
         with pytest.raises(PlaceholderError, match="position_ids"):
             _logits(model, bad)
     assert torch.equal(_logits(model, batch), ref)
+
+
+def test_signals_are_read_in_raster_order(qwen, batch):
+    """The ViT runs Qwen2.5-VL's blocks in window order; captured patch rows must come back in processor order."""
+    from tokensieve.adapters import get_adapter
+    from tokensieve.methods.base import Request
+
+    model, _ = qwen
+    adapter = get_adapter(model)
+    with torch.inference_mode():
+        merged, units_in, hidden, _ = adapter._run(
+            batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False
+        )
+        embedded = model.model.visual.patch_embed(batch["pixel_values"])
+        reprojected = adapter._project(units_in.reshape(-1, 4 * units_in.shape[-1]))
+    torch.testing.assert_close(hidden[0], embedded, rtol=0, atol=0)
+    torch.testing.assert_close(reprojected, merged, rtol=0, atol=1e-5)
+
+
+def test_video_only_and_text_only_calls(qwen):
+    model, proc = qwen
+    video = proc(["user : <video> what ? assistant :"], videos=[[demo_image(64, s) for s in range(4)]])
+    text = proc(["user : what ? assistant :"])
+    ref_text = _gen(model, text)
+    sieve = Sieve("evocut", 3)
+    with sieve(model):
+        out = _gen(model, video, n=2)
+        assert torch.equal(_gen(model, text), ref_text)
+    assert [im.tokens_out for im in sieve.last_report.images] == [6]
+    assert out.shape[1] == video["input_ids"].shape[1] + 2
