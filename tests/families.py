@@ -175,3 +175,70 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
         model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), processor
+
+
+def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0):
+    """Tiny LLaVA-OneVision (SigLIP tower, anyres_max_9) and an input builder.
+
+    LlavaOnevisionProcessor cannot be built here (its video processor needs torchvision); the real image processor
+    makes the pixels, and each ``<image>`` marker is expanded to as many placeholders as the model's own
+    ``get_image_features`` yields for that image, which is what the processor's count must equal.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from tokensieve.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    pinpoints = [[image_size * a, image_size * b] for a in (1, 2, 3) for b in (1, 2, 3)]
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size,
+    )
+    text = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    image_id = config.image_token_id
+
+    def make_inputs(texts, images):
+        """``images``: a flat list (one per prompt) or one list per prompt (several images in one prompt)."""
+        pix = image_processor(images=images, return_tensors="pt")
+        with torch.inference_mode():
+            counts = [
+                f.shape[0]
+                for f in model.model.get_image_features(
+                    pix["pixel_values"], pix["image_sizes"], batch_num_images=pix.get("batch_num_images")
+                ).pooler_output
+            ]
+        it = iter(counts)
+        rows = []
+        for text in texts:
+            ids = [tokenizer.bos_token_id]
+            for word in text.split():
+                ids += [image_id] * next(it) if word == "<image>" else tokenizer(word, add_special_tokens=False)["input_ids"]
+            rows.append(ids)
+        length = max(map(len, rows))
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+        mask = torch.zeros_like(input_ids)
+        for b, ids in enumerate(rows):
+            input_ids[b, length - len(ids):] = torch.tensor(ids)
+            mask[b, length - len(ids):] = 1
+        return dict(input_ids=input_ids, attention_mask=mask, **pix)
+
+    return model, make_inputs

@@ -6,9 +6,10 @@ from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, QwenVLAdapter)
 
 
 def get_adapter(model) -> Adapter:
@@ -21,4 +22,4 @@ def get_adapter(model) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]
+__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]

@@ -53,6 +53,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
 
+    cls_offset = 1
+    """Encoder rows before the patches (the CLS token); the projector sees patches only."""
+
     def __init__(self, model) -> None:
         super().__init__(model)
         self.side = self.grid[0]
@@ -72,28 +75,43 @@ class LlavaNextAdapter(LlavaAdapter):
         if budget.scope == Scope.CROP:
             budget.resolve(self.per_crop, what="each crop of this model")
 
-    def _num_crops(self, image_sizes) -> list[int]:
+    def _num_crops(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.model.config
         return [
             int(image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size))
-            for size in image_sizes
+            for size in encoder_kwargs["image_sizes"]
         ]
 
+    def _pack(self, ids: list[torch.Tensor], encoder_kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The model's own packing applied to [crops, patches, 1] id tensors."""
+        newline = torch.tensor([-1.0], dtype=torch.float64)
+        packed, _ = self.base.pack_image_features(ids, encoder_kwargs["image_sizes"], "default", newline)
+        return list(packed)
+
+    def _feature_kwargs(self, encoder_kwargs: dict[str, Any], strategy: str) -> dict[str, Any]:
+        """Arguments of the model's own ``get_image_features`` for this call."""
+        return dict(
+            pixel_values=encoder_kwargs["pixel_values"],
+            image_sizes=encoder_kwargs["image_sizes"],
+            vision_feature_layer=self._feature_layer(encoder_kwargs),
+            vision_feature_select_strategy=strategy,
+            return_dict=True,
+        )
+
+    def _attention(self, cap, layer: int) -> torch.Tensor:
+        """[crops, H, T] attention scores over the encoder rows of each crop (here: the CLS query's row)."""
+        return cap.attention_row(layer, 0)
+
     def _packed(self, encoder_kwargs: dict[str, Any]) -> list[_Packed]:
-        sizes = encoder_kwargs["image_sizes"]
-        counts = self._num_crops(sizes)
+        counts = self._num_crops(encoder_kwargs)
         ids = []
         for n in counts:
             crop = torch.arange(n, dtype=torch.float64).view(n, 1, 1).expand(n, self.per_crop, 1)
             patch = torch.arange(self.per_crop, dtype=torch.float64).view(1, -1, 1).expand(n, -1, 1)
             ids.append(crop * self.per_crop + patch)
-        packed, lengths = self.base.pack_image_features(
-            ids, sizes, vision_feature_select_strategy="default", image_newline=torch.tensor([-1.0], dtype=torch.float64)
-        )
-        if isinstance(packed, torch.Tensor):
-            packed = torch.split(packed, [int(x) for x in lengths], dim=0)
+        packed = self._pack(ids, encoder_kwargs)
         out = []
         for flat, n in zip(packed, counts):
             flat = flat.view(-1).long()
@@ -138,13 +156,7 @@ class LlavaNextAdapter(LlavaAdapter):
         with capture_encoder(self.layers, request, self._attention_parts, extra) as cap:
             hook = self.base.multi_modal_projector.register_forward_pre_hook(grab)
             try:
-                out = self.base.get_image_features(
-                    pixel_values=encoder_kwargs["pixel_values"],
-                    image_sizes=encoder_kwargs["image_sizes"],
-                    vision_feature_layer=self._feature_layer(encoder_kwargs),
-                    vision_feature_select_strategy=strategy,
-                    return_dict=True,
-                )
+                out = self.base.get_image_features(**self._feature_kwargs(encoder_kwargs, strategy))
             finally:
                 hook.remove()
             packed_feats = list(out.pooler_output)
@@ -203,7 +215,7 @@ class LlavaNextAdapter(LlavaAdapter):
             if k == 0:
                 continue
             crop_g = crop + crop0 if isinstance(crop, torch.Tensor) else torch.full_like(patch, crop + crop0)
-            tok = patch + 1  # CLS at 0 in the encoder's sequence
+            tok = patch + self.cls_offset
 
             def rows(t):  # [crops, T, ...] -> [1, n, ...] for this set's candidates
                 return t[crop_g, tok].unsqueeze(0)
@@ -219,12 +231,12 @@ class LlavaNextAdapter(LlavaAdapter):
                 feature_layer=fl,
                 hidden_states={i: rows(cap.hidden_states[i]) for i in request.hidden_states},
                 cls_attention={
-                    i: cap.attention_row(i, 0)[crop_g, :, tok].transpose(0, 1).unsqueeze(0)
+                    i: self._attention(cap, i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0)
                     for i in request.cls_attention
                 },
                 keys={i: cap.key_heads(i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.keys},
                 cls_hidden=torch.cat([cap.hidden_states[i][crop_g[0], 0] for i in feature_layers], dim=-1)[None]
-                if request.cls_hidden
+                if request.cls_hidden and self.cls_offset
                 else None,
             )
             sel = method.select(signals, k)
