@@ -192,6 +192,7 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
     from tokensieve.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
     pinpoints = [[image_size * a, image_size * b] for a in (1, 2, 3) for b in (1, 2, 3)]
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
@@ -207,6 +208,7 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
     )
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
     )
     with torch.random.fork_rng():
@@ -214,24 +216,40 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
         model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    image_id = config.image_token_id
+    image_id, video_id = config.image_token_id, config.video_token_id
 
-    def make_inputs(texts, images):
-        """``images``: a flat list (one per prompt) or one list per prompt (several images in one prompt)."""
-        pix = image_processor(images=images, return_tensors="pt")
-        with torch.inference_mode():
-            counts = [
-                f.shape[0]
-                for f in model.model.get_image_features(
-                    pix["pixel_values"], pix["image_sizes"], batch_num_images=pix.get("batch_num_images")
-                ).pooler_output
-            ]
-        it = iter(counts)
+    def make_inputs(texts, images=(), videos=()):
+        """``images``: a flat list (one per prompt) or one list per prompt (several images in one prompt).
+        ``videos``: lists of frames, all videos with the same frame count (the model stacks them); each frame is the
+        image processor's base view, as the video processor's resize would give."""
+        pix, counts, video_counts = {}, [], []
+        if images:
+            pix = dict(image_processor(images=images, return_tensors="pt"))
+            with torch.inference_mode():
+                counts = [
+                    f.shape[0]
+                    for f in model.model.get_image_features(
+                        pix["pixel_values"], pix["image_sizes"], batch_num_images=pix.get("batch_num_images")
+                    ).pooler_output
+                ]
+        if videos:
+            pix["pixel_values_videos"] = torch.stack(
+                [torch.cat([image_processor(images=[f], return_tensors="pt")["pixel_values"][:, 0] for f in v]) for v in videos]
+            )
+            with torch.inference_mode():
+                out = model.model.get_video_features(pix["pixel_values_videos"]).pooler_output
+            video_counts = [out.shape[1]] * out.shape[0]
+        it, it_v = iter(counts), iter(video_counts)
         rows = []
         for text in texts:
             ids = [tokenizer.bos_token_id]
             for word in text.split():
-                ids += [image_id] * next(it) if word == "<image>" else tokenizer(word, add_special_tokens=False)["input_ids"]
+                if word == "<image>":
+                    ids += [image_id] * next(it)
+                elif word == "<video>":
+                    ids += [video_id] * next(it_v)
+                else:
+                    ids += tokenizer(word, add_special_tokens=False)["input_ids"]
             rows.append(ids)
         length = max(map(len, rows))
         input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)

@@ -22,7 +22,10 @@ def onevision():
 def batch(onevision):
     _, make = onevision
     images = [demo_image(64, 0).resize((32, 20)), demo_image(64, 1).resize((16, 40))]
-    return make(["user : <image> what ? assistant :", "user : <image> what is this ? assistant :"], images)
+    frames = [demo_image(32, s) for s in range(3)]
+    return make(
+        ["user : <image> what ? assistant :", "user : <image> <video> what is this ? assistant :"], images, [frames]
+    )
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -55,6 +58,24 @@ def test_fastervlm_uses_mean_received_attention(onevision):
         expected = scores.topk(3, dim=-1).indices.sort(dim=-1).values
         got = torch.tensor(im.kept_indices).view(crops, 3) % (SIDE * SIDE)
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["evocut", "fastervlm", "visionzip", "pool", "divprune"])
+@pytest.mark.parametrize("budget,scope,per_video", [(2, "frame", 3 * 2), (1.0, "image", 3 * 4), (5, "global", 5)])
+def test_video_budget_per_frame_or_per_video(onevision, batch, method, budget, scope, per_video):
+    model, _ = onevision
+    if method == "pool" and scope == "global":
+        budget = 6  # a 6x2 grid of the 3 stacked 2x2 frames
+        per_video = 6
+    sieve = Sieve(method, budget, scope=scope)
+    with sieve(model):
+        out = greedy(model, batch, n=2)
+    video = sieve.last_report.images[-1]
+    assert video.sample == 1 and video.tokens_in == 3 * 4 + 1
+    assert video.tokens_out == per_video + 1  # the video's closing newline stays
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    if scope == "frame" and method != "visionzip":
+        assert torch.bincount(torch.tensor(video.kept_indices) // 4).tolist() == [2, 2, 2]
 
 
 def test_multi_image_prompt_uses_one_crop_per_image(onevision):

@@ -39,6 +39,8 @@ class Encoded:
     """Per image, which of its placeholders the kept features fill (ascending span indices). ``None``: the first
     ``len(features[i])``, right for families whose positions are re-indexed; families that keep original positions
     (M-RoPE) name the kept placeholders so each feature keeps its own position."""
+    num_images: int | None = None
+    """How many leading ``features`` are images; the rest are videos. ``None``: all are images."""
 
 
 class Adapter(ABC):
@@ -62,20 +64,46 @@ class Adapter(ABC):
         return int(self.model.config.image_token_id)
 
     @property
+    def video_token_id(self) -> int | None:
+        video = getattr(self.model.config, "video_token_id", None)
+        return None if video is None else int(video)
+
+    @property
     def placeholder_token_ids(self) -> tuple[int, ...]:
         """Every token id that stands for a visual token (image, video) in ``input_ids``."""
-        return (self.image_token_id,)
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
 
     def is_visual(self, kwargs: dict[str, Any]) -> bool:
         return any(kwargs.get(name) is not None for name in self.visual_inputs)
 
+    def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        """Placeholders each video occupies (families whose videos have their own ``video_token_id``)."""
+        return []
+
     def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
-        """Placeholder runs in the order :meth:`encode` returns features (families with videos add theirs)."""
-        return find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+        """Placeholder runs in the order :meth:`encode` returns features: images, then videos."""
+        spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+        per_video = self.tokens_per_video(encoder_kwargs)
+        if per_video:
+            videos = find_image_spans(input_ids, self.video_token_id, per_video)
+            for span in videos:
+                span.image += len(spans)
+            spans += videos
+        return spans
+
+    def video_output(self, features: list[torch.Tensor]):
+        """Kept video features in the form the model's ``mm_encoder_outputs["video"]`` takes (a list by default)."""
+        return features
 
     def encoder_outputs(self, encoded: Encoded) -> dict[str, BaseModelOutputWithPooling]:
         """The ``mm_encoder_outputs`` argument that hands the kept features to the model."""
-        return {"image": BaseModelOutputWithPooling(pooler_output=encoded.features)}
+        n_img = len(encoded.features) if encoded.num_images is None else encoded.num_images
+        out = {}
+        if n_img:
+            out["image"] = BaseModelOutputWithPooling(pooler_output=encoded.features[:n_img])
+        if len(encoded.features) > n_img:
+            out["video"] = BaseModelOutputWithPooling(pooler_output=self.video_output(encoded.features[n_img:]))
+        return out
 
     def check_budget(self, budget: Budget) -> None:
         """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""

@@ -30,13 +30,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
-from ..placeholders import find_image_spans
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -71,35 +69,14 @@ class QwenVLAdapter(Adapter):
     def num_layers(self) -> int:
         return len(self.blocks)
 
-    @property
-    def video_token_id(self) -> int:
-        return int(self.model.config.video_token_id)
-
-    @property
-    def placeholder_token_ids(self) -> tuple[int, ...]:
-        return (self.image_token_id, self.video_token_id)
-
     def _counts(self, grid) -> list[int]:
         return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
 
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
-        return self._counts(encoder_kwargs.get("image_grid_thw")) + self._counts(encoder_kwargs.get("video_grid_thw"))
+        return self._counts(encoder_kwargs.get("image_grid_thw"))
 
-    def find_spans(self, input_ids, encoder_kwargs):
-        images = find_image_spans(input_ids, self.image_token_id, self._counts(encoder_kwargs.get("image_grid_thw")))
-        videos = find_image_spans(input_ids, self.video_token_id, self._counts(encoder_kwargs.get("video_grid_thw")))
-        for span in videos:
-            span.image += len(images)
-        return images + videos
-
-    def encoder_outputs(self, encoded: Encoded):
-        n_img = self._n_images
-        out = {}
-        if n_img:
-            out["image"] = BaseModelOutputWithPooling(pooler_output=encoded.features[:n_img])
-        if len(encoded.features) > n_img:
-            out["video"] = BaseModelOutputWithPooling(pooler_output=encoded.features[n_img:])
-        return out
+    def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return self._counts(encoder_kwargs.get("video_grid_thw"))
 
     # -- positions ---------------------------------------------------------------------------------------------
     def prepare(self, kwargs, method, budget, method_name):
@@ -221,7 +198,7 @@ class QwenVLAdapter(Adapter):
         images: list[ImageReport] = []
         selection_s = 0.0
         patches_total = 0
-        self._n_images = 0
+        num_images = 0
         for video, pv_key, grid_key in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos", "video_grid_thw")):
             pixel, grid = encoder_kwargs.get(pv_key), encoder_kwargs.get(grid_key)
             if pixel is None:
@@ -255,10 +232,11 @@ class QwenVLAdapter(Adapter):
                     )
                 )
             if not video:
-                self._n_images = len(features)
+                num_images = len(features)
         trace = [round(patches_total / max(1, len(images)))] * self.num_layers
         return Encoded(
-            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots
+            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
+            num_images=num_images,
         )
 
     def _select_item(self, method, budget, request, video, thw, seg, useg, merged, units_in, hidden, qk):
