@@ -216,7 +216,51 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
         model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    image_id, video_id = config.image_token_id, config.video_token_id
+    return model, _placeholder_builder(model, tokenizer, image_processor)
+
+
+def build_tiny_llava_next_video(*, image_size: int = 16, patch_size: int = 4, seed: int = 0):
+    """Tiny LLaVA-NeXT-Video (CLIP tower, average-pooling resampler) and an input builder like OneVision's."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from tokensieve.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+    )
+    config = LlavaNextVideoConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaNextVideoForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, _placeholder_builder(model, tokenizer, image_processor)
+
+
+def _placeholder_builder(model, tokenizer, image_processor):
+    """Inputs for a LLaVA-family model whose processor cannot be built here: the real image processor makes the
+    pixels and each ``<image>`` / ``<video>`` marker becomes as many placeholders as the model's own feature
+    functions yield, which is the count the processor must produce."""
+    image_id, video_id = model.config.image_token_id, model.config.video_token_id
 
     def make_inputs(texts, images=(), videos=()):
         """``images``: a flat list (one per prompt) or one list per prompt (several images in one prompt).
@@ -225,12 +269,11 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
         pix, counts, video_counts = {}, [], []
         if images:
             pix = dict(image_processor(images=images, return_tensors="pt"))
+            extra = {"batch_num_images": pix["batch_num_images"]} if "batch_num_images" in pix else {}
             with torch.inference_mode():
                 counts = [
                     f.shape[0]
-                    for f in model.model.get_image_features(
-                        pix["pixel_values"], pix["image_sizes"], batch_num_images=pix.get("batch_num_images")
-                    ).pooler_output
+                    for f in model.model.get_image_features(pix["pixel_values"], pix["image_sizes"], **extra).pooler_output
                 ]
         if videos:
             pix["pixel_values_videos"] = torch.stack(
@@ -259,4 +302,4 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
             mask[b, length - len(ids):] = 1
         return dict(input_ids=input_ids, attention_mask=mask, **pix)
 
-    return model, make_inputs
+    return make_inputs

@@ -111,7 +111,7 @@ class VisionZip(Method):
             num_merged=contextual + extra,
             scores=None if forced else attention,
             # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid (-1)
-            anchors=torch.cat([dominant[:, :extra] * 0 - 1, dominant, targets], dim=1),
+            anchors=torch.cat([dominant.new_full((b, extra), -1), dominant, targets], dim=1),
         )
 
     @staticmethod
