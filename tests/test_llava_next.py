@@ -44,10 +44,17 @@ def _crops(model, batch):
     ]
 
 
-@pytest.mark.parametrize("method", method_names())
-def test_keep_all_equals_vanilla(next_model, batch, method):
+@pytest.fixture(scope="module")
+def vanilla(next_model, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
     model, _ = next_model
-    ref, ref_gen = _logits(model, batch), _gen(model, batch)
+    return _logits(model, batch), _gen(model, batch)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
+    model, _ = next_model
+    ref, ref_gen = vanilla
     sieve = Sieve(method, 1.0)
     with sieve(model):
         got, got_gen = _logits(model, batch), _gen(model, batch)

@@ -32,10 +32,17 @@ def batch(next_video):
     )
 
 
-@pytest.mark.parametrize("method", method_names())
-def test_keep_all_equals_vanilla(next_video, batch, method):
+@pytest.fixture(scope="module")
+def vanilla(next_video, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
     model, _ = next_video
-    ref, ref_gen = logits(model, batch), greedy(model, batch)
+    return logits(model, batch), greedy(model, batch)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_keep_all_equals_vanilla(next_video, batch, vanilla, method):
+    model, _ = next_video
+    ref, ref_gen = vanilla
     with Sieve(method, 1.0)(model):
         got, got_gen = logits(model, batch), greedy(model, batch)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

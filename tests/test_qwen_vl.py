@@ -35,10 +35,17 @@ def batch(qwen):
 
 
 
-@pytest.mark.parametrize("method", method_names())
-def test_keep_all_equals_vanilla(qwen, batch, method):
+@pytest.fixture(scope="module")
+def vanilla(qwen, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
     model, _ = qwen
-    ref, ref_gen = _logits(model, batch), _gen(model, batch)
+    return _logits(model, batch), _gen(model, batch)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_keep_all_equals_vanilla(qwen, batch, vanilla, method):
+    model, _ = qwen
+    ref, ref_gen = vanilla
     sieve = Sieve(method, 1.0)
     with sieve(model):
         got, got_gen = _logits(model, batch), _gen(model, batch)
