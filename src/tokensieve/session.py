@@ -227,10 +227,10 @@ class SieveHandle:
         return stage
 
     def _pre_forward(self, module, args, kwargs):
-        if not args and kwargs.get("pixel_values") is None:
+        if not args and not self.adapter.is_visual(kwargs):
             return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return None  # text-only call, or a decoding step of a sieved generate()
         new_kwargs, report, stage = self._prepare(merged)
         if stage is not None:
@@ -254,7 +254,7 @@ class SieveHandle:
                 if "input_ids" in merged:
                     raise TypeError("generate() got both `inputs` and `input_ids`")
                 merged["input_ids"] = inputs
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return self._generate(**merged)
         original_ids = merged["input_ids"]
         new_kwargs, report, stage = self._prepare(merged)

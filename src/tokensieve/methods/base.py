@@ -100,6 +100,9 @@ class Selection:
     scores:  [B, N] optional per-candidate scores, for reports and plots.
     groups:  [B, N] optional, for methods that merge: the output token each candidate went into (-1: dropped), so
              reports and ``tokensieve show`` can draw merge groups.
+    anchors: [B, k_out] optional, for ``tokens`` that are not one per index: the candidate each output token
+             stands at (a merged token's destination; -1 for a token with no grid position, such as a CLS
+             hidden state), so families that place tokens by position can place it.
     """
 
     indices: torch.Tensor
@@ -107,6 +110,7 @@ class Selection:
     num_merged: int = 0
     scores: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
 
     def output(self, features: torch.Tensor) -> torch.Tensor:
         if self.tokens is not None:

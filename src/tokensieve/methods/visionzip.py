@@ -101,8 +101,9 @@ class VisionZip(Method):
 
         groups = torch.full((b, n), -1, dtype=torch.long, device=device)
         groups.scatter_(1, dominant, (extra + torch.arange(dominant.shape[1], device=device)).expand(b, -1).contiguous())
+        targets = dominant[:, :0]
         if contextual > 0:
-            merged, assigned = self._contextual(signals, layer, dominant, contextual)
+            merged, assigned, targets = self._contextual(signals, layer, dominant, contextual)
             parts.append(merged.to(features.dtype))
             groups = torch.where(assigned >= 0, extra + dominant.shape[1] + assigned, groups)
         if extra == 0 and contextual == 0:
@@ -113,13 +114,16 @@ class VisionZip(Method):
             num_merged=contextual + extra,
             scores=None if forced else attention,
             groups=groups,
+            # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid (-1)
+            anchors=torch.cat([dominant.new_full((b, extra), -1), dominant, targets], dim=1),
         )
 
     @staticmethod
     def _contextual(signals: Signals, layer: int, dominant: torch.Tensor, contextual: int):
         """Merge every non-dominant candidate into one of ``contextual`` strided targets.
 
-        Returns the contextual tokens [B, C, d] and, per candidate, its contextual slot (-1 for dominant ones).
+        Returns the contextual tokens [B, C, d], per candidate its contextual slot (-1 for dominant ones), and the
+        targets [B, C] (the candidate each contextual token stands at).
         """
         features = signals.features.float()
         b, n, d = features.shape
@@ -149,4 +153,4 @@ class VisionZip(Method):
         slot = torch.full((b, n), -1, dtype=torch.long, device=features.device)
         slot.scatter_(1, targets, torch.arange(contextual, device=features.device).expand(b, -1).contiguous())
         slot.scatter_(1, others, assign)
-        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1), slot
+        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1), slot, targets
