@@ -303,3 +303,19 @@ def _placeholder_builder(model, tokenizer, image_processor):
         return dict(input_ids=input_ids, attention_mask=mask, **pix)
 
     return make_inputs
+
+
+def methods_for(adapter_cls) -> list[str]:
+    """Registered methods whose stages (an in-LLM companion included) the family's adapter supports."""
+    from tokensieve.methods import get_method, method_names
+    from tokensieve.methods.base import IN_LLM
+
+    out = []
+    for name in method_names():
+        method = get_method(name)()
+        stages = {method.stage} | ({IN_LLM} if method.llm_companion() is not None else set())
+        request = method.request(24, 23)
+        kinds = {f for f in vars(request) if getattr(request, f)}
+        if stages <= set(adapter_cls.stages) and kinds <= set(adapter_cls.signal_kinds):
+            out.append(name)
+    return out

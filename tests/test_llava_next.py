@@ -7,13 +7,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
 from tokensieve.budget import Budget
-from tokensieve.methods import get_method, method_names
+from tokensieve.methods import get_method
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
-from .families import build_tiny_llava_next, greedy as _gen, logits as _logits
+from tokensieve.adapters.llava_next import LlavaNextAdapter
+
+from .families import methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
+
+METHODS = methods_for(LlavaNextAdapter)  # the stages this family supports today
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def vanilla(next_model, batch):
     return _logits(model, batch), _gen(model, batch)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
     model, _ = next_model
     ref, ref_gen = vanilla

@@ -5,12 +5,15 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
-from tokensieve.methods import method_names
 from tokensieve.tiny import demo_image
 
-from .families import build_tiny_llava_next_video, greedy, logits
+from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
+
+from .families import methods_for, build_tiny_llava_next_video, greedy, logits
 
 PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
+
+METHODS = methods_for(LlavaNextVideoAdapter)  # the stages this family supports today
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def vanilla(next_video, batch):
     return logits(model, batch), greedy(model, batch)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_all_equals_vanilla(next_video, batch, vanilla, method):
     model, _ = next_video
     ref, ref_gen = vanilla
@@ -49,7 +52,7 @@ def test_keep_all_equals_vanilla(next_video, batch, vanilla, method):
     assert torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("budget,scope,per_video", [(2, "image", 6), (4, "global", 4)])
 def test_video_counts(next_video, batch, method, budget, scope, per_video):
     model, _ = next_video

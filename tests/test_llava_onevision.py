@@ -5,12 +5,15 @@ import torch
 
 from tokensieve import Sieve
 from tokensieve.errors import UnsupportedModelError
-from tokensieve.methods import method_names
 from tokensieve.tiny import demo_image
 
-from .families import build_tiny_onevision, greedy, logits
+from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
+
+from .families import methods_for, build_tiny_onevision, greedy, logits
 
 SIDE = 4
+
+METHODS = methods_for(LlavaOnevisionAdapter)  # the stages this family supports today
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def vanilla(onevision, batch):
     return logits(model, batch), greedy(model, batch)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_all_equals_vanilla(onevision, batch, vanilla, method):
     model, _ = onevision
     ref, ref_gen = vanilla

@@ -6,14 +6,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
 from tokensieve.errors import BudgetError, PlaceholderError
-from tokensieve.methods import method_names
 from tokensieve.tiny import demo_image
 
-from .families import build_tiny_qwen, greedy as _gen, logits as _logits
+from tokensieve.adapters.qwen_vl import QwenVLAdapter
+
+from .families import methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
 UNITS = 16
+
+METHODS = methods_for(QwenVLAdapter)  # the stages this family supports today
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -42,7 +45,7 @@ def vanilla(qwen, batch):
     return _logits(model, batch), _gen(model, batch)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_all_equals_vanilla(qwen, batch, vanilla, method):
     model, _ = qwen
     ref, ref_gen = vanilla
@@ -54,7 +57,7 @@ def test_keep_all_equals_vanilla(qwen, batch, vanilla, method):
     assert torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS)
 def test_counts_per_image_and_per_frame(qwen, batch, method):
     model, _ = qwen
     sieve = Sieve(method, 4)
@@ -217,3 +220,17 @@ def test_video_only_and_text_only_calls(qwen):
         assert torch.equal(_gen(model, text), ref_text)
     assert [im.tokens_out for im in sieve.last_report.images] == [6]
     assert out.shape[1] == video["input_ids"].shape[1] + 2
+
+
+def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
+    from tokensieve.errors import UnsupportedModelError
+
+    model, _ = build_tiny_qwen("qwen2_vl")
+    before = dict(model.__dict__)
+    for spec, match in [("evoprune", "in-encoder"), ("fastv", "in-llm"), ("todre", "relevance=False"),
+                        ("hiprune", "attention_received")]:
+        with pytest.raises(UnsupportedModelError, match=match):
+            Sieve(spec, budget=4).apply(model)
+        assert model.__dict__.keys() == before.keys()
+    with Sieve("todre", budget=4, relevance=False)(model):
+        pass

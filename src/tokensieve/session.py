@@ -20,7 +20,7 @@ import torch
 
 from .adapters import get_adapter
 from .budget import Budget, Scope
-from .errors import StageError, TokensieveError
+from .errors import StageError, TokensieveError, UnsupportedModelError
 from .llm_stage import KeepAll, LLMStage
 from .methods import get_method, method_names
 from .methods.base import IN_LLM, Method
@@ -168,6 +168,18 @@ class SieveHandle:
 
     def __init__(self, sieve: Sieve, model) -> None:
         adapter = get_adapter(model)  # raises for unsupported models before anything is attached
+        adapter.check_stage(sieve.pre_method)
+        if sieve.llm_method is not None:
+            companion = sieve.pre_method.llm_companion()
+            try:
+                adapter.check_stage(sieve.llm_method)
+            except UnsupportedModelError as exc:
+                if companion is None:
+                    raise
+                raise UnsupportedModelError(
+                    f"{exc}. {sieve.pre_method.name!r} adds that in-LLM stage itself; switch it off with the method's "
+                    "option (todre: relevance=False) to run its first stage alone"
+                ) from None
         adapter.check_budget(sieve.pre_budget)
         if sieve.llm_budget is not None:
             adapter.check_budget(sieve.llm_budget)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
-from ..errors import BudgetError, PlaceholderError
-from ..methods.base import Method
+from ..errors import BudgetError, PlaceholderError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..report import ImageReport, SieveReport
 
@@ -47,6 +47,12 @@ class Adapter(ABC):
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
     scopes: ClassVar[tuple[Scope, ...]] = (Scope.IMAGE,)
+    stages: ClassVar[tuple[str, ...]] = (PRE_PROJECTOR, POST_PROJECTOR)
+    """Stages this family's adapter can run; in-encoder and in-LLM stages need family-specific sequence surgery
+    (CLS, merge units, M-RoPE ids), so a family lists them only once they are implemented and tested."""
+    signal_kinds: ClassVar[tuple[str, ...]] = ("hidden_states", "cls_attention", "keys", "cls_hidden")
+    """``Request`` fields this family can fill (CLS-free towers fill ``cls_attention`` with their documented
+    fallback)."""
     encoder_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Call arguments consumed by :meth:`encode`; they are not passed on to the language model."""
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
@@ -104,6 +110,22 @@ class Adapter(ABC):
         if len(encoded.features) > n_img:
             out["video"] = BaseModelOutputWithPooling(pooler_output=self.video_output(encoded.features[n_img:]))
         return out
+
+    def check_stage(self, method: Method) -> None:
+        """Fail at ``apply()`` time when this family cannot run the method's stage yet."""
+        if method.stage not in self.stages:
+            raise UnsupportedModelError(
+                f"method {method.name!r} runs {method.stage.replace('_', '-')}, which tokensieve does not support on "
+                f"{self.family} models yet (supported stages: {', '.join(self.stages)}); pick a method of those stages"
+            )
+
+        # which kinds of signal a method reads does not depend on the depth; a nominal one is enough to ask
+        request = method.request(24, 23)
+        missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
+        if missing:
+            raise UnsupportedModelError(
+                f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not provide yet"
+            )
 
     def check_budget(self, budget: Budget) -> None:
         """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""

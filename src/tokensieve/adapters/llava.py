@@ -14,7 +14,7 @@ from ..budget import Budget, Scope
 from ..capture import AttentionParts, capture_encoder
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, POST_PROJECTOR, EncoderMethod, Layout, Method, Signals
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -24,6 +24,8 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     # one grid per image: an image is its only crop
     scopes = (Scope.IMAGE, Scope.CROP)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
+    signal_kinds = Adapter.signal_kinds + ("attention_received",)
     encoder_inputs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     def __init__(self, model) -> None:

@@ -30,7 +30,7 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import POST_PROJECTOR, Layout, Method, Signals
+from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -52,6 +52,9 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
+    # inherits the LLaVA tower facts, but crops, unpadding and newlines are not wired into the other stages yet
+    stages = (PRE_PROJECTOR, POST_PROJECTOR)
+    signal_kinds = Adapter.signal_kinds
 
     cls_offset = 1
     """Encoder rows before the patches (the CLS token); the projector sees patches only."""
