@@ -419,3 +419,16 @@ def test_report_carries_the_token_trace(tiny, images):
     assert rep.llm_layer_tokens == [[real[0]] * n_text, [real[1]] * n_text]
     assert rep.llm_layer_visual_tokens == [[16] * n_text, [32] * n_text]
     assert rep.to_dict()["llm_layer_visual_tokens"] == rep.llm_layer_visual_tokens
+
+
+def test_sieved_generate_encodes_without_autograd(tiny, single):
+    """HF generate() runs under no_grad; the encoding a sieve does before it must not build a graph either."""
+    model, _ = tiny
+    seen = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        with Sieve("evocut", budget=16)(model):
+            model.generate(**single, max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen == [False]

@@ -269,7 +269,9 @@ class SieveHandle:
         if not self.adapter.is_visual(merged):
             return self._generate(**merged)
         original_ids = merged["input_ids"]
-        new_kwargs, report, stage = self._prepare(merged)
+        # generate() itself runs without autograd; encoding and selection happen before it, so they must too
+        with torch.no_grad():
+            new_kwargs, report, stage = self._prepare(merged)
         if stage is None:
             out = self._generate(**new_kwargs)
         else:
