@@ -4,7 +4,8 @@ Model: LLaVA-1.5 layout with random weights, CLIP-L/14-336 vision tower (24 laye
 Qwen2-0.5B-sized LM (24 layers, width 896, 14 heads / 2 KV heads); fp32; a 576-placeholder prompt with 40 text
 tokens. TTFT = wall time of ``generate(max_new_tokens=1)``, which includes vision, selection and prefill. Vanilla
 and each method alternate within every repeat so that drift on a shared machine hits all of them alike.
-Results: benchmarks/results/ttft_cpu_reference.{json,md}. A fuller harness (`tokensieve bench`) is planned.
+Results: benchmarks/results/ttft_cpu_reference.{json,md}. `tokensieve bench` is the fuller harness (stage split,
+decode, memory, FLOPs); this script stays as the minimal reproduction of the first TTFT numbers.
 
     python benchmarks/ttft_cpu_reference.py [--methods evocut,fastervlm,divprune] [--budget 64] [--repeats 3]
 """

@@ -38,3 +38,15 @@ def prompt(processor, question, n_images=1):
 def single(tiny, images):
     _, processor = tiny
     return processor(images=[images[0]], text=[prompt(processor, "what is in the picture ?")], return_tensors="pt")
+
+
+def batch_and_singles(model, sieve, batch, singles):
+    """Logits and reports of one sieved batch call and of each sample's own call, for batch == singles tests."""
+    with sieve(model), torch.inference_mode():
+        batch_logits = model(**batch).logits
+        batch_report = sieve.last_report
+        single_logits, single_reports = [], []
+        for s in singles:
+            single_logits.append(model(**s).logits)
+            single_reports.append(sieve.last_report)
+    return batch_logits, batch_report, single_logits, single_reports

@@ -74,3 +74,8 @@ def test_run_defaults_to_the_embedded_model_on_a_benchmark_scene(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "default" and result["visual_tokens_out"] == 36
     assert result["prompt"].endswith("?") and result["vanilla"]["answer"] == result["expected"]
+def test_run_chains_a_pre_llm_and_an_in_llm_method(capsys):
+    assert main(["run", "--tiny", "--method", "evocut+fastv", "--budget", "64+40", "--json", "--max-new-tokens", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["method"] == "evocut+fastv" and result["visual_tokens_out"] == 64
+    assert abs(result["llm_visual_tokens_avg"] - 40) < 1  # 4-layer demo LM: 64, 64, then 16 from layer 2 on

@@ -66,7 +66,7 @@ def test_other_feature_layer_configs(images, feature_layer, strategy):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == n
     with torch.inference_mode():
         ref = model(**inputs).logits
-    for method in ("evocut", "fastervlm", "visionzip", "pool", "divprune", "random"):
+    for method in ("evocut", "fastervlm", "visionzip", "pool", "divprune", "random", "vtc_cls", "evoprune", "flowcut"):
         if method == "pool" and strategy == "full":
             budgets = [n, 17]  # the CLS is kept as is, the 8x8 grid pools to 4x4
         else:

@@ -8,11 +8,13 @@ import torch
 import tokensieve
 from tokensieve import Sieve
 from tokensieve.methods import get_method, method_names
-from tokensieve.methods.base import POST_PROJECTOR, Layout, Signals
+from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
-from .conftest import N_TOKENS, prompt
+from .conftest import N_TOKENS, batch_and_singles, prompt
 
-ALL = method_names()
+ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
+# in-encoder methods have their own hand-written reference in test_encoder_stage.py
+AFTER_ENCODER = [m for m in ALL if get_method(m).stage != IN_ENCODER]
 
 
 def logits(model, inputs):
@@ -82,13 +84,14 @@ def _reference_signals(eager_model, pixel_values, request, features):
         num_layers=num_layers,
         feature_layer=fl,
         hidden_states={i: hs[i][:, 1:] for i in request.hidden_states},
+        attention_received={i: att[i].mean(dim=(1, 2))[:, 1:] for i in request.attention_received},
         cls_attention={i: att[i][:, :, 0, 1:] for i in request.cls_attention},
         keys=keys,
         cls_hidden=hs[fl][:, 0] if request.cls_hidden else None,
     )
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", AFTER_ENCODER)
 def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
     """Sieved forward == embed, scatter the kept projected features by hand, run the LM."""
     model, _ = tiny
@@ -124,7 +127,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune"])
+@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune", "evoprune", "flowcut"])
 def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_side):
     model, processor = tiny
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
@@ -136,13 +139,7 @@ def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_si
         processor.tokenizer.padding_side = "left"
     assert (batch["attention_mask"] == 0).any(), "the two prompts should need padding"
     sieve = Sieve(method, 10)
-    with sieve(model):
-        batch_logits = logits(model, batch)
-        batch_report = sieve.last_report
-        single_logits, single_reports = [], []
-        for s in singles:
-            single_logits.append(logits(model, s))
-            single_reports.append(sieve.last_report)
+    batch_logits, batch_report, single_logits, single_reports = batch_and_singles(model, sieve, batch, singles)
     mask = batch_report.attention_mask.bool()
     for b in range(2):
         assert batch_report.images[b].kept_indices == single_reports[b].images[0].kept_indices
@@ -422,3 +419,16 @@ def test_report_carries_the_token_trace(tiny, images):
     assert rep.llm_layer_tokens == [[real[0]] * n_text, [real[1]] * n_text]
     assert rep.llm_layer_visual_tokens == [[16] * n_text, [32] * n_text]
     assert rep.to_dict()["llm_layer_visual_tokens"] == rep.llm_layer_visual_tokens
+
+
+def test_sieved_generate_encodes_without_autograd(tiny, single):
+    """HF generate() runs under no_grad; the encoding a sieve does before it must not build a graph either."""
+    model, _ = tiny
+    seen = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    try:
+        with Sieve("evocut", budget=16)(model):
+            model.generate(**single, max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    assert seen == [False]

@@ -7,16 +7,20 @@ import math
 import pytest
 import torch
 
-from tokensieve.methods import Layout, Selection, Signals, get_method, method_names
-from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR
+from tokensieve.methods import IN_LLM, Layout, Selection, Signals, get_method, method_names
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR
 from tokensieve.methods.divprune import maxmin_select, cosine_distances
 from tokensieve.methods.evocut import evocut_scores
 from tokensieve.methods.pool import pooled_grid
 from tokensieve.methods.visionzip import default_contextual
 
+PRE = [n for n in method_names() if get_method(n).stage in (PRE_PROJECTOR, POST_PROJECTOR)]  # the Signals contract
+
 B, GRID, D, HEADS, HEAD_DIM = 2, (6, 6), 16, 4, 8
 N = GRID[0] * GRID[1]
 NUM_LAYERS, FEATURE_LAYER = 6, 5
+# selectors on post-encoder signals; in-encoder methods are tested in test_encoder_stage.py
+SELECTORS = PRE
 
 
 def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: int = 0) -> Signals:
@@ -27,6 +31,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
         i: torch.softmax(torch.randn(b, HEADS, n + 1, generator=g) * 3, dim=-1)[..., 1:] for i in range(NUM_LAYERS)
     }
     keys = {i: torch.randn(b, HEADS, n, HEAD_DIM, generator=g) for i in range(NUM_LAYERS)}
+    received = {i: torch.rand(b, n, generator=g) / n for i in range(NUM_LAYERS)}
     return Signals(
         features=hidden[FEATURE_LAYER].clone(),
         layout=Layout(grid=grid, num_prefix=num_prefix),
@@ -36,6 +41,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
         cls_attention=attention,
         keys=keys,
         cls_hidden=torch.randn(b, d, generator=g),
+        attention_received=received,
     )
 
 
@@ -50,6 +56,7 @@ def image(signals: Signals, i: int) -> Signals:
         cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
         keys={k: v[i : i + 1] for k, v in signals.keys.items()},
         cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
+        attention_received={k: v[i : i + 1] for k, v in signals.attention_received.items()},
     )
 
 
@@ -66,6 +73,7 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
         cls_attention={i: signals.cls_attention[i] for i in request.cls_attention},
         keys={i: signals.keys[i] for i in request.keys},
         cls_hidden=signals.cls_hidden if request.cls_hidden else None,
+        attention_received={i: signals.attention_received[i] for i in request.attention_received},
     )
     return method.select(kept, k)
 
@@ -74,17 +82,21 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 
 def test_registry_lists_every_method():
-    assert method_names() == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random"])
+    assert method_names() == sorted(
+        ["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune", "flowcut", "hiprune",
+         "vtc_cls", "todre", "fastv", "pdrop", "dart"]
+    )
+    assert PRE == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre", "hiprune", "vtc_cls"])
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
-        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR)
+        assert cls.stage in (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
         assert isinstance(cls.description, str) and "\n" not in cls.description and cls.description
         assert isinstance(cls.signals, tuple)
     assert get_method("divprune").stage == POST_PROJECTOR
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", SELECTORS)
 @pytest.mark.parametrize("k", [1, 7, N])
 def test_contract(name, k):
     signals = make_signals()
@@ -120,7 +132,7 @@ def test_contract(name, k):
         torch.testing.assert_close(alone.output(signals.features[i : i + 1]), out[i : i + 1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("name", SELECTORS)
 def test_budget_out_of_range_is_an_error(name):
     signals = make_signals()
     for k in (0, N + 1):
@@ -438,3 +450,33 @@ def test_evocut_defaults_rank_an_odd_mover_first_among_eight_groups():
     sel = method.select(signals, 1)
     assert sel.indices.tolist() == [[special]]
     assert float(sel.scores[0, special]) > 5 * float(sel.scores[0].topk(2).values[1])
+
+
+# ------------------------------------------------------------------------------------------- vtc_cls, hiprune
+
+
+def test_vtc_cls_sums_cls_attention_over_its_layers():
+    signals = make_signals()
+    sel = run("vtc_cls", signals, 7, start_layer=2, end_layer=4)
+    total = sum(signals.cls_attention[i].mean(dim=1) for i in (2, 3, 4))
+    for b in range(B):
+        assert sel.indices[b].tolist() == sorted(total[b].topk(7).indices.tolist())
+    # defaults: layers num_layers // 2 .. feature_layer (3..5 here)
+    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4, 5)
+
+
+def test_hiprune_keeps_anchors_their_neighbours_then_registers():
+    signals = make_signals()
+    rows, cols = GRID
+    obj, out = 1, 4
+    signals.attention_received[out][:] = torch.linspace(0, 1, N)  # registers: the last patches first
+    for anchor, buffers in ((2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),
+                            (cols, {cols + 1, 0, 2 * cols})):  # on the left edge: no wrap to the row above
+        signals.attention_received[obj][:] = 0.01
+        signals.attention_received[obj][:, anchor] = 1.0
+        # k = 10, alpha = 0.5: round(10 * 0.5 / 5) = 1 anchor
+        sel = run("hiprune", signals, 10, object_layer=obj, output_layer=out, alpha=0.5)
+        chosen = {anchor} | buffers
+        registers = set(range(N - (10 - len(chosen)), N))
+        for b in range(B):
+            assert set(sel.indices[b].tolist()) == chosen | registers

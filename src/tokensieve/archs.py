@@ -31,7 +31,31 @@ def _llava15_cpu():
                        vision_feature_select_strategy="default")
 
 
-ARCHS: dict[str, Callable] = {"llava15-cpu": _llava15_cpu}
+def _llava15_7b():
+    """LLaVA-1.5-7B: CLIP-L/14-336 + Vicuna-7B (Llama-2-7B shapes: 32 layers, width 4096, 32 heads, MLP 11008).
+
+    About 7.06 B parameters: 28 GB in fp32, 14 GB in fp16/bf16. On a machine that cannot hold it, use it for
+    config-only FLOPs (:func:`tokensieve.flops.count_flops` needs no weights).
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+
+
+def _tiny():
+    """The tiny test/demo LLaVA (:mod:`tokensieve.tiny`): a 12x12 grid, milliseconds per call."""
+    from .tiny import build_tiny_llava
+
+    return build_tiny_llava()[0].config
+
+
+ARCHS: dict[str, Callable] = {"llava15-cpu": _llava15_cpu, "llava15-7b": _llava15_7b, "tiny": _tiny}
 """Name -> config factory."""
 
 
@@ -41,25 +65,44 @@ def arch_config(name: str):
     return ARCHS[name]()
 
 
-def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def arch_parameters(name_or_config) -> int:
+    """Parameter count of an architecture (name or LLaVA config) without allocating it (built on the meta device)."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = arch_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A random-weight model of architecture ``name`` (see :data:`ARCHS`), seeded, in eval mode."""
     from transformers import LlavaForConditionalGeneration
 
     config = arch_config(name)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.pad_token_id = 0
     return model
 
 
 def synthetic_inputs(model, text_tokens: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One image's full placeholder run inside ``text_tokens`` random text tokens, plus random pixels."""
-    vc = model.config.vision_config
+    """One image's full placeholder run inside ``text_tokens`` random text tokens, plus random pixels.
+
+    ``model`` may be a config alone (for FLOPs-only analysis); the tensors are then fp32 on the CPU.
+    """
+    config = getattr(model, "config", model)
+    vc = config.vision_config
     n_img = (vc.image_size // vc.patch_size) ** 2
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(100, 1000, (text_tokens,), generator=g)
-    img = torch.full((n_img,), model.config.image_token_id)
+    vocab = config.get_text_config().vocab_size
+    low = min(100, vocab // 2)
+    text = torch.randint(low, min(1000, vocab), (text_tokens,), generator=g)
+    text[text == config.image_token_id] = low - 1
+    img = torch.full((n_img,), config.image_token_id)
     ids = torch.cat([text[:5], img, text[5:]])[None]
-    dtype = next(model.parameters()).dtype
-    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g).to(dtype)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    param = next(model.parameters()) if hasattr(model, "parameters") else torch.empty(0)
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g).to(param.dtype)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    return {k: v.to(param.device) for k, v in batch.items()}

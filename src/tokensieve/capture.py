@@ -27,6 +27,7 @@ class AttentionParts:
     num_heads: int
     head_dim: int
     scale: float
+    v_proj: nn.Module | None = None
 
 
 def _first(x):
@@ -62,6 +63,22 @@ class Captured:
         logits = (q @ k.transpose(-1, -2)).squeeze(-2) * p.scale
         return logits.softmax(dim=-1)
 
+    def attention_received(self, layer: int, chunk: int = 128) -> torch.Tensor:
+        """Attention each key receives, averaged over heads and all query rows: [B, T], float32.
+
+        Needs the whole attention map of one layer, so query rows go in chunks: memory stays O(chunk * T) per head
+        instead of O(T^2), and nothing outside this layer changes implementation.
+        """
+        p = self._parts[layer]
+        q = self.split_heads(self.queries[layer], layer).float()
+        k = self.key_heads(layer).float()
+        t = q.shape[2]
+        total = torch.zeros(k.shape[0], k.shape[2], dtype=torch.float32, device=k.device)
+        for s in range(0, t, chunk):
+            probs = ((q[:, :, s : s + chunk] @ k.transpose(-1, -2)) * p.scale).softmax(dim=-1)
+            total += probs.sum(dim=(1, 2))
+        return total / (t * q.shape[1])
+
 
 @contextmanager
 def capture_encoder(
@@ -80,7 +97,8 @@ def capture_encoder(
     for idx in wanted_hidden:
         if not 0 <= idx <= num_layers:
             raise ValueError(f"hidden_states index {idx} outside 0..{num_layers}")
-    attn_layers = sorted(set(request.cls_attention) | set(request.keys))
+    query_layers = set(request.cls_attention) | set(request.attention_received)
+    attn_layers = sorted(query_layers | set(request.keys))
     for idx in attn_layers:
         if not 0 <= idx < num_layers:
             raise ValueError(f"encoder layer {idx} outside 0..{num_layers - 1}")
@@ -97,7 +115,7 @@ def capture_encoder(
         for idx in attn_layers:
             parts = attention_parts(layers[idx])
             cap._parts[idx] = parts
-            if idx in request.cls_attention:
+            if idx in query_layers:
                 def q_hook(mod, args, out, _i=idx):
                     cap.queries[_i] = out
                 handles.append(parts.q_proj.register_forward_hook(q_hook))

@@ -24,6 +24,8 @@ DEMO_SAMPLE = 4  # a shapes test scene with a tiny object; its own question is t
 
 
 def _budget(text: str):
+    if "+" in text:  # one budget per chained method: 192+128
+        return [_budget(part) for part in text.split("+")]
     try:
         return int(text)
     except ValueError:
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model directory (AutoModelForImageTextToText); default: the embedded model")
     run.add_argument("--tiny", action="store_true", help="use the tiny random-weight demo model instead (fast)")
     run.add_argument("--method", default="evocut")
-    run.add_argument("--budget", type=_budget, default=64, help="int: tokens kept per image; float: keep ratio")
+    run.add_argument("--budget", type=_budget, default=64, help="int: tokens kept per image; float: keep ratio; "
+                     "chained methods take one each (--method evocut+fastv --budget 192+128)")
     run.add_argument("--scope", default="image", help="what the budget applies to (image, crop, frame, global)")
     run.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                      help="method hyper-parameter, repeatable (e.g. --param start_layer=10)")
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny", help="save the tiny random-weight demo LLaVA (model + processor) to DIR")
     tiny.add_argument("dir")
+    add_measure_commands(sub)
     return parser
 
 
@@ -118,7 +122,8 @@ def cmd_run(args, console: Console) -> int:
     from .tiny import demo_image
     from .train import prompt_text
 
-    sieve = Sieve(args.method, args.budget, scope=args.scope, **dict(args.param))  # validate before loading
+    methods = args.method.split("+") if "+" in args.method else args.method
+    sieve = Sieve(methods, args.budget, scope=args.scope, **dict(args.param))  # validate before loading
     model, processor = _load(args, console)
     demo = shapes.sample("test", DEMO_SAMPLE)
     if args.image:
@@ -155,6 +160,7 @@ def cmd_run(args, console: Console) -> int:
         seq_len_out=report.seq_len_out,
         encode_s=report.encode_s,
         selection_s=report.selection_s,
+        llm_visual_tokens_avg=report.llm_visual_tokens_avg[0] if report.llm_visual_tokens_avg else report.tokens_out,
     )
     if args.json:
         print(json.dumps(result))
@@ -164,6 +170,8 @@ def cmd_run(args, console: Console) -> int:
     table.add_row("answer", repr(result["answer"]) + (f" (expected {result['expected']!r})" if "expected" in result
                                                       else ""))
     table.add_row("visual tokens", f"{report.tokens_in} -> {report.tokens_out} ({sieve.name}, budget {args.budget})")
+    if report.llm_budget:
+        table.add_row("in the LM", f"{result['llm_visual_tokens_avg']:.1f} visual tokens averaged over decoder layers")
     table.add_row("prompt length", f"{report.seq_len_in} -> {report.seq_len_out} tokens")
     table.add_row("encode + select", f"{report.encode_s * 1e3:.1f} ms (selection {report.selection_s * 1e3:.2f} ms)")
     table.add_row("generate total", f"{elapsed * 1e3:.1f} ms for up to {args.max_new_tokens} new tokens")
@@ -211,6 +219,173 @@ def cmd_make_tiny(args, console: Console) -> int:
     return 0
 
 
+# -- tokensieve bench / tokensieve show ------------------------------------------------------------------------
+
+CPU_GFLOPS = 100.0
+"""Rough fp32 throughput of a 2-core CPU (this project's machine measured 120-130), for refusing hour-long runs."""
+
+
+def add_measure_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="time vanilla and methods interleaved; table, bench.json and a plot")
+    src = bench.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory (AutoModelForImageTextToText + processor)")
+    src.add_argument("--arch", help="random-weight real-size architecture (default llava15-cpu); see tokensieve.archs")
+    bench.add_argument("--methods", default="evocut,divprune", help="comma-separated method names")
+    bench.add_argument("--budgets", default="64", help="comma-separated budgets (int tokens or float keep ratio)")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=1, help="unrecorded rounds before the repeats")
+    bench.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call (decode timing)")
+    bench.add_argument("--text-tokens", type=int, default=40, help="text tokens around the image (--arch)")
+    bench.add_argument("--image", help="image for --model; default: a generated scene")
+    bench.add_argument("--prompt", default="What is in the picture?")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--device", help="cpu or cuda; default cuda when available")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--flops-only", action="store_true", help="write the FLOPs table from the config, run nothing")
+    bench.add_argument("--force", action="store_true", help="measure even when the run would take very long")
+    bench.add_argument("--out", default="bench-results", help="output directory")
+
+    show = sub.add_parser("show", help="draw kept tokens (and merge groups) on an image, methods side by side")
+    show.add_argument("--method", required=True, help="method name, or several separated by commas")
+    show.add_argument("--budget", type=_budget, default=64)
+    show.add_argument("--image", help="image file; default: a generated scene")
+    show.add_argument("--out", required=True, help="PNG file to write")
+    src = show.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory; default: the built-in demo model")
+    src.add_argument("--arch", help="random-weight architecture instead (e.g. llava15-cpu: a 24x24 grid)")
+    show.set_defaults(json=False)
+
+
+def _available_bytes(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info()[0])
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _open_image(path: str | None):
+    from PIL import Image
+
+    from .tiny import demo_image
+
+    if not path:
+        return demo_image()
+    try:
+        return Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot read image {path!r}: {exc}") from None
+
+
+def cmd_bench(args, console: Console) -> int:
+    import torch
+
+    from .archs import arch_config, arch_parameters, build_arch, synthetic_inputs
+    from .bench import flops_only, parse_configs, run_bench, write_results
+    from .budget import Budget
+    from .flops import count_flops, dims_from_config, vanilla_trace
+
+    configs = parse_configs(args.methods, args.budgets)
+    if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1:
+        raise ValueError("--repeats and --new-tokens must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model:
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(args.model)
+        name = args.model
+    else:
+        name = args.arch or "llava15-cpu"
+        config = arch_config(name)
+    image_tokens = dims_from_config(config).image_tokens
+    for cfg in configs[1:]:
+        Budget.parse(cfg.budget).resolve(image_tokens, what="each image of this model")
+    if args.model:
+        image = _open_image(args.image)
+        probe = processor(images=[image], text=[_prompt_text(processor, args.prompt)], return_tensors="pt")
+    else:
+        probe = synthetic_inputs(config, text_tokens=args.text_tokens)
+    title = f"tokensieve bench: {name}"
+    need = arch_parameters(config) * torch.finfo(dtype).bits // 8
+    avail = _available_bytes(device)
+    reason = "--flops-only given" if args.flops_only else None
+    if reason is None and need * 1.15 + (1 << 30) > avail:
+        reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
+                  f"{avail / 1e9:.1f} GB available")
+    if reason is None and device == "cpu" and not args.force:
+        flops = count_flops(config, vanilla_trace(config, probe["input_ids"], new_tokens=args.new_tokens)).total
+        est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
+        if est > 1800:
+            reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
+                      "(pass --force to run anyway)")
+    if reason is not None:
+        note = (f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
+                "post-projector methods; timing needs enough memory or a GPU.")
+        console.print(f"[bold yellow]{note}[/]")
+        result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
+        result["meta"].update(note=note, model=name)
+        paths = write_results(result, args.out, title)
+        print(paths["md"].read_text())
+        console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0
+    if args.model:
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in probe.items()}
+    else:
+        console.print(f"building {name} (random weights, {args.dtype}, {device}) ...")
+        model = build_arch(name, dtype=dtype, device=device)
+        batch = synthetic_inputs(model, text_tokens=args.text_tokens)
+    result = run_bench(model, batch, configs, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+                       log=console.print)
+    result["meta"].update(model=name, prompt_tokens=int(batch["input_ids"].shape[1]))
+    paths = write_results(result, args.out, title)
+    print(paths["md"].read_text())
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_show(args, console: Console) -> int:
+    from .budget import Budget
+    from .methods import get_method
+    from .show import image_batch, model_view, panels_for, render
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--method is empty")
+    for m in methods:
+        get_method(m)
+    Budget.parse(args.budget)
+    image = _open_image(args.image)
+    if args.arch:
+        from .archs import build_arch
+
+        model, image_processor = build_arch(args.arch), None
+        name = args.arch
+    else:
+        model, processor = _load(args, console)
+        image_processor = getattr(processor, "image_processor", None)
+        name = args.model or "tiny-random-llava"
+    batch = image_batch(model, image, image_processor)
+    panels = panels_for(model, batch, methods, args.budget)
+    path = render(model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped")
+    for p in panels:
+        console.print(f"{p.title}: {len(p.kept)} kept patches, {len(p.merged_cells)} merge groups")
+    console.print(f"wrote {path}")
+    return 0
+
+
+MEASURE_COMMANDS = {"bench": cmd_bench, "show": cmd_show}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -223,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_make_tiny(args, console)
         if args.command == "eval":
             return cmd_eval(args, console)
+        if args.command in MEASURE_COMMANDS:
+            return MEASURE_COMMANDS[args.command](args, console)
         return cmd_run(args, console)
     except (TokensieveError, TypeError, ValueError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}")

@@ -38,3 +38,7 @@ class NonFiniteFeaturesError(TokensieveError, ValueError):
 
 class MissingSignalError(TokensieveError, ValueError):
     """A method needs a signal (for example CLS attention) that this model cannot provide."""
+
+
+class StageError(TokensieveError, ValueError):
+    """Methods were combined in a way the stages cannot run (two in-LLM methods, wrong order, missing budgets)."""

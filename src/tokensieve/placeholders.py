@@ -83,9 +83,12 @@ def shrink_placeholders(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     spans: Sequence[ImageSpan],
-    kept_counts: Sequence[int],
+    kept_counts: Sequence[int | torch.Tensor],
 ) -> Compaction:
     """Keep the first ``kept_counts[i]`` placeholders of image i and drop the rest, then re-pad the batch.
+
+    A tensor instead of a count names the kept placeholders of that span (indices into ``span.positions``), for
+    families whose visual tokens keep their own positions.
 
     Samples can lose different numbers of tokens (different image counts), so the result is re-padded on the side
     the input was padded on (left when it had no padding, as generation needs).
@@ -93,7 +96,12 @@ def shrink_placeholders(
     bsz, length = input_ids.shape
     keep = torch.ones_like(input_ids, dtype=torch.bool)
     for span, k in zip(spans, kept_counts):
-        keep[span.sample, span.positions[k:]] = False
+        if isinstance(k, torch.Tensor):
+            drop = torch.ones(span.positions.numel(), dtype=torch.bool, device=span.positions.device)
+            drop[k.to(span.positions.device)] = False
+            keep[span.sample, span.positions[drop]] = False
+        else:
+            keep[span.sample, span.positions[k:]] = False
     left = True
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) and not bool(
         (attention_mask[:, 0] == 0).any()

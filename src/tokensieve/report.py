@@ -13,7 +13,7 @@ class ImageReport:
 
     ``kept_indices`` index the encoder's patch grid in raster order (row * cols + col), CLS excluded; for methods
     that create tokens (merging, pooling) they are the positions the created tokens stand for, and ``merged`` says
-    how many of ``tokens_out`` are such created tokens. ``selection_s`` is this image's share of the batched
+    how many of ``tokens_out`` are such created tokens; ``groups`` says which patches each created token merges. ``selection_s`` is this image's share of the batched
     selection time.
     """
 
@@ -25,9 +25,21 @@ class ImageReport:
     grid: tuple[int, int]
     merged: int
     selection_s: float
+    groups: list[int] | None = None
+    """For methods that merge: per grid patch (raster, CLS excluded), the output token it went into, -1 if
+    dropped; ``None`` for methods that only keep or drop."""
+    llm_layer_tokens: list[int] = field(default_factory=list)
+    """This image's visual tokens per decoder layer in prefill (filled when an in-LLM stage ran)."""
+
+    @property
+    def llm_tokens_avg(self) -> float:
+        """Layer-averaged visual tokens of this image: the budget semantics of in-LLM methods."""
+        if not self.llm_layer_tokens:
+            return float(self.tokens_out)
+        return sum(self.llm_layer_tokens) / len(self.llm_layer_tokens)
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        return dict(vars(self), llm_tokens_avg=self.llm_tokens_avg)
 
 
 @dataclass
@@ -56,6 +68,16 @@ class SieveReport:
     """Per sample, per decoder layer (layer 0 first), the real (unpadded) tokens that layer processed in prefill."""
     llm_layer_visual_tokens: list[list[int]] = field(default_factory=list)
     """Per sample, per decoder layer, how many of those tokens were visual; in-LLM methods make it shrink."""
+    llm_budget: str = ""
+    """The in-LLM stage's budget (layer-averaged visual tokens per image), empty without one."""
+    llm_kept_positions: list[torch.Tensor] = field(default_factory=list)
+    """With an in-LLM stage: per sample, the positions of ``input_ids`` behind the last decoder layer's slots
+    (-1 for alignment slots). ``forward()`` logits are aligned with these."""
+
+    @property
+    def llm_visual_tokens_avg(self) -> list[float]:
+        """Per sample, visual tokens averaged over decoder layers (equal to those entering the LM without an in-LLM stage)."""
+        return [sum(t) / len(t) if t else 0.0 for t in self.llm_layer_visual_tokens]
 
     @property
     def tokens_in(self) -> int:
@@ -72,6 +94,12 @@ class SieveReport:
             f"{self.method} (budget {self.budget} per {self.scope}): {n} image(s), visual tokens "
             f"{self.tokens_in} -> {self.tokens_out} ({ratio:.1%}), sequence {self.seq_len_in} -> {self.seq_len_out}, "
             f"encode {self.encode_s * 1e3:.1f} ms of which selection {self.selection_s * 1e3:.2f} ms"
+            + (
+                f"; in the LM (budget {self.llm_budget}): layer-averaged visual tokens "
+                + ", ".join(f"{a:.1f}" for a in self.llm_visual_tokens_avg)
+                if self.llm_budget
+                else ""
+            )
         )
 
     def to_dict(self) -> dict:
@@ -87,5 +115,7 @@ class SieveReport:
             "encoder_layer_tokens": list(self.encoder_layer_tokens),
             "llm_layer_tokens": [list(t) for t in self.llm_layer_tokens],
             "llm_layer_visual_tokens": [list(t) for t in self.llm_layer_visual_tokens],
+            "llm_budget": self.llm_budget,
+            "llm_visual_tokens_avg": self.llm_visual_tokens_avg,
             "images": [im.to_dict() for im in self.images],
         }

@@ -20,9 +20,10 @@ import torch
 
 from .adapters import get_adapter
 from .budget import Budget, Scope
-from .errors import TokensieveError
+from .errors import StageError, TokensieveError, UnsupportedModelError
+from .llm_stage import KeepAll, LLMStage
 from .methods import get_method, method_names
-from .methods.base import Method
+from .methods.base import IN_LLM, Method
 from .report import SieveReport
 
 _SIEVED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -35,26 +36,44 @@ class Sieve:
     >>> with sieve(model):
     ...     out = model.generate(**inputs, max_new_tokens=32)
     >>> sieve.last_report.summary()
+
+    Stages chain in one sieve, one budget per method: ``Sieve(["evocut", "fastv"], budget=[192, 128])`` lets 192
+    tokens per image into the LM (pre-LLM budgets count tokens entering the LM) and FastV brings the average over
+    decoder layers to 128 (in-LLM budgets count layer-averaged visual tokens). At most one pre-LLM and one in-LLM
+    method, in that order; ToDRE brings its own in-LLM rule and takes only its pre-LLM budget.
     """
 
-    def __init__(self, method: str | Method, budget: int | float | Budget, *, scope: str | Scope = "image", **params):
-        if isinstance(method, Method):
-            if params:
-                raise TypeError("pass hyper-parameters to the Method instance, not to Sieve, when giving an instance")
-            self.method = method
+    def __init__(self, method, budget, *, scope: str | Scope = "image", **params):
+        methods = list(method) if isinstance(method, (list, tuple)) else [method]
+        if not methods:
+            raise StageError("give at least one method")
+        if len(methods) > 1 and params:
+            raise TypeError(
+                "keyword hyper-parameters apply to a single method; for a list pass Method instances, e.g. "
+                "tokensieve.methods.get_method('fastv')(layer=3)"
+            )
+        instances = [_instantiate(m, params) for m in methods]
+        if len(methods) == 1:
+            budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
+        elif not isinstance(budget, (list, tuple)):
+            raise StageError(
+                f"{len(methods)} methods need one budget each, e.g. budget=[192, 128] for "
+                f"{[m.name for m in instances]} (pre-LLM: tokens entering the LM; in-LLM: layer-averaged visual tokens)"
+            )
         else:
-            cls = get_method(method)
-            try:
-                self.method = cls(**params)
-            except TypeError as exc:
-                accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-                raise TypeError(f"bad parameter for method {cls.name!r}: {exc}; it accepts {accepted}") from None
-        self.budget = Budget.parse(budget, scope)
+            budgets = list(budget)
+        if len(budgets) != len(instances):
+            raise StageError(f"got {len(budgets)} budget(s) for {len(instances)} method(s); give one per method")
+        parsed = [Budget.parse(b, scope) for b in budgets]
+        self.methods = instances
+        self.pre_method, self.pre_budget, self.llm_method, self.llm_budget = _plan_stages(instances, parsed)
+        self.method = instances[0]
+        self.budget = parsed[0]
         self.last_report: SieveReport | None = None
 
     @property
     def name(self) -> str:
-        return self.method.name
+        return "+".join(m.name for m in self.methods)
 
     def apply(self, model) -> "SieveHandle":
         """Attach to ``model`` until ``handle.remove()``; prefer ``with sieve(model):``."""
@@ -69,7 +88,64 @@ class Sieve:
             handle.remove()
 
     def __repr__(self) -> str:
-        return f"Sieve({self.method!r}, budget={self.budget.value!r}, scope={self.budget.scope.value!r})"
+        if len(self.methods) == 1:
+            return f"Sieve({self.method!r}, budget={self.budget.value!r}, scope={self.budget.scope.value!r})"
+        budgets = [b.value for b in ([self.pre_budget] if self.pre_method.name != KeepAll.name else [])]
+        budgets += [self.llm_budget.value] if self.llm_budget is not None else []
+        return f"Sieve({self.methods!r}, budget={budgets!r}, scope={self.budget.scope.value!r})"
+
+
+def _instantiate(method, params: dict) -> Method:
+    if isinstance(method, Method):
+        if params:
+            raise TypeError("pass hyper-parameters to the Method instance, not to Sieve, when giving an instance")
+        return method
+    cls = get_method(method)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise TypeError(f"bad parameter for method {cls.name!r}: {exc}; it accepts {accepted}") from None
+
+
+def _plan_stages(methods: list[Method], budgets: list[Budget]):
+    """Split methods into one pre-LLM and one in-LLM stage, in that order; explain every refusal."""
+    pre = llm = None
+    pre_budget = llm_budget = None
+    for m, b in zip(methods, budgets):
+        if m.stage == IN_LLM:
+            if llm is not None:
+                raise StageError(f"only one in-LLM method per sieve: got {llm.name!r} and {m.name!r}")
+            llm, llm_budget = m, b
+        else:
+            if llm is not None:
+                raise StageError(
+                    f"{m.name!r} ({m.stage}) runs before the LM, so it must come before the in-LLM method {llm.name!r}"
+                )
+            if pre is not None:
+                raise StageError(
+                    f"only one method per pre-LLM stage: got {pre.name!r} and {m.name!r}; chain a pre-LLM method "
+                    "with an in-LLM one instead"
+                )
+            pre, pre_budget = m, b
+    companion = pre.llm_companion() if pre is not None else None
+    if companion is not None:
+        if llm is not None:
+            raise StageError(f"{pre.name!r} runs its own in-LLM stage; it cannot be combined with {llm.name!r}")
+        llm = companion
+    if llm is not None and not llm.budgeted:
+        llm_budget = None
+    if pre is None:
+        pre, pre_budget = KeepAll(), Budget.parse(1.0, budgets[0].scope)
+    if (
+        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio
+        and llm_budget.value > pre_budget.value
+    ):
+        raise StageError(
+            f"the in-LLM budget ({llm_budget.value} layer-averaged visual tokens) exceeds the {pre_budget.value} "
+            f"tokens {pre.name!r} lets into the LM"
+        )
+    return pre, pre_budget, llm, llm_budget
 
 
 def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -92,7 +168,21 @@ class SieveHandle:
 
     def __init__(self, sieve: Sieve, model) -> None:
         adapter = get_adapter(model)  # raises for unsupported models before anything is attached
-        adapter.check_budget(sieve.budget)
+        adapter.check_stage(sieve.pre_method)
+        if sieve.llm_method is not None:
+            companion = sieve.pre_method.llm_companion()
+            try:
+                adapter.check_stage(sieve.llm_method)
+            except UnsupportedModelError as exc:
+                if companion is None:
+                    raise
+                raise UnsupportedModelError(
+                    f"{exc}. {sieve.pre_method.name!r} adds that in-LLM stage itself; switch it off with the method's "
+                    "option (todre: relevance=False) to run its first stage alone"
+                ) from None
+        adapter.check_budget(sieve.pre_budget)
+        if sieve.llm_budget is not None:
+            adapter.check_budget(sieve.llm_budget)
         if model in _SIEVED:
             raise TokensieveError(
                 f"this {type(model).__name__} already has a sieve applied; remove it first (one sieve per model)"
@@ -102,6 +192,8 @@ class SieveHandle:
         self._model = weakref.ref(model)
         self._generate = model.generate  # the class's bound method
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._forward_stage: LLMStage | None = None
+        self._post_hook = model.register_forward_hook(self._post_forward, always_call=True)
         # generate() must receive the shrunk prompt itself; an instance attribute shadows the class method.
         # It carries the original's name, docstring and signature for tools that introspect generate().
         @functools.wraps(self._generate)
@@ -118,19 +210,53 @@ class SieveHandle:
         return self.sieve.last_report
 
     def _prepare(self, kwargs: dict[str, Any]):
-        new_kwargs, report = self.adapter.prepare(kwargs, self.sieve.method, self.sieve.budget, self.sieve.name)
+        sieve = self.sieve
+        if sieve.llm_method is not None and kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
+            raise StageError(
+                "labels cannot be used with an in-LLM stage: the LM's output no longer covers every input position"
+            )
+        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
+        stage = None
         if report is not None:
+            if sieve.llm_method is not None:
+                stage = self._llm_stage(new_kwargs, report)
             self.sieve.last_report = report
-        return new_kwargs, report
+        return new_kwargs, report, stage
+
+    def _llm_stage(self, kwargs: dict[str, Any], report: SieveReport) -> LLMStage:
+        """Arm the in-LLM method for this call's (possibly already shrunk) prompt."""
+        sieve = self.sieve
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        counts: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        for im in report.images:
+            counts[im.sample].append(im.tokens_out)
+        stage = LLMStage(self.adapter, sieve.llm_method, sieve.llm_budget, ids, mask, counts)
+        report.llm_budget = str(sieve.llm_budget) if sieve.llm_budget is not None else f"{sieve.llm_method.name} rule"
+        if isinstance(sieve.pre_method, KeepAll):
+            report.stage, report.budget = IN_LLM, report.llm_budget
+        else:
+            report.stage = f"{sieve.pre_method.stage}+{IN_LLM}"
+        return stage
 
     def _pre_forward(self, module, args, kwargs):
-        if not args and kwargs.get("pixel_values") is None:
+        if not args and not self.adapter.is_visual(kwargs):
             return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return None  # text-only call, or a decoding step of a sieved generate()
-        new_kwargs, _ = self._prepare(merged)
+        new_kwargs, report, stage = self._prepare(merged)
+        if stage is not None:
+            stage.install()
+            self._forward_stage = stage
         return (), new_kwargs
+
+    def _post_forward(self, module, args, output):
+        stage, self._forward_stage = self._forward_stage, None
+        if stage is not None:
+            stage.remove()
+            if self.sieve.last_report is not None:
+                stage.fill(self.sieve.last_report)
+        return None
 
     def generate(self, *args, **kwargs):
         merged = _bind(self._generate, args, kwargs)
@@ -140,11 +266,21 @@ class SieveHandle:
                 if "input_ids" in merged:
                     raise TypeError("generate() got both `inputs` and `input_ids`")
                 merged["input_ids"] = inputs
-        if merged.get("pixel_values") is None:
+        if not self.adapter.is_visual(merged):
             return self._generate(**merged)
         original_ids = merged["input_ids"]
-        new_kwargs, report = self._prepare(merged)
-        out = self._generate(**new_kwargs)
+        # generate() itself runs without autograd; encoding and selection happen before it, so they must too
+        with torch.no_grad():
+            new_kwargs, report, stage = self._prepare(merged)
+        if stage is None:
+            out = self._generate(**new_kwargs)
+        else:
+            stage.install()
+            try:
+                out = self._generate(**new_kwargs)
+            finally:
+                stage.remove()
+            stage.fill(report)
         return _restore_prompt(out, original_ids, report.seq_len_out)
 
     def remove(self) -> None:
@@ -152,6 +288,10 @@ class SieveHandle:
         if not self.active:
             return
         self._hook.remove()
+        self._post_hook.remove()
+        if self._forward_stage is not None:
+            self._forward_stage.remove()
+            self._forward_stage = None
         model = self._model()
         if model is not None:
             if model.__dict__.get("generate") is self._instance_generate:

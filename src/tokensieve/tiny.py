@@ -65,7 +65,7 @@ def build_tiny_llava(
     image_size: int = 48,
     patch_size: int = 4,
     vision_layers: int = 6,
-    text_layers: int = 2,
+    text_layers: int = 4,  # deep enough for in-LLM methods pruning after layer 2
     attn_implementation: str = "sdpa",
     vision_feature_layer: int | list[int] = -2,
     vision_feature_select_strategy: str = "default",

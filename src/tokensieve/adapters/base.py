@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
-from ..errors import BudgetError, PlaceholderError
-from ..methods.base import Method
-from ..placeholders import Compaction, find_image_spans, shrink_placeholders
+from ..errors import BudgetError, PlaceholderError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
+from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..report import ImageReport, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
@@ -35,14 +35,28 @@ class Encoded:
     selection_s: float = 0.0
     encoder_layer_tokens: list[int] = field(default_factory=list)
     """Sequence length per image entering each encoder layer (see ``SieveReport.encoder_layer_tokens``)."""
+    slots: list[torch.Tensor] | None = None
+    """Per image, which of its placeholders the kept features fill (ascending span indices). ``None``: the first
+    ``len(features[i])``, right for families whose positions are re-indexed; families that keep original positions
+    (M-RoPE) name the kept placeholders so each feature keeps its own position."""
+    num_images: int | None = None
+    """How many leading ``features`` are images; the rest are videos. ``None``: all are images."""
 
 
 class Adapter(ABC):
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
     scopes: ClassVar[tuple[Scope, ...]] = (Scope.IMAGE,)
+    stages: ClassVar[tuple[str, ...]] = (PRE_PROJECTOR, POST_PROJECTOR)
+    """Stages this family's adapter can run; in-encoder and in-LLM stages need family-specific sequence surgery
+    (CLS, merge units, M-RoPE ids), so a family lists them only once they are implemented and tested."""
+    signal_kinds: ClassVar[tuple[str, ...]] = ("hidden_states", "cls_attention", "keys", "cls_hidden")
+    """``Request`` fields this family can fill (CLS-free towers fill ``cls_attention`` with their documented
+    fallback)."""
     encoder_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Call arguments consumed by :meth:`encode`; they are not passed on to the language model."""
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Call arguments whose presence makes a call visual (and so compressed); text-only calls pass through."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -55,6 +69,64 @@ class Adapter(ABC):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
+    @property
+    def video_token_id(self) -> int | None:
+        video = getattr(self.model.config, "video_token_id", None)
+        return None if video is None else int(video)
+
+    @property
+    def placeholder_token_ids(self) -> tuple[int, ...]:
+        """Every token id that stands for a visual token (image, video) in ``input_ids``."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+    def is_visual(self, kwargs: dict[str, Any]) -> bool:
+        return any(kwargs.get(name) is not None for name in self.visual_inputs)
+
+    def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        """Placeholders each video occupies (families whose videos have their own ``video_token_id``)."""
+        return []
+
+    def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
+        """Placeholder runs in the order :meth:`encode` returns features: images, then videos."""
+        spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+        per_video = self.tokens_per_video(encoder_kwargs)
+        if per_video:
+            videos = find_image_spans(input_ids, self.video_token_id, per_video)
+            for span in videos:
+                span.image += len(spans)
+            spans += videos
+        return spans
+
+    def video_output(self, features: list[torch.Tensor]):
+        """Kept video features in the form the model's ``mm_encoder_outputs["video"]`` takes (a list by default)."""
+        return features
+
+    def encoder_outputs(self, encoded: Encoded) -> dict[str, BaseModelOutputWithPooling]:
+        """The ``mm_encoder_outputs`` argument that hands the kept features to the model."""
+        n_img = len(encoded.features) if encoded.num_images is None else encoded.num_images
+        out = {}
+        if n_img:
+            out["image"] = BaseModelOutputWithPooling(pooler_output=encoded.features[:n_img])
+        if len(encoded.features) > n_img:
+            out["video"] = BaseModelOutputWithPooling(pooler_output=self.video_output(encoded.features[n_img:]))
+        return out
+
+    def check_stage(self, method: Method) -> None:
+        """Fail at ``apply()`` time when this family cannot run the method's stage yet."""
+        if method.stage not in self.stages:
+            raise UnsupportedModelError(
+                f"method {method.name!r} runs {method.stage.replace('_', '-')}, which tokensieve does not support on "
+                f"{self.family} models yet (supported stages: {', '.join(self.stages)}); pick a method of those stages"
+            )
+
+        # which kinds of signal a method reads does not depend on the depth; a nominal one is enough to ask
+        request = method.request(24, 23)
+        missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
+        if missing:
+            raise UnsupportedModelError(
+                f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not provide yet"
+            )
+
     def check_budget(self, budget: Budget) -> None:
         """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""
         if budget.scope not in self.scopes:
@@ -62,6 +134,14 @@ class Adapter(ABC):
                 f"budget scope {budget.scope.value!r} is not supported on {self.family} models; "
                 f"use one of {[s.value for s in self.scopes]}"
             )
+
+    def decoder_layers(self):
+        """The language model's decoder layers, where in-LLM stages hook."""
+        return self.model.get_decoder().layers
+
+    def llm_parts(self, layer):
+        """How to score with one decoder layer; families whose layers differ from Llama's override this."""
+        return llama_style_parts(layer)
 
     @abstractmethod
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
@@ -95,8 +175,8 @@ class Adapter(ABC):
     def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
         """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""
         encoder_kwargs = {k: kwargs.pop(k) for k in self.encoder_inputs if k in kwargs}
-        if encoder_kwargs.get("pixel_values") is None:
-            kwargs.update({k: v for k, v in encoder_kwargs.items() if v is not None and k != "pixel_values"})
+        if not self.is_visual(encoder_kwargs):
+            kwargs.update({k: v for k, v in encoder_kwargs.items() if v is not None and k not in self.visual_inputs})
             return kwargs, None
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
@@ -109,11 +189,12 @@ class Adapter(ABC):
                 f"tokensieve needs a 2-D [batch, seq] attention_mask to shrink the prompt, got shape "
                 f"{tuple(attention_mask.shape)}"
             )
-        spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+        spans = self.find_spans(input_ids, encoder_kwargs)
         encoded = self.encode(method, budget, encoder_kwargs)
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
-        comp = shrink_placeholders(input_ids, attention_mask, spans, [f.shape[0] for f in encoded.features])
+        kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]
+        comp = shrink_placeholders(input_ids, attention_mask, spans, kept)
         pad_id = self.pad_token_id(input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -122,10 +203,11 @@ class Adapter(ABC):
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
         self.carry_inputs(kwargs, comp, input_ids)
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded.features)}
+        kwargs["mm_encoder_outputs"] = self.encoder_outputs(encoded)
         num_llm_layers = int(self.model.config.get_text_config().num_hidden_layers)
         real = new_mask.sum(dim=1).tolist()
-        visual = ((new_ids == self.image_token_id) & (new_mask != 0)).sum(dim=1).tolist()
+        is_visual = torch.isin(new_ids, torch.tensor(self.placeholder_token_ids, device=new_ids.device))
+        visual = (is_visual & (new_mask != 0)).sum(dim=1).tolist()
         report = SieveReport(
             method=method_name,
             budget=str(budget),
@@ -144,6 +226,22 @@ class Adapter(ABC):
             llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
         )
         return kwargs, report
+
+
+# -- in-LLM stage support (kept apart from the encode path above) ----------------------------------------------------
+def llama_style_parts(layer):
+    """Scoring parts of a Llama/Qwen2/Mistral-style decoder layer (``input_layernorm`` + ``self_attn`` projections)."""
+    from ..llm_stage import LLMParts
+
+    attn = layer.self_attn
+    cfg = attn.config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return LLMParts(
+        norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, num_heads=heads, num_kv_heads=kv,
+        head_dim=int(attn.head_dim), scaling=float(attn.scaling), q_norm=getattr(attn, "q_norm", None),
+        k_norm=getattr(attn, "k_norm", None),
+    )
 
 
 def now() -> float:

@@ -12,8 +12,9 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import AttentionParts, capture_encoder
-from ..errors import NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import POST_PROJECTOR, Layout, Method, Signals
+from ..encoder_stage import run_encoder_stage
+from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -23,6 +24,8 @@ class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
     # one grid per image: an image is its only crop
     scopes = (Scope.IMAGE, Scope.CROP)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
+    signal_kinds = Adapter.signal_kinds + ("attention_received",)
     encoder_inputs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     def __init__(self, model) -> None:
@@ -72,10 +75,13 @@ class LlavaAdapter(Adapter):
     @staticmethod
     def _attention_parts(layer) -> AttentionParts:
         attn = layer.self_attn
-        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale))
+        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale),
+                              attn.v_proj)
 
     # -- encode + select ---------------------------------------------------------------------------------------
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        if method.stage == IN_ENCODER:
+            return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()
         pixel_values = encoder_kwargs["pixel_values"]
         n_img = int(pixel_values.shape[0])
@@ -106,6 +112,7 @@ class LlavaAdapter(Adapter):
                 hidden_states={i: cap.hidden_states[i][:, tok] for i in request.hidden_states},
                 cls_attention={i: cap.attention_row(i, 0)[:, :, tok] for i in request.cls_attention},
                 keys={i: cap.key_heads(i)[:, :, tok] for i in request.keys},
+                attention_received={i: cap.attention_received(i)[:, tok] for i in request.attention_received},
                 # in the features' space: concatenated over the feature layers like the patch rows
                 cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
                 if request.cls_hidden
@@ -153,6 +160,7 @@ class LlavaAdapter(Adapter):
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
+                    groups=None if sel.groups is None else sel.groups[i, prefix:].tolist(),
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
@@ -160,3 +168,53 @@ class LlavaAdapter(Adapter):
         return Encoded(
             features, images, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace
         )
+
+    def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        """Cut inside the CLIP tower, then project the recorded feature layer(s) of the survivors.
+
+        The tower is called directly (not through ``get_image_features``) because the features are the stage's own
+        post-cut records, and because the tower may stop early: layers after the last feature layer feed nothing
+        the LM reads (LLaVA reads ``hidden_states[-2]``), so ``method.skip_unused_layers`` (default on) skips them.
+        """
+        start = now()
+        pixel_values = encoder_kwargs["pixel_values"]
+        prefix = self.num_prefix(encoder_kwargs)
+        layout = Layout(self.grid, 1)  # inside the encoder CLS is always row 0
+        n_tok = layout.num_patches + prefix
+        k = budget.resolve(n_tok, what="each image")
+        target = k - prefix  # CLS is a candidate only under the "full" strategy, and it is always kept
+        if target < 1:
+            raise BudgetError(f"{method.name} keeps CLS and at least one patch; a budget of {k} leaves no patch")
+        feature_layers = self.feature_layers(encoder_kwargs)
+        plan = method.plan(self.num_layers, min(feature_layers))
+        skip = bool(getattr(method, "skip_unused_layers", True))
+        res = run_encoder_stage(
+            self.layers, self._attention_parts, method, plan, layout, target,
+            feature_layer=min(feature_layers), record=feature_layers,
+            run=lambda pv: self.base.vision_tower(pv, output_hidden_states=False, return_dict=True),
+            pixel_values=pixel_values, stop_after=max(feature_layers) if skip else None,
+        )
+        tok = slice(1 - prefix, None)
+        n_img = int(pixel_values.shape[0])
+        selected = torch.stack(
+            [torch.cat([res.hidden[f][i][tok] for f in feature_layers], dim=-1) for i in range(n_img)]
+        )
+        finite = torch.isfinite(selected).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise NonFiniteFeaturesError(
+                f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
+            )
+        features = list(self.base.multi_modal_projector(selected).unbind(0))
+        images = []
+        for i in range(n_img):
+            pos, size = res.positions[i][1:], res.sizes[i][1:]
+            images.append(
+                ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
+                            kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
+                            selection_s=res.selection_s / n_img)
+            )
+        # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
+        trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]
+        return Encoded(features, images, encode_s=now() - start, selection_s=res.selection_s,
+                       encoder_layer_tokens=trace)

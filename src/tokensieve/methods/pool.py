@@ -94,4 +94,9 @@ class Pool(Method):
         keep = list(range(prefix)) + centres
         assert all(a < b for a, b in zip(keep, keep[1:])), "pooled-cell centres must be strictly increasing"
         indices = torch.tensor(keep, dtype=torch.int64, device=device).unsqueeze(0).expand(b, -1).contiguous()
-        return Selection(indices=indices, tokens=tokens, num_merged=grid_k)
+        # patch (r, c) lies in window (r * rows // h, c * cols // w); where windows overlap this picks one of them
+        r = torch.arange(h, device=device) * rows // h
+        c = torch.arange(w, device=device) * cols // w
+        cell = (prefix + r[:, None] * cols + c[None, :]).flatten()
+        groups = torch.cat([torch.arange(prefix, device=device), cell]).unsqueeze(0).expand(b, -1).contiguous()
+        return Selection(indices=indices, tokens=tokens, num_merged=grid_k, groups=groups)

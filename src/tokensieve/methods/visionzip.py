@@ -99,8 +99,13 @@ class VisionZip(Method):
             parts.append(cls.unsqueeze(1).to(features.dtype))
         parts.append(gather_tokens(features, dominant))
 
+        groups = torch.full((b, n), -1, dtype=torch.long, device=device)
+        groups.scatter_(1, dominant, (extra + torch.arange(dominant.shape[1], device=device)).expand(b, -1).contiguous())
+        targets = dominant[:, :0]
         if contextual > 0:
-            parts.append(self._contextual(signals, layer, dominant, contextual).to(features.dtype))
+            merged, assigned, targets = self._contextual(signals, layer, dominant, contextual)
+            parts.append(merged.to(features.dtype))
+            groups = torch.where(assigned >= 0, extra + dominant.shape[1] + assigned, groups)
         if extra == 0 and contextual == 0:
             return Selection(indices=dominant, scores=attention if not forced else None)
         return Selection(
@@ -108,11 +113,18 @@ class VisionZip(Method):
             tokens=torch.cat(parts, dim=1),
             num_merged=contextual + extra,
             scores=None if forced else attention,
+            groups=groups,
+            # a contextual token stands at its target; the CLS hidden state stands nowhere in the grid (-1)
+            anchors=torch.cat([dominant.new_full((b, extra), -1), dominant, targets], dim=1),
         )
 
     @staticmethod
-    def _contextual(signals: Signals, layer: int, dominant: torch.Tensor, contextual: int) -> torch.Tensor:
-        """Merge every non-dominant candidate into one of ``contextual`` strided targets, [B, C, d]."""
+    def _contextual(signals: Signals, layer: int, dominant: torch.Tensor, contextual: int):
+        """Merge every non-dominant candidate into one of ``contextual`` strided targets.
+
+        Returns the contextual tokens [B, C, d], per candidate its contextual slot (-1 for dominant ones), and the
+        targets [B, C] (the candidate each contextual token stands at).
+        """
         features = signals.features.float()
         b, n, d = features.shape
         ar = torch.arange(n, device=features.device).expand(b, -1)
@@ -138,4 +150,7 @@ class VisionZip(Method):
         sums.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, d), gather_tokens(features, others))
         counts = torch.zeros(b, contextual, dtype=features.dtype, device=features.device)
         counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=features.dtype))
-        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1)
+        slot = torch.full((b, n), -1, dtype=torch.long, device=features.device)
+        slot.scatter_(1, targets, torch.arange(contextual, device=features.device).expand(b, -1).contiguous())
+        slot.scatter_(1, others, assign)
+        return gather_tokens(features, targets) + sums / counts.clamp_min(1.0).unsqueeze(-1), slot, targets

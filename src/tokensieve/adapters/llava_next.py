@@ -1,0 +1,269 @@
+"""LLaVA-NeXT anyres: a base view plus a grid of crops, unpadded, with an ``image_newline`` token after each row.
+
+Choices:
+
+* **Where the packed tokens come from is read off the model itself**: the model's own ``pack_image_features`` is run
+  on crop-patch *ids* instead of features, so the unpadding and newline layout of any checkpoint, pinpoint list or
+  image size is followed exactly, with no copy of the layout arithmetic here.
+* **Candidates of a crop are its patches that survive unpadding** (a rectangle of the crop's grid, so grid-based
+  methods such as pool still see a grid); the base view keeps all its patches. Signals (CLS attention, keys, hidden
+  states) are the crop's own, from CLIP run on that crop.
+* **Budgets.** ``crop``: k per crop (the base view is a crop). ``image`` (default): k for the whole image, split
+  equally over its crops (the literature's 640/320/160 of 2880 are 128/64/32 per crop of a 5-crop image); a ratio is
+  the same ratio in every crop. ``global``: k for the whole image, ranked across all its crops together. A crop that
+  unpadding left with fewer patches than its share keeps all of them.
+* **Newline policy.** The newline that ends a grid row is kept when that row keeps at least one token and dropped
+  otherwise, so the LM still sees row breaks where rows remain and keep-all equals the uncompressed model. Newlines
+  are structural and do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
+* **Placement.** Kept tokens stay where they were in the packed order (base view first, then grid rows). A created
+  token goes where its anchor is (pool's window centre, VisionZip's merge target); one without a grid position
+  (VisionZip's CLS token) follows the image's grid. Positions are re-indexed (contiguous), as for LLaVA-1.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Scope
+from ..capture import capture_encoder
+from ..errors import NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..report import ImageReport
+from .base import Adapter, Encoded, now
+from .llava import LlavaAdapter
+
+
+@dataclass
+class _Packed:
+    """The packed layout of one image: per packed position, its crop (of this image) and patch, or a newline."""
+
+    crop: torch.Tensor  # [L] crop index within the image, -1 for a newline
+    patch: torch.Tensor  # [L] patch index within the crop (raster), -1 for a newline
+    row: torch.Tensor  # [L] grid row a token belongs to / a newline closes; -1 for base-view tokens without one
+    num_crops: int
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """Shares LLaVA-1.5's tower facts (CLIP layers, feature layer, attention parts); the layout is its own."""
+
+    family = "llava-next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
+    # inherits the LLaVA tower facts, but crops, unpadding and newlines are not wired into the other stages yet
+    stages = (PRE_PROJECTOR, POST_PROJECTOR)
+    signal_kinds = Adapter.signal_kinds
+
+    cls_offset = 1
+    """Encoder rows before the patches (the CLS token); the projector sees patches only."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.side = self.grid[0]
+        self.per_crop = self.side * self.side
+
+    def _strategy(self, enc: dict[str, Any]) -> str:
+        strategy = super()._strategy(enc)
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"vision_feature_select_strategy={strategy!r} is not supported on {self.family}: its packing assumes "
+                "the CLS token is dropped ('default')"
+            )
+        return strategy
+
+    def check_budget(self, budget: Budget) -> None:
+        Adapter.check_budget(self, budget)
+        if budget.scope == Scope.CROP:
+            budget.resolve(self.per_crop, what="each crop of this model")
+
+    def _num_crops(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [
+            int(image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size))
+            for size in encoder_kwargs["image_sizes"]
+        ]
+
+    def _pack(self, ids: list[torch.Tensor], encoder_kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The model's own packing applied to [crops, patches, 1] id tensors."""
+        newline = torch.tensor([-1.0], dtype=torch.float64)
+        packed, _ = self.base.pack_image_features(ids, encoder_kwargs["image_sizes"], "default", newline)
+        return list(packed)
+
+    def _feature_kwargs(self, encoder_kwargs: dict[str, Any], strategy: str) -> dict[str, Any]:
+        """Arguments of the model's own ``get_image_features`` for this call."""
+        return dict(
+            pixel_values=encoder_kwargs["pixel_values"],
+            image_sizes=encoder_kwargs["image_sizes"],
+            vision_feature_layer=self._feature_layer(encoder_kwargs),
+            vision_feature_select_strategy=strategy,
+            return_dict=True,
+        )
+
+    def _attention(self, cap, layer: int) -> torch.Tensor:
+        """[crops, H, T] attention scores over the encoder rows of each crop (here: the CLS query's row)."""
+        return cap.attention_row(layer, 0)
+
+    def _packed(self, encoder_kwargs: dict[str, Any]) -> list[_Packed]:
+        counts = self._num_crops(encoder_kwargs)
+        ids = []
+        for n in counts:
+            crop = torch.arange(n, dtype=torch.float64).view(n, 1, 1).expand(n, self.per_crop, 1)
+            patch = torch.arange(self.per_crop, dtype=torch.float64).view(1, -1, 1).expand(n, -1, 1)
+            ids.append(crop * self.per_crop + patch)
+        packed = self._pack(ids, encoder_kwargs)
+        out = []
+        for flat, n in zip(packed, counts):
+            flat = flat.view(-1).long()
+            is_nl = flat < 0
+            crop = torch.where(is_nl, -1, flat // self.per_crop)
+            patch = torch.where(is_nl, -1, flat % self.per_crop)
+            row = torch.cumsum(is_nl.long(), 0) - is_nl.long()  # newlines seen before (a newline closes its row)
+            if n > 1:
+                row = torch.where(crop == 0, -1, row)  # the base view of a multi-crop image has no newlines
+            out.append(_Packed(crop, patch, row, n))
+        return out
+
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return [int(p.crop.numel()) for p in self._packed(encoder_kwargs)]
+
+    # -- encode + select ---------------------------------------------------------------------------------------
+    def _shares(self, budget: Budget, sizes: list[int]) -> list[int]:
+        """Tokens per candidate set of one image (one set per crop, or one for the whole image)."""
+        if budget.scope == Scope.GLOBAL:
+            return [budget.resolve(sum(sizes), what="each image")]
+        if budget.is_ratio or budget.scope == Scope.CROP:
+            if budget.is_ratio:
+                return [budget.resolve(n, what="each crop") for n in sizes]
+            return [min(int(budget.value), n) for n in sizes]
+        total = budget.resolve(self.per_crop * len(sizes), what="each image")
+        c = len(sizes)
+        return [min(n, total // c + (1 if i < total % c else 0)) for i, n in enumerate(sizes)]
+
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        start = now()
+        strategy = self._strategy(encoder_kwargs)
+        packs = self._packed(encoder_kwargs)
+        feature_layers = self.feature_layers(encoder_kwargs)
+        fl = feature_layers[-1]
+        request = method.request(self.num_layers, fl)
+        state: dict[str, torch.Tensor] = {}
+
+        def grab(mod, args):
+            state["pre"] = args[0]
+
+        extra = tuple(feature_layers) if request.cls_hidden else ()
+        with capture_encoder(self.layers, request, self._attention_parts, extra) as cap:
+            hook = self.base.multi_modal_projector.register_forward_pre_hook(grab)
+            try:
+                out = self.base.get_image_features(**self._feature_kwargs(encoder_kwargs, strategy))
+            finally:
+                hook.remove()
+            packed_feats = list(out.pooler_output)
+            pre = state["pre"]  # [all crops, patches, d] in crop order
+            if not bool(torch.isfinite(pre).all()):
+                raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
+            t_sel = 0.0
+            features, images = [], []
+            crop0 = 0
+            for i, (pk, packed) in enumerate(zip(packs, packed_feats)):
+                t0 = now()
+                feats, kept, merged = self._select_image(
+                    method, budget, request, cap, feature_layers, pre, crop0, pk, packed
+                )
+                crop0 += pk.num_crops
+                secs = now() - t0
+                t_sel += secs
+                features.append(feats)
+                images.append(
+                    ImageReport(
+                        sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(feats.shape[0]),
+                        kept_indices=kept, grid=(pk.num_crops * self.side, self.side), merged=merged,
+                        selection_s=secs,
+                    )
+                )
+        trace = [self.per_crop + 1] * self.num_layers
+        return Encoded(features, images, encode_s=now() - start, selection_s=t_sel, encoder_layer_tokens=trace)
+
+    def _candidate_sets(self, pk: _Packed, scope: Scope):
+        """Per candidate set: (crop, packed positions, patch ids, grid) of the surviving patches, raster order."""
+        sets = []
+        for c in range(pk.num_crops):
+            where = (pk.crop == c).nonzero().flatten()
+            patch = pk.patch[where]
+            order = patch.argsort()
+            where, patch = where[order], patch[order]
+            rows = torch.unique(patch // self.side).numel()
+            cols = torch.unique(patch % self.side).numel()
+            if rows * cols != patch.numel():  # not a rectangle: describe it as one row
+                rows, cols = 1, patch.numel()
+            sets.append((c, where, patch, (rows, cols)))
+        if scope != Scope.GLOBAL:
+            return sets
+        crops = torch.cat([torch.full_like(s[2], s[0]) for s in sets])
+        return [(crops, torch.cat([s[1] for s in sets]), torch.cat([s[2] for s in sets]), (1, int(crops.numel())))]
+
+    def _select_image(self, method, budget, request, cap, feature_layers, pre, crop0, pk, packed):
+        fl = feature_layers[-1]
+        sets = self._candidate_sets(pk, budget.scope)
+        shares = self._shares(budget, [int(s[2].numel()) for s in sets])
+        placed: dict[int, torch.Tensor] = {}  # packed position -> token
+        tail: list[torch.Tensor] = []
+        kept_ids: list[int] = []
+        merged = 0
+        for (crop, where, patch, grid), k in zip(sets, shares):
+            if k == 0:
+                continue
+            crop_g = crop + crop0 if isinstance(crop, torch.Tensor) else torch.full_like(patch, crop + crop0)
+            tok = patch + self.cls_offset
+
+            def rows(t):  # [crops, T, ...] -> [1, n, ...] for this set's candidates
+                return t[crop_g, tok].unsqueeze(0)
+
+            if method.stage == POST_PROJECTOR:
+                cand = packed[where].unsqueeze(0)
+            else:
+                cand = pre[crop_g, patch].unsqueeze(0)
+            signals = Signals(
+                features=cand,
+                layout=Layout(grid, 0),
+                num_layers=self.num_layers,
+                feature_layer=fl,
+                hidden_states={i: rows(cap.hidden_states[i]) for i in request.hidden_states},
+                cls_attention={
+                    i: self._attention(cap, i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0)
+                    for i in request.cls_attention
+                },
+                keys={i: cap.key_heads(i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.keys},
+                cls_hidden=torch.cat([cap.hidden_states[i][crop_g[0], 0] for i in feature_layers], dim=-1)[None]
+                if request.cls_hidden and self.cls_offset
+                else None,
+            )
+            sel = method.select(signals, k)
+            out = sel.output(cand)[0]
+            if method.stage != POST_PROJECTOR:
+                out = self.base.multi_modal_projector(out.to(pre.dtype))
+            merged += sel.num_merged
+            if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
+                anchors = sel.indices[0]
+            else:
+                anchors = sel.anchors[0] if sel.anchors is not None else torch.full((out.shape[0],), -1)
+            for j, a in enumerate(anchors.tolist()):
+                if a < 0:
+                    tail.append(out[j])
+                else:
+                    placed[int(where[a])] = out[j]
+            kept_ids += (crop_g[sel.indices[0]] - crop0).mul(self.per_crop).add(patch[sel.indices[0]]).tolist()
+        # walk the packed order: kept tokens in place, newlines of rows that keep something
+        rows_kept = {int(pk.row[p]) for p in placed if int(pk.row[p]) >= 0}
+        seq = []
+        for p in range(pk.crop.numel()):
+            if p in placed:
+                seq.append(placed[p])
+            elif int(pk.crop[p]) < 0 and int(pk.row[p]) in rows_kept:
+                seq.append(packed[p])
+        feats = torch.stack(seq + tail).to(packed.dtype)
+        return feats, sorted(kept_ids), merged

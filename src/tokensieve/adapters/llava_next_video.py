@@ -1,0 +1,137 @@
+"""LLaVA-NeXT-Video: LLaVA-NeXT's anyres images plus videos whose frames are pooled before the projector.
+
+Videos, here and in LLaVA-OneVision (which reuses this path):
+
+* **Candidates are each frame's pooled tokens** (the model shrinks every frame's patch grid: NeXT-Video with its
+  ``vision_resampler`` before the projector, OneVision with bilinear pooling after it), as the LM receives them, for
+  every method; a pre-projector method's merges therefore happen in the LM's space on videos. Encoder signals
+  (hidden states, attention, keys) are pooled onto the same grid by the model's own pooling, so they line up.
+* **Budgets**: scope ``image`` (default), ``frame`` or ``crop``: k per frame (frames are what users reason about);
+  ``global``: k per video, ranked across its frames (grid-based methods see the frames stacked vertically).
+* Kept tokens stay in frame and raster order; a created token goes where its anchor is. Positions are re-indexed.
+* Images and videos can share a call and a batch; all videos of a call have the same frame count (the model
+  stacks them), so every video keeps the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Scope
+from ..capture import capture_encoder
+from ..errors import NonFiniteFeaturesError
+from ..methods.base import Layout, Method, Signals
+from ..report import ImageReport
+from .base import Encoded, now
+from .llava_next import LlavaNextAdapter
+
+
+class LlavaNextVideoAdapter(LlavaNextAdapter):
+    family = "llava-next-video"
+    model_classes = ("LlavaNextVideoForConditionalGeneration",)
+    scopes = (Scope.IMAGE, Scope.CROP, Scope.FRAME, Scope.GLOBAL)
+    encoder_inputs = LlavaNextAdapter.encoder_inputs + ("pixel_values_videos",)
+    visual_inputs = ("pixel_values", "pixel_values_videos")
+    video_newline = False
+    """Whether the model closes each video with an ``image_newline`` token (kept whatever the selection)."""
+
+    def _video_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's frame pooling, applied to [frames, patches, channels] of any channel count."""
+        return self.base.vision_resampler(x)
+
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return super().tokens_per_image(encoder_kwargs) if encoder_kwargs.get("pixel_values") is not None else []
+
+    def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        pv = encoder_kwargs.get("pixel_values_videos")
+        if pv is None:
+            return []
+        return [int(pv.shape[1]) * self._frame_tokens() + int(self.video_newline)] * int(pv.shape[0])
+
+    def _frame_tokens(self) -> int:
+        """Tokens the model's frame pooling leaves of one frame (read off the pooling itself)."""
+        return int(self._video_pool(torch.zeros(1, self.per_crop, 1)).shape[1])
+
+    def video_output(self, features):
+        return torch.stack(features)  # the model takes videos as one [videos, tokens, d] tensor
+
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        if encoder_kwargs.get("pixel_values") is not None:
+            encoded = super().encode(method, budget, encoder_kwargs)
+        else:
+            encoded = Encoded([], [])
+        encoded.num_images = len(encoded.features)
+        if encoder_kwargs.get("pixel_values_videos") is not None:
+            self._encode_videos(method, budget, encoder_kwargs, encoded)
+        return encoded
+
+    def _encode_videos(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], encoded: Encoded):
+        start = now()
+        strategy = self._strategy(encoder_kwargs)
+        pv = encoder_kwargs["pixel_values_videos"]
+        videos, frames = int(pv.shape[0]), int(pv.shape[1])
+        fl = self.feature_layers(encoder_kwargs)[-1]
+        request = method.request(self.num_layers, fl)
+        with capture_encoder(self.layers, request, self._attention_parts) as cap:
+            out = self.base.get_video_features(
+                pixel_values_videos=pv, vision_feature_layer=self._feature_layer(encoder_kwargs),
+                vision_feature_select_strategy=strategy, return_dict=True,
+            )
+            tokens = out.pooler_output  # [videos, frames * n (+ 1 newline), D]
+            if not bool(torch.isfinite(tokens).all()):
+                raise NonFiniteFeaturesError("video features contain NaN or Inf; check pixel_values_videos and the dtype")
+            pool = self._video_pool
+            c = self.cls_offset
+            n = self._frame_tokens()
+            g = math.isqrt(n)
+            whole = budget.scope == Scope.GLOBAL
+            sets, per = (videos, frames * n) if whole else (videos * frames, n)
+
+            def regroup(x):  # [videos * frames, n, ...] -> [sets, per, ...]
+                return x.reshape(sets, per, *x.shape[2:])
+
+            def pooled_heads(x):  # [VF, H, T, ...] -> [sets, H, per, ...] pooled per head
+                vf, h, t = x.shape[:3]
+                flat = x.transpose(1, 2).reshape(vf, t, -1)
+                y = pool(flat).reshape(vf, n, h, *x.shape[3:]).transpose(1, 2)
+                return y.reshape(videos, frames, h, n, *x.shape[3:]).transpose(1, 2).reshape(sets, h, per, *x.shape[3:]) \
+                    if whole else y
+
+            t0 = now()
+            signals = Signals(
+                features=regroup(tokens[:, : frames * n].reshape(videos * frames, n, -1)),
+                layout=Layout((frames * g, g) if whole else (g, g), 0),
+                num_layers=self.num_layers,
+                feature_layer=fl,
+                hidden_states={i: regroup(pool(cap.hidden_states[i][:, c:])) for i in request.hidden_states},
+                cls_attention={i: pooled_heads(self._attention(cap, i)[:, :, c:]) for i in request.cls_attention},
+                keys={i: pooled_heads(cap.key_heads(i)[:, :, c:]) for i in request.keys},
+            )
+            k = budget.resolve(per, what="each video" if whole else "each video frame")
+            sel = method.select(signals, k)
+            chosen = sel.output(signals.features)
+            if sel.tokens is not None and sel.anchors is not None:  # created tokens go where they stand
+                order = sel.anchors.argsort(dim=1, stable=True)
+                chosen = torch.gather(chosen, 1, order.unsqueeze(-1).expand_as(chosen))
+            secs = now() - t0
+        kept = chosen.reshape(videos, -1, chosen.shape[-1])
+        idx = sel.indices.reshape(videos, -1)
+        if not whole:  # frame-local indices -> video-wide
+            idx = idx + (torch.arange(frames, device=idx.device) * n).repeat_interleave(sel.indices.shape[1])
+        for v in range(videos):
+            encoded.features.append(torch.cat([kept[v], tokens[v, frames * n :]]).to(tokens.dtype))
+            encoded.images.append(
+                ImageReport(
+                    sample=-1, image=len(encoded.images), tokens_in=int(tokens.shape[1]),
+                    tokens_out=int(kept.shape[1]) + int(self.video_newline), kept_indices=idx[v].tolist(), grid=(frames * g, g),
+                    merged=sel.num_merged * (sets // videos), selection_s=secs / videos,
+                )
+            )
+        encoded.selection_s += secs
+        encoded.encode_s += now() - start
+        if not encoded.encoder_layer_tokens:
+            encoded.encoder_layer_tokens = [self.per_crop + self.cls_offset] * self.num_layers
+

@@ -1,0 +1,306 @@
+"""Qwen2-VL and Qwen2.5-VL: a CLS-free ViT on packed patch sequences, a 2x2 merger, an M-RoPE language model.
+
+Choices, each forced by the architecture:
+
+* **Candidates are merge units.** The merger concatenates 4 consecutive patches (one 2x2 block) into one LM token,
+  so a token can only be kept or dropped as a whole unit. Pre-projector methods select on the merger's input units
+  (the 4 patch vectors concatenated, [n, 4*d]); kept and created units (pool, VisionZip merges) are averaged in
+  that space and then projected by the model's own merger, as LLaVA's methods merge before its projector.
+  Post-projector methods (DivPrune) select on the merger's output.
+* **Encoder signals are per patch, pooled per unit** (mean over the 4 patches): hidden states, keys, attention.
+  For attention-based scores (FasterVLM, VisionZip) this equals pooling the patch scores. EvoCut scores the
+  movement of a unit's mean hidden state.
+* **No CLS token.** Where a method asks for CLS attention this adapter gives the documented CLS-free fallback:
+  the mean attention each patch *receives* from all queries of its attention segment (an image, or one temporal
+  patch of a video: the ViT's full-attention blocks attend within these), head by head, from that block's q/k
+  with the vision RoPE applied. Keys for VisionZip are taken before RoPE so similarity is by content, not place.
+  VisionZip has no CLS hidden state to keep, so all its dominant slots go to patches.
+* **Qwen2.5-VL window order is undone** (the ViT runs its blocks on a window-permuted sequence) before any signal
+  is read, so candidates are always in the processor's raster order of merge units.
+* **Positions are preserved.** M-RoPE ids encode (t, h, w), so the 3-D positions are computed on the full prompt
+  and gathered for the kept tokens; row 0 (text positions, only used for masks) is contiguous over the kept
+  sequence. ``image_grid_thw`` is never passed with the shrunk ids. Generation then continues from the last
+  kept position + 1, which equals the uncompressed prompt's continuation.
+* **Budgets.** Scope ``image`` (default) and ``frame``: k per image and k per video frame (temporal patch).
+  ``global``: k for each image or each whole video, ranked over all its frames together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Scope
+from ..capture import capture_encoder
+from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
+from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from ..report import ImageReport
+from .base import Adapter, Encoded, now
+
+_QUERY_CHUNK = 512
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(-2) + turned * sin.unsqueeze(-2)
+
+
+class QwenVLAdapter(Adapter):
+    family = "qwen2-vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    scopes = (Scope.IMAGE, Scope.FRAME, Scope.GLOBAL)
+    encoder_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    visual_inputs = ("pixel_values", "pixel_values_videos")
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.base = model.model
+        self.visual = self.base.visual
+        self.blocks = self.visual.blocks
+        self.merger = self.visual.merger
+        self.merge = int(self.visual.spatial_merge_size)
+        self.unit = self.merge**2
+        self.windowed = hasattr(self.visual, "fullatt_block_indexes")
+
+    # -- model facts -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def _counts(self, grid) -> list[int]:
+        return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
+
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return self._counts(encoder_kwargs.get("image_grid_thw"))
+
+    def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return self._counts(encoder_kwargs.get("video_grid_thw"))
+
+    # -- positions ---------------------------------------------------------------------------------------------
+    def prepare(self, kwargs, method, budget, method_name):
+        ids = kwargs.get("input_ids")
+        if self.is_visual(kwargs) and ids is not None:
+            if kwargs.get("position_ids") is not None:
+                raise PlaceholderError(
+                    "do not pass position_ids to a sieved Qwen-VL call: tokensieve computes the M-RoPE positions of "
+                    "the full prompt and keeps those of the kept tokens"
+                )
+            mask = kwargs.get("attention_mask")
+            mm = kwargs.get("mm_token_type_ids")
+            if mm is None:  # what the processor would have produced
+                mm = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+            if mask is not None and mask.dim() == 2:
+                mask = mask.bool()
+            elif mask is not None:
+                mask = None  # base.prepare rejects it with a clear message
+            self._full_positions, _ = self.base.get_rope_index(
+                ids,
+                mm_token_type_ids=mm,
+                image_grid_thw=kwargs.get("image_grid_thw"),
+                video_grid_thw=kwargs.get("video_grid_thw"),
+                attention_mask=mask,
+            )
+        return super().prepare(kwargs, method, budget, method_name)
+
+    def carry_inputs(self, kwargs, comp, input_ids) -> None:
+        super().carry_inputs(kwargs, comp, input_ids)
+        pos3 = comp.apply(self._full_positions.permute(1, 2, 0), 0).permute(2, 0, 1)  # [3, B, L']
+        mask = kwargs["attention_mask"]
+        # row 0 only builds masks and must look like ordinary contiguous positions (see module docstring)
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        kwargs["position_ids"] = torch.cat([text.unsqueeze(0).to(pos3), pos3], dim=0)
+
+    # -- encode + select ---------------------------------------------------------------------------------------
+    def _unwindow(self, grid) -> torch.Tensor | None:
+        """Row r of the ViT's (window-ordered) sequence holds patch ``order[r]``; None when there is no window order."""
+        if not self.windowed:
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        cfg = self.visual.config
+        window_index, _ = get_vision_window_index(grid, self.merge, cfg.window_size, cfg.patch_size)
+        window_index = window_index.to(grid.device)
+        return (window_index[:, None] * self.unit + torch.arange(self.unit, device=grid.device)).flatten()
+
+    def _run(self, pixel, grid, request: Request, attn_layers: list[int], video: bool):
+        """One vision forward with capture; returns merged output and per-patch signals in raster order."""
+        captured_attn: dict[int, tuple] = {}
+        state: dict[str, torch.Tensor] = {}
+        handles = []
+
+        for layer in attn_layers:
+            def pre(mod, args, kw, _l=layer):
+                hs = args[0] if args else kw["hidden_states"]
+                captured_attn[_l] = (hs, kw["position_embeddings"])
+            handles.append(self.blocks[layer].attn.register_forward_pre_hook(pre, with_kwargs=True))
+
+        def merger_pre(mod, args):
+            state["units_in"] = args[0]
+        handles.append(self.merger.register_forward_pre_hook(merger_pre))
+        try:
+            with capture_encoder(self.blocks, Request(hidden_states=request.hidden_states), None) as cap:
+                fn = self.base.get_video_features if video else self.base.get_image_features
+                out = fn(pixel, grid, return_dict=True)
+        finally:
+            for h in handles:
+                h.remove()
+        order = self._unwindow(grid)
+
+        def raster(x):
+            if order is None:
+                return x
+            y = torch.empty_like(x)
+            y[order] = x
+            return y
+
+        merged = torch.cat(list(out.pooler_output), dim=0)
+        hidden = {i: raster(t) for i, t in cap.hidden_states.items()}
+        qk = {}
+        for layer, (hs, (cos, sin)) in captured_attn.items():
+            attn = self.blocks[layer].attn
+            p = hs.shape[0]
+            q, k, _ = attn.qkv(hs).view(p, 3, attn.num_heads, -1).unbind(1)  # [P, H, hd]
+            qk[layer] = (
+                raster(_rotate(q.float(), cos.float(), sin.float())),
+                raster(_rotate(k.float(), cos.float(), sin.float())),
+                raster(k),
+                float(attn.scaling),
+            )
+        return merged, raster(state["units_in"]), hidden, qk
+
+    @staticmethod
+    def _received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """Mean softmax attention each key receives over all queries of one segment: [H, P]."""
+        qh, kh = q.transpose(0, 1), k.transpose(0, 1)  # [H, P, hd]
+        total = torch.zeros(kh.shape[0], kh.shape[1], dtype=torch.float32, device=k.device)
+        for start in range(0, qh.shape[1], _QUERY_CHUNK):
+            logits = qh[:, start : start + _QUERY_CHUNK] @ kh.transpose(1, 2) * scale
+            total += logits.softmax(dim=-1).sum(dim=1)
+        return total / qh.shape[1]
+
+    def _project(self, units: torch.Tensor) -> torch.Tensor:
+        """The merger applied to already-gathered units [n, 4*d] (ln per patch, then the MLP)."""
+        d = units.shape[-1] // self.unit
+        return self.merger.mlp(self.merger.ln_q(units.reshape(-1, d)).view(-1, d * self.unit))
+
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        start = now()
+        fl = self.num_layers  # the merger consumes the last block's output
+        request = method.request(self.num_layers, fl)
+        attn_layers = sorted(set(request.cls_attention) | set(request.keys))
+        for idx in attn_layers:
+            if not 0 <= idx < self.num_layers:
+                raise ValueError(f"encoder layer {idx} outside 0..{self.num_layers - 1}")
+        features: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        images: list[ImageReport] = []
+        selection_s = 0.0
+        patches_total = 0
+        num_images = 0
+        for video, pv_key, grid_key in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos", "video_grid_thw")):
+            pixel, grid = encoder_kwargs.get(pv_key), encoder_kwargs.get(grid_key)
+            if pixel is None:
+                continue
+            if grid is None:
+                raise PlaceholderError(f"{pv_key} was given without {grid_key}; pass the processor's output whole")
+            merged, units_in, hidden, qk = self._run(pixel, grid, request, attn_layers, video)
+            if not bool(torch.isfinite(merged).all()):
+                raise NonFiniteFeaturesError(
+                    f"vision features of the {'videos' if video else 'images'} contain NaN or Inf; check "
+                    f"{pv_key} and the model dtype"
+                )
+            patch_off = 0
+            for t, h, w in grid.tolist():
+                n_patch = t * h * w
+                seg = slice(patch_off, patch_off + n_patch)
+                useg = slice(patch_off // self.unit, (patch_off + n_patch) // self.unit)
+                patch_off += n_patch
+                patches_total += n_patch
+                feats, secs, kept, merged_n = self._select_item(
+                    method, budget, request, video, (t, h, w), seg, useg, merged, units_in, hidden, qk
+                )
+                selection_s += secs
+                features.append(feats)
+                slots.append(kept)
+                hu, wu = h // self.merge, w // self.merge
+                images.append(
+                    ImageReport(
+                        sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
+                        kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
+                    )
+                )
+            if not video:
+                num_images = len(features)
+        trace = [round(patches_total / max(1, len(images)))] * self.num_layers
+        return Encoded(
+            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
+            num_images=num_images,
+        )
+
+    def _select_item(self, method, budget, request, video, thw, seg, useg, merged, units_in, hidden, qk):
+        t, h, w = thw
+        hu, wu = h // self.merge, w // self.merge
+        per_frame = hu * wu
+        frames = t if (video and budget.scope != Scope.GLOBAL) else 1
+        n = t * per_frame // frames
+        layout = Layout((n // wu, wu), 0)
+        what = "each video frame" if frames > 1 else ("each video" if video else "each image")
+        k = budget.resolve(n, what=what)
+
+        def units(x: torch.Tensor) -> torch.Tensor:  # per-patch rows of this item -> [frames, n, ..] unit means
+            x = x[seg]
+            return x.reshape(frames, n, self.unit, *x.shape[1:]).float().mean(dim=2)
+
+        if method.stage == POST_PROJECTOR:
+            cand = merged[useg].reshape(frames, n, -1)
+        else:
+            cand = units_in[seg].reshape(frames, n, -1)
+        t0 = now()
+        cls_attention, keys = {}, {}
+        for layer, (q, k_rot, k_raw, scale) in qk.items():
+            if layer in request.cls_attention:
+                # attention segments of the ViT: the image, or each temporal patch of a video
+                q, k_rot = q[seg], k_rot[seg]
+                span = h * w
+                rec = torch.cat(
+                    [self._received(q[i : i + span], k_rot[i : i + span], scale) for i in range(0, t * span, span)],
+                    dim=1,
+                )  # [H, t*h*w]
+                heads = rec.shape[0]
+                cls_attention[layer] = rec.reshape(heads, frames, n, self.unit).mean(-1).transpose(0, 1)
+            if layer in request.keys:
+                kr = units(k_raw)  # [frames, n, H, hd]
+                keys[layer] = kr.transpose(1, 2)
+        signals = Signals(
+            features=cand,
+            layout=layout,
+            num_layers=self.num_layers,
+            feature_layer=self.num_layers,
+            hidden_states={i: units(hidden[i]) for i in request.hidden_states},
+            cls_attention=cls_attention,
+            keys=keys,
+            cls_hidden=None,
+        )
+        sel = method.select(signals, k)
+        out = sel.output(cand)
+        if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
+            where = sel.indices
+        elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
+            where = sel.anchors
+        else:
+            raise BudgetError(
+                f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
+            )
+        where = where + torch.arange(frames, device=where.device).unsqueeze(1) * n  # item-level unit index
+        where = where.flatten()
+        out = out.reshape(-1, out.shape[-1])
+        order = where.argsort()
+        where, out = where[order], out[order]
+        if bool((where[1:] == where[:-1]).any()):
+            raise BudgetError(f"{method.name} placed two tokens at one position; Qwen-VL needs distinct positions")
+        if method.stage != POST_PROJECTOR:
+            out = self._project(out.to(units_in.dtype))
+        secs = now() - t0
+        return out.to(merged.dtype), secs, where, sel.num_merged * frames

@@ -1,0 +1,212 @@
+"""The in-encoder stage: cut the hidden-state sequence between vision-encoder layers, with removable hooks only.
+
+The encoder's own forward runs unchanged; forward hooks on its layers replace a layer's output by the rows an
+:class:`~tokensieve.methods.base.EncoderMethod` keeps (optionally merged), so every later layer really runs on fewer
+tokens. Signals come from the cut layer's own ``q_proj`` / ``k_proj`` / ``v_proj`` outputs (only the CLS query
+row is turned into attention probabilities), so the encoder stays on SDPA.
+
+Three things are tracked alongside the rows so a method never has to: ``positions`` (which original patch each row
+is; reports stay in the original grid), ``sizes`` (how many original tokens a merged row stands for; they always
+sum to the original count) and the per-layer sequence length (the trace FLOPs are computed from).
+
+Hidden states are recorded by this stage itself, after the cut, rather than read from the model's
+``hidden_states`` output: transformers records layer outputs with its own forward hooks, and whether those run
+before or after ours depends on which was registered first. Once the last needed hidden state is recorded, the
+rest of the encoder can be skipped (``stop_after``): the stage raises a private exception from that layer's hook
+and catches it around the forward, which changes no output the LM reads.
+
+A family adapter supplies the layers, how to read their attention, and a ``run(pixel_values)`` callable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .capture import AttentionParts
+from .methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, gather_tokens
+
+
+class _StopEncoder(Exception):
+    """Raised from a layer hook once every needed hidden state is recorded; never leaves this module."""
+
+
+@dataclass
+class StageResult:
+    """What the stage recorded for a batch of images (rows aligned across ``hidden``, ``positions``, ``sizes``)."""
+
+    hidden: dict[int, list[torch.Tensor]]
+    """hidden_states index -> per image [T, d], CLS at row 0."""
+    positions: list[torch.Tensor]
+    """Per image [T] original patch index of each row of the last recorded state (CLS: -1)."""
+    sizes: list[torch.Tensor]
+    traces: list[list[int]]
+    """Per image, per encoder layer, the sequence length entering it (0 for layers skipped)."""
+    selection_s: float = 0.0
+
+
+def _heads(x: torch.Tensor, parts: AttentionParts) -> torch.Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, parts.num_heads, parts.head_dim).transpose(1, 2)
+
+
+def _check_cut(cut: EncoderCut, b: int, t: int, d: int, layer: int, name: str) -> None:
+    keep = cut.keep
+    if keep.dim() != 2 or keep.shape[0] != b or not 1 <= keep.shape[1] <= t:
+        raise ValueError(f"{name} at layer {layer}: keep has shape {tuple(keep.shape)}, expected [{b}, 1..{t}]")
+    if bool((keep[:, 0] != 0).any()):
+        raise ValueError(f"{name} at layer {layer}: row 0 (CLS) must be kept first")
+    if keep.shape[1] > 1 and bool((keep[:, 1:] <= keep[:, :-1]).any()):
+        raise ValueError(f"{name} at layer {layer}: kept rows must be strictly ascending")
+    k = keep.shape[1]
+    if cut.hidden is not None and tuple(cut.hidden.shape) != (b, k, d):
+        raise ValueError(f"{name} at layer {layer}: merged hidden {tuple(cut.hidden.shape)}, expected {(b, k, d)}")
+    if cut.sizes is not None and tuple(cut.sizes.shape) != (b, k):
+        raise ValueError(f"{name} at layer {layer}: sizes {tuple(cut.sizes.shape)}, expected {(b, k)}")
+
+
+def run_encoder_stage(
+    layers: Sequence[nn.Module],
+    attention_parts: Callable[[nn.Module], AttentionParts],
+    method: EncoderMethod,
+    plan: EncoderPlan,
+    layout: Layout,
+    target: int,
+    feature_layer: int,
+    record: Sequence[int],
+    run: Callable[[torch.Tensor], object],
+    pixel_values: torch.Tensor,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Run ``run(pixel_values)`` with ``method`` cutting at ``plan.layers``; hooks are removed on exit, always.
+
+    ``layout`` describes the patch grid (CLS is row 0 of every state). ``target``: patch rows left after the last
+    planned layer. ``record``: hidden_states indices to return (0 = embeddings, i = output of layer i-1, after its
+    cut). ``stop_after``: when set, no layer after the one producing ``hidden_states[stop_after]`` runs.
+    When ``target`` equals the patch count nothing is cut and the method is never consulted.
+    """
+    num_layers = len(layers)
+    record = sorted(set(record))
+    planned = set(plan.layers) if target < layout.num_patches else set()
+    if planned and max(planned) >= min(record):
+        raise ValueError(
+            f"{method.name}: cuts after layer {max(planned)} would change hidden_states[{min(record)}] after it is "
+            "read; every cut must happen before the first feature layer"
+        )
+    groups = [slice(i, i + 1) for i in range(pixel_values.shape[0])] if plan.per_image else [slice(None)]
+    out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[])
+    for grp in groups:
+        _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
+                   pixel_values[grp], stop_after, num_layers, out)
+    return out
+
+
+def _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
+               pixel_values, stop_after, num_layers, out: StageResult) -> None:
+    b = int(pixel_values.shape[0])
+    device = pixel_values.device
+    n0 = layout.num_patches
+    st = dict(
+        positions=torch.arange(-1, n0, device=device).expand(b, -1),
+        sizes=torch.ones(b, n0 + 1, device=device),
+        trace=[0] * num_layers,
+        memory={},
+        proj={},
+        hidden={},
+        last_planned=max(planned) if planned else -1,
+    )
+    handles = []
+
+    def note_input(mod, args, kwargs, _i):
+        x = args[0] if args else kwargs["hidden_states"]
+        st["trace"][_i] = int(x.shape[1])
+        if _i == 0 and 0 in record:
+            st["hidden"][0] = x
+
+    def after_layer(mod, args, output, _i):
+        hs = output[0] if isinstance(output, (tuple, list)) else output
+        new = hs
+        if _i in planned:
+            t0 = time.perf_counter()
+            new = _apply_cut(_i, hs, st, attention_parts(layers[_i]), method, plan, layout, target, feature_layer,
+                             num_layers)
+            out.selection_s += time.perf_counter() - t0
+        if _i + 1 in record:
+            st["hidden"][_i + 1] = new
+        if stop_after is not None and _i + 1 >= stop_after:
+            raise _StopEncoder
+        if new is hs:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def capture(name, _i):
+        def hook(mod, args, output):
+            st["proj"][(name, _i)] = output
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(lambda m, a, k, _i=i: note_input(m, a, k, _i),
+                                                           with_kwargs=True))
+            handles.append(layer.register_forward_hook(lambda m, a, o, _i=i: after_layer(m, a, o, _i)))
+        for i in planned:
+            parts = attention_parts(layers[i])
+            wanted = {"k": plan.keys or plan.cls_attention, "q": plan.cls_attention, "v": plan.values}
+            for name, mod in (("q", parts.q_proj), ("k", parts.k_proj), ("v", parts.v_proj)):
+                if wanted[name]:
+                    if mod is None:
+                        raise ValueError(f"{method.name} needs {name}_proj of encoder layer {i}, which is unknown")
+                    handles.append(mod.register_forward_hook(capture(name, i)))
+        try:
+            run(pixel_values)
+        except _StopEncoder:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in record if i not in st["hidden"]]
+    if missing:
+        raise RuntimeError(f"the encoder forward did not produce hidden_states {missing}")
+    for i in record:
+        out.hidden[i].extend(st["hidden"][i].unbind(0))
+    out.positions.extend(st["positions"].unbind(0))
+    out.sizes.extend(st["sizes"].unbind(0))
+    out.traces.extend([list(st["trace"]) for _ in range(b)])
+
+
+def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers) -> torch.Tensor:
+    b, t, d = hs.shape
+    proj = st["proj"]
+    sig = {}
+    if plan.cls_attention:
+        q = _heads(proj[("q", layer)][:, :1], parts).float()
+        k = _heads(proj[("k", layer)], parts).float()
+        sig["cls_attention"] = ((q @ k.transpose(-1, -2)).squeeze(-2) * parts.scale).softmax(dim=-1)
+    if plan.keys:
+        sig["keys"] = _heads(proj[("k", layer)], parts)
+    if plan.values:
+        sig["values"] = _heads(proj[("v", layer)], parts)
+    state = EncoderState(layer=layer, num_layers=num_layers, feature_layer=feature_layer, layout=layout, hidden=hs,
+                         sizes=st["sizes"], positions=st["positions"], target=target, memory=st["memory"], **sig)
+    for key in [k for k in proj if k[1] == layer]:
+        del proj[key]  # the projections of this layer are not needed any more
+    if t - 1 == target:
+        return hs  # already at the target: nothing left to score or cut
+    cut = method.cut(state)
+    if cut is None:
+        if layer == st["last_planned"]:
+            raise ValueError(f"{method.name} made no cut at its last layer {layer}; {t - 1} patches, target {target}")
+        return hs
+    _check_cut(cut, b, t, d, layer, method.name)
+    left = cut.keep.shape[1] - 1
+    if left < target or (layer == st["last_planned"] and left != target):
+        raise ValueError(f"{method.name} left {left} patches after layer {layer}; the target is {target}")
+    keep = cut.keep
+    st["positions"] = torch.gather(st["positions"], 1, keep)
+    st["sizes"] = cut.sizes.float() if cut.sizes is not None else torch.gather(st["sizes"], 1, keep)
+    new = cut.hidden.to(hs.dtype) if cut.hidden is not None else gather_tokens(hs, keep)
+    return new.contiguous()

@@ -1,0 +1,432 @@
+"""The in-LLM stage: visual tokens leave the sequence between decoder layers, for the rest of prefill and decoding.
+
+Instance-level forward pre-hooks on the LM's decoder layers (found by the adapter) run for one sieved call and are
+removed in ``finally``. The decoder loop hands every layer full-length ``position_embeddings`` and a mask sized for
+layer 0, so from a boundary on each layer's arguments are rewritten to the kept *slots*:
+
+- hidden states are gathered at the boundary (each later layer receives the shorter output of the one before);
+- cos/sin (and ``position_ids``) are gathered, so kept tokens keep their original RoPE phases;
+- the prefill mask is the layer-0 mask gathered on rows and columns; while decoding, the prompt columns are
+  replaced by the slots' validity and the new-token columns are kept, because the KV cache of a pruned layer
+  holds only the kept slots;
+- samples of a batch may keep different numbers of tokens: shorter ones get extra masked slots on the left, so
+  the last slot is still each sample's last token and ``logits[:, -1]`` stays right.
+
+Attention rows a method scores with are recomputed from the scoring layer's own norm and q/k projections with
+RoPE, for the needed query rows only; the model keeps its SDPA (or eager) attention. Generation never reads the
+KV-cache length of a pruned layer (positions and the mask come from layer 0), which is what makes this work with
+``generate()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import Budget
+from .errors import StageError
+from .methods.base import (
+    PRE_PROJECTOR,
+    QUERY_LAST,
+    QUERY_TEXT,
+    LLMMethod,
+    LLMSignals,
+    Method,
+    Selection,
+    Signals,
+)
+
+
+class KeepAll(Method):
+    """Pre-LLM stand-in when a sieve has only an in-LLM method: encode once, keep every token."""
+
+    name = "keep-all"
+    description = "keeps every visual token"
+    stage = PRE_PROJECTOR
+
+    def select(self, signals: Signals, k: int) -> Selection:
+        idx = torch.arange(signals.num_tokens, device=signals.features.device)
+        return Selection(indices=idx.expand(signals.batch, -1))
+
+
+@dataclass(frozen=True)
+class LLMParts:
+    """What scoring needs from one decoder layer: its input norm, projections and head geometry."""
+
+    norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Standard half-rotation RoPE: x [.., T, hd] with cos/sin [T, hd]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass
+class _Layout:
+    """The slots a layer processes: per sample, original positions, validity, and which are visual (and of which image)."""
+
+    orig: torch.Tensor  # [B, N] positions in the prefill sequence (extra slots: 0)
+    valid: torch.Tensor  # [B, N] real tokens (not padding, not extra)
+    extra: torch.Tensor  # [B, N] slots added so samples line up
+    image: torch.Tensor  # [B, N] image index within the sample, -1 for non-visual
+
+    @property
+    def visual(self) -> torch.Tensor:
+        return self.image >= 0
+
+    def gather(self, rel: torch.Tensor, extra: torch.Tensor) -> "_Layout":
+        g = lambda t: t.gather(1, rel)  # noqa: E731
+        extra = extra | g(self.extra)  # alignment slots of earlier boundaries stay alignment slots
+        return _Layout(g(self.orig), g(self.valid) & ~extra, extra, g(self.image).masked_fill(extra, -1))
+
+    @property
+    def trivial(self) -> bool:
+        return bool(self.valid.all())
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _format(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    out = torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device)
+    return out.masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+@dataclass
+class _Trace:
+    tokens: list[list[int]] = field(default_factory=list)  # per layer, per sample
+    visual: list[list[int]] = field(default_factory=list)
+    per_image: list[list[list[int]]] = field(default_factory=list)  # per layer, per sample, per image
+
+
+class LLMStage:
+    """One in-LLM method armed for one call: the plan per image, and the hooks that carry it out.
+
+    ``counts[b]`` are sample b's visual tokens per image as they enter the LM; ``budget`` is the layer-averaged
+    target per image (``None`` for unbudgeted rules).
+    """
+
+    def __init__(self, adapter, method: LLMMethod, budget: Budget | None, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, counts: list[list[int]]) -> None:
+        self.adapter = adapter
+        self.method = method
+        self.layers = adapter.decoder_layers()
+        self.num_layers = len(self.layers)
+        b, length = input_ids.shape
+        self.length = length
+        self.counts = counts
+        visual = (input_ids == adapter.image_token_id) & (attention_mask != 0)
+        image = torch.full((b, length), -1, dtype=torch.long)
+        for s in range(b):
+            pos = visual[s].nonzero().flatten().cpu()
+            if pos.numel() != sum(counts[s]):
+                raise StageError(f"sample {s} has {pos.numel()} visual tokens but its images account for {sum(counts[s])}")
+            image[s, pos] = torch.repeat_interleave(torch.arange(len(counts[s])), torch.tensor(counts[s], dtype=torch.long))
+        self.base_image = image.to(input_ids.device)
+        self.base_valid = attention_mask != 0
+        # plan: per sample, per image, [(layer, count)]; the boundaries are the union of all plans' layers
+        self.plans = []
+        for s in range(b):
+            plans = []
+            for n in counts[s]:
+                if n == 0:
+                    plans.append([])
+                    continue
+                target = None
+                if budget is not None and method.budgeted:
+                    target = budget.resolve(n, what="the visual tokens of an image entering the LM")
+                plans.append(method.schedule(n, self.num_layers, target))
+            self.plans.append(plans)
+        self.boundaries = sorted({layer for plans in self.plans for plan in plans for layer, _ in plan})
+        for layer in self.boundaries:
+            if not 1 <= layer < self.num_layers:
+                raise StageError(f"{method.name} planned a boundary at layer {layer}; the LM has {self.num_layers} layers")
+        self.capture_layers = set()
+        if method.attention_from == "previous" and method.query is not None or method.needs_keys:
+            self.capture_layers = {layer - 1 for layer in self.boundaries}
+        self.handles: list = []
+        self.trace: _Trace | None = None
+        self.final: _Layout | None = None
+        self.layouts: dict[int, _Layout] = {}  # layer -> layout it runs on (from the first boundary on)
+
+    # -- install / remove ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        try:
+            for i, layer in enumerate(self.layers):
+                self.handles.append(
+                    layer.register_forward_pre_hook(lambda m, a, k, _i=i: self._pre(_i, m, a, k), with_kwargs=True)
+                )
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    # -- the hook -------------------------------------------------------------------------------------------------
+    def _pre(self, i: int, module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        if i == 0:
+            pkv = kwargs.get("past_key_values")
+            self._prefill = pkv is None or pkv.get_seq_length(0) == 0
+            self._memo: dict = {}
+            if self._prefill:
+                self._start_prefill(hs)
+        if self._prefill:
+            hs, kwargs = self._prefill_layer(i, module, hs, kwargs)
+        elif i in self.layouts:
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = self._decode_mask(
+                self.layouts[i], kwargs.get("attention_mask"), hs.shape[1], kwargs.get("past_key_values")
+            )
+        else:
+            return None
+        if args:
+            return (hs,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hs
+        return args, kwargs
+
+    def _start_prefill(self, hs: torch.Tensor) -> None:
+        b, length = hs.shape[:2]
+        if length < self.length or b != self.base_valid.shape[0]:
+            raise StageError(
+                f"the LM received {b} x {length} tokens but the sieve prepared {tuple(self.base_valid.shape)}; an "
+                "in-LLM stage can only run on the prompt it was prepared for"
+            )
+        ext = length - self.length  # a no-cache generate() re-runs the prompt plus the tokens generated so far
+        dev = hs.device
+        valid = torch.cat([self.base_valid, torch.ones(b, ext, dtype=torch.bool, device=dev)], 1)
+        image = torch.cat([self.base_image, torch.full((b, ext), -1, dtype=torch.long, device=dev)], 1)
+        orig = torch.arange(length, device=dev).expand(b, -1)
+        self.cur = _Layout(orig, valid, torch.zeros_like(valid), image)
+        self.base = self.cur
+        self.full_length = length
+        self.captured = None
+        if self.trace is None:  # keep the first prefill's trace: the prompt's
+            self._record = _Trace()
+        else:
+            self._record = None
+        self.layouts = {}
+
+    def _prefill_layer(self, i, module, hs, kwargs):
+        kwargs = dict(kwargs)
+        self._memo.setdefault("raw", dict(kwargs))  # every layer of one forward gets the same full-length arguments
+        if self.cur is not self.base:
+            kwargs = self._apply(self.cur, kwargs)
+        if i in self.boundaries:
+            new, rel = self._select(i, module, hs, kwargs)
+            hs = hs.gather(1, rel.unsqueeze(-1).expand(-1, -1, hs.shape[-1]))
+            self.cur = new
+            kwargs = self._apply(new, self._memo["raw"])
+        if self.cur is not self.base:
+            self.layouts[i] = self.cur
+        if i in self.capture_layers:
+            cos, sin = kwargs["position_embeddings"]
+            self.captured = (module, hs, cos, sin, self.cur)
+        if self._record is not None:
+            lay = self.cur
+            self._record.tokens.append(lay.valid.sum(1).tolist())
+            self._record.visual.append((lay.visual & lay.valid).sum(1).tolist())
+            self._record.per_image.append([
+                [int(((lay.image[s] == j) & lay.valid[s]).sum()) for j in range(len(self.counts[s]))]
+                for s in range(lay.orig.shape[0])
+            ])
+            if i == self.num_layers - 1:
+                self.trace, self.final = self._record, self.cur
+        return hs, kwargs
+
+    def _apply(self, lay: _Layout, kwargs: dict) -> dict:
+        """Arguments of a layer that runs on ``lay``'s slots; computed once per layout and forward."""
+        if "raw" not in self._memo:
+            self._memo["raw"] = dict(kwargs)
+        key = id(lay)
+        if key in self._memo:
+            return dict(kwargs, **self._memo[key])
+        raw = self._memo["raw"]
+        b, n = lay.orig.shape
+        out = {}
+        cos, sin = raw["position_embeddings"]
+        if cos.shape[-2] != self.full_length:
+            raise StageError(f"position embeddings of length {cos.shape[-2]} do not match the prompt ({self.full_length})")
+        idx = lay.orig.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+        out["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
+        pid = raw.get("position_ids")
+        if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == self.full_length:
+            out["position_ids"] = pid.expand(b, -1).gather(1, lay.orig)
+        out["attention_mask"] = self._prefill_mask(lay, raw.get("attention_mask"))
+        self._memo[key] = out
+        return dict(kwargs, **out)
+
+    @staticmethod
+    def _check_mask(mask) -> None:
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            raise StageError(
+                "in-LLM stages need the LM on 'sdpa' or 'eager' attention (a 4-D mask or none); got a "
+                f"{type(mask).__name__} mask of shape {getattr(mask, 'shape', None)}"
+            )
+
+    def _prefill_mask(self, lay: _Layout, mask):
+        self._check_mask(mask)
+        b, n = lay.orig.shape
+        if mask is None:
+            if not bool(lay.extra.any()):
+                return None  # causal over an order-preserving slice is still causal: SDPA's is_causal holds
+            allowed = torch.ones(n, n, dtype=torch.bool, device=lay.orig.device).tril().expand(b, 1, n, n)
+        else:
+            full = _allowed(mask).expand(b, 1, -1, -1)
+            rows = full.gather(2, lay.orig[:, None, :, None].expand(-1, 1, -1, full.shape[-1]))
+            allowed = rows.gather(3, lay.orig[:, None, None, :].expand(-1, 1, n, -1))
+        allowed = allowed & ~lay.extra[:, None, None, :]
+        # an extra slot sees only itself, so its (never used) output stays finite
+        allowed = allowed | (torch.diag_embed(lay.extra)[:, None])
+        return _format(allowed, mask)
+
+    def _decode_mask(self, lay: _Layout, mask, q: int, past_key_values):
+        self._check_mask(mask)
+        key = ("decode", id(lay))
+        if key in self._memo:
+            return self._memo[key]
+        if mask is None and lay.trivial:
+            out = None
+        else:
+            b, n = lay.orig.shape
+            prompt = lay.valid[:, None, None, :].expand(b, 1, q, n)
+            if mask is None:  # q == 1 and no padding: every cached new token is visible
+                new = past_key_values.get_seq_length(0) - self.full_length  # layer 0 already holds this step
+                new_cols = torch.ones(b, 1, q, new, dtype=torch.bool, device=prompt.device)
+            else:
+                new_cols = _allowed(mask).expand(b, 1, q, -1)[..., self.full_length:]
+            out = _format(torch.cat([prompt, new_cols], dim=-1), mask)
+        self._memo[key] = out
+        return out
+
+    # -- selection ------------------------------------------------------------------------------------------------
+    def _select(self, i: int, module, hs: torch.Tensor, kwargs: dict):
+        lay = self.cur
+        method = self.method
+        if method.attention_from == "previous":
+            src = self.captured
+        else:
+            cos, sin = kwargs["position_embeddings"]
+            src = (module, hs, cos, sin, lay)
+        b = lay.orig.shape[0]
+        keep_rel, sizes = [], []
+        for s in range(b):
+            vis = lay.visual[s] & lay.valid[s]
+            slots = vis.nonzero().flatten()
+            img = lay.image[s, slots]
+            segments = [int((img == j).sum()) for j in range(len(self.counts[s]))]
+            ks = []
+            for j, plan in enumerate(self.plans[s]):
+                k = segments[j]
+                for layer, kept in plan:
+                    if layer == i:
+                        k = min(k, kept) if kept is not None else None
+                ks.append(k)
+            signals = LLMSignals(hidden=hs[s, slots], segments=segments, layer=i, num_layers=self.num_layers)
+            if slots.numel():
+                self._signals(signals, s, slots, src, hs)
+                kept = method.select_llm(signals, ks)
+            else:
+                kept = [torch.empty(0, dtype=torch.long) for _ in segments]
+            offsets = torch.tensor([0] + segments[:-1], dtype=torch.long).cumsum(0)
+            chosen = torch.cat([k.to(torch.long).cpu() + o for k, o in zip(kept, offsets)]) if kept else torch.empty(0, dtype=torch.long)
+            drop = torch.ones(slots.numel(), dtype=torch.bool)
+            drop[chosen] = False
+            keep = torch.ones(lay.orig.shape[1], dtype=torch.bool, device=hs.device)
+            keep[slots[drop.to(slots.device)]] = False
+            rel = keep.nonzero().flatten()
+            keep_rel.append(rel)
+            sizes.append(rel.numel())
+        n_new = max(sizes)
+        rel = torch.zeros(b, n_new, dtype=torch.long, device=hs.device)
+        extra = torch.zeros(b, n_new, dtype=torch.bool, device=hs.device)
+        for s, r in enumerate(keep_rel):
+            pad = n_new - r.numel()
+            rel[s, pad:] = r
+            extra[s, :pad] = True
+        return lay.gather(rel, extra), rel
+
+    def _signals(self, signals: LLMSignals, s: int, slots: torch.Tensor, src, hs_now: torch.Tensor) -> None:
+        method = self.method
+        if method.query is None and not method.needs_keys:
+            return  # a selector that reads only hidden states
+        module, h, cos, sin, lay = src
+        if lay is not self.cur:  # boundaries are never on adjacent layers, so the scoring layer ran on these slots
+            raise StageError(f"{method.name}: boundaries on adjacent layers are not supported")
+        parts: LLMParts = self.adapter.llm_parts(module)
+        valid = lay.valid[s]
+        cos, sin = cos[s if cos.shape[0] > 1 else 0], sin[s if sin.shape[0] > 1 else 0]  # [N, hd]
+        with torch.no_grad():
+            x = parts.norm(h[s : s + 1])[0]  # [N, d]
+            k = parts.k_proj(x).view(x.shape[0], parts.num_kv_heads, parts.head_dim)
+            if parts.k_norm is not None:
+                k = parts.k_norm(k)
+            k = rotate(k.transpose(0, 1), cos, sin)  # [Hkv, N, hd]
+            if method.needs_keys:
+                flat = k.transpose(0, 1).reshape(x.shape[0], -1)
+                text = valid & ~lay.visual[s]
+                signals.keys = flat[slots]
+                signals.text_keys = flat[text]
+                signals.text_hidden = hs_now[s][text]  # entering the boundary layer, like ``hidden``
+            if method.query is None:
+                return
+            rows = self._query_rows(lay, s)
+            if rows.numel() == 0:
+                signals.attention = torch.zeros(parts.num_heads, 0, slots.numel())
+                return
+            q = parts.q_proj(x[rows]).view(rows.numel(), parts.num_heads, parts.head_dim)
+            if parts.q_norm is not None:
+                q = parts.q_norm(q)
+            q = rotate(q.transpose(0, 1), cos[rows], sin[rows])  # [H, r, hd]
+            kk = k.repeat_interleave(parts.num_heads // parts.num_kv_heads, dim=0)
+            logits = (q.float() @ kk.float().transpose(-1, -2)) * parts.scaling  # [H, r, N]
+            orig = lay.orig[s]
+            visible = valid[None, :] & (orig[None, :] <= orig[rows][:, None])
+            probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+            signals.attention = probs[:, :, slots]
+
+    def _query_rows(self, lay: _Layout, s: int) -> torch.Tensor:
+        valid = lay.valid[s]
+        if self.method.query == QUERY_LAST:
+            return valid.nonzero().flatten()[-1:]
+        if self.method.query == QUERY_TEXT:
+            vis = (lay.visual[s] & valid).nonzero().flatten()
+            if vis.numel() == 0:
+                return vis
+            first = lay.orig[s, vis[0]]
+            return (valid & ~lay.visual[s] & (lay.orig[s] > first)).nonzero().flatten()
+        raise StageError(f"{self.method.name}: unknown query kind {self.method.query!r}")
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def fill(self, report) -> None:
+        """Per-layer token counts (the prompt's prefill) and the slots after the last boundary."""
+        if self.trace is None:
+            return
+        report.llm_layer_tokens = [list(x) for x in zip(*self.trace.tokens)]
+        report.llm_layer_visual_tokens = [list(x) for x in zip(*self.trace.visual)]
+        per_sample_images: dict[int, list] = {}
+        for im in report.images:
+            per_sample_images.setdefault(im.sample, []).append(im)
+        for s, ims in per_sample_images.items():
+            for j, im in enumerate(ims):
+                im.llm_layer_tokens = [layer[s][j] for layer in self.trace.per_image]
+        lay = self.final
+        report.llm_kept_positions = [torch.where(lay.extra[s], -1, lay.orig[s]) for s in range(lay.orig.shape[0])]

@@ -1,0 +1,55 @@
+"""FastV: after decoder layer K, keep the visual tokens the last prompt token attended to most.
+
+Scoring reads layer K-1's attention probabilities (head mean) of the last real token to the visual tokens; this
+is what the KV-cache implementation of FastV uses (the paper's text describes the average over all query tokens;
+we follow the code). Kept tokens keep their original RoPE phases.
+
+Budget mapping: papers quote FastV at 192/128/64 as the *layer-averaged* number of visual tokens, so a budget T
+for an image of n tokens on an L-layer LM keeps ``k = round((T*L - K*n) / (L - K))`` from layer K on (LLaVA-1.5-7B,
+L=32, K=2, n=576: 192 -> 166, 128 -> 98, 64 -> 30; FastV's own R=50% is k=288, i.e. an average of 306). A budget
+below ``K*n/L`` cannot be reached without moving K and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BudgetError
+from . import register
+from .base import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
+
+
+def single_boundary(n: int, num_layers: int, target: int, layer: int, name: str) -> list[tuple[int, int]]:
+    """Keep count from ``layer`` on that makes the layer average ``target`` (shared by one-boundary methods)."""
+    if not 0 < layer < num_layers:
+        raise BudgetError(f"{name}: pruning layer {layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM")
+    k = round((target * num_layers - layer * n) / (num_layers - layer))
+    if k < 1:
+        floor = -(-(layer * n + num_layers - layer) // num_layers)
+        raise BudgetError(
+            f"{name} prunes after layer {layer}, so {n} visual tokens run through {layer} of {num_layers} layers: "
+            f"a layer-averaged budget of {target} is out of reach (at least {floor}); use an earlier layer or a "
+            "pre-LLM method in front"
+        )
+    return [(layer, min(k, n))]
+
+
+@register
+class FastV(LLMMethod):
+    name = "fastv"
+    description = "in-LLM: after layer K, keep visual tokens with the most last-token attention at layer K-1"
+    signals = ("last-token attention (layer K-1)",)
+    query = QUERY_LAST
+    attention_from = "previous"
+
+    def __init__(self, layer: int = 2) -> None:
+        if not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"fastv layer must be an int >= 1 (the first layer run without pruned tokens), got {layer!r}")
+        self.layer = layer
+
+    def schedule(self, n, num_layers, target):
+        return single_boundary(n, num_layers, target, self.layer, self.name)
+
+    def select_llm(self, signals: LLMSignals, ks):
+        scores = signals.attention.float().mean(dim=(0, 1))  # heads and (one) query row
+        return per_segment_topk(scores, signals.segments, ks)

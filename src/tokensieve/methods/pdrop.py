@@ -1,0 +1,79 @@
+"""PyramidDrop: several in-LLM boundaries, each keeping a geometrically smaller share of the visual tokens.
+
+At each boundary the boundary layer's own input norm and q/k projections (RoPE applied) score the visual tokens by
+the attention of the last instruction token (head mean); the top ``lambda**s * n`` stay (cumulative ratios). The
+published LLaVA-1.5 setting is boundaries at layers 8/16/24 of 32 with lambda 0.5 (a layer average of 270 of 576).
+
+Budget mapping (our reading; PyramidDrop's 192/128/64 rows in other papers tune layers and ratios by hand):
+the boundaries stay at the published depth fractions ``layers`` and lambda is solved so the layer-averaged count
+equals the budget. When the budget is below what those boundaries can reach (the first stage alone keeps n tokens
+for a quarter of the depth), the boundaries move to the "early" schedule: first at layer 2, the others evenly
+spaced over the rest of the depth, and lambda is solved again. ``ratio`` fixes lambda instead (budget ignored for
+the ratio, boundaries as given).
+"""
+
+from __future__ import annotations
+
+from ..errors import BudgetError
+from . import register
+from .base import QUERY_LAST, LLMMethod, LLMSignals, averaged_tokens, per_segment_topk
+
+
+def _plan(n: int, layers: list[int], lam: float) -> list[tuple[int, int]]:
+    return [(layer, max(1, round(n * lam ** (s + 1)))) for s, layer in enumerate(layers)]
+
+
+@register
+class PyramidDrop(LLMMethod):
+    name = "pdrop"
+    description = "in-LLM: boundaries at depth fractions, cumulative ratios lambda^s, last-instruction attention"
+    signals = ("last-instruction-token attention (boundary layer q/k)",)
+    query = QUERY_LAST
+    attention_from = "current"
+
+    def __init__(self, layers: tuple[float, ...] = (0.25, 0.5, 0.75), ratio: float | None = None,
+                 early_first_layer: int = 2) -> None:
+        layers = tuple(layers)
+        if not layers or any(not 0.0 < f < 1.0 for f in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"pdrop layers must be increasing depth fractions in (0, 1), got {layers!r}")
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            raise ValueError(f"pdrop ratio (lambda) must lie in (0, 1), got {ratio!r}")
+        self.layers = layers
+        self.ratio = ratio
+        self.early_first_layer = early_first_layer
+
+    def boundaries(self, num_layers: int, early: bool = False) -> list[int]:
+        if early:
+            first, s = self.early_first_layer, len(self.layers)
+            out = [first] + [first + round((num_layers - first) * i / s) for i in range(1, s)]
+        else:
+            out = [round(f * num_layers) for f in self.layers]
+        if out[0] < 1 or out[-1] >= num_layers or len(set(out)) != len(out):
+            raise BudgetError(f"pdrop boundaries {out} do not fit a {num_layers}-layer LM")
+        return out
+
+    def schedule(self, n, num_layers, target):
+        layers = self.boundaries(num_layers)
+        if self.ratio is not None:
+            return _plan(n, layers, self.ratio)
+        for early in (False, True):
+            layers = self.boundaries(num_layers, early)
+            lo, hi = 0.0, 1.0
+            if averaged_tokens(n, num_layers, _plan(n, layers, 1e-9)) > target:
+                continue  # even dropping everything at the first boundary averages too much
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if averaged_tokens(n, num_layers, _plan(n, layers, mid)) > target:
+                    hi = mid
+                else:
+                    lo = mid
+            return _plan(n, layers, lo)
+        floor = averaged_tokens(n, num_layers, _plan(n, layers, 1e-9))
+        raise BudgetError(
+            f"pdrop cannot average {target} visual tokens per layer with its first boundary at layer {layers[0]} "
+            f"(at least {floor:.0f} of {n}); lower early_first_layer or put a pre-LLM method in front"
+        )
+
+    def select_llm(self, signals: LLMSignals, ks):
+        scores = signals.attention.float().mean(dim=(0, 1))
+        return per_segment_topk(scores, signals.segments, ks)

@@ -1,0 +1,52 @@
+"""VTC-CLS: FasterVLM's CLS-attention score, summed over many encoder layers.
+
+Wang et al., "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs" (THU-MIG/VTC-CLS), as
+summarised in the reference notes (section 16): the head-mean CLS attention to each patch, summed over encoder
+layers ``start_layer .. end_layer``, top-k in raster order.
+
+The reference code sums layers ``start .. L - 2`` with ``start`` a command-line argument; our defaults are
+``start_layer = L // 2`` (our choice; the paper sweeps it) and ``end_layer = feature_layer`` clamped to the last
+layer, i.e. module 22 of CLIP-L when LLaVA reads ``hidden_states[-2]`` (L - 2). Each row is computed from that
+layer's q/k only (the CLS query row), so the encoder stays on SDPA.
+"""
+
+from __future__ import annotations
+
+from ..errors import BudgetError, MissingSignalError
+from . import register
+from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+
+
+@register
+class VtcCls(Method):
+    name = "vtc_cls"
+    description = "Keep the top-k patches by [CLS] attention (head mean) summed over a range of encoder layers."
+    stage = PRE_PROJECTOR
+    signals = ("CLS attention (layer range)",)
+
+    def __init__(self, start_layer: int | None = None, end_layer: int | None = None):
+        for name, v in (("start_layer", start_layer), ("end_layer", end_layer)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be a non-negative int or None, got {v!r}")
+        self.start_layer, self.end_layer = start_layer, end_layer
+
+    def _layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
+        end = min(feature_layer, num_layers - 1) if self.end_layer is None else self.end_layer
+        start = num_layers // 2 if self.start_layer is None else self.start_layer
+        if not 0 <= start <= end < num_layers:
+            raise ValueError(f"need 0 <= start_layer <= end_layer < {num_layers}, got {start}..{end}")
+        return tuple(range(start, end + 1))
+
+    def request(self, num_layers: int, feature_layer: int) -> Request:
+        return Request(cls_attention=self._layers(num_layers, feature_layer))
+
+    def select(self, signals: Signals, k: int) -> Selection:
+        n = signals.num_tokens
+        if not 1 <= k <= n:
+            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        layers = self._layers(signals.num_layers, signals.feature_layer)
+        missing = [i for i in layers if i not in signals.cls_attention]
+        if missing:
+            raise MissingSignalError(f"vtc_cls needs the CLS attention of encoder layers {missing}")
+        scores = sum(signals.cls_attention[i].float().mean(dim=1) for i in layers)
+        return Selection(indices=topk_sorted(scores, k), scores=scores)

@@ -1,0 +1,168 @@
+"""LLaVA-NeXT anyres: per-crop, per-image and global budgets, the newline policy, padded batches of unequal images."""
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokensieve import Sieve
+from tokensieve.adapters import get_adapter
+from tokensieve.budget import Budget
+from tokensieve.methods import get_method
+from tokensieve.tiny import demo_image
+
+from .conftest import prompt
+from tokensieve.adapters.llava_next import LlavaNextAdapter
+
+from .families import methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
+
+SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
+
+METHODS = methods_for(LlavaNextAdapter)  # the stages this family supports today
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    return build_tiny_llava_next()
+
+
+@pytest.fixture(scope="module")
+def batch(next_model):
+    """Two images of different shapes (5 and 3 crops, both unpadded), left-padded prompts."""
+    _, proc = next_model
+    images = [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64))]
+    return proc(
+        images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")], return_tensors="pt",
+        padding=True,
+    )
+
+
+
+
+def _crops(model, batch):
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    cfg = model.config
+    return [
+        get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for size in batch["image_sizes"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def vanilla(next_model, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
+    model, _ = next_model
+    return _logits(model, batch), _gen(model, batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
+    model, _ = next_model
+    ref, ref_gen = vanilla
+    sieve = Sieve(method, 1.0)
+    with sieve(model):
+        got, got_gen = _logits(model, batch), _gen(model, batch)
+    n_in = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert [im.tokens_out for im in sieve.last_report.images] == n_in
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.equal(got_gen, ref_gen)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "random"])
+@pytest.mark.parametrize("budget,scope,expected", [(4, "crop", [20, 12]), (20, "image", [20, 20]), (12, "global", [12, 12])])
+def test_selected_counts_follow_the_scope(next_model, batch, method, budget, scope, expected):
+    model, _ = next_model
+    (nph0, npw0), (nph1, npw1) = _crops(model, batch)
+    assert (1 + nph0 * npw0, 1 + nph1 * npw1) == (5, 3)
+    sieve = Sieve(method, budget, scope=scope)
+    with sieve(model):
+        out = _gen(model, batch, n=2)
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == expected
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    if scope == "crop":  # 4 from each crop, base view included
+        for im in sieve.last_report.images:
+            per_crop = torch.bincount(torch.tensor(im.kept_indices) // (SIDE * SIDE))
+            assert per_crop.tolist() == [4] * len(per_crop)
+
+
+def _expected_newlines(model, batch, image, kept):
+    """Grid rows (across the crop grid) holding at least one kept patch: one newline each."""
+    nph, npw = _crops(model, batch)[image]
+    rows = set()
+    for idx in kept:
+        crop, patch = divmod(idx, SIDE * SIDE)
+        if crop == 0:
+            continue  # the base view has no newlines
+        rows.add(((crop - 1) // npw) * SIDE + patch // SIDE)
+    return len(rows)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random"])
+def test_newline_kept_only_for_rows_that_keep_tokens(next_model, batch, method):
+    model, _ = next_model
+    adapter = get_adapter(model)
+    enc = {k: batch[k] for k in ("pixel_values", "image_sizes")}
+    with torch.inference_mode():
+        encoded = adapter.encode(get_method(method)(), Budget.parse(2, "crop"), enc)
+    newline = model.model.image_newline
+    for i, (feats, im) in enumerate(zip(encoded.features, encoded.images)):
+        is_nl = (feats == newline).all(dim=-1)
+        assert int(is_nl.sum()) == _expected_newlines(model, batch, i, im.kept_indices)
+        assert feats.shape[0] == len(im.kept_indices) + int(is_nl.sum())
+        assert not bool(is_nl[: 2].any())  # the base view's two tokens come first, with no newline
+
+
+def test_forward_equals_hand_written_reference(next_model, batch):
+    """random at 3 per crop: the same survivors and newlines, built by hand from the model's own packing."""
+    model, _ = next_model
+    sieve = Sieve("random", 3, scope="crop")
+    with sieve(model):
+        got = _logits(model, batch)
+    base = model.model
+    side2 = SIDE * SIDE
+    with torch.inference_mode():
+        packed = base.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    kept_feats, kept_counts = [], []
+    for i, feats in enumerate(packed):
+        nph, npw = _crops(model, batch)[i]
+        n = 1 + nph * npw
+        ids = (torch.arange(n * side2, dtype=torch.float64)).view(n, side2, 1)
+        layout, _ = base.pack_image_features([ids], batch["image_sizes"][i : i + 1], "default", torch.tensor([-1.0]))
+        layout = layout[0].view(-1).long()
+        keep = torch.zeros(layout.numel(), dtype=torch.bool)
+        for crop in range(n):
+            where = ((layout >= crop * side2) & (layout < (crop + 1) * side2)).nonzero().flatten()
+            where = where[layout[where].argsort()]  # raster order inside the crop
+            pick = torch.randperm(where.numel(), generator=torch.Generator().manual_seed(0))[:3].sort().values
+            keep[where[pick]] = True
+        row_has = False
+        for p in range(layout.numel()):  # newline of a row with a kept token
+            if layout[p] < 0:
+                keep[p] = row_has
+                row_has = False
+            elif layout[p] >= side2 or n == 1:
+                row_has = row_has or bool(keep[p])
+        kept_feats.append(feats[keep])
+        kept_counts.append(int(keep.sum()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    img = model.config.image_token_id
+    rows = []
+    for b in range(ids.shape[0]):
+        pos = (ids[b] == img).nonzero().flatten()
+        drop = pos[kept_counts[b]:]
+        keep_pos = torch.ones(ids.shape[1], dtype=torch.bool)
+        keep_pos[drop] = False
+        rows.append(keep_pos.nonzero().flatten())
+    length = max(r.numel() for r in rows)
+    new_ids = torch.zeros(ids.shape[0], length, dtype=torch.long)
+    new_mask = torch.zeros_like(new_ids)
+    for b, r in enumerate(rows):
+        new_ids[b, length - r.numel():] = ids[b, r]
+        new_mask[b, length - r.numel():] = mask[b, r]
+    with torch.inference_mode():
+        ref = model(
+            input_ids=new_ids, attention_mask=new_mask,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=kept_feats)},
+        ).logits
+    assert torch.equal(sieve.last_report.input_ids, new_ids)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

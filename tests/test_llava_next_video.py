@@ -1,0 +1,101 @@
+"""LLaVA-NeXT-Video: anyres images and resampled video frames in one padded batch."""
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokensieve import Sieve
+from tokensieve.tiny import demo_image
+
+from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
+
+from .families import methods_for, build_tiny_llava_next_video, greedy, logits
+
+PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
+
+METHODS = methods_for(LlavaNextVideoAdapter)  # the stages this family supports today
+
+
+@pytest.fixture(scope="module")
+def next_video():
+    return build_tiny_llava_next_video()
+
+
+def _frames(seed):
+    return [demo_image(32, seed + i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def batch(next_video):
+    _, make = next_video
+    return make(
+        ["user : <video> what ? assistant :", "user : <image> <video> what is this ? assistant :"],
+        [demo_image(64, 0).resize((32, 20))],
+        [_frames(0), _frames(5)],
+    )
+
+
+@pytest.fixture(scope="module")
+def vanilla(next_video, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
+    model, _ = next_video
+    return logits(model, batch), greedy(model, batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_equals_vanilla(next_video, batch, vanilla, method):
+    model, _ = next_video
+    ref, ref_gen = vanilla
+    with Sieve(method, 1.0)(model):
+        got, got_gen = logits(model, batch), greedy(model, batch)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.equal(got_gen, ref_gen)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget,scope,per_video", [(2, "image", 6), (4, "global", 4)])
+def test_video_counts(next_video, batch, method, budget, scope, per_video):
+    model, _ = next_video
+    sieve = Sieve(method, budget, scope=scope)
+    with sieve(model):
+        greedy(model, batch, n=2)
+    image, video0, video1 = sieve.last_report.images
+    assert (image.sample, video0.sample, video1.sample) == (1, 0, 1)
+    assert video0.tokens_in == 3 * PER_FRAME and video0.tokens_out == video1.tokens_out == per_video
+    if scope == "image":
+        # 2 tokens for the image, split over its 5 crops as (1, 1, 0, 0, 0): the base view's token, then one grid
+        # token with its row's newline; at k=1 VisionZip keeps each crop's CLS token, which has no row
+        assert image.tokens_out == (2 if method == "visionzip" else 3)
+
+
+def test_forward_equals_hand_written_reference(next_video):
+    """random, 2 per frame, on videos only: the model's own frame tokens gathered by hand."""
+    model, make = next_video
+    inputs = make(["user : <video> what ? assistant :", "user : <video> what is it ? assistant :"], (), [_frames(1), _frames(7)])
+    sieve = Sieve("random", 2)
+    with sieve(model):
+        got = logits(model, inputs)
+    keep = torch.randperm(PER_FRAME, generator=torch.Generator().manual_seed(0))[:2].sort().values
+    keep = torch.cat([keep + f * PER_FRAME for f in range(3)])
+    with torch.inference_mode():
+        tokens = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    vid = model.config.video_token_id
+    rows = []
+    for b in range(2):
+        pos = (ids[b] == vid).nonzero().flatten()
+        drop = torch.ones(pos.numel(), dtype=torch.bool)
+        drop[keep] = False
+        row = torch.ones(ids.shape[1], dtype=torch.bool)
+        row[pos[drop]] = False
+        rows.append(row)
+    length = max(int(r.sum()) for r in rows)
+    new_ids = torch.stack([torch.cat([ids[b, :0].new_zeros(length - int(r.sum())), ids[b, r]]) for b, r in enumerate(rows)])
+    new_mask = torch.stack([torch.cat([mask[b, :0].new_zeros(length - int(r.sum())), mask[b, r]]) for b, r in enumerate(rows)])
+    with torch.inference_mode():
+        ref = model(
+            input_ids=new_ids, attention_mask=new_mask,
+            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=tokens[:, keep])},
+        ).logits
+    assert torch.equal(sieve.last_report.input_ids[new_mask.bool()], new_ids[new_mask.bool()])
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)

@@ -1,0 +1,236 @@
+"""Qwen2-VL and Qwen2.5-VL: merge-unit selection, preserved M-RoPE positions, images and videos in one batch."""
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokensieve import Sieve
+from tokensieve.errors import BudgetError, PlaceholderError
+from tokensieve.tiny import demo_image
+
+from tokensieve.adapters.qwen_vl import QwenVLAdapter
+
+from .families import methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
+
+KINDS = ["qwen2_vl", "qwen2_5_vl"]
+# 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
+UNITS = 16
+
+METHODS = methods_for(QwenVLAdapter)  # the stages this family supports today
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def qwen(request):
+    return build_tiny_qwen(request.param)
+
+
+@pytest.fixture(scope="module")
+def batch(qwen):
+    """Left-padded batch of two prompts: one image; a video then an image."""
+    _, proc = qwen
+    frames = [demo_image(64, s) for s in range(4)]
+    return proc(
+        ["user : <image> what is this ? assistant :", "user : <video> <image> what ? assistant :"],
+        images=[demo_image(96, 0), demo_image(64, 1)],
+        videos=[frames],
+    )
+
+
+
+
+@pytest.fixture(scope="module")
+def vanilla(qwen, batch):
+    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
+    model, _ = qwen
+    return _logits(model, batch), _gen(model, batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_equals_vanilla(qwen, batch, vanilla, method):
+    model, _ = qwen
+    ref, ref_gen = vanilla
+    sieve = Sieve(method, 1.0)
+    with sieve(model):
+        got, got_gen = _logits(model, batch), _gen(model, batch)
+    assert [im.tokens_out for im in sieve.last_report.images] == [UNITS, UNITS, 2 * UNITS]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    assert torch.equal(got_gen, ref_gen)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_counts_per_image_and_per_frame(qwen, batch, method):
+    model, _ = qwen
+    sieve = Sieve(method, 4)
+    with sieve(model):
+        out = _gen(model, batch, n=2)
+    report = sieve.last_report
+    # images get 4 each; the video gets 4 per temporal patch (frame) by default
+    assert [im.tokens_out for im in report.images] == [4, 4, 8]
+    assert [im.sample for im in report.images] == [0, 1, 1]
+    real_in = batch["attention_mask"].sum(1).tolist()
+    assert [t[0] for t in report.llm_layer_tokens] == [real_in[0] - (UNITS - 4), real_in[1] - (3 * UNITS - 12)]
+    assert [t[0] for t in report.llm_layer_visual_tokens] == [4, 12]
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    video = report.images[2]
+    assert sum(i < UNITS for i in video.kept_indices) == 4  # four in each frame
+    for im in report.images:
+        assert im.kept_indices == sorted(set(im.kept_indices))
+
+
+def test_global_scope_ranks_a_video_as_a_whole(qwen, batch):
+    model, _ = qwen
+    sieve = Sieve("fastervlm", 6, scope="global")
+    with sieve(model):
+        _logits(model, batch)
+    assert [im.tokens_out for im in sieve.last_report.images] == [6, 6, 6]
+    with pytest.raises(BudgetError, match="exceeds the 16 visual tokens"):
+        with Sieve("random", UNITS + 1, scope="frame")(model):
+            _logits(model, batch)
+
+
+def _reference_inputs(model, batch, k):
+    """What the random method at budget k should hand the LM, written without the adapter."""
+    base = model.model
+    keep = torch.randperm(UNITS, generator=torch.Generator().manual_seed(0))[:k].sort().values
+    with torch.inference_mode():
+        img = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        vid = base.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
+        pos3, _ = base.get_rope_index(
+            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+            video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"].bool(),
+        )
+    vid_keep = torch.cat([keep, keep + UNITS])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cfg = model.config
+    rows = []
+    for b in range(ids.shape[0]):
+        keep_pos = torch.ones(ids.shape[1], dtype=torch.bool)
+        for token, kept in ((cfg.image_token_id, keep), (cfg.video_token_id, vid_keep)):
+            where = (ids[b] == token).nonzero().flatten()
+            for start in range(0, where.numel(), UNITS if token == cfg.image_token_id else 2 * UNITS):
+                run = where[start : start + (UNITS if token == cfg.image_token_id else 2 * UNITS)]
+                drop = torch.ones(run.numel(), dtype=torch.bool)
+                drop[kept] = False
+                keep_pos[run[drop]] = False
+        rows.append(keep_pos.nonzero().flatten())
+    length = max(r.numel() for r in rows)
+    new_ids = torch.full((ids.shape[0], length), 0)
+    new_mask = torch.zeros_like(new_ids)
+    new_pos = torch.zeros(3, ids.shape[0], length, dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding, as the input
+        new_ids[b, length - r.numel():] = ids[b, r]
+        new_mask[b, length - r.numel():] = mask[b, r]
+        new_pos[:, b, length - r.numel():] = pos3[:, b, r]
+    text = (new_mask.cumsum(-1) - 1).clamp(min=0) * new_mask
+    feats = {
+        "image": BaseModelOutputWithPooling(pooler_output=[f[keep] for f in img]),
+        "video": BaseModelOutputWithPooling(pooler_output=[vid[0][vid_keep]]),
+    }
+    return dict(
+        input_ids=new_ids, attention_mask=new_mask, position_ids=torch.cat([text[None], new_pos]),
+        mm_token_type_ids=(new_ids == cfg.image_token_id).long() + 2 * (new_ids == cfg.video_token_id).long(),
+        mm_encoder_outputs=feats,
+    )
+
+
+def test_forward_equals_hand_written_reference(qwen, batch):
+    model, _ = qwen
+    sieve = Sieve("random", 5)
+    with sieve(model):
+        got = _logits(model, batch)
+    ref_inputs = _reference_inputs(model, batch, 5)
+    assert torch.equal(sieve.last_report.input_ids, ref_inputs["input_ids"])
+    with torch.inference_mode():
+        ref = model(**ref_inputs).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_cached_generation_equals_no_cache_recompute(qwen, batch):
+    """Decoding continues from the last kept M-RoPE position + 1 (the uncompressed prompt's continuation)."""
+    model, _ = qwen
+    n = 4
+    with Sieve("random", 5)(model):
+        out = _gen(model, batch, n=n)
+    new = out[:, batch["input_ids"].shape[1]:]
+    ref = _reference_inputs(model, batch, 5)
+    ids, mask, pos = ref["input_ids"], ref["attention_mask"], ref["position_ids"]
+    for step in range(n):
+        with torch.inference_mode():
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, mm_encoder_outputs=ref["mm_encoder_outputs"],
+                use_cache=False,
+            ).logits[:, -1]
+        assert torch.equal(logits.argmax(-1), new[:, step])
+        ids = torch.cat([ids, new[:, step : step + 1]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+    # and that continuation is the uncompressed one: the last text token's position is unchanged by pruning
+    full = model.model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"].bool(),
+    )[0]
+    assert torch.equal(ref["position_ids"][1:, :, -1], full[:, :, -1])
+
+
+def test_pool_tokens_sit_at_their_window_centres(qwen):
+    model, proc = qwen
+    inputs = proc(["user : <image> what ? assistant :"], images=[demo_image(64, 2)])
+    sieve = Sieve("pool", 4)
+    with sieve(model):
+        _logits(model, inputs)
+    # a 4x4 unit grid pooled to 2x2: window centres (0,0), (0,2), (2,0), (2,2)
+    assert sieve.last_report.images[0].kept_indices == [0, 2, 8, 10]
+
+
+def test_user_position_ids_are_refused_and_model_untouched(qwen, batch):
+    model, _ = qwen
+    ref = _logits(model, batch)
+    bad = dict(batch, position_ids=torch.zeros(3, *batch["input_ids"].shape, dtype=torch.long))
+    with Sieve("random", 4)(model):
+        with pytest.raises(PlaceholderError, match="position_ids"):
+            _logits(model, bad)
+    assert torch.equal(_logits(model, batch), ref)
+
+
+def test_signals_are_read_in_raster_order(qwen, batch):
+    """The ViT runs Qwen2.5-VL's blocks in window order; captured patch rows must come back in processor order."""
+    from tokensieve.adapters import get_adapter
+    from tokensieve.methods.base import Request
+
+    model, _ = qwen
+    adapter = get_adapter(model)
+    with torch.inference_mode():
+        merged, units_in, hidden, _ = adapter._run(
+            batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False
+        )
+        embedded = model.model.visual.patch_embed(batch["pixel_values"])
+        reprojected = adapter._project(units_in.reshape(-1, 4 * units_in.shape[-1]))
+    torch.testing.assert_close(hidden[0], embedded, rtol=0, atol=0)
+    torch.testing.assert_close(reprojected, merged, rtol=0, atol=1e-5)
+
+
+def test_video_only_and_text_only_calls(qwen):
+    model, proc = qwen
+    video = proc(["user : <video> what ? assistant :"], videos=[[demo_image(64, s) for s in range(4)]])
+    text = proc(["user : what ? assistant :"])
+    ref_text = _gen(model, text)
+    sieve = Sieve("evocut", 3)
+    with sieve(model):
+        out = _gen(model, video, n=2)
+        assert torch.equal(_gen(model, text), ref_text)
+    assert [im.tokens_out for im in sieve.last_report.images] == [6]
+    assert out.shape[1] == video["input_ids"].shape[1] + 2
+
+
+def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
+    from tokensieve.errors import UnsupportedModelError
+
+    model, _ = build_tiny_qwen("qwen2_vl")
+    before = dict(model.__dict__)
+    for spec, match in [("evoprune", "in-encoder"), ("fastv", "in-llm"), ("todre", "relevance=False"),
+                        ("hiprune", "attention_received")]:
+        with pytest.raises(UnsupportedModelError, match=match):
+            Sieve(spec, budget=4).apply(model)
+        assert model.__dict__.keys() == before.keys()
+    with Sieve("todre", budget=4, relevance=False)(model):
+        pass
