@@ -39,7 +39,7 @@ def test_same_seed_same_batches():
 
 
 def test_labels_cover_only_the_answer_and_eos():
-    cfg = TrainConfig(**TOY)
+    cfg = TrainConfig(**TOY, describe_share=0.0, turns=1)
     from tokensieve.train import build_model
 
     _, processor = build_model(cfg)
@@ -47,3 +47,49 @@ def test_labels_cover_only_the_answer_and_eos():
     labelled = batch["labels"] != -100
     assert labelled.sum().item() == 8 and labelled[:, -2:].all()
     assert (batch["labels"][:, -1] == processor.tokenizer.eos_token_id).all()
+
+
+def test_multi_word_answers_are_labelled_whole_and_rows_stay_left_padded():
+    from tokensieve.data import shapes
+    from tokensieve.train import build_model
+
+    _, processor = build_model(TrainConfig(**TOY))
+    tok = processor.tokenizer
+    a, b = shapes.sample("train", 3, "describe"), shapes.sample("train", 4, "count")
+    batch = make_batch(processor, [a.image, b.image], [a.question, b.question], [a.answer, b.answer])
+    for row, s in enumerate((a, b)):
+        want = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        labels = batch["labels"][row]
+        assert labels[labels != -100].tolist() == want
+        assert batch["input_ids"][row, -len(want):].tolist() == want  # answers end every row
+        mask = batch["attention_mask"][row]
+        assert mask[-1] == 1 and (mask.cumsum(0) > 0).sum() == mask.sum()  # padding only on the left
+    assert len(want) == 2 and (batch["labels"][0] != -100).sum() > 10
+
+
+def test_a_conversation_starts_with_the_eval_prompt_and_labels_every_answer():
+    from tokensieve.data import shapes
+    from tokensieve.train import build_model, prompt_text
+
+    _, processor = build_model(TrainConfig(**TOY))
+    tok = processor.tokenizer
+    image, turns = shapes.conversation("train", 5, describe=True)
+    assert turns[-1][0] == shapes.DESCRIBE and len({q for q, _ in turns[:-1]}) == len(turns) - 1
+    qs, ans = [q for q, _ in turns], [a for _, a in turns]
+    batch = make_batch(processor, [image], [qs], [ans])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    first = processor(images=[image], text=[prompt_text(processor, qs[0])], return_tensors="pt")["input_ids"][0]
+    assert ids[: len(first)].tolist() == first.tolist()
+    want = [t for a in ans for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert labels[labels != -100].tolist() == want
+
+
+def test_sincos_init_gives_patches_distinct_positions():
+    from tokensieve.train import build_model
+
+    model, _ = build_model(TrainConfig(**TOY))
+    table = model.model.vision_tower.embeddings.position_embedding.weight[1:]
+    dist = torch.cdist(table, table) + torch.eye(len(table)) * 1e3
+    assert dist.min() > 0.05  # every patch position is told apart at initialisation
+    plain, _ = build_model(TrainConfig(**TOY, sincos_positions=0))
+    assert plain.model.vision_tower.embeddings.position_embedding.weight[1:].std() < 0.05

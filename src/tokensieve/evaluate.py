@@ -220,10 +220,18 @@ Not a general model: it answers one-word questions about the two datasets below,
 ## Data
 - `tokensieve.data.shapes` train split (procedural scenes, a fresh scene per sample), {100 * (1 - cfg['easyvqa_share']):.0f}% of samples.
 - easy-VQA train split (PyPI `easy-vqa`, MIT, 38,575 questions on 4,000 images), {100 * cfg['easyvqa_share']:.0f}% of samples.
+- Each training image carries up to {cfg.get('turns', 1)} of its questions as a conversation (shapes: one per
+  family; easy-VQA: the image's own questions); the first turn is exactly the evaluation prompt.
+- The first {cfg.get('curriculum_steps', 0)} steps use easy-VQA images only, so the vision-to-answer path forms on
+  single large shapes before the cluttered scenes come in.
+- {100 * cfg.get('describe_share', 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
+  size, colour, shape), the count and the digit (for easy-VQA: colour and shape, from the image's own answers).
+  This training-only task supervises a dozen more tokens per image. The test sets contain only the question families.
 
 ## Training
 {notes.get('steps_done', cfg['steps'])} steps x batch {cfg['batch_size']}, AdamW (lr {cfg['lr']}, cosine to {cfg['min_lr']},
-warmup {cfg['warmup']}, weight decay {cfg['weight_decay']}), loss on the answer token and EOS only, seed {cfg['seed']}.
+warmup {cfg['warmup']}, weight decay {cfg['weight_decay']}), loss on the answer words and EOS only, seed {cfg['seed']};
+CLIP's learned position table starts from a 2-D sine-cosine grid{'' if cfg.get('sincos_positions', 0) else ' (off in this run)'}.
 {notes.get('train_minutes', '?')} minutes on {notes.get('threads', '?')} CPU threads ({notes.get('device', 'cpu')},
 torch {notes.get('torch', '?')}). Loss history in `training.json`.
 

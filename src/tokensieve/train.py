@@ -44,6 +44,10 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.05
     easyvqa_share: float = 0.3
+    describe_share: float = 0.25
+    sincos_positions: int = 1
+    turns: int = 6
+    curriculum_steps: int = 0
     seed: int = 0
     threads: int = 2
     log_every: int = 25
@@ -80,10 +84,35 @@ def build_model(cfg: TrainConfig):
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = LlavaForConditionalGeneration(config)
+    if cfg.sincos_positions:
+        _sincos_position_init(model, cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.max_new_tokens = 4
     return model, processor
+
+
+def _sincos_position_init(model, cfg: TrainConfig) -> None:
+    """Start CLIP's learned position table from a 2-D sine-cosine grid instead of small noise.
+
+    Only the initial values change (the table stays learned, the class stays stock CLIP). With a 0.02-std table the
+    patches barely know where they are, and questions about quadrants and relations stall until it is learned.
+    """
+    emb = model.model.vision_tower.embeddings.position_embedding.weight
+    side = cfg.image_size // cfg.patch_size
+    dim = emb.shape[1]
+    quarter = dim // 4
+    freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angle = coord[:, None] * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, 1)
+    with torch.no_grad():
+        emb[1:, : table.shape[1]] = 0.5 * table
+        emb[1:, table.shape[1]:] = 0.0
 
 
 def prompt_text(processor, question: str) -> str:
@@ -95,52 +124,89 @@ def prompt_text(processor, question: str) -> str:
 
 
 def make_batch(processor, images, questions, answers) -> dict[str, torch.Tensor]:
-    """Prompt (left-padded by the processor) + answer token + EOS; labels only on the last two positions."""
+    """One row per image: the eval prompt and its answer, then any further turns; labels on answers and EOS only.
+
+    ``questions[i]``/``answers[i]`` are a string (one turn) or a list of strings (a conversation about the image).
+    The first turn is byte-for-byte the evaluation prompt; later turns follow the chat template's
+    ``user : ... assistant :`` form. Rows are left-padded, like the processor pads prompts.
+    """
     tok = processor.tokenizer
-    inputs = processor(images=list(images), text=[prompt_text(processor, q) for q in questions],
+    questions = [[q] if isinstance(q, str) else list(q) for q in questions]
+    answers = [[a] if isinstance(a, str) else list(a) for a in answers]
+    inputs = processor(images=list(images), text=[prompt_text(processor, q[0]) for q in questions],
                        return_tensors="pt", padding=True)
-    ans = []
-    for a in answers:
-        ids = tok(a, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or ids[0] == tok.unk_token_id:
-            raise ValueError(f"answer {a!r} is not one known word for this tokenizer")
-        ans.append([ids[0], tok.eos_token_id])
-    ans = torch.tensor(ans)
-    n = len(answers)
-    input_ids = torch.cat([inputs["input_ids"], ans], 1)
-    attention_mask = torch.cat([inputs["attention_mask"], torch.ones(n, 2, dtype=torch.long)], 1)
+    rows, labels_rows = [], []
+    for ids, mask, qs, ans in zip(inputs["input_ids"], inputs["attention_mask"], questions, answers):
+        if len(qs) != len(ans):
+            raise ValueError(f"{len(qs)} questions but {len(ans)} answers for one image")
+        row = ids[mask.bool()].tolist()
+        lab = [-100] * len(row)
+        for turn, (q, a) in enumerate(zip(qs, ans)):
+            if turn:
+                follow = tok(f"user : {q} assistant :", add_special_tokens=False)["input_ids"]
+                row += follow
+                lab += [-100] * len(follow)
+            a_ids = tok(a, add_special_tokens=False)["input_ids"]
+            if not a_ids or tok.unk_token_id in a_ids:
+                raise ValueError(f"answer {a!r} has words this tokenizer does not know")
+            row += a_ids + [tok.eos_token_id]
+            lab += a_ids + [tok.eos_token_id]
+        rows.append(row)
+        labels_rows.append(lab)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
-    labels[:, -2:] = ans
+    for i, (r, lab) in enumerate(zip(rows, labels_rows)):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        attention_mask[i, width - len(r):] = 1
+        labels[i, width - len(r):] = torch.tensor(lab)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": inputs["pixel_values"],
             "labels": labels}
 
 
 class Mixture:
-    """Endless seeded batches: fresh ``shapes`` train scenes (families cycled) mixed with easy-VQA train."""
+    """Endless seeded batches of conversations: fresh ``shapes`` train scenes mixed with easy-VQA train images.
+
+    With ``turns > 1`` each image carries up to that many of its questions (shapes: one per family; easy-VQA: the
+    image's own questions), shuffled; with probability ``describe_share`` a description turn closes it.
+    """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.next_scene = 0
-        self.evqa = easyvqa.questions("train")
+        self.evqa = easyvqa.by_image("train")
+        self.evqa_ids = sorted(self.evqa)
         self.evqa_images: dict[int, object] = {}
+        self.evqa_descriptions = easyvqa.descriptions("train")
 
-    def draw(self, n: int):
+    def _pick(self, n: int) -> list[int]:
+        return torch.randperm(n, generator=self.gen).tolist()
+
+    def draw(self, n: int, easyvqa_share: float | None = None):
         images, questions, answers = [], [], []
-        use_evqa = torch.rand(n, generator=self.gen) < self.cfg.easyvqa_share
-        for flag in use_evqa.tolist():
+        share = self.cfg.easyvqa_share if easyvqa_share is None else easyvqa_share
+        use_evqa = (torch.rand(n, generator=self.gen) < share).tolist()
+        describe = (torch.rand(n, generator=self.gen) < self.cfg.describe_share).tolist()
+        for flag, desc in zip(use_evqa, describe):
             if flag:
-                q, a, image_id = self.evqa[int(torch.randint(len(self.evqa), (1,), generator=self.gen))]
+                image_id = self.evqa_ids[int(torch.randint(len(self.evqa_ids), (1,), generator=self.gen))]
+                pairs = self.evqa[image_id]
+                turns = [pairs[k] for k in self._pick(len(pairs))[: self.cfg.turns]]
+                if desc and image_id in self.evqa_descriptions:
+                    turns.append((shapes.DESCRIBE, self.evqa_descriptions[image_id]))
                 if image_id not in self.evqa_images:
                     self.evqa_images[image_id] = easyvqa.load_image("train", image_id)
-                images.append(self.evqa_images[image_id])
+                image = self.evqa_images[image_id]
             else:
-                s = shapes.sample("train", self.next_scene)
+                image, turns = shapes.conversation("train", self.next_scene, describe=bool(desc))
                 self.next_scene += 1
-                images.append(s.image)
-                q, a = s.question, s.answer
-            questions.append(q)
-            answers.append(a)
+                if len(turns) - desc > self.cfg.turns:
+                    turns = turns[: self.cfg.turns] + (turns[-1:] if desc else [])
+            images.append(image)
+            questions.append([q for q, _ in turns])
+            answers.append([a for _, a in turns])
         return images, questions, answers
 
 
@@ -185,7 +251,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                 cfg.steps = fitted
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = make_batch(processor, *data.draw(cfg.batch_size))
+        # curriculum: single-shape easy-VQA images first, where colour and shape fill a third of the picture, so
+        # the vision-to-answer path forms before the cluttered scenes are mixed in
+        warm = step < cfg.curriculum_steps
+        batch = make_batch(processor, *data.draw(cfg.batch_size, 1.0 if warm else None))
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

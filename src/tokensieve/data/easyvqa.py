@@ -52,8 +52,10 @@ def load_image(split: str, image_id: int) -> Image.Image:
 
 
 def dataset(split: str = "test", limit: int | None = None) -> list[Sample]:
-    """The split's questions in order (the official test split has 9,673); images are shared between questions."""
-    qs = questions(split)[: limit if limit is not None else None]
+    """The split's questions in order (the official test split has 9,673); ``limit`` takes an evenly spaced subset."""
+    qs = questions(split)
+    if limit is not None and limit < len(qs):  # evenly spaced, so a subset spans images and families like the whole
+        qs = [qs[i * len(qs) // limit] for i in range(limit)]
     cache: dict[int, Image.Image] = {}
     out = []
     for i, (q, a, image_id) in enumerate(qs):
@@ -61,6 +63,29 @@ def dataset(split: str = "test", limit: int | None = None) -> list[Sample]:
             cache[image_id] = load_image(split, image_id)
         out.append(Sample(cache[image_id], q, a, family(a), i))
     return out
+
+
+@lru_cache(maxsize=2)
+def descriptions(split: str = "train") -> dict[int, str]:
+    """``"<colour> <shape>"`` for each image whose own questions name both (a training-only dense target)."""
+    colour: dict[int, str] = {}
+    shape: dict[int, str] = {}
+    for _, a, image_id in questions(split):
+        f = family(a)
+        if f == "color":
+            colour[image_id] = a
+        elif f == "shape":
+            shape[image_id] = a
+    return {i: f"{colour[i]} {shape[i]}" for i in sorted(colour.keys() & shape.keys())}
+
+
+@lru_cache(maxsize=2)
+def by_image(split: str = "train") -> dict[int, tuple[tuple[str, str], ...]]:
+    """Each image's (question, answer) pairs, in the package's order."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for q, a, image_id in questions(split):
+        out.setdefault(image_id, []).append((q, a))
+    return {i: tuple(v) for i, v in out.items()}
 
 
 def words() -> set[str]:

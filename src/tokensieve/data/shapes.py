@@ -31,6 +31,7 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 INK = {"black": (0, 0, 0), "white": (255, 255, 255)}
 FAMILIES = ("count", "exist", "position", "relation", "smallest", "digit")
 NEEDS_TWO = ("relation", "smallest")
+DESCRIBE = "describe the image ."  # a training-only task: the whole scene as text, for dense supervision
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 TEST_SIZE = 2004  # 334 questions per family
 
@@ -172,9 +173,25 @@ def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def describe_scene(scene: Scene) -> str:
+    """Every fact the question families ask about, in a fixed order (quadrants in reading order, then the digit).
+
+    Training on this answer supervises ten or more tokens per image instead of one, which is what gets a
+    from-scratch vision tower past the stage where the language model answers from priors alone.
+    """
+    parts = []
+    for o in sorted(scene.objects, key=lambda o: QUADRANTS.index(quadrant(o))):
+        size = "small" if o.size < SHAPE_MIN else "large"
+        parts.append(f"{quadrant(o)} {size} {o.colour} {o.shape}")
+    parts.append(f"{len(scene.objects)} shapes digit {scene.digit}")
+    return " , ".join(parts)
+
+
 def ask(scene: Scene, family: str, rng: np.random.Generator) -> tuple[str, str]:
     """One question of ``family`` about ``scene`` and its answer (yes/no families are balanced by coin flip)."""
     objs = scene.objects
+    if family == "describe":
+        return DESCRIBE, describe_scene(scene)
     if family == "count":
         return "how many shapes are there?", str(len(objs))
     if family == "digit":
@@ -227,6 +244,21 @@ def sample(split: str, index: int, family: str | None = None) -> Sample:
     return Sample(scene.image, question, answer, fam, index)
 
 
+def conversation(split: str, index: int, describe: bool = False) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """One scene with a question from every family it allows, in shuffled order (training only).
+
+    Several answers per image make each pass through the vision tower teach more; ``describe`` appends the
+    whole-scene description as the last turn, after the questions, so no question can be read off it.
+    """
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 104729])
+    scene = make_scene(rng)
+    fams = [f for f in FAMILIES if len(scene.objects) >= 2 or f not in NEEDS_TWO]
+    turns = [ask(scene, fams[k], rng) for k in rng.permutation(len(fams))]
+    if describe:
+        turns.append((DESCRIBE, describe_scene(scene)))
+    return scene.image, turns
+
+
 def dataset(split: str = "test", limit: int | None = None, start: int = 0) -> list[Sample]:
     """The fixed questions of a split: ``test`` has :data:`TEST_SIZE` (balanced families)."""
     n = TEST_SIZE if limit is None else min(limit, TEST_SIZE)
@@ -237,6 +269,7 @@ WORDS = sorted(
     set(" ".join(FAMILY_Q for FAMILY_Q in (
         "how many shapes are there ? what digit is written color is the smallest shape in top left right bottom",
         "is there a of above below yes no",
+        "describe image . , small large",
     )).split())
     | set(COLOURS) | set(SHAPES) | {str(d) for d in range(10)}
 )
