@@ -98,7 +98,7 @@ def _load(args, console: Console):
     from .evaluate import load_model
     from .tiny import build_tiny_llava
 
-    if args.tiny:
+    if getattr(args, "tiny", False):
         if args.model:
             raise ValueError("give either --model or --tiny, not both")
         if not args.json:
@@ -251,7 +251,7 @@ def add_measure_commands(sub) -> None:
     show.add_argument("--image", help="image file; default: a generated scene")
     show.add_argument("--out", required=True, help="PNG file to write")
     src = show.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model directory; default: the built-in demo model")
+    src.add_argument("--model", help="model directory; default: the embedded default model")
     src.add_argument("--arch", help="random-weight architecture instead (e.g. llava15-cpu: a 24x24 grid)")
     show.set_defaults(json=False)
 
@@ -311,7 +311,9 @@ def cmd_bench(args, console: Console) -> int:
         Budget.parse(cfg.budget).resolve(image_tokens, what="each image of this model")
     if args.model:
         image = _open_image(args.image)
-        probe = processor(images=[image], text=[_prompt_text(processor, args.prompt)], return_tensors="pt")
+        from .train import prompt_text
+
+        probe = processor(images=[image], text=[prompt_text(processor, args.prompt)], return_tensors="pt")
     else:
         probe = synthetic_inputs(config, text_tokens=args.text_tokens)
     title = f"tokensieve bench: {name}"
@@ -373,7 +375,7 @@ def cmd_show(args, console: Console) -> int:
     else:
         model, processor = _load(args, console)
         image_processor = getattr(processor, "image_processor", None)
-        name = args.model or "tiny-random-llava"
+        name = args.model or "default model"
     batch = image_batch(model, image, image_processor)
     panels = panels_for(model, batch, methods, args.budget)
     path = render(model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped")
