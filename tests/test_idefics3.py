@@ -59,20 +59,22 @@ def test_keep_all_equals_vanilla(idf, batch, vanilla, method):
     ref, ref_gen = vanilla
     sieve = Sieve(method, 1.0)
     with sieve(model):
-        got, got_gen = _logits(model, batch), _gen(model, batch)
+        got = _logits(model, batch)
+        # generate costs most of this file's time (49k-token head); one method per stage is enough for it
+        got_gen = _gen(model, batch) if method in ("random", "divprune") else None
     assert [im.tokens_out for im in sieve.last_report.images] == [PER_CROP] * len(sieve.last_report.images)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    assert torch.equal(got_gen, ref_gen)
+    assert got_gen is None or torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "divprune", "random", "pool"])
+@pytest.mark.parametrize("method", ["fastervlm", "divprune", "pool"])
 @pytest.mark.parametrize("budget,scope", [(3, "crop"), (7, "image"), (0.25, "image")])
 def test_kept_counts_follow_the_scope(idf, batch, method, budget, scope):
     model, _ = idf
     crops = _crops_per_image(model, batch)
     sieve = Sieve(method, budget, scope=scope)
     with sieve(model):
-        out = _gen(model, batch, n=2)
+        _logits(model, batch)
     kept = [len(im.kept_indices) for im in sieve.last_report.images]
     if isinstance(budget, float):
         want = [4] * sum(crops)
@@ -86,7 +88,6 @@ def test_kept_counts_follow_the_scope(idf, batch, method, budget, scope):
         assert kept == want
     n_out = (sieve.last_report.input_ids == model.config.image_token_id).sum().item()
     assert n_out == sum(im.tokens_out for im in sieve.last_report.images)
-    assert out.shape[0] == 2
 
 
 def test_forward_equals_hand_written_reference(idf, batch):
@@ -155,3 +156,49 @@ def test_refusals(idf):
     with pytest.raises(Exception, match="scope"):
         with Sieve("random", 4, scope="global")(model):
             pass
+
+
+def test_fastervlm_fallback_matches_eager_attention_with_padded_crops(idf):
+    """No CLS: the score is the attention each patch receives from the real queries of its crop, averaged over
+    heads and over each shuffle group; checked against the eager maps of the model's own masked encoder."""
+    model, proc = idf
+    # this processor resizes every crop to a full square, but the model accepts crops with padded pixels (the
+    # Idefics2-style processors make them): pad the right 12 px of sample 1's crop by hand
+    images = [[demo_image(64, 2)], [demo_image(64, 3)]]
+    batch = proc(images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is it ?")], return_tensors="pt",
+                 padding=True, do_image_splitting=False)
+    batch["pixel_values"][1, 0, :, :, 20:] = 0.0
+    batch["pixel_attention_mask"][1, 0, :, 20:] = 0
+    sieve = Sieve("fastervlm", 3, scope="crop")
+    with sieve(model):
+        _logits(model, batch)
+    eager, _ = build_tiny_idefics3()
+    eager.model.vision_model.set_attn_implementation("eager")
+    pv, pam = batch["pixel_values"], batch["pixel_attention_mask"]
+    real_crop = pv.flatten(2).ne(0).any(-1).flatten()
+    mask = pam.flatten(0, 1)[real_crop].view(-1, 8, 4, 8, 4).any(4).any(2).flatten(1)  # [crops, 64] real patches
+    assert not bool(mask.all())  # the batch really has padded patches
+    with torch.inference_mode():
+        att = eager.model.get_image_features(pv, pam, output_attentions=True).attentions[-1]  # [crops, H, 64, 64]
+    received = (att * mask[:, None, :, None]).sum(2) / mask.sum(-1)[:, None, None]
+    scores = received.mean(1)
+    groups = get_adapter(model).groups
+    pooled = scores[:, groups].mean(-1)
+    expected = pooled.topk(3, dim=-1).indices.sort(dim=-1).values
+    got = torch.tensor([im.kept_indices for im in sieve.last_report.images])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "divprune"])
+def test_smolvlm_class_keep_all_and_counts(batch, method):
+    """SmolVLMForConditionalGeneration is its own class in transformers 5.x with the same connector and layout."""
+    model, _ = build_tiny_idefics3(smolvlm=True)
+    assert type(model).__name__ == "SmolVLMForConditionalGeneration"
+    ref = _logits(model, batch)
+    with Sieve(method, 1.0)(model):
+        got = _logits(model, batch)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    sieve = Sieve(method, 7, scope="image")
+    with sieve(model):
+        _logits(model, batch)
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == [2, 2, 1, 1, 1, 3, 2, 2, 3, 2, 2]
