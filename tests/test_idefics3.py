@@ -6,7 +6,9 @@ import torch
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
 from tokensieve.adapters.idefics3 import Idefics3Adapter
-from tokensieve.errors import UnsupportedModelError
+from tokensieve.budget import Budget
+from tokensieve.errors import PlaceholderError, UnsupportedModelError
+from tokensieve.methods import get_method
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
@@ -148,8 +150,15 @@ def test_cached_decoding_equals_recompute(idf, batch):
     assert torch.equal(out[:, -3:], step_ids[:, -3:])
 
 
-def test_refusals(idf):
+def test_refusals(idf, batch):
     model, _ = idf
+    adapter = get_adapter(model)
+    enc = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")}
+    adapter.find_spans(batch["input_ids"], enc)
+    with torch.inference_mode():
+        adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
+        with pytest.raises(PlaceholderError, match="which crops form an image"):  # grouping is per call
+            adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
     with pytest.raises(UnsupportedModelError, match="idefics3"):
         with Sieve("fastv", 4)(model):
             pass

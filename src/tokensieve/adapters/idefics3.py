@@ -153,7 +153,15 @@ class Idefics3Adapter(Adapter):
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
         start = now()
         n = self._num_crops(encoder_kwargs)
-        images = getattr(self, "_images", None) or list(range(n))
+        # set by find_spans for this call; taken once, so a later call never reuses another prompt's grouping
+        images, self._images = getattr(self, "_images", None), None
+        if images is None or len(images) != n:
+            if budget.scope == Scope.IMAGE and not budget.is_ratio:
+                raise PlaceholderError(
+                    f"an {budget.value}-token budget per image needs the prompt to tell which crops form an image; "
+                    "call through the sieved model (or find_spans first), or use scope='crop'"
+                )
+            images = list(range(n))
         shares = self._shares(budget, images)
         fl = self.num_layers
         request = method.request(self.num_layers, fl)
