@@ -319,3 +319,39 @@ def methods_for(adapter_cls) -> list[str]:
         if stages <= set(adapter_cls.stages) and kinds <= set(adapter_cls.signal_kinds):
             out.append(name)
     return out
+
+
+SMOLVLM_DIR = "/work/shared/data/smolvlm-256m-instruct-config"
+
+
+def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, smolvlm: bool = False):
+    """Tiny Idefics3 (or the separate SmolVLM class) with SmolVLM-256M's real processor and tokenizer, shrunk to
+    32 px crops (16 tokens each)."""
+    import os
+
+    from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    d = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smolvlm-256m-instruct-config")
+    d = d if os.path.isdir(d) else SMOLVLM_DIR
+    proc = AutoProcessor.from_pretrained(d, image_seq_len=16, size={"longest_edge": 64},
+                                         max_image_size={"longest_edge": 32})
+    proc.tokenizer.padding_side = "left"
+    real = Idefics3Config.from_pretrained(d)
+    vocab = len(proc.tokenizer)
+    config_cls, model_cls = (
+        (SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm else (Idefics3Config, Idefics3ForConditionalGeneration)
+    )
+    config = config_cls(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                           num_attention_heads=4, image_size=32, patch_size=4),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         pad_token_id=real.text_config.pad_token_id, max_position_embeddings=1024),
+        scale_factor=2, image_token_id=real.image_token_id, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.generation_config.pad_token_id = real.text_config.pad_token_id
+    return model.eval(), proc

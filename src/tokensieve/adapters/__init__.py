@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
+                                     Idefics3Adapter)
 
 
 def get_adapter(model) -> Adapter:
@@ -23,4 +25,4 @@ def get_adapter(model) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaNextVideoAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "ADAPTERS", "get_adapter"]
+__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaNextVideoAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "Idefics3Adapter", "ADAPTERS", "get_adapter"]

@@ -1,0 +1,251 @@
+"""Idefics3 and SmolVLM: a SigLIP-style tower, a pixel-shuffle connector, crops of an image as separate runs.
+
+Choices:
+
+* **Candidates are connector tokens.** Each is one pixel-shuffle group of ``scale_factor**2`` encoder patches, so
+  both stages select on the same set: post-projector on the projected tokens, pre-projector on the shuffled
+  (concatenated-group) vectors just before the connector's linear projection, which then projects only the kept
+  groups. The group each token covers is read off the model by running its own ``pixel_shuffle`` on patch ids.
+* **Crops.** The processor turns a large image into a grid of crops plus a global view; each crop is its own run of
+  ``image_seq_len`` placeholders between text tokens. Every crop is one span here. Which crops form an image is read
+  from ``input_ids``: an image's last crop is its global view, and the token before a global view's run is the same
+  for every image (the last run of every sample is one), so runs preceded by that token close an image.
+* **Budgets.** ``crop``: k per crop. ``image`` (default): k per image split equally over its crops; a ratio is the
+  same ratio in every crop.
+* **Signals.** The tower has no CLS, so CLS attention is the documented CLS-free fallback: the mean attention each
+  patch receives from the real (unpadded) queries of its crop. Hidden states, keys and received attention are
+  averaged over each shuffle group. Padded patches (``pixel_attention_mask``) are excluded as queries and keys.
+* Padding images in a batch (all-zero ``pixel_values`` added so samples have equal image counts) are dropped by the
+  model itself; the kept crops follow the model's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..budget import Budget, Scope
+from ..capture import capture_encoder
+from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
+from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..placeholders import ImageSpan
+from ..report import ImageReport
+from .base import Adapter, Encoded, now
+from .llava import LlavaAdapter
+
+
+class Idefics3Adapter(Adapter):
+    family = "idefics3"
+    model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    scopes = (Scope.IMAGE, Scope.CROP)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR)
+    signal_kinds = ("hidden_states", "cls_attention", "keys", "cls_hidden", "attention_received")
+    encoder_inputs = ("pixel_values", "pixel_attention_mask")
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        base = model.model
+        vision = base.vision_model
+        encoder = getattr(vision, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers") or not hasattr(base.connector, "pixel_shuffle"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not supported: the idefics3 adapter needs vision_model.encoder.layers "
+                "and a pixel-shuffle connector"
+            )
+        self.base = base
+        self.layers = encoder.layers
+        vc = model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        scale = int(model.config.scale_factor)
+        self.grid = (side // scale, side // scale)
+        self.per_crop = self.grid[0] * self.grid[1]
+        ids = torch.arange(side * side, dtype=torch.float64).view(1, -1, 1)
+        # [G, scale^2]: encoder patches of each connector token, in the connector's own order
+        self.groups = base.connector.pixel_shuffle(ids, scale).view(self.per_crop, -1).long()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # SigLIP attention exposes the same projections and head geometry as CLIP's
+    _attention_parts = staticmethod(LlavaAdapter._attention_parts)
+
+    # -- layout ------------------------------------------------------------------------------------------------
+    def _num_crops(self, encoder_kwargs: dict[str, Any]) -> int:
+        pv = encoder_kwargs["pixel_values"]
+        if pv.dim() != 5:
+            raise PlaceholderError(
+                f"{self.family} pixel_values must be [batch, crops, channels, height, width], got {tuple(pv.shape)}"
+            )
+        flat = pv.flatten(2)
+        return int(((flat == 0).sum(-1) != flat.shape[-1]).sum())
+
+    def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
+        return [self.per_crop] * self._num_crops(encoder_kwargs)
+
+    def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
+        spans = super().find_spans(input_ids, encoder_kwargs)
+        self._images = self._group(input_ids, spans)
+        return spans
+
+    @staticmethod
+    def _group(input_ids: torch.Tensor, spans: list[ImageSpan]) -> list[int]:
+        """Image index of every crop span, from the token that opens the global view's run."""
+        before = [int(input_ids[s.sample, int(s.positions[0]) - 1]) if int(s.positions[0]) > 0 else -1 for s in spans]
+        last = {}
+        for i, s in enumerate(spans):
+            last[s.sample] = i
+        closers = {before[i] for i in last.values()}
+        if len(closers) != 1:
+            raise PlaceholderError(
+                "cannot tell which crops form an image: the last image runs of the samples are opened by different "
+                f"tokens {sorted(closers)} (was the prompt built by this model's processor?)"
+            )
+        closer = closers.pop()
+        image, out = 0, []
+        for i, s in enumerate(spans):
+            out.append(image)
+            if before[i] == closer or i == last[s.sample]:
+                image += 1
+        return out
+
+    def check_budget(self, budget: Budget) -> None:
+        super().check_budget(budget)
+        if budget.scope == Scope.CROP:
+            budget.resolve(self.per_crop, what="each crop of this model")
+
+    def _shares(self, budget: Budget, images: list[int]) -> list[int]:
+        """Tokens to keep per crop."""
+        if budget.is_ratio:
+            return [budget.resolve(self.per_crop, what="each crop")] * len(images)
+        if budget.scope == Scope.CROP:
+            return [budget.resolve(self.per_crop, what="each crop")] * len(images)
+        out = []
+        for img in sorted(set(images)):
+            crops = [i for i, g in enumerate(images) if g == img]
+            total = budget.resolve(self.per_crop * len(crops), what="each image")
+            c = len(crops)
+            if total < c:
+                raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {c} crops of image {img}")
+            out += [total // c + (1 if j < total % c else 0) for j in range(c)]
+        return out
+
+    # -- encode + select ---------------------------------------------------------------------------------------
+    def _pool(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Average per-patch values over each shuffle group along ``dim``."""
+        g = self.groups.to(x.device)
+        picked = x.index_select(dim, g.flatten())
+        shape = list(picked.shape)
+        shape[dim : dim + 1] = [g.shape[0], g.shape[1]]
+        return picked.view(shape).mean(dim=dim + 1)
+
+    def _received(self, cap, layer: int, real: torch.Tensor) -> torch.Tensor:
+        """[crops, H, P] mean attention each patch receives from the crop's real queries, padded keys masked."""
+        p = cap._parts[layer]
+        q = cap.split_heads(cap.queries[layer], layer).float()
+        k = cap.key_heads(layer).float()
+        logits = (q @ k.transpose(-1, -2)) * p.scale
+        logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
+        probs = logits.softmax(dim=-1) * real[:, None, :, None]
+        return probs.sum(dim=-2) / real.sum(-1).clamp(min=1)[:, None, None]
+
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        start = now()
+        n = self._num_crops(encoder_kwargs)
+        # set by find_spans for this call; taken once, so a later call never reuses another prompt's grouping
+        images, self._images = getattr(self, "_images", None), None
+        if images is None or len(images) != n:
+            if budget.scope == Scope.IMAGE and not budget.is_ratio:
+                raise PlaceholderError(
+                    f"an {budget.value}-token budget per image needs the prompt to tell which crops form an image; "
+                    "call through the sieved model (or find_spans first), or use scope='crop'"
+                )
+            images = list(range(n))
+        shares = self._shares(budget, images)
+        fl = self.num_layers
+        request = method.request(self.num_layers, fl)
+        state: dict[str, Any] = {}
+        layout = Layout(self.grid, 0)
+
+        def grab_mask(mod, args, kwargs):
+            state["mask"] = kwargs.get("patch_attention_mask")
+
+        def select(features: torch.Tensor) -> torch.Tensor:
+            finite = torch.isfinite(features).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                raise NonFiniteFeaturesError(
+                    f"vision features of crop(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
+                )
+            t0 = now()
+            mask = state.get("mask")
+            real = (torch.ones(features.shape[0], len(self.groups.flatten()), dtype=torch.bool, device=features.device)
+                    if mask is None else mask.flatten(1).bool())
+            received = {i: self._received(cap, i, real) for i in set(request.cls_attention) | set(request.attention_received)}
+            out, sels = [], []
+            for c in range(features.shape[0]):
+                sl = slice(c, c + 1)
+                signals = Signals(
+                    features=features[sl],
+                    layout=layout,
+                    num_layers=self.num_layers,
+                    feature_layer=fl,
+                    hidden_states={i: self._pool(cap.hidden_states[i][sl], 1) for i in request.hidden_states},
+                    cls_attention={i: self._pool(received[i][sl], 2) for i in request.cls_attention},
+                    keys={i: self._pool(cap.key_heads(i)[sl], 2) for i in request.keys},
+                    attention_received={i: self._pool(received[i][sl].mean(1), 1) for i in request.attention_received},
+                    cls_hidden=None,
+                )
+                sel = method.select(signals, shares[c])
+                sels.append(sel)
+                out.append(sel.output(features[sl]).to(features.dtype)[0])
+            state["sels"], state["time"] = sels, now() - t0
+            return out
+
+        with capture_encoder(self.layers, request, self._attention_parts) as cap:
+            h_mask = self.base.vision_model.register_forward_pre_hook(grab_mask, with_kwargs=True)
+            try:
+                if method.stage == POST_PROJECTOR:
+                    res = self.base.get_image_features(
+                        encoder_kwargs["pixel_values"], encoder_kwargs.get("pixel_attention_mask"), return_dict=True
+                    )
+                    pooled = torch.cat(list(res.pooler_output), dim=0).view(n, self.per_crop, -1)
+                    features = select(pooled)
+                else:
+                    proj = self.base.connector.modality_projection
+                    kept: dict[str, list] = {}
+
+                    def pre(mod, args):
+                        # crops may keep different counts: pad to the longest so the model's per-sample split of
+                        # its [crops, tokens, d] output still holds, and trim the padding after projection
+                        kept["f"] = select(args[0])
+                        return (torch.nn.utils.rnn.pad_sequence(kept["f"], batch_first=True),)
+
+                    h = proj.register_forward_pre_hook(pre)
+                    try:
+                        res = self.base.get_image_features(
+                            encoder_kwargs["pixel_values"], encoder_kwargs.get("pixel_attention_mask"), return_dict=True
+                        )
+                    finally:
+                        h.remove()
+                    lens = [f.shape[0] for f in kept["f"]]
+                    flat = torch.cat(list(res.pooler_output), dim=0).view(n, max(lens), -1)
+                    features = [flat[c, :k] for c, k in enumerate(lens)]
+            finally:
+                h_mask.remove()
+        sels = state["sels"]
+        reports = []
+        for c in range(n):
+            sel = sels[c]
+            reports.append(
+                ImageReport(
+                    sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(features[c].shape[0]),
+                    kept_indices=sel.indices[0].tolist(), grid=self.grid, merged=sel.num_merged,
+                    selection_s=state["time"] / max(n, 1),
+                    groups=None if sel.groups is None else sel.groups[0].tolist(),
+                )
+            )
+        side = self.grid[0] * int(self.model.config.scale_factor)
+        trace = [side * side] * self.num_layers
+        return Encoded(features, reports, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace)
