@@ -27,3 +27,18 @@ def test_eval_writes_json_table_and_plot(tmp_path, capsys):
     assert table.count("\n| ") == 1 + len(records) and "| pool | 16 | 16.0 |" in table
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_eval_passes_method_scoped_params_and_refuses_unscoped_ones(tmp_path, capsys):
+    out = tmp_path / "ev"
+    # FastV's default layer 2 cannot reach 72 layer-averaged tokens on the 3-layer default LM (at least 97); layer 1 can
+    assert main(["eval", "--data", "shapes", "--methods", "fastv", "--budgets", "72", "--limit", "6",
+                 "--batch-size", "6", "--out", str(out)]) == 2
+    assert "layer" in capsys.readouterr().out
+    assert main(["eval", "--data", "shapes", "--methods", "fastv", "--budgets", "72", "--limit", "6",
+                 "--batch-size", "6", "--param", "fastv.layer=1", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert records[1]["params"] == {"layer": 1} and abs(records[1]["kept_tokens"] - 72) < 1.5
+    assert main(["eval", "--data", "shapes", "--methods", "fastv", "--budgets", "72", "--param", "layer=1",
+                 "--out", str(out)]) == 2
+    assert "METHOD.NAME" in capsys.readouterr().out

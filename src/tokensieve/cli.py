@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", type=_budgets, default=[0.5, 0.25, 0.125, 0.0625], help="comma-separated")
     ev.add_argument("--limit", type=int, help="only the first N test questions")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
+                    help="hyper-parameter of one method, repeatable (e.g. --param fastv.layer=1)")
     ev.add_argument("--out", required=True, help="directory for results.json, results.md, results.png")
 
     tiny = sub.add_parser("make-tiny", help="save the tiny random-weight demo LLaVA (model + processor) to DIR")
@@ -202,8 +204,14 @@ def cmd_eval(args, console: Console) -> int:
 
     from .evaluate import markdown_table
 
+    params: dict[str, dict] = {}
+    for key, value in args.param:
+        method, dot, name = key.partition(".")
+        if not dot or method not in args.methods:
+            raise ValueError(f"--param {key}={value!r}: name it METHOD.NAME with METHOD one of --methods {args.methods}")
+        params.setdefault(method, {})[name] = value
     records = run_eval(args.model, args.data, args.methods, args.budgets, args.out, limit=args.limit,
-                       batch_size=args.batch_size, console=console)
+                       batch_size=args.batch_size, console=console, params=params)
     console.print(Markdown(markdown_table(records)))
     console.print(f"wrote results.json, results.md, results.png to {args.out}")
     return 0

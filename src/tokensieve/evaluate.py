@@ -59,8 +59,9 @@ def predict(model, processor, samples: Sequence, *, sieve=None, batch_size: int 
                                                                            skip_special_tokens=True)]
             n_in = int((inputs["input_ids"] == image_token).sum())
             total += n_in
-            if sieve is not None:
-                kept += sieve.last_report.tokens_out
+            if sieve is not None:  # in-LLM methods: the visual tokens averaged over decoder layers
+                rep = sieve.last_report
+                kept += sum(rep.llm_visual_tokens_avg) if rep.llm_visual_tokens_avg else rep.tokens_out
             else:
                 kept += n_in
             images += len(chunk)
@@ -80,13 +81,17 @@ def _accuracy(answers, samples) -> tuple[float, dict[str, float]]:
 
 
 def evaluate(model, processor, samples: Sequence, methods: Sequence[str], budgets: Sequence, *,
-             batch_size: int = 32, progress: bool = True, console=None) -> list[dict]:
-    """Records for the full-token model (method ``none``) and each method x budget, in that order."""
+             batch_size: int = 32, progress: bool = True, console=None, params: dict | None = None) -> list[dict]:
+    """Records for the full-token model (method ``none``) and each method x budget, in that order.
+
+    ``params`` maps a method name to its hyper-parameters (a 3-layer LM needs ``{"fastv": {"layer": 1}}``).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .session import Sieve
 
-    sieves = [Sieve(m, b) for m in methods for b in budgets]  # bad names or budgets fail before any work
+    params = params or {}
+    sieves = [Sieve(m, b, **params.get(m, {})) for m in methods for b in budgets]  # bad input fails before any work
     runs = [(None, None)] + [(s, b) for s, b in zip(sieves, [b for _ in methods for b in budgets])]
     records = []
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -103,6 +108,7 @@ def evaluate(model, processor, samples: Sequence, methods: Sequence[str], budget
                 vanilla = (pred.answers, acc)
             records.append({
                 "method": "none" if sieve is None else sieve.name,
+                "params": {} if sieve is None else params.get(sieve.name, {}),
                 "budget": None if sieve is None else budget,
                 "kept_tokens": round(pred.kept_tokens, 2),
                 "tokens_in": round(pred.tokens_in, 2),
@@ -170,18 +176,18 @@ def write_outputs(records: list[dict], out_dir: str | Path, title: str = "") -> 
 
 
 def run_eval(model_dir, data: str, methods: Sequence[str], budgets: Sequence, out_dir, *, limit=None,
-             batch_size: int = 32, progress: bool = True, console=None) -> list[dict]:
+             batch_size: int = 32, progress: bool = True, console=None, params: dict | None = None) -> list[dict]:
     """What ``tokensieve eval`` does: load, evaluate, write the three outputs."""
     from . import data as datasets
     from .session import Sieve
 
     for m in methods:  # validate before loading anything
         for b in budgets:
-            Sieve(m, b)
+            Sieve(m, b, **(params or {}).get(m, {}))
     model, processor = load_model(model_dir)
     samples = datasets.load(data, "test", limit)
     records = evaluate(model, processor, samples, methods, budgets, batch_size=batch_size, progress=progress,
-                       console=console)
+                       console=console, params=params)
     name = "default model" if model_dir is None else Path(model_dir).name
     write_outputs(records, out_dir, f"{data} test ({len(samples)} questions), {name}")
     return records
