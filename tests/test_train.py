@@ -93,3 +93,63 @@ def test_sincos_init_gives_patches_distinct_positions():
     assert dist.min() > 0.05  # every patch position is told apart at initialisation
     plain, _ = build_model(TrainConfig(**TOY, sincos_positions=0))
     assert plain.model.vision_tower.embeddings.position_embedding.weight[1:].std() < 0.05
+
+
+def test_patch_targets_agree_with_the_pixels():
+    """Each patch's colour / digit target is re-derived from the rendered image alone, for 30 scenes."""
+    import numpy as np
+
+    from tokensieve.data import shapes
+    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, _per_patch, scene_targets
+
+    seen_tiny = 0
+    for i in range(30):
+        image, _, scene = shapes.conversation("train", i, with_scene=True)
+        t = scene_targets(scene, 8)
+        cells = _per_patch(np.asarray(image).astype(np.int32), 8)  # [P, 64, 3]
+        for obj in scene.objects:
+            rgb = np.array(shapes.COLOURS[obj.colour])
+            count = (cells == rgb).all(-1).sum(1)
+            mine = t[0] == AUX_COLOURS.index(obj.colour) + 1
+            assert mine.any(), f"scene {i}: the {obj.size} px {obj.colour} {obj.shape} labels no patch"
+            assert (count[mine.numpy()] >= 4).all()
+            assert (t[1][mine] == AUX_SHAPES.index(obj.shape) + 1).all()
+            seen_tiny += obj.size < shapes.SHAPE_MIN
+        ink = (cells == np.array(shapes.INK[scene.digit_ink])).all(-1).sum(1)
+        digit = t[2] > 0
+        assert (t[2][digit] == scene.digit + 1).all() and (ink[digit.numpy()] >= 4).all()
+        plain = ~(t > 0).any(0)
+        saturated = np.zeros(len(cells), dtype=int)
+        for rgb in shapes.COLOURS.values():
+            saturated += (cells == np.array(rgb)).all(-1).sum(1)
+        assert (saturated[plain.numpy()] < 4).all() and (ink[plain.numpy()] < 4).all()
+    assert seen_tiny >= 5
+
+
+def test_easyvqa_targets_mark_the_shape_and_ignore_what_the_questions_do_not_name():
+    from PIL import Image, ImageDraw
+
+    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, IGNORE, easyvqa_targets
+
+    img = Image.new("RGB", (64, 64), (240, 235, 230))
+    ImageDraw.Draw(img).rectangle((0, 0, 31, 31), fill=(0, 0, 255))  # the top-left quarter
+    t = easyvqa_targets(img, "blue", "rectangle", size=96, patch=8)
+    grid = t.view(3, 12, 12)
+    assert (grid[0, :6, :6] == AUX_COLOURS.index("blue") + 1).all() and (grid[0, 6:, :] == 0).all()
+    assert (grid[1, :6, :6] == AUX_SHAPES.index("rectangle") + 1).all() and (grid[2] == 0).all()
+    unknown = easyvqa_targets(img, None, "rectangle", size=96, patch=8).view(3, 12, 12)
+    assert (unknown[0, :6, :6] == IGNORE).all() and (unknown[0, 6:, :] == 0).all()
+
+
+def test_the_patch_probe_trains_and_leaves_no_hook_on_the_model():
+    def hooks(model):  # transformers installs some of its own; the probe must add none that outlive training
+        return {name: len(m._forward_hooks) for name, m in model.named_modules() if m._forward_hooks}
+
+    before = torch.get_num_threads()
+    model, _, history = train(TrainConfig(**{**TOY, "aux_weight": 1.0, "steps": 8}), log=lambda m: None)
+    plain, _, _ = train(TrainConfig(**{**TOY, "steps": 1}), log=lambda m: None)
+    torch.set_num_threads(before)
+    aux = [h["aux_loss"] for h in history]
+    assert aux[-1] < aux[0]
+    assert hooks(model) == hooks(plain)
+    assert not any("head" in name for name, _ in model.named_parameters())  # the probe is not part of the model

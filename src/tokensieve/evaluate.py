@@ -193,6 +193,14 @@ def run_eval(model_dir, data: str, methods: Sequence[str], budgets: Sequence, ou
     return records
 
 
+def _aux_line(cfg: dict) -> str:
+    if not cfg.get("aux_weight"):
+        return ""
+    return (f"- A per-patch probe (a linear layer on the feature layer's patch states, weight {cfg['aux_weight']}) learns which "
+            "colour, shape and digit each patch shows\n  (targets drawn from the scene; for easy-VQA from the image's "
+            "own answers). It is training-only and not part of the saved model.\n")
+
+
 def write_model_card(model_dir: str | Path, batch_size: int = 64) -> str:
     """Measure the full-token model on both test sets and write its README.md (the model card)."""
     from . import data as datasets
@@ -233,7 +241,7 @@ Not a general model: it answers one-word questions about the two datasets below,
 - {100 * cfg.get('describe_share', 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
   size, colour, shape), the count and the digit (for easy-VQA: colour and shape, from the image's own answers).
   This training-only task supervises a dozen more tokens per image. The test sets contain only the question families.
-
+{_aux_line(cfg)}
 ## Training
 {notes.get('steps_done', cfg['steps'])} steps x batch {cfg['batch_size']}, AdamW (lr {cfg['lr']}, cosine to {cfg['min_lr']},
 warmup {cfg['warmup']}, weight decay {cfg['weight_decay']}), loss on the answer words and EOS only, seed {cfg['seed']};

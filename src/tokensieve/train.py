@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
+from torch import nn
 
 from .data import easyvqa, shapes
 from .tiny import CHAT_TEMPLATE, SPECIALS, _WORDS, build_processor, build_tokenizer
@@ -48,6 +51,7 @@ class TrainConfig:
     sincos_positions: int = 1
     turns: int = 6
     curriculum_steps: int = 0
+    aux_weight: float = 0.0
     seed: int = 0
     threads: int = 2
     log_every: int = 25
@@ -180,15 +184,22 @@ class Mixture:
         self.evqa_ids = sorted(self.evqa)
         self.evqa_images: dict[int, object] = {}
         self.evqa_descriptions = easyvqa.descriptions("train")
+        self.evqa_attributes = easyvqa.attributes("train")
 
     def _pick(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.gen).tolist()
 
     def draw(self, n: int, easyvqa_share: float | None = None):
-        images, questions, answers = [], [], []
+        """``(images, questions, answers)`` for ``n`` images."""
+        return self.draw_with_targets(n, easyvqa_share)[:3]
+
+    def draw_with_targets(self, n: int, easyvqa_share: float | None = None):
+        """As :meth:`draw`, plus per-patch targets ``[n, 3, patches]`` for the vision tower (see ``PatchProbe``)."""
+        images, questions, answers, targets = [], [], [], []
         share = self.cfg.easyvqa_share if easyvqa_share is None else easyvqa_share
         use_evqa = (torch.rand(n, generator=self.gen) < share).tolist()
         describe = (torch.rand(n, generator=self.gen) < self.cfg.describe_share).tolist()
+        size, patch = self.cfg.image_size, self.cfg.patch_size
         for flag, desc in zip(use_evqa, describe):
             if flag:
                 image_id = self.evqa_ids[int(torch.randint(len(self.evqa_ids), (1,), generator=self.gen))]
@@ -197,17 +208,109 @@ class Mixture:
                 if desc and image_id in self.evqa_descriptions:
                     turns.append((shapes.DESCRIBE, self.evqa_descriptions[image_id]))
                 if image_id not in self.evqa_images:
-                    self.evqa_images[image_id] = easyvqa.load_image("train", image_id)
-                image = self.evqa_images[image_id]
+                    image = easyvqa.load_image("train", image_id)
+                    colour, shape = self.evqa_attributes.get(image_id, (None, None))
+                    self.evqa_images[image_id] = (image, easyvqa_targets(image, colour, shape, size, patch))
+                image, target = self.evqa_images[image_id]
             else:
-                image, turns = shapes.conversation("train", self.next_scene, describe=bool(desc))
+                image, turns, scene = shapes.conversation("train", self.next_scene, describe=bool(desc),
+                                                          with_scene=True)
+                target = scene_targets(scene, patch, size)
                 self.next_scene += 1
                 if len(turns) - desc > self.cfg.turns:
                     turns = turns[: self.cfg.turns] + (turns[-1:] if desc else [])
             images.append(image)
             questions.append([q for q, _ in turns])
             answers.append([a for _, a in turns])
-        return images, questions, answers
+            targets.append(target)
+        return images, questions, answers, torch.stack(targets)
+
+
+AUX_COLOURS = tuple(sorted(set(shapes.COLOURS) | easyvqa.COLOURS))
+AUX_SHAPES = tuple(sorted(set(shapes.SHAPES) | {"rectangle"}))
+AUX_HEADS = {"colour": len(AUX_COLOURS) + 1, "shape": len(AUX_SHAPES) + 1, "digit": 11}
+"""Per-patch training targets for the vision tower; class 0 of each is "nothing of that kind here"."""
+IGNORE = -100
+
+
+def _per_patch(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """``[H, W, ...]`` to ``[patches, patch * patch, ...]`` in the vision tower's row-major patch order."""
+    side = pixels.shape[0] // patch
+    rest = pixels.shape[2:]
+    cut = pixels[: side * patch, : side * patch].reshape(side, patch, side, patch, *rest)
+    return cut.swapaxes(1, 2).reshape(side * side, patch * patch, *rest)
+
+
+def scene_targets(scene, patch: int, size: int = shapes.IMAGE_SIZE, min_pixels: int = 4) -> torch.Tensor:
+    """``[3, patches]`` colour / shape / digit class of what each patch mostly shows (shapes scenes).
+
+    A patch takes the object (or digit) with the most pixels in it if it has at least ``min_pixels``, so the 7 px
+    shapes still label the patches they sit in. ``size`` is the side the processor resizes images to.
+    """
+    labels = shapes.label_map(scene)
+    if size != labels.shape[0]:
+        labels = np.asarray(Image.fromarray(labels).resize((size, size), Image.NEAREST))
+    cells = _per_patch(labels, patch)
+    out = torch.zeros(3, cells.shape[0], dtype=torch.long)
+    for k, o in enumerate(scene.objects):
+        count = (cells == k + 1).sum(1)
+        mine = (count >= min_pixels) & (count >= (cells == shapes.DIGIT_LABEL).sum(1))
+        out[0, torch.from_numpy(mine)] = AUX_COLOURS.index(o.colour) + 1
+        out[1, torch.from_numpy(mine)] = AUX_SHAPES.index(o.shape) + 1
+    digit = (cells == shapes.DIGIT_LABEL).sum(1) >= min_pixels
+    out[2, torch.from_numpy(digit)] = scene.digit + 1
+    return out
+
+
+def easyvqa_targets(image, colour: str | None, shape: str | None, size: int, patch: int,
+                    min_pixels: int = 8) -> torch.Tensor:
+    """``[3, patches]`` for an easy-VQA image: one shape on a plain background (the border's commonest colour).
+
+    Patches the shape covers take its colour / shape class when the image's own questions name them (unknown:
+    ignored); easy-VQA has no digits, so that head learns "none" there.
+    """
+    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.NEAREST)).astype(np.int32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colours, counts = np.unique(border, axis=0, return_counts=True)
+    fg = np.abs(pixels - colours[counts.argmax()]).sum(-1) > 60
+    on = torch.from_numpy(_per_patch(fg, patch).sum(1) >= min_pixels)
+    out = torch.zeros(3, on.numel(), dtype=torch.long)
+    for row, value, names in ((0, colour, AUX_COLOURS), (1, shape, AUX_SHAPES)):
+        out[row, on] = names.index(value) + 1 if value is not None else IGNORE
+    return out
+
+
+class PatchProbe(nn.Module):
+    """A linear read-out of the feature layer's patch states, used only while training (never saved).
+
+    It gives the vision tower a per-patch loss (what colour / shape / digit is here) on top of the answer loss.
+    The shipped model is the stock LLaVA class alone; the probe is dropped after training.
+    """
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.head = nn.Linear(cfg.vision_width, sum(AUX_HEADS.values()))
+        layers = model.model.vision_tower.encoder.layers
+        index = len(layers) + model.config.vision_feature_layer  # hidden_states[-2] is the output of layer L-2
+        self.states = None
+        self.handle = layers[index].register_forward_hook(self._grab)
+
+    def _grab(self, module, args, output):
+        self.states = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three heads on the last forward's patches (``targets`` [B, 3, P])."""
+        logits = self.head(self.states[:, 1:])  # drop CLS
+        total, start = 0.0, 0
+        for k, n in enumerate(AUX_HEADS.values()):
+            part = logits[..., start : start + n]
+            total = total + nn.functional.cross_entropy(part.reshape(-1, n), targets[:, k].reshape(-1),
+                                                        ignore_index=IGNORE)
+            start += n
+        return total / len(AUX_HEADS)
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -230,8 +333,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     torch.set_num_threads(cfg.threads)
     model, processor = build_model(cfg)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    probe = PatchProbe(model, cfg) if cfg.aux_weight > 0 else None
+    params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe is not None else [])
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     data = Mixture(cfg)
@@ -240,41 +345,50 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     running = None
     step = 0
     t10 = None
-    while step < cfg.steps:
-        if step == 10:
-            t10 = time.perf_counter()
-        if fit_s is not None and step == 40 and t10 is not None:
-            rate = (time.perf_counter() - t10) / 30
-            fitted = max(41, 40 + int((fit_s - (time.perf_counter() - t0)) / rate))
-            if fitted < cfg.steps:
-                log(f"{rate:.2f} s/step: shortening the run from {cfg.steps} to {fitted} steps to fit {fit_s:.0f} s")
-                cfg.steps = fitted
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        # curriculum: single-shape easy-VQA images first, where colour and shape fill a third of the picture, so
-        # the vision-to-answer path forms before the cluttered scenes are mixed in
-        warm = step < cfg.curriculum_steps
-        batch = make_batch(processor, *data.draw(cfg.batch_size, 1.0 if warm else None))
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            elapsed = time.perf_counter() - t0
-            history.append({"step": step, "loss": round(loss.item(), 4), "smoothed": round(running, 4),
-                            "lr": lr_at(step, cfg), "elapsed_s": round(elapsed, 1)})
-            log(f"step {step:5d}  loss {loss.item():.4f}  smoothed {running:.4f}  lr {lr_at(step, cfg):.2e}  "
-                f"{elapsed:7.1f} s")
-        if checkpoint is not None and checkpoint_every and step and step % checkpoint_every == 0:
-            model.eval()
-            checkpoint(step, model, processor)
-            model.train()
-        if stop_after_s is not None and time.perf_counter() - t0 > stop_after_s:
-            log(f"stopping early at step {step} after {time.perf_counter() - t0:.0f} s")
-            break
-        step += 1
+    try:
+        while step < cfg.steps:
+            if step == 10:
+                t10 = time.perf_counter()
+            if fit_s is not None and step == 40 and t10 is not None:
+                rate = (time.perf_counter() - t10) / 30
+                fitted = max(41, 40 + int((fit_s - (time.perf_counter() - t0)) / rate))
+                if fitted < cfg.steps:
+                    log(f"{rate:.2f} s/step: shortening the run from {cfg.steps} to {fitted} steps to fit {fit_s:.0f} s")
+                    cfg.steps = fitted
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            # curriculum: single-shape easy-VQA images first, where colour and shape fill a third of the picture, so
+            # the vision-to-answer path forms before the cluttered scenes are mixed in
+            warm = step < cfg.curriculum_steps
+            *drawn, targets = data.draw_with_targets(cfg.batch_size, 1.0 if warm else None)
+            batch = make_batch(processor, *drawn)
+            loss = model(**batch).loss  # the answer loss; logged and smoothed on its own
+            aux = probe.loss(targets) if probe is not None else None
+            opt.zero_grad(set_to_none=True)
+            (loss + cfg.aux_weight * aux if aux is not None else loss).backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            opt.step()
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "loss": round(loss.item(), 4), "smoothed": round(running, 4),
+                          "lr": lr_at(step, cfg), "elapsed_s": round(elapsed, 1)}
+                if aux is not None:
+                    record["aux_loss"] = round(aux.item(), 4)
+                history.append(record)
+                log(f"step {step:5d}  loss {loss.item():.4f}  smoothed {running:.4f}  "
+                    + (f"aux {aux.item():.4f}  " if aux is not None else "") + f"lr {lr_at(step, cfg):.2e}  {elapsed:7.1f} s")
+            if checkpoint is not None and checkpoint_every and step and step % checkpoint_every == 0:
+                model.eval()
+                checkpoint(step, model, processor)
+                model.train()
+            if stop_after_s is not None and time.perf_counter() - t0 > stop_after_s:
+                log(f"stopping early at step {step} after {time.perf_counter() - t0:.0f} s")
+                break
+            step += 1
+    finally:
+        if probe is not None:
+            probe.remove()
     model.eval()
     return model, processor, history
 

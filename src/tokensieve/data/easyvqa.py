@@ -13,7 +13,7 @@ from PIL import Image
 from .shapes import Sample
 
 SPLITS = ("train", "test")
-_COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+COLOURS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 
 
 def _module():
@@ -27,7 +27,7 @@ def _module():
 def family(answer: str) -> str:
     if answer in ("yes", "no"):
         return "yes/no"
-    return "color" if answer in _COLOURS else "shape"
+    return "color" if answer in COLOURS else "shape"
 
 
 @lru_cache(maxsize=2)
@@ -66,17 +66,20 @@ def dataset(split: str = "test", limit: int | None = None) -> list[Sample]:
 
 
 @lru_cache(maxsize=2)
-def descriptions(split: str = "train") -> dict[int, str]:
-    """``"<colour> <shape>"`` for each image whose own questions name both (a training-only dense target)."""
-    colour: dict[int, str] = {}
-    shape: dict[int, str] = {}
+def attributes(split: str = "train") -> dict[int, tuple[str | None, str | None]]:
+    """Each image's ``(colour, shape)`` as far as its own questions name them (``None`` where none does)."""
+    out: dict[int, list] = {}
     for _, a, image_id in questions(split):
         f = family(a)
-        if f == "color":
-            colour[image_id] = a
-        elif f == "shape":
-            shape[image_id] = a
-    return {i: f"{colour[i]} {shape[i]}" for i in sorted(colour.keys() & shape.keys())}
+        if f in ("color", "shape"):
+            out.setdefault(image_id, [None, None])[f == "shape"] = a
+    return {i: (c, s) for i, (c, s) in out.items()}
+
+
+@lru_cache(maxsize=2)
+def descriptions(split: str = "train") -> dict[int, str]:
+    """``"<colour> <shape>"`` for each image whose own questions name both (a training-only dense target)."""
+    return {i: f"{c} {s}" for i, (c, s) in sorted(attributes(split).items()) if c is not None and s is not None}
 
 
 @lru_cache(maxsize=2)
