@@ -139,7 +139,7 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
     return model.eval(), proc
 
 
-def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0):
+def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2):
     """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers import LlavaNextProcessor
@@ -162,7 +162,7 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
         image_size=image_size, patch_size=patch_size,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
     )
@@ -177,7 +177,7 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
     return model.eval(), processor
 
 
-def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0):
+def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2):
     """Tiny LLaVA-OneVision (SigLIP tower, anyres_max_9) and an input builder.
 
     LlavaOnevisionProcessor cannot be built here (its video processor needs torchvision); the real image processor
@@ -202,7 +202,7 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
         image_size=image_size, patch_size=patch_size,
     )
     text = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
     )
@@ -219,7 +219,7 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
     return model, _placeholder_builder(model, tokenizer, image_processor)
 
 
-def build_tiny_llava_next_video(*, image_size: int = 16, patch_size: int = 4, seed: int = 0):
+def build_tiny_llava_next_video(*, image_size: int = 16, patch_size: int = 4, seed: int = 0, text_layers: int = 2):
     """Tiny LLaVA-NeXT-Video (CLIP tower, average-pooling resampler) and an input builder like OneVision's."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -238,7 +238,7 @@ def build_tiny_llava_next_video(*, image_size: int = 16, patch_size: int = 4, se
         patch_size=patch_size,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
     )
@@ -305,8 +305,9 @@ def _placeholder_builder(model, tokenizer, image_processor):
     return make_inputs
 
 
-def methods_for(adapter_cls) -> list[str]:
-    """Registered methods whose stages (an in-LLM companion included) the family's adapter supports."""
+def methods_for(adapter_cls, *, in_llm: bool = False) -> list[str]:
+    """Registered methods whose stages (an in-LLM companion included) the family's adapter supports; pre-LLM ones
+    only unless ``in_llm`` (in-LLM methods need deeper LMs than the family fixtures have, see test_families_llm)."""
     from tokensieve.methods import get_method, method_names
     from tokensieve.methods.base import IN_LLM
 
@@ -316,7 +317,7 @@ def methods_for(adapter_cls) -> list[str]:
         stages = {method.stage} | ({IN_LLM} if method.llm_companion() is not None else set())
         request = method.request(24, 23)
         kinds = {f for f in vars(request) if getattr(request, f)}
-        if stages <= set(adapter_cls.stages) and kinds <= set(adapter_cls.signal_kinds):
+        if stages <= set(adapter_cls.stages) and kinds <= set(adapter_cls.signal_kinds) and (in_llm or IN_LLM not in stages):
             out.append(name)
     return out
 
@@ -324,7 +325,7 @@ def methods_for(adapter_cls) -> list[str]:
 SMOLVLM_DIR = "/work/shared/data/smolvlm-256m-instruct-config"
 
 
-def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, smolvlm: bool = False):
+def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, text_layers: int = 2, smolvlm: bool = False):
     """Tiny Idefics3 (or the separate SmolVLM class) with SmolVLM-256M's real processor and tokenizer, shrunk to
     32 px crops (16 tokens each)."""
     import os
@@ -345,7 +346,7 @@ def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, smolvlm: bool 
     config = config_cls(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                            num_attention_heads=4, image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                          pad_token_id=real.text_config.pad_token_id, max_position_embeddings=1024),
         scale_factor=2, image_token_id=real.image_token_id, tie_word_embeddings=False,

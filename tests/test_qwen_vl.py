@@ -227,10 +227,11 @@ def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
 
     model, _ = build_tiny_qwen("qwen2_vl")
     before = dict(model.__dict__)
-    for spec, match in [("evoprune", "in-encoder"), ("fastv", "in-llm"), ("todre", "relevance=False"),
-                        ("hiprune", "attention_received")]:
+    for spec, match in [("evoprune", "in-encoder"), ("hiprune", "attention_received")]:
         with pytest.raises(UnsupportedModelError, match=match):
             Sieve(spec, budget=4).apply(model)
         assert model.__dict__.keys() == before.keys()
     with Sieve("todre", budget=4, relevance=False)(model):
         pass
+    with Sieve("todre", budget=4)(model), Sieve("fastv", budget=0.9, layer=1)(build_tiny_qwen("qwen2_vl")[0]):
+        pass  # ToDRE's in-LLM relevance stage and in-LLM methods attach on this family

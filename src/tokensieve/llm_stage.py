@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .budget import Budget
 from .errors import StageError
 from .methods.base import (
     PRE_PROJECTOR,
@@ -117,39 +116,35 @@ class _Trace:
 class LLMStage:
     """One in-LLM method armed for one call: the plan per image, and the hooks that carry it out.
 
-    ``counts[b]`` are sample b's visual tokens per image as they enter the LM; ``budget`` is the layer-averaged
-    target per image (``None`` for unbudgeted rules).
+    ``counts[b]`` are sample b's visual tokens per image as they enter the LM; ``targets[b]`` the layer-averaged
+    tokens each may keep (``None`` for unbudgeted rules), already resolved by the adapter from the budget's scope.
     """
 
-    def __init__(self, adapter, method: LLMMethod, budget: Budget | None, input_ids: torch.Tensor,
+    def __init__(self, adapter, method: LLMMethod, targets: list[list[int]] | None, visual_index: torch.Tensor,
                  attention_mask: torch.Tensor, counts: list[list[int]]) -> None:
         self.adapter = adapter
         self.method = method
         self.layers = adapter.decoder_layers()
         self.num_layers = len(self.layers)
-        b, length = input_ids.shape
+        b, length = visual_index.shape
         self.length = length
         self.counts = counts
-        visual = (input_ids == adapter.image_token_id) & (attention_mask != 0)
-        image = torch.full((b, length), -1, dtype=torch.long)
+        image = visual_index.masked_fill(attention_mask == 0, -1).to(torch.long)
         for s in range(b):
-            pos = visual[s].nonzero().flatten().cpu()
-            if pos.numel() != sum(counts[s]):
-                raise StageError(f"sample {s} has {pos.numel()} visual tokens but its images account for {sum(counts[s])}")
-            image[s, pos] = torch.repeat_interleave(torch.arange(len(counts[s])), torch.tensor(counts[s], dtype=torch.long))
-        self.base_image = image.to(input_ids.device)
+            have = [int((image[s] == j).sum()) for j in range(len(counts[s]))]
+            if have != list(counts[s]) or int((image[s] >= len(counts[s])).sum()):
+                raise StageError(f"sample {s} has visual slots {have} but its images account for {counts[s]}")
+        self.base_image = image
         self.base_valid = attention_mask != 0
         # plan: per sample, per image, [(layer, count)]; the boundaries are the union of all plans' layers
         self.plans = []
         for s in range(b):
             plans = []
-            for n in counts[s]:
+            for j, n in enumerate(counts[s]):
                 if n == 0:
                     plans.append([])
                     continue
-                target = None
-                if budget is not None and method.budgeted:
-                    target = budget.resolve(n, what="the visual tokens of an image entering the LM")
+                target = targets[s][j] if targets is not None and method.budgeted else None
                 plans.append(method.schedule(n, self.num_layers, target))
             self.plans.append(plans)
         self.boundaries = sorted({layer for plans in self.plans for plan in plans for layer, _ in plan})
@@ -331,6 +326,8 @@ class LLMStage:
         for s in range(b):
             vis = lay.visual[s] & lay.valid[s]
             slots = vis.nonzero().flatten()
+            # segments are contiguous per entry in report order (images before videos), whatever the prompt's order
+            slots = slots[torch.sort(lay.image[s, slots], stable=True).indices]
             img = lay.image[s, slots]
             segments = [int((img == j).sum()) for j in range(len(self.counts[s]))]
             ks = []

@@ -28,6 +28,10 @@ class ImageReport:
     groups: list[int] | None = None
     """For methods that merge: per grid patch (raster, CLS excluded), the output token it went into, -1 if
     dropped; ``None`` for methods that only keep or drop."""
+    crops: int = 1
+    """Crops this entry spans (anyres base view + grid); 1 for single-grid images and for videos."""
+    frames: int = 0
+    """Video frames (Qwen-VL: temporal patches) this entry spans; 0 for an image."""
     llm_layer_tokens: list[int] = field(default_factory=list)
     """This image's visual tokens per decoder layer in prefill (filled when an in-LLM stage ran)."""
 
@@ -61,6 +65,10 @@ class SieveReport:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     """The compressed batch the LM received: forward() logits are aligned with these, not with the original."""
+    visual_index: torch.Tensor | None = None
+    """[B, L'] aligned with ``input_ids``: which of its sample's entries in ``images`` (0, 1, ... in report order,
+    images before videos) each visual slot belongs to, -1 for text and padding. Image and video placeholders may
+    interleave in the prompt, so the in-LLM stage reads ownership from here rather than from token ids."""
     encoder_layer_tokens: list[int] = field(default_factory=list)
     """Per vision-encoder layer (layer 0 first), the sequence length one image had entering it, CLS included.
     The token trace FLOPs are computed from; in-encoder methods make it shrink with depth."""

@@ -228,9 +228,14 @@ class SieveHandle:
         sieve = self.sieve
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
         counts: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        targets: list[list[int]] | None = None
+        if sieve.llm_budget is not None and sieve.llm_method.budgeted:
+            targets = [[] for _ in range(ids.shape[0])]
+            for im, k in zip(report.images, self.adapter.llm_targets(sieve.llm_budget, report.images)):
+                targets[im.sample].append(k)
         for im in report.images:
             counts[im.sample].append(im.tokens_out)
-        stage = LLMStage(self.adapter, sieve.llm_method, sieve.llm_budget, ids, mask, counts)
+        stage = LLMStage(self.adapter, sieve.llm_method, targets, report.visual_index, mask, counts)
         report.llm_budget = str(sieve.llm_budget) if sieve.llm_budget is not None else f"{sieve.llm_method.name} rule"
         if isinstance(sieve.pre_method, KeepAll):
             report.stage, report.budget = IN_LLM, report.llm_budget

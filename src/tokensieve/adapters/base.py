@@ -135,6 +135,34 @@ class Adapter(ABC):
                 f"use one of {[s.value for s in self.scopes]}"
             )
 
+    def llm_targets(self, budget: Budget, images: list) -> list[int]:
+        """Per report entry, the layer-averaged visual tokens an in-LLM method may keep, read by the budget's scope.
+
+        The pre-LLM scopes carry over: a ratio applies to each entry; an int is per image, per crop with scope
+        ``crop`` (anyres images span several), per frame for videos (the default for frames, as before the LM), and
+        for ``global`` the prompt's total, shared among its entries in proportion to their tokens.
+        """
+        out: list[int] = [0] * len(images)
+        if budget.scope == Scope.GLOBAL and not budget.is_ratio:
+            by_sample: dict[int, list[int]] = {}
+            for i, im in enumerate(images):
+                by_sample.setdefault(im.sample, []).append(i)
+            for s, idx in by_sample.items():
+                sizes = [images[i].tokens_out for i in idx]
+                total = budget.resolve(sum(sizes), what=f"the visual tokens of prompt {s} entering the LM")
+                for i, k in zip(idx, share_out(total, sizes)):
+                    out[i] = k
+            return out
+        for i, im in enumerate(images):
+            n = im.tokens_out
+            what = f"{'video' if im.frames else 'image'} {i} entering the LM"
+            if n == 0 or budget.is_ratio:
+                out[i] = budget.resolve(n, what=what) if n else 0
+                continue
+            units = im.frames if im.frames else (im.crops if budget.scope == Scope.CROP else 1)
+            out[i] = Budget(int(budget.value) * units, budget.scope).resolve(n, what=what)
+        return out
+
     def decoder_layers(self):
         """The language model's decoder layers, where in-LLM stages hook."""
         return self.model.get_decoder().layers
@@ -199,6 +227,11 @@ class Adapter(ABC):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         new_ids = comp.apply(input_ids, pad_id)
+        owner = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        ordinal: dict[int, int] = {}
+        for span in spans:
+            owner[span.sample, span.positions] = ordinal.setdefault(span.sample, 0)
+            ordinal[span.sample] += 1
         new_mask = comp.apply(attention_mask, 0)
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
@@ -221,6 +254,7 @@ class Adapter(ABC):
             kept_positions=comp.kept_positions,
             input_ids=new_ids,
             attention_mask=new_mask,
+            visual_index=comp.apply(owner, -1),
             encoder_layer_tokens=list(encoded.encoder_layer_tokens),
             llm_layer_tokens=[[int(n)] * num_llm_layers for n in real],
             llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
@@ -229,6 +263,17 @@ class Adapter(ABC):
 
 
 # -- in-LLM stage support (kept apart from the encode path above) ----------------------------------------------------
+def share_out(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` tokens over parts of ``sizes`` tokens in proportion (largest remainder), at least one per
+    non-empty part, never more than a part holds."""
+    whole = sum(sizes)
+    shares = [total * n // whole for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda j: -(total * sizes[j] % whole))
+    for j in order[: total - sum(shares)]:
+        shares[j] += 1
+    return [min(n, max(1, k)) if n else 0 for k, n in zip(shares, sizes)]
+
+
 def llama_style_parts(layer):
     """Scoring parts of a Llama/Qwen2/Mistral-style decoder layer (``input_layernorm`` + ``self_attn`` projections)."""
     from ..llm_stage import LLMParts

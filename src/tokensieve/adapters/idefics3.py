@@ -28,10 +28,10 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
-from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
 from ..placeholders import ImageSpan
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, now, share_out
 from .llava import LlavaAdapter
 
 
@@ -39,7 +39,7 @@ class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     scopes = (Scope.IMAGE, Scope.CROP)
-    stages = (PRE_PROJECTOR, POST_PROJECTOR)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
     signal_kinds = ("hidden_states", "cls_attention", "keys", "cls_hidden", "attention_received")
     encoder_inputs = ("pixel_values", "pixel_attention_mask")
 
@@ -131,6 +131,22 @@ class Idefics3Adapter(Adapter):
             out += [total // c + (1 if j < total % c else 0) for j in range(c)]
         return out
 
+    def llm_targets(self, budget: Budget, images: list) -> list[int]:
+        """Entries are crops; an int per image is that image's total, shared over its crops as before the LM."""
+        if budget.is_ratio or budget.scope != Scope.IMAGE:
+            return super().llm_targets(budget, images)
+        groups = getattr(self, "_llm_groups", None) or list(range(len(images)))
+        out = [0] * len(images)
+        for g in sorted(set(groups)):
+            idx = [i for i, x in enumerate(groups) if x == g]
+            sizes = [images[i].tokens_out for i in idx]
+            total = budget.resolve(sum(sizes), what=f"image {g} entering the LM")
+            if total < len(idx):
+                raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {len(idx)} crops of image {g}")
+            for i, k in zip(idx, share_out(total, sizes)):
+                out[i] = k
+        return out
+
     # -- encode + select ---------------------------------------------------------------------------------------
     def _pool(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Average per-patch values over each shuffle group along ``dim``."""
@@ -163,6 +179,7 @@ class Idefics3Adapter(Adapter):
                 )
             images = list(range(n))
         shares = self._shares(budget, images)
+        self._llm_groups = images  # this call's crop -> image map, for in-LLM budgets per image
         fl = self.num_layers
         request = method.request(self.num_layers, fl)
         state: dict[str, Any] = {}

@@ -15,6 +15,8 @@ Choices:
 * **Newline policy.** The newline that ends a grid row is kept when that row keeps at least one token and dropped
   otherwise, so the LM still sees row breaks where rows remain and keep-all equals the uncompressed model. Newlines
   are structural and do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
+  That rule is about what enters the LM. In-LLM methods see the packed sequence the LM sees, where newlines sit on
+  image placeholders: there they are visual tokens, scored and dropped like any other.
 * **Placement.** Kept tokens stay where they were in the packed order (base view first, then grid rows). A created
   token goes where its anchor is (pool's window centre, VisionZip's merge target); one without a grid position
   (VisionZip's CLS token) follows the image's grid. Positions are re-indexed (contiguous), as for LLaVA-1.5.
@@ -30,7 +32,7 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -52,8 +54,8 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
-    # inherits the LLaVA tower facts, but crops, unpadding and newlines are not wired into the other stages yet
-    stages = (PRE_PROJECTOR, POST_PROJECTOR)
+    # inherits the LLaVA tower facts; the in-encoder stage is not wired to crops, unpadding and newlines yet
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
     signal_kinds = Adapter.signal_kinds
 
     cls_offset = 1
@@ -183,6 +185,7 @@ class LlavaNextAdapter(LlavaAdapter):
                         sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(feats.shape[0]),
                         kept_indices=kept, grid=(pk.num_crops * self.side, self.side), merged=merged,
                         selection_s=secs,
+                        crops=pk.num_crops,
                     )
                 )
         trace = [self.per_crop + 1] * self.num_layers

@@ -128,6 +128,7 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                     sample=-1, image=len(encoded.images), tokens_in=int(tokens.shape[1]),
                     tokens_out=int(kept.shape[1]) + int(self.video_newline), kept_indices=idx[v].tolist(), grid=(frames * g, g),
                     merged=sel.num_merged * (sets // videos), selection_s=secs / videos,
+                    frames=frames,
                 )
             )
         encoded.selection_s += secs

@@ -21,6 +21,7 @@ Choices, each forced by the architecture:
   and gathered for the kept tokens; row 0 (text positions, only used for masks) is contiguous over the kept
   sequence. ``image_grid_thw`` is never passed with the shrunk ids. Generation then continues from the last
   kept position + 1, which equals the uncompressed prompt's continuation.
+  In-LLM methods gather the already computed M-RoPE cos/sin to their kept slots, so the same holds there.
 * **Budgets.** Scope ``image`` (default) and ``frame``: k per image and k per video frame (temporal patch).
   ``global``: k for each image or each whole video, ranked over all its frames together.
 """
@@ -34,7 +35,7 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
-from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Request, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -51,6 +52,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     scopes = (Scope.IMAGE, Scope.FRAME, Scope.GLOBAL)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
     encoder_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     visual_inputs = ("pixel_values", "pixel_values_videos")
 
@@ -229,6 +231,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
+                        frames=t if video else 0,
                     )
                 )
             if not video:
