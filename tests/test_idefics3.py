@@ -9,6 +9,7 @@ from tokensieve.adapters.idefics3 import Idefics3Adapter
 from tokensieve.budget import Budget
 from tokensieve.errors import PlaceholderError, UnsupportedModelError
 from tokensieve.methods import get_method
+from tokensieve.methods.base import Layout, Signals
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
@@ -70,7 +71,7 @@ def test_keep_all_equals_vanilla(idf, batch, vanilla, method):
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "divprune", "pool"])
-@pytest.mark.parametrize("budget,scope", [(3, "crop"), (7, "image"), (0.25, "image")])
+@pytest.mark.parametrize("budget,scope", [(3, "crop"), (7, "image"), (0.25, "image"), (7, "global"), (0.25, "global")])
 def test_kept_counts_follow_the_scope(idf, batch, method, budget, scope):
     model, _ = idf
     crops = _crops_per_image(model, batch)
@@ -78,7 +79,14 @@ def test_kept_counts_follow_the_scope(idf, batch, method, budget, scope):
     with sieve(model):
         _logits(model, batch)
     kept = [len(im.kept_indices) for im in sieve.last_report.images]
-    if isinstance(budget, float):
+    if scope == "global":  # k per image, ranked across its crops: only the image's total is fixed
+        bounds = torch.tensor([0] + crops).cumsum(0).tolist()
+        per_image = [sum(kept[a:b]) for a, b in zip(bounds, bounds[1:])]
+        want_totals = [budget if isinstance(budget, int) else round(budget * PER_CROP * c) for c in crops]
+        if method != "pool":
+            assert per_image == want_totals
+        want = kept
+    elif isinstance(budget, float):
         want = [4] * sum(crops)
     elif scope == "crop":
         want = [budget] * sum(crops)
@@ -132,6 +140,36 @@ def test_forward_equals_hand_written_reference(idf, batch):
     torch.testing.assert_close(got[real], ref[real], rtol=1e-4, atol=1e-4)
 
 
+def test_global_scope_ranks_the_crops_of_an_image_together(idf, batch, vanilla):
+    """divprune with scope global: one max-min selection over all crops of an image, split back by crop."""
+    model, _ = idf
+    crops = _crops_per_image(model, batch)
+    sieve = Sieve("divprune", 9, scope="global")
+    with sieve(model):
+        _logits(model, batch)
+    rep = sieve.last_report
+    with torch.inference_mode():
+        feats = model.model.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"]).pooler_output
+        feats = torch.cat(list(feats)).view(-1, PER_CROP, feats[0].shape[-1])
+    start = 0
+    for c in crops:
+        cat = feats[start : start + c].reshape(1, c * PER_CROP, -1)
+        want = get_method("divprune")().select(Signals(features=cat, layout=Layout((4 * c, 4), 0), num_layers=2, feature_layer=2), 9)
+        got = torch.cat([torch.tensor(im.kept_indices, dtype=torch.long) + j * PER_CROP
+                         for j, im in enumerate(rep.images[start : start + c])])
+        assert torch.equal(got, want.indices[0].cpu())
+        start += c
+    assert len({im.tokens_out for im in rep.images}) > 1  # crops keep unequal shares
+    with Sieve("divprune", 1.0, scope="global")(model):
+        torch.testing.assert_close(_logits(model, batch), vanilla[0], rtol=0, atol=1e-5)
+    few = Sieve("divprune", 2, scope="global")  # five crops, two tokens: some crops keep nothing at all
+    with few(model):
+        out = _gen(model, batch, n=2)
+    assert 0 in [im.tokens_out for im in few.last_report.images]
+    assert (few.last_report.input_ids == model.config.image_token_id).sum().item() == 2 * len(crops)
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
 def test_cached_decoding_equals_recompute(idf, batch):
     model, _ = idf
     sieve = Sieve("divprune", 6, scope="crop")
@@ -163,7 +201,7 @@ def test_refusals(idf, batch):
         with Sieve("evoprune", 4)(model):
             pass
     with pytest.raises(Exception, match="scope"):
-        with Sieve("random", 4, scope="global")(model):
+        with Sieve("random", 4, scope="frame")(model):
             pass
 
 

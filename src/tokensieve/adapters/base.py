@@ -140,27 +140,17 @@ class Adapter(ABC):
 
         The pre-LLM scopes carry over: a ratio applies to each entry; an int is per image, per crop with scope
         ``crop`` (anyres images span several), per frame for videos (the default for frames, as before the LM), and
-        for ``global`` the prompt's total, shared among its entries in proportion to their tokens.
+        with ``global`` per whole image or video, its crops or frames together.
         """
-        out: list[int] = [0] * len(images)
-        if budget.scope == Scope.GLOBAL and not budget.is_ratio:
-            by_sample: dict[int, list[int]] = {}
-            for i, im in enumerate(images):
-                by_sample.setdefault(im.sample, []).append(i)
-            for s, idx in by_sample.items():
-                sizes = [images[i].tokens_out for i in idx]
-                total = budget.resolve(sum(sizes), what=f"the visual tokens of prompt {s} entering the LM")
-                for i, k in zip(idx, share_out(total, sizes)):
-                    out[i] = k
-            return out
+        out: list[int] = []
         for i, im in enumerate(images):
             n = im.tokens_out
             what = f"{'video' if im.frames else 'image'} {i} entering the LM"
-            if n == 0 or budget.is_ratio:
-                out[i] = budget.resolve(n, what=what) if n else 0
+            if n == 0 or budget.is_ratio or budget.scope == Scope.GLOBAL:
+                out.append(budget.resolve(n, what=what) if n else 0)
                 continue
             units = im.frames if im.frames else (im.crops if budget.scope == Scope.CROP else 1)
-            out[i] = Budget(int(budget.value) * units, budget.scope).resolve(n, what=what)
+            out.append(Budget(int(budget.value) * units, budget.scope).resolve(n, what=what))
         return out
 
     def decoder_layers(self):
@@ -263,17 +253,6 @@ class Adapter(ABC):
 
 
 # -- in-LLM stage support (kept apart from the encode path above) ----------------------------------------------------
-def share_out(total: int, sizes: list[int]) -> list[int]:
-    """Split ``total`` tokens over parts of ``sizes`` tokens in proportion (largest remainder), at least one per
-    non-empty part, never more than a part holds."""
-    whole = sum(sizes)
-    shares = [total * n // whole for n in sizes]
-    order = sorted(range(len(sizes)), key=lambda j: -(total * sizes[j] % whole))
-    for j in order[: total - sum(shares)]:
-        shares[j] += 1
-    return [min(n, max(1, k)) if n else 0 for k, n in zip(shares, sizes)]
-
-
 def llama_style_parts(layer):
     """Scoring parts of a Llama/Qwen2/Mistral-style decoder layer (``input_layernorm`` + ``self_attn`` projections)."""
     from ..llm_stage import LLMParts

@@ -11,7 +11,8 @@ Choices:
   from ``input_ids``: an image's last crop is its global view, and the token before a global view's run is the same
   for every image (the last run of every sample is one), so runs preceded by that token close an image.
 * **Budgets.** ``crop``: k per crop. ``image`` (default): k per image split equally over its crops; a ratio is the
-  same ratio in every crop.
+  same ratio in every crop. ``global``: k per image, ranked across all its crops together (the crops side by side
+  as one candidate set), so busy crops keep more and a crop may keep none.
 * **Signals.** The tower has no CLS, so CLS attention is the documented CLS-free fallback: the mean attention each
   patch receives from the real (unpadded) queries of its crop. Hidden states, keys and received attention are
   averaged over each shuffle group. Padded patches (``pixel_attention_mask``) are excluded as queries and keys.
@@ -28,17 +29,58 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
-from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Selection, Signals
 from ..placeholders import ImageSpan
 from ..report import ImageReport
-from .base import Adapter, Encoded, now, share_out
+from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
+
+
+def _share_out(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` tokens over parts of ``sizes`` tokens in proportion (largest remainder), at least one per
+    non-empty part, never more than a part holds."""
+    whole = sum(sizes)
+    shares = [total * n // whole for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda j: -(total * sizes[j] % whole))
+    for j in order[: total - sum(shares)]:
+        shares[j] += 1
+    return [min(n, max(1, k)) if n else 0 for k, n in zip(shares, sizes)]
+
+
+def _split_selection(sel: Selection, tokens: torch.Tensor, crops: int, per_crop: int):
+    """Split one selection over ``crops`` side-by-side crops of ``per_crop`` candidates into one per crop.
+
+    Yields ``(crop, Selection, tokens)``. A kept token belongs to its candidate's crop, a created one to its
+    anchor's; one without an anchor (none on this CLS-free family today) goes to the last crop, the global view.
+    Within a crop kept tokens stay first and in order, then created ones, as everywhere.
+    """
+    idx = sel.indices[0]
+    if sel.tokens is None or idx.numel() == tokens.shape[0]:
+        where = idx
+    else:
+        where = sel.anchors[0] if sel.anchors is not None else torch.full((tokens.shape[0],), -1)
+    owner = torch.where(where >= 0, where // per_crop, crops - 1).to(torch.long).cpu()
+    created = torch.arange(tokens.shape[0]) >= tokens.shape[0] - sel.num_merged
+    local = torch.full((tokens.shape[0],), -1, dtype=torch.long)
+    for c in range(crops):
+        mine = owner == c
+        local[mine] = torch.arange(int(mine.sum()))
+    for c in range(crops):
+        mine = owner == c
+        kept = idx[(idx // per_crop) == c] - c * per_crop
+        groups = None
+        if sel.groups is not None:
+            g = sel.groups[0, c * per_crop : (c + 1) * per_crop].cpu()
+            groups = torch.where((g >= 0) & (owner[g.clamp(min=0)] == c), local[g.clamp(min=0)], -1)[None]
+        part = Selection(indices=kept[None], tokens=tokens[mine.to(tokens.device)][None],
+                         num_merged=int((mine & created).sum()), groups=groups)
+        yield c, part, tokens[mine.to(tokens.device)]
 
 
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
-    scopes = (Scope.IMAGE, Scope.CROP)
+    scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
     signal_kinds = ("hidden_states", "cls_attention", "keys", "cls_hidden", "attention_received")
     encoder_inputs = ("pixel_values", "pixel_attention_mask")
@@ -116,7 +158,9 @@ class Idefics3Adapter(Adapter):
             budget.resolve(self.per_crop, what="each crop of this model")
 
     def _shares(self, budget: Budget, images: list[int]) -> list[int]:
-        """Tokens to keep per crop."""
+        """Tokens to keep per crop (``global`` ranks an image's crops together instead: no per-crop share)."""
+        if budget.scope == Scope.GLOBAL:
+            return [0] * len(images)
         if budget.is_ratio:
             return [budget.resolve(self.per_crop, what="each crop")] * len(images)
         if budget.scope == Scope.CROP:
@@ -132,8 +176,8 @@ class Idefics3Adapter(Adapter):
         return out
 
     def llm_targets(self, budget: Budget, images: list) -> list[int]:
-        """Entries are crops; an int per image is that image's total, shared over its crops as before the LM."""
-        if budget.is_ratio or budget.scope != Scope.IMAGE:
+        """Entries are crops; an int per image (or ``global``) is that image's total, shared over its crops."""
+        if budget.is_ratio or budget.scope == Scope.CROP:
             return super().llm_targets(budget, images)
         groups = getattr(self, "_llm_groups", None) or list(range(len(images)))
         out = [0] * len(images)
@@ -143,7 +187,7 @@ class Idefics3Adapter(Adapter):
             total = budget.resolve(sum(sizes), what=f"image {g} entering the LM")
             if total < len(idx):
                 raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {len(idx)} crops of image {g}")
-            for i, k in zip(idx, share_out(total, sizes)):
+            for i, k in zip(idx, _share_out(total, sizes)):
                 out[i] = k
         return out
 
@@ -172,10 +216,10 @@ class Idefics3Adapter(Adapter):
         # set by find_spans for this call; taken once, so a later call never reuses another prompt's grouping
         images, self._images = getattr(self, "_images", None), None
         if images is None or len(images) != n:
-            if budget.scope == Scope.IMAGE and not budget.is_ratio:
+            if budget.scope == Scope.GLOBAL or budget.scope == Scope.IMAGE and not budget.is_ratio:
                 raise PlaceholderError(
-                    f"an {budget.value}-token budget per image needs the prompt to tell which crops form an image; "
-                    "call through the sieved model (or find_spans first), or use scope='crop'"
+                    f"a {budget} budget with scope {budget.scope.value!r} needs the prompt to tell which crops form "
+                    "an image; call through the sieved model (or find_spans first), or use scope='crop'"
                 )
             images = list(range(n))
         shares = self._shares(budget, images)
@@ -200,23 +244,39 @@ class Idefics3Adapter(Adapter):
             real = (torch.ones(features.shape[0], len(self.groups.flatten()), dtype=torch.bool, device=features.device)
                     if mask is None else mask.flatten(1).bool())
             received = {i: self._received(cap, i, real) for i in set(request.cls_attention) | set(request.attention_received)}
-            out, sels = [], []
-            for c in range(features.shape[0]):
-                sl = slice(c, c + 1)
-                signals = Signals(
-                    features=features[sl],
-                    layout=layout,
+            def signals_of(crops: list[int]) -> Signals:
+                """One candidate set: these crops' tokens side by side (crops stacked as grid rows)."""
+                cat = lambda x, dim: torch.cat([x[c : c + 1] for c in crops], dim=dim)  # noqa: E731
+                return Signals(
+                    features=cat(features, 1),
+                    layout=Layout((self.grid[0] * len(crops), self.grid[1]), 0),
                     num_layers=self.num_layers,
                     feature_layer=fl,
-                    hidden_states={i: self._pool(cap.hidden_states[i][sl], 1) for i in request.hidden_states},
-                    cls_attention={i: self._pool(received[i][sl], 2) for i in request.cls_attention},
-                    keys={i: self._pool(cap.key_heads(i)[sl], 2) for i in request.keys},
-                    attention_received={i: self._pool(received[i][sl].mean(1), 1) for i in request.attention_received},
+                    hidden_states={i: self._pool(cat(cap.hidden_states[i], 1), 1) for i in request.hidden_states},
+                    cls_attention={i: torch.cat([self._pool(received[i][c : c + 1], 2) for c in crops], 2)
+                                   for i in request.cls_attention},
+                    keys={i: torch.cat([self._pool(cap.key_heads(i)[c : c + 1], 2) for c in crops], 2)
+                          for i in request.keys},
+                    attention_received={i: torch.cat([self._pool(received[i][c : c + 1].mean(1), 1) for c in crops], 1)
+                                        for i in request.attention_received},
                     cls_hidden=None,
                 )
-                sel = method.select(signals, shares[c])
-                sels.append(sel)
-                out.append(sel.output(features[sl]).to(features.dtype)[0])
+
+            out: list[torch.Tensor | None] = [None] * features.shape[0]
+            sels: list[Selection | None] = [None] * features.shape[0]
+            if budget.scope == Scope.GLOBAL:
+                sets = [[c for c, g in enumerate(images) if g == img] for img in sorted(set(images))]
+            else:
+                sets = [[c] for c in range(features.shape[0])]
+            for crops in sets:
+                signals = signals_of(crops)
+                k = shares[crops[0]] if len(crops) == 1 and budget.scope != Scope.GLOBAL else budget.resolve(
+                    signals.num_tokens, what=f"the {len(crops)} crops of an image together"
+                )
+                sel = method.select(signals, k)
+                tokens = sel.output(signals.features).to(features.dtype)[0]
+                for c, part, tok in _split_selection(sel, tokens, len(crops), self.per_crop):
+                    sels[crops[c]], out[crops[c]] = part, tok
             state["sels"], state["time"] = sels, now() - t0
             return out
 
