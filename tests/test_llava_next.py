@@ -7,7 +7,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
 from tokensieve.budget import Budget
+from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
+from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
@@ -166,3 +168,94 @@ def test_forward_equals_hand_written_reference(next_model, batch):
         ).logits
     assert torch.equal(sieve.last_report.input_ids, new_ids)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ in-encoder
+
+
+class CutAt(EncoderMethod):
+    """Keeps the same patches of every crop after one encoder layer, without merging: a known cut."""
+
+    name = "cut-at"
+    description = "test helper"
+
+    def __init__(self, layer, patches):
+        self.layer, self.patches = layer, torch.tensor(patches)
+
+    def plan(self, num_layers, feature_layer):
+        return EncoderPlan((self.layer,))
+
+    def cut(self, state):
+        return EncoderCut(keep_with_cls(self.patches.expand(state.hidden.shape[0], -1)))
+
+
+class PickPatches(Method):
+    """Pre-projector: keeps the same candidates of every crop."""
+
+    name = "pick"
+    description = "test helper"
+
+    def __init__(self, patches):
+        self.patches = torch.tensor(patches)
+
+    def select(self, signals, k):
+        return Selection(indices=self.patches[:k].expand(signals.batch, -1))
+
+
+@pytest.fixture(scope="module")
+def filled(next_model):
+    """Two images whose aspect matches a pinpoint, so unpadding removes nothing (3 crops each)."""
+    _, proc = next_model
+    images = [demo_image(64, 0).resize((32, 64)), demo_image(64, 3).resize((64, 32))]
+    return proc(images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")], return_tensors="pt",
+                padding=True)
+
+
+def test_in_encoder_cut_at_the_last_layer_equals_pre_projector_selection(next_model, filled):
+    """Cutting right after the layer that produces the feature layer keeps exactly those rows' features, so the
+    in-encoder path (crops batched through CLIP, survivors packed with newlines) must equal the pre-projector
+    path selecting the same patches."""
+    model, _ = next_model
+    adapter = get_adapter(model)
+    fl = adapter.feature_layers({})[-1]
+    patches = [0, 3, 5, 6, 9, 15]
+    cut, pick = Sieve(CutAt(fl - 1, patches), 6, scope="crop"), Sieve(PickPatches(patches), 6, scope="crop")
+    with cut(model):
+        got = _logits(model, filled)
+    with pick(model):
+        want = _logits(model, filled)
+    assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
+    assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["evoprune", "flowcut"])
+def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
+    model, _ = next_model
+    sieve = Sieve(method, 5, scope="crop")
+    with sieve(model):
+        _gen(model, filled, n=2)
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    with sieve(model):
+        _gen(model, batch, n=2)
+    # the encoder sees whole crops: a kept patch that unpadding removes is dropped, so padded crops keep at most 5
+    for im, crops in zip(sieve.last_report.images, _crops(model, batch)):
+        assert len(im.kept_indices) <= 5 * im.crops
+    assert sieve.last_report.encoder_layer_tokens[0] == SIDE * SIDE + 1
+    if method == "evoprune":  # its cuts start early enough for a later layer of this 4-layer tower to run shorter
+        assert min(t for t in sieve.last_report.encoder_layer_tokens if t) < SIDE * SIDE + 1
+    with pytest.raises(BudgetError, match="global"):
+        with Sieve(method, 5, scope="global")(model):
+            _logits(model, filled)
+
+
+def test_flops_trace_counts_one_encoder_pass_per_crop(next_model, batch):
+    from tokensieve.flops import trace_from_report
+
+    model, _ = next_model
+    sieve = Sieve("evocut", 0.5)
+    with sieve(model):
+        _logits(model, batch)
+    crops = [int(torch.tensor(c).prod()) + 1 for c in _crops(model, batch)]  # grid crops + the base view
+    assert [im.crops for im in sieve.last_report.images] == crops
+    assert trace_from_report(sieve.last_report).num_images == sum(crops)

@@ -5,6 +5,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
+from tokensieve.errors import UnsupportedModelError
+from tokensieve.methods import get_method
+from tokensieve.methods.base import IN_ENCODER
 from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
@@ -13,7 +16,8 @@ from .families import methods_for, build_tiny_llava_next_video, greedy, logits
 
 PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
 
-METHODS = methods_for(LlavaNextVideoAdapter)  # the stages this family supports today
+# the stages this family supports today; in-encoder methods work on its images only (tested below)
+METHODS = [m for m in methods_for(LlavaNextVideoAdapter) if get_method(m).stage != IN_ENCODER]
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +103,17 @@ def test_forward_equals_hand_written_reference(next_video):
         ).logits
     assert torch.equal(sieve.last_report.input_ids[new_mask.bool()], new_ids[new_mask.bool()])
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["evoprune", "flowcut"])
+def test_in_encoder_methods_run_on_images_and_refuse_videos(next_video, batch, method):
+    model, make = next_video
+    images_only = make(["user : <image> what is this ? assistant :"], [demo_image(64, 0).resize((32, 20))])
+    want = logits(model, images_only)
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    before = hooks()
+    with Sieve(method, 1.0)(model):
+        torch.testing.assert_close(logits(model, images_only), want, rtol=0, atol=1e-5)
+        with pytest.raises(UnsupportedModelError, match="pools every video frame"):
+            logits(model, batch)
+    assert hooks() == before

@@ -112,3 +112,12 @@ def test_downsampled_grid_is_refused_and_model_untouched(onevision):
         assert torch.equal(logits(model, big), ref)
     finally:
         model.config.vision_aspect_ratio = "anyres_max_9"
+
+
+def test_in_encoder_methods_are_refused_on_the_cls_free_tower(onevision):
+    model, _ = onevision
+    before = dict(model.__dict__)
+    for method in ("evoprune", "flowcut"):
+        with pytest.raises(UnsupportedModelError, match="in-encoder"):
+            Sieve(method, 4).apply(model)
+    assert model.__dict__.keys() == before.keys()

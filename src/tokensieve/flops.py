@@ -106,6 +106,7 @@ class TokenTrace:
     encoder_layer_tokens: list[int]
     """Per encoder layer, one image's sequence length entering it (CLS included)."""
     num_images: int
+    """Encoder passes: images, or the crops and frames of anyres images and videos."""
     projected_tokens: int
     """Tokens that went through the projector, all images together."""
     llm_layer_tokens: list[list[int]]
@@ -134,7 +135,8 @@ def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1) -> To
         projected = sum(v[0] for v in report.llm_layer_visual_tokens if v)
     return TokenTrace(
         encoder_layer_tokens=list(report.encoder_layer_tokens),
-        num_images=len(report.images),
+        # the encoder runs once per crop (anyres) or frame (video), each at the trace's per-pass lengths
+        num_images=sum(im.frames or im.crops for im in report.images),
         projected_tokens=int(projected),
         llm_layer_tokens=[list(t) for t in report.llm_layer_tokens],
         llm_layer_visual_tokens=[list(t) for t in report.llm_layer_visual_tokens],

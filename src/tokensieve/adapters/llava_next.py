@@ -31,8 +31,9 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
-from ..errors import NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Signals
+from ..encoder_stage import run_encoder_stage
+from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -54,8 +55,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
-    # inherits the LLaVA tower facts; the in-encoder stage is not wired to crops, unpadding and newlines yet
-    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
     signal_kinds = Adapter.signal_kinds
 
     cls_offset = 1
@@ -146,6 +146,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return [min(n, total // c + (1 if i < total % c else 0)) for i, n in enumerate(sizes)]
 
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        if method.stage == IN_ENCODER:
+            return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()
         strategy = self._strategy(encoder_kwargs)
         packs = self._packed(encoder_kwargs)
@@ -190,6 +192,85 @@ class LlavaNextAdapter(LlavaAdapter):
                 )
         trace = [self.per_crop + 1] * self.num_layers
         return Encoded(features, images, encode_s=now() - start, selection_s=t_sel, encoder_layer_tokens=trace)
+
+    def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        """Cut inside CLIP, crop by crop, then place the survivors in the model's packed layout.
+
+        Every crop (base view and grid crops, all images of the call) is one row of the tower's batch; crops that
+        must keep the same count run together. A crop's target is its share of the budget over the patches that
+        survive unpadding, as before the projector, but the encoder sees the whole crop, so a kept patch that
+        unpadding removes afterwards is dropped: such a crop keeps at most its share (exactly its share when the
+        image fills its crops), as FlowCut's own LLaVA-NeXT code does. A crop whose share is all its surviving
+        patches is not cut. Newlines follow the rows that keep a token, as for the other stages.
+        """
+        start = now()
+        self._strategy(encoder_kwargs)
+        if budget.scope == Scope.GLOBAL:
+            raise BudgetError(
+                f"{method.name} cuts inside the encoder, where each crop runs on its own: scope 'global' (ranking "
+                "across crops) is not possible there; use 'image' or 'crop'"
+            )
+        packs = self._packed(encoder_kwargs)
+        pv = encoder_kwargs["pixel_values"]
+        crops_pv = torch.cat([pv[i, : pk.num_crops] for i, pk in enumerate(packs)]) if pv.dim() == 5 else pv
+        targets: list[int] = []
+        for pk in packs:
+            sizes = [int(s[2].numel()) for s in self._candidate_sets(pk, budget.scope)]
+            # a crop that keeps every surviving patch is not cut at all (keep-all equals the uncompressed model)
+            targets += [self.per_crop if k == n else k for k, n in zip(self._shares(budget, sizes), sizes)]
+        feature_layers = self.feature_layers(encoder_kwargs)
+        plan = method.plan(self.num_layers, min(feature_layers))
+        skip = bool(getattr(method, "skip_unused_layers", True))
+        layout = Layout(self.grid, 1)  # inside the encoder CLS is row 0
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # crop -> (features, patch, size)
+        traces, selection_s = [], 0.0
+        for target in sorted(set(targets) - {0}):
+            idx = [c for c, t in enumerate(targets) if t == target]
+            res = run_encoder_stage(
+                self.layers, self._attention_parts, method, plan, layout, target,
+                feature_layer=min(feature_layers), record=feature_layers,
+                run=lambda x: self.base.vision_tower(x, output_hidden_states=False, return_dict=True),
+                pixel_values=crops_pv[idx], stop_after=max(feature_layers) if skip else None,
+            )
+            selection_s += res.selection_s
+            traces += res.traces
+            for j, c in enumerate(idx):
+                feats = torch.cat([res.hidden[f][j][1:] for f in feature_layers], dim=-1)
+                if not bool(torch.isfinite(feats).all()):
+                    raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
+                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:])
+        newline = self.base.image_newline
+        dtype = next(self.base.multi_modal_projector.parameters()).dtype
+        features, images, crop0 = [], [], 0
+        for i, pk in enumerate(packs):
+            where = {(int(c), int(p)): q for q, (c, p) in enumerate(zip(pk.crop.tolist(), pk.patch.tolist())) if c >= 0}
+            placed: dict[int, torch.Tensor] = {}
+            kept_ids, merged = [], 0
+            for c in range(pk.num_crops):
+                if crop0 + c not in rows:
+                    continue
+                feats, patch, size = rows[crop0 + c]
+                for r, (p, n) in enumerate(zip(patch.tolist(), size.tolist())):
+                    q = where.get((c, int(p)))
+                    if q is None:
+                        continue  # unpadding removes this patch
+                    placed[q] = feats[r]
+                    kept_ids.append(c * self.per_crop + int(p))
+                    merged += int(n > 1)
+            crop0 += pk.num_crops
+            out = (self._assemble(pk, placed, [], lambda q: newline.to(dtype)) if placed
+                   else torch.zeros(0, newline.shape[-1], dtype=dtype, device=newline.device))
+            features.append(out)
+            images.append(
+                ImageReport(
+                    sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(out.shape[0]),
+                    kept_indices=sorted(kept_ids), grid=(pk.num_crops * self.side, self.side), merged=merged,
+                    selection_s=selection_s / len(packs), crops=pk.num_crops,
+                )
+            )
+        # per crop sequence lengths; crops may differ under per-crop targets, so the trace is their mean
+        trace = [round(sum(t[j] for t in traces) / max(len(traces), 1)) for j in range(self.num_layers)]
+        return Encoded(features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)
 
     def _candidate_sets(self, pk: _Packed, scope: Scope):
         """Per candidate set: (crop, packed positions, patch ids, grid) of the surviving patches, raster order."""
@@ -260,13 +341,18 @@ class LlavaNextAdapter(LlavaAdapter):
                 else:
                     placed[int(where[a])] = out[j]
             kept_ids += (crop_g[sel.indices[0]] - crop0).mul(self.per_crop).add(patch[sel.indices[0]]).tolist()
-        # walk the packed order: kept tokens in place, newlines of rows that keep something
+        feats = self._assemble(pk, placed, tail, lambda p: packed[p]).to(packed.dtype)
+        return feats, sorted(kept_ids), merged
+
+    @staticmethod
+    def _assemble(pk: _Packed, placed: dict[int, torch.Tensor], tail: list[torch.Tensor], newline) -> torch.Tensor:
+        """Walk the packed order: kept tokens in place, the newline (``newline(p)``) of rows that keep something,
+        then tokens without a grid position."""
         rows_kept = {int(pk.row[p]) for p in placed if int(pk.row[p]) >= 0}
         seq = []
         for p in range(pk.crop.numel()):
             if p in placed:
                 seq.append(placed[p])
             elif int(pk.crop[p]) < 0 and int(pk.row[p]) in rows_kept:
-                seq.append(packed[p])
-        feats = torch.stack(seq + tail).to(packed.dtype)
-        return feats, sorted(kept_ids), merged
+                seq.append(newline(p))
+        return torch.stack(seq + tail)

@@ -22,8 +22,8 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
-from ..errors import NonFiniteFeaturesError
-from ..methods.base import Layout, Method, Signals
+from ..errors import NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Encoded, now
 from .llava_next import LlavaNextAdapter
@@ -59,6 +59,11 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return torch.stack(features)  # the model takes videos as one [videos, tokens, d] tensor
 
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        if method.stage == IN_ENCODER and encoder_kwargs.get("pixel_values_videos") is not None:
+            raise UnsupportedModelError(
+                f"{method.name} cuts inside the encoder, but {self.family} pools every video frame's full patch grid "
+                "after the encoder; use a pre- or post-projector method for videos (images work in-encoder)"
+            )
         if encoder_kwargs.get("pixel_values") is not None:
             encoded = super().encode(method, budget, encoder_kwargs)
         else:
