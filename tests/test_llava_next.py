@@ -216,14 +216,17 @@ def test_in_encoder_cut_at_the_last_layer_equals_pre_projector_selection(next_mo
     in-encoder path (crops batched through CLIP, survivors packed with newlines) must equal the pre-projector
     path selecting the same patches."""
     model, _ = next_model
-    adapter = get_adapter(model)
-    fl = adapter.feature_layers({})[-1]
-    patches = [0, 3, 5, 6, 9, 15]
-    cut, pick = Sieve(CutAt(fl - 1, patches), 6, scope="crop"), Sieve(PickPatches(patches), 6, scope="crop")
+    assert_cut_equals_pick(model, filled, get_adapter(model).feature_layers({})[-1], [0, 3, 5, 6, 9, 15])
+
+
+def assert_cut_equals_pick(model, inputs, feature_layer, patches):
+    """In-encoder cut after the layer producing ``hidden_states[feature_layer]`` == pre-projector pick, per crop."""
+    cut = Sieve(CutAt(feature_layer - 1, patches), len(patches), scope="crop")
+    pick = Sieve(PickPatches(patches), len(patches), scope="crop")
     with cut(model):
-        got = _logits(model, filled)
+        got = _logits(model, inputs)
     with pick(model):
-        want = _logits(model, filled)
+        want = _logits(model, inputs)
     assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
     assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

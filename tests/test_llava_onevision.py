@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from tokensieve import Sieve
+from tokensieve.adapters import get_adapter
 from tokensieve.errors import UnsupportedModelError
+from tokensieve.methods import get_method
+from tokensieve.methods.base import IN_ENCODER, EncoderMethod, EncoderPlan
 from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -13,7 +16,8 @@ from .families import methods_for, build_tiny_onevision, greedy, logits
 
 SIDE = 4
 
-METHODS = methods_for(LlavaOnevisionAdapter)  # the stages this family supports today
+# the stages this family supports today; in-encoder methods run on its images only (tested below)
+METHODS = [m for m in methods_for(LlavaOnevisionAdapter) if get_method(m).stage != IN_ENCODER]
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +118,82 @@ def test_downsampled_grid_is_refused_and_model_untouched(onevision):
         model.config.vision_aspect_ratio = "anyres_max_9"
 
 
-def test_in_encoder_methods_are_refused_on_the_cls_free_tower(onevision):
+@pytest.fixture(scope="module")
+def filled_images(onevision):
+    """Images only, sizes that fill their pinpoint (nothing unpadded): 2x2 and 3x1 grids of 16 px crops."""
+    _, make = onevision
+    return make(
+        ["user : <image> what ? assistant :", "user : <image> what is it ? assistant :"],
+        [demo_image(64, 5).resize((32, 32)), demo_image(64, 6).resize((16, 48))],
+    )
+
+
+@pytest.mark.parametrize("method", ["evoprune", "flowcut"])
+def test_in_encoder_on_the_cls_free_tower(onevision, batch, filled_images, method):
     model, _ = onevision
-    before = dict(model.__dict__)
-    for method in ("evoprune", "flowcut"):
-        with pytest.raises(UnsupportedModelError, match="in-encoder"):
-            Sieve(method, 4).apply(model)
-    assert model.__dict__.keys() == before.keys()
+    want = logits(model, filled_images)
+    with Sieve(method, 1.0)(model):
+        torch.testing.assert_close(logits(model, filled_images), want, rtol=0, atol=1e-5)
+        with pytest.raises(UnsupportedModelError, match="pools every video frame"):
+            logits(model, batch)
+    sieve = Sieve(method, 5, scope="crop")
+    with sieve(model):
+        greedy(model, filled_images, n=2)
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+
+
+def test_in_encoder_cut_after_the_feature_layer_equals_pre_projector_selection(onevision, filled_images):
+    from .test_llava_next import assert_cut_equals_pick
+
+    model, _ = onevision
+    # OneVision reads the last layer, so the cut comes after the last layer
+    assert_cut_equals_pick(model, filled_images, model.config.vision_config.num_hidden_layers, [1, 2, 4, 8, 11, 15])
+
+
+class Spy(EncoderMethod):
+    """Records what a method sees at one layer and cuts nothing but the last patches."""
+
+    name = "spy"
+    description = "test helper"
+
+    def __init__(self, layer):
+        self.layer, self.seen = layer, None
+
+    def plan(self, num_layers, feature_layer):
+        return EncoderPlan((self.layer,), cls_attention=True, keys=True, values=True)
+
+    def cut(self, state):
+        self.seen = state
+        keep = torch.arange(state.target + 1).expand(state.hidden.shape[0], -1)
+        from tokensieve.methods.base import EncoderCut
+
+        return EncoderCut(keep)
+
+
+def test_virtual_cls_is_the_mean_row_and_the_mean_query_attention(onevision, filled_images):
+    """On a CLS-free tower methods see a row 0 that never enters the encoder: mean hidden / key / value, and the
+    softmax of the mean query over the real keys (FlowCut's global query), computed here from the layer by hand."""
+    model, _ = onevision
+    layer = get_adapter(model).layers[1]
+    got = {}
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: got.setdefault("q", o)),
+             layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: got.setdefault("k", o))]
+    spy = Spy(1)
+    try:
+        with Sieve(spy, 8, scope="crop")(model):
+            logits(model, filled_images)
+    finally:
+        for h in hooks:
+            h.remove()
+    st = spy.seen
+    attn = layer.self_attn
+    heads, hd = attn.num_heads, attn.head_dim
+    q = got["q"].view(got["q"].shape[0], -1, heads, hd).transpose(1, 2).mean(dim=2, keepdim=True)
+    k = got["k"].view(got["k"].shape[0], -1, heads, hd).transpose(1, 2)
+    want = ((q @ k.transpose(-1, -2)).squeeze(-2) * attn.scale).softmax(-1)
+    assert st.hidden.shape[1] == SIDE * SIDE + 1 and bool((st.positions[:, 0] == -1).all())
+    torch.testing.assert_close(st.hidden[:, 0], st.hidden[:, 1:].mean(1))
+    torch.testing.assert_close(st.keys[:, :, 0], st.keys[:, :, 1:].mean(2))
+    torch.testing.assert_close(st.values[:, :, 0], st.values[:, :, 1:].mean(2))
+    assert bool((st.cls_attention[..., 0] == 0).all())
+    torch.testing.assert_close(st.cls_attention[..., 1:], want, rtol=1e-5, atol=1e-6)

@@ -81,6 +81,7 @@ def run_encoder_stage(
     run: Callable[[torch.Tensor], object],
     pixel_values: torch.Tensor,
     stop_after: int | None = None,
+    cls_free: bool = False,
 ) -> StageResult:
     """Run ``run(pixel_values)`` with ``method`` cutting at ``plan.layers``; hooks are removed on exit, always.
 
@@ -101,12 +102,12 @@ def run_encoder_stage(
     out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[])
     for grp in groups:
         _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-                   pixel_values[grp], stop_after, num_layers, out)
+                   pixel_values[grp], stop_after, num_layers, out, cls_free)
     return out
 
 
 def _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-               pixel_values, stop_after, num_layers, out: StageResult) -> None:
+               pixel_values, stop_after, num_layers, out: StageResult, cls_free: bool = False) -> None:
     b = int(pixel_values.shape[0])
     device = pixel_values.device
     n0 = layout.num_patches
@@ -133,7 +134,7 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
         if _i in planned:
             t0 = time.perf_counter()
             new = _apply_cut(_i, hs, st, attention_parts(layers[_i]), method, plan, layout, target, feature_layer,
-                             num_layers)
+                             num_layers, cls_free)
             out.selection_s += time.perf_counter() - t0
         if _i + 1 in record:
             st["hidden"][_i + 1] = new
@@ -178,29 +179,44 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
     out.traces.extend([list(st["trace"]) for _ in range(b)])
 
 
-def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers) -> torch.Tensor:
-    b, t, d = hs.shape
+def _virtual_cls(x: torch.Tensor) -> torch.Tensor:
+    """Prepend the mean row: the stand-in CLS of a CLS-free tower, seen by methods only."""
+    return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+
+
+def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers,
+               cls_free: bool = False) -> torch.Tensor:
+    real = hs
     proj = st["proj"]
+    if cls_free:
+        hs = _virtual_cls(hs)
+        proj = {key: _virtual_cls(v) if key[1] == layer else v for key, v in proj.items()}
+    b, t, d = hs.shape
     sig = {}
     if plan.cls_attention:
-        q = _heads(proj[("q", layer)][:, :1], parts).float()
         k = _heads(proj[("k", layer)], parts).float()
-        sig["cls_attention"] = ((q @ k.transpose(-1, -2)).squeeze(-2) * parts.scale).softmax(dim=-1)
+        if cls_free:  # the mean query over the real rows attends to the real keys; the virtual row gets nothing
+            q = _heads(proj[("q", layer)][:, 1:], parts).float().mean(dim=-2, keepdim=True)
+            row = ((q @ k[:, :, 1:].transpose(-1, -2)).squeeze(-2) * parts.scale).softmax(dim=-1)
+            sig["cls_attention"] = torch.cat([torch.zeros_like(row[..., :1]), row], dim=-1)
+        else:
+            q = _heads(proj[("q", layer)][:, :1], parts).float()
+            sig["cls_attention"] = ((q @ k.transpose(-1, -2)).squeeze(-2) * parts.scale).softmax(dim=-1)
     if plan.keys:
         sig["keys"] = _heads(proj[("k", layer)], parts)
     if plan.values:
         sig["values"] = _heads(proj[("v", layer)], parts)
+    for key in [k for k in st["proj"] if k[1] == layer]:
+        del st["proj"][key]  # the projections of this layer are not needed any more
     state = EncoderState(layer=layer, num_layers=num_layers, feature_layer=feature_layer, layout=layout, hidden=hs,
                          sizes=st["sizes"], positions=st["positions"], target=target, memory=st["memory"], **sig)
-    for key in [k for k in proj if k[1] == layer]:
-        del proj[key]  # the projections of this layer are not needed any more
     if t - 1 == target:
-        return hs  # already at the target: nothing left to score or cut
+        return real  # already at the target: nothing left to score or cut
     cut = method.cut(state)
     if cut is None:
         if layer == st["last_planned"]:
             raise ValueError(f"{method.name} made no cut at its last layer {layer}; {t - 1} patches, target {target}")
-        return hs
+        return real
     _check_cut(cut, b, t, d, layer, method.name)
     left = cut.keep.shape[1] - 1
     if left < target or (layer == st["last_planned"] and left != target):
@@ -209,4 +225,6 @@ def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer
     st["positions"] = torch.gather(st["positions"], 1, keep)
     st["sizes"] = cut.sizes.float() if cut.sizes is not None else torch.gather(st["sizes"], 1, keep)
     new = cut.hidden.to(hs.dtype) if cut.hidden is not None else gather_tokens(hs, keep)
+    if cls_free:
+        new = new[:, 1:]  # the virtual CLS never enters the encoder
     return new.contiguous()

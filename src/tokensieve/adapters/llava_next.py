@@ -197,7 +197,8 @@ class LlavaNextAdapter(LlavaAdapter):
         """Cut inside CLIP, crop by crop, then place the survivors in the model's packed layout.
 
         Every crop (base view and grid crops, all images of the call) is one row of the tower's batch; crops that
-        must keep the same count run together. A crop's target is its share of the budget over the patches that
+        must keep the same count run together. A CLS-free tower (OneVision's SigLIP) gets the stage's virtual CLS
+        (mean-query attention fallback). A crop's target is its share of the budget over the patches that
         survive unpadding, as before the projector, but the encoder sees the whole crop, so a kept patch that
         unpadding removes afterwards is dropped: such a crop keeps at most its share (exactly its share when the
         image fills its crops), as FlowCut's own LLaVA-NeXT code does. A crop whose share is all its surviving
@@ -231,11 +232,12 @@ class LlavaNextAdapter(LlavaAdapter):
                 feature_layer=min(feature_layers), record=feature_layers,
                 run=lambda x: self.base.vision_tower(x, output_hidden_states=False, return_dict=True),
                 pixel_values=crops_pv[idx], stop_after=max(feature_layers) if skip else None,
+                cls_free=not self.cls_offset,
             )
             selection_s += res.selection_s
             traces += res.traces
             for j, c in enumerate(idx):
-                feats = torch.cat([res.hidden[f][j][1:] for f in feature_layers], dim=-1)
+                feats = torch.cat([res.hidden[f][j][self.cls_offset:] for f in feature_layers], dim=-1)
                 if not bool(torch.isfinite(feats).all()):
                     raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
                 rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:])

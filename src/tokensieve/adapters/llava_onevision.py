@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR
 from .base import Adapter
 from .llava_next_video import LlavaNextVideoAdapter
 
@@ -51,9 +50,6 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
         self.cls_offset = 1 if hasattr(tower.embeddings, "class_embedding") else 0
 
     video_newline = True
-    # SigLIP has no CLS row for the in-encoder stage's CLS-attention signals (its CLS-free fallback lives in the
-    # pre-projector path only), so in-encoder methods are refused at apply() time
-    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
 
     def _video_pool(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.apply_pooling(x)
