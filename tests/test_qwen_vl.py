@@ -5,6 +5,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
+from tokensieve.methods import get_method
+from tokensieve.methods.base import IN_ENCODER, EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls
 from tokensieve.errors import BudgetError, PlaceholderError
 from tokensieve.tiny import demo_image
 
@@ -16,7 +18,8 @@ KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
 UNITS = 16
 
-METHODS = methods_for(QwenVLAdapter)  # the stages this family supports today
+# the stages this family supports on both classes; in-encoder methods (Qwen2-VL only) are tested below
+METHODS = [m for m in methods_for(QwenVLAdapter) if get_method(m).stage != IN_ENCODER]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -24,16 +27,19 @@ def qwen(request):
     return build_tiny_qwen(request.param)
 
 
-@pytest.fixture(scope="module")
-def batch(qwen):
+def _mixed_batch(proc, first_side=96):
     """Left-padded batch of two prompts: one image; a video then an image."""
-    _, proc = qwen
     frames = [demo_image(64, s) for s in range(4)]
     return proc(
         ["user : <image> what is this ? assistant :", "user : <video> <image> what ? assistant :"],
-        images=[demo_image(96, 0), demo_image(64, 1)],
+        images=[demo_image(first_side, 0), demo_image(64, 1)],
         videos=[frames],
     )
+
+
+@pytest.fixture(scope="module")
+def batch(qwen):
+    return _mixed_batch(qwen[1])
 
 
 
@@ -227,7 +233,7 @@ def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
 
     model, _ = build_tiny_qwen("qwen2_vl")
     before = dict(model.__dict__)
-    for spec, match in [("evoprune", "in-encoder"), ("hiprune", "attention_received")]:
+    for spec, match in [("hiprune", "attention_received")]:
         with pytest.raises(UnsupportedModelError, match=match):
             Sieve(spec, budget=4).apply(model)
         assert model.__dict__.keys() == before.keys()
@@ -235,3 +241,148 @@ def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
         pass
     with Sieve("todre", budget=4)(model), Sieve("fastv", budget=0.9, layer=1)(build_tiny_qwen("qwen2_vl")[0]):
         pass  # ToDRE's in-LLM relevance stage and in-LLM methods attach on this family
+
+
+# ------------------------------------------------------------------------------------------- in-encoder (Qwen2-VL)
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return build_tiny_qwen("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def batch2(qwen2):
+    return _mixed_batch(qwen2[1], first_side=64)
+
+
+class CutUnits(EncoderMethod):
+    """Keeps the same units of every candidate set after one block; with ``merge`` it also folds every dropped
+    unit into the first kept one, saying so in ``groups`` unless ``tell`` is off."""
+
+    name = "cut-units"
+    description = "test helper"
+
+    def __init__(self, layer, units, merge=False, tell=True):
+        self.layer, self.units, self.merge, self.tell = layer, torch.tensor(units), merge, tell
+
+    def plan(self, num_layers, feature_layer):
+        return EncoderPlan((self.layer,))
+
+    def cut(self, state):
+        keep = keep_with_cls(self.units[None])
+        if not self.merge:
+            return EncoderCut(keep)
+        n = state.hidden.shape[1] - 1
+        slot = torch.zeros(n, dtype=torch.long)
+        slot[self.units] = torch.arange(len(self.units))
+        sizes = state.sizes[0, 1:]
+        mass = torch.zeros(len(self.units)).scatter_add_(0, slot, sizes)
+        hidden = torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
+            0, slot, state.hidden[0, 1:] * sizes[:, None]) / mass[:, None]
+        return EncoderCut(keep, hidden=torch.cat([state.hidden[:, :1], hidden[None]], 1),
+                          sizes=torch.cat([torch.ones(1), mass])[None], groups=slot[None] if self.tell else None)
+
+
+class PickUnits(Method):
+    name = "pick-units"
+    description = "test helper"
+
+    def __init__(self, units):
+        self.units = torch.tensor(units)
+
+    def select(self, signals, k):
+        return Selection(indices=self.units[None].expand(signals.batch, -1))
+
+
+@pytest.mark.parametrize("method", ["evoprune", "flowcut"])
+def test_in_encoder_keep_all_and_counts(qwen2, batch2, method):
+    model, _ = qwen2
+    want, want_gen = _logits(model, batch2), _gen(model, batch2)
+    with Sieve(method, 1.0)(model):
+        torch.testing.assert_close(_logits(model, batch2), want, rtol=0, atol=1e-5)
+        assert torch.equal(_gen(model, batch2), want_gen)
+    for budget, scope, counts in [(4, "image", [4, 4, 8]), (6, "global", [6, 6, 6])]:
+        sieve = Sieve(method, budget, scope=scope)
+        with sieve(model):
+            out = _gen(model, batch2, n=2)
+        rep = sieve.last_report
+        assert [im.tokens_out for im in rep.images] == counts
+        assert (rep.input_ids == model.config.image_token_id).sum() + (rep.input_ids == model.config.video_token_id).sum() == sum(counts)
+        assert torch.equal(out[:, : batch2["input_ids"].shape[1]], batch2["input_ids"])
+        if scope == "image":
+            assert sum(i < UNITS for i in rep.images[2].kept_indices) == 4  # four in each temporal patch
+
+
+def test_in_encoder_cut_after_the_last_block_equals_pre_projector_selection(qwen2, batch2):
+    """After the last block the kept units' rows are the full run's rows, so the merger must give exactly the
+    pre-projector path's tokens for the same units (and the LM the same logits)."""
+    model, _ = qwen2
+    units = [0, 3, 5, 10, 15]
+    cut, pick = Sieve(CutUnits(3, units), 5, scope="frame"), Sieve(PickUnits(units), 5, scope="frame")
+    with cut(model):
+        got = _logits(model, batch2)
+    with pick(model):
+        want = _logits(model, batch2)
+    assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qwen2, batch2):
+    """A cut after block 1: blocks 2-3 run on the kept units only, with cu_seqlens and the rotary cut to match
+    (checked against a hand-run of the remaining blocks); a merge needs ``groups``."""
+    model, _ = qwen2
+    vis = model.model.visual
+    units = [1, 2, 6, 9, 12, 14]
+    captured = {}
+    # what block 2 receives: its input rows, and (seen by its attention, after the sieve's own block hook) the
+    # cu_seqlens and rotary it runs with
+    def keep(name, value):
+        captured.setdefault(name, value)
+
+    hooks = [
+        vis.blocks[2].register_forward_pre_hook(lambda m, a, k: keep("hs", a[0] if a else k["hidden_states"]),
+                                                with_kwargs=True),
+        vis.blocks[2].attn.register_forward_pre_hook(
+            lambda m, a, k: [keep(n, k[n]) for n in ("cu_seqlens", "position_embeddings")] and None, with_kwargs=True),
+        vis.merger.register_forward_pre_hook(lambda m, a: keep("merger_in", a[0])),
+    ]
+    sieve = Sieve(CutUnits(1, units, merge=True), len(units), scope="frame")
+    try:
+        with sieve(model):
+            _logits(model, batch2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sieve.last_report.encoder_layer_tokens[0] > sieve.last_report.encoder_layer_tokens[2]
+    # the first visual forward is the two images' (videos run after them): 2 segments of 6 kept units x 4 patches
+    assert captured["cu_seqlens"].tolist() == [0, 24, 48]
+    # blocks 2-3 by hand on what block 2 received equal the model's merger input
+    x = captured["hs"]
+    assert x.shape[0] == 2 * 6 * 4
+    with torch.inference_mode():
+        for blk in vis.blocks[2:]:
+            x = blk(x, cu_seqlens=captured["cu_seqlens"], position_embeddings=captured["position_embeddings"])
+    torch.testing.assert_close(x, captured["merger_in"])
+    # the rotary of the kept rows is the full run's, gathered: row r of unit u is original patch 4u + r
+    full = {}
+    h = vis.blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, k: full.update(pe=full.get("pe", k["position_embeddings"])), with_kwargs=True)
+    try:
+        _logits(model, batch2)
+    finally:
+        h.remove()
+    rows = (torch.tensor(units)[:, None] * 4 + torch.arange(4)).flatten()
+    torch.testing.assert_close(captured["position_embeddings"][0][:24], full["pe"][0][rows])
+    assert sum(im.merged for im in sieve.last_report.images) > 0
+    with pytest.raises(ValueError, match="groups"):
+        with Sieve(CutUnits(1, units, merge=True, tell=False), len(units), scope="frame")(model):
+            _logits(model, batch2)
+
+
+def test_qwen2_5_refuses_in_encoder_methods():
+    from tokensieve.errors import UnsupportedModelError
+
+    model, _ = build_tiny_qwen("qwen2_5_vl")
+    with pytest.raises(UnsupportedModelError, match="window"):
+        Sieve("evoprune", 4).apply(model)

@@ -34,8 +34,11 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
-from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
-from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Request, Signals
+from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
+from ..methods.base import (
+    IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, EncoderState, Layout, Method,
+    Request, Signals,
+)
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -52,7 +55,7 @@ class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     scopes = (Scope.IMAGE, Scope.FRAME, Scope.GLOBAL)
-    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_LLM)
+    stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
     encoder_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     visual_inputs = ("pixel_values", "pixel_values_videos")
 
@@ -79,6 +82,14 @@ class QwenVLAdapter(Adapter):
 
     def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         return self._counts(encoder_kwargs.get("video_grid_thw"))
+
+    def check_stage(self, method: Method) -> None:
+        super().check_stage(method)
+        if method.stage == IN_ENCODER and self.windowed:
+            raise UnsupportedModelError(
+                f"{method.name} cuts inside the encoder, but Qwen2.5-VL's ViT runs most blocks on fixed windows of "
+                "merge units, which a cut would break; use a pre- or post-projector method (Qwen2-VL supports it)"
+            )
 
     # -- positions ---------------------------------------------------------------------------------------------
     def prepare(self, kwargs, method, budget, method_name):
@@ -187,7 +198,20 @@ class QwenVLAdapter(Adapter):
         d = units.shape[-1] // self.unit
         return self.merger.mlp(self.merger.ln_q(units.reshape(-1, d)).view(-1, d * self.unit))
 
+    @staticmethod
+    def _visual_batches(encoder_kwargs: dict[str, Any]):
+        """``(video, pixel key, pixels, grid)`` for the images, then the videos, of one call."""
+        for video, pv_key, grid_key in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos", "video_grid_thw")):
+            pixel, grid = encoder_kwargs.get(pv_key), encoder_kwargs.get(grid_key)
+            if pixel is None:
+                continue
+            if grid is None:
+                raise PlaceholderError(f"{pv_key} was given without {grid_key}; pass the processor's output whole")
+            yield video, pv_key, pixel, grid
+
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        if method.stage == IN_ENCODER:
+            return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()
         fl = self.num_layers  # the merger consumes the last block's output
         request = method.request(self.num_layers, fl)
@@ -201,12 +225,7 @@ class QwenVLAdapter(Adapter):
         selection_s = 0.0
         patches_total = 0
         num_images = 0
-        for video, pv_key, grid_key in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos", "video_grid_thw")):
-            pixel, grid = encoder_kwargs.get(pv_key), encoder_kwargs.get(grid_key)
-            if pixel is None:
-                continue
-            if grid is None:
-                raise PlaceholderError(f"{pv_key} was given without {grid_key}; pass the processor's output whole")
+        for video, pv_key, pixel, grid in self._visual_batches(encoder_kwargs):
             merged, units_in, hidden, qk = self._run(pixel, grid, request, attn_layers, video)
             if not bool(torch.isfinite(merged).all()):
                 raise NonFiniteFeaturesError(
@@ -307,3 +326,210 @@ class QwenVLAdapter(Adapter):
             out = self._project(out.to(units_in.dtype))
         secs = now() - t0
         return out.to(merged.dtype), secs, where, sel.num_merged * frames
+
+    # -- in-encoder ----------------------------------------------------------------------------------------------
+    def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+        """Cut inside the ViT by whole 2x2 merge units, so the merger still concatenates one unit per token.
+
+        Each image (each video frame, or each whole video with scope ``global``) is one candidate set; the method
+        sees it at unit level with the stage's virtual CLS (mean hidden / key / value, the mean query's attention),
+        and a cut keeps or merges the 4 patch rows of a unit together. Later blocks get ``cu_seqlens`` and the
+        vision rotary cut to the kept rows; kept tokens keep their M-RoPE ids in the LM, as for the other stages.
+        """
+        start = now()
+        features: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        images: list[ImageReport] = []
+        selection_s, num_images, traces = 0.0, 0, []
+        for video, pv_key, pixel, grid in self._visual_batches(encoder_kwargs):
+            cutter = _UnitCutter(self, method, budget, grid, video)
+            merged = cutter.run(pixel)
+            if not bool(torch.isfinite(merged).all()):
+                raise NonFiniteFeaturesError(
+                    f"vision features of the {'videos' if video else 'images'} contain NaN or Inf; check "
+                    f"{pv_key} and the model dtype"
+                )
+            selection_s += cutter.selection_s
+            traces.append(cutter.trace)
+            out = iter(torch.split(merged, [len(c.units) for c in cutter.sets]))
+            for item, (t, h, w) in enumerate(grid.tolist()):
+                mine = [c for c in cutter.sets if c.item == item]
+                feats = torch.cat([next(out) for _ in mine])
+                kept = torch.cat([c.offset + c.units for c in mine])
+                hu, wu = h // self.merge, w // self.merge
+                features.append(feats)
+                slots.append(kept)
+                images.append(
+                    ImageReport(
+                        sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
+                        kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
+                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0,
+                    )
+                )
+            if not video:
+                num_images = len(features)
+        per_item = [[n / len(images) for n in tr] for tr in traces]
+        trace = [round(sum(tr[i] for tr in per_item)) for i in range(self.num_layers)]
+        return Encoded(
+            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
+            num_images=num_images,
+        )
+
+
+class _UnitSet:
+    """One candidate set of the in-encoder cut: its kept units (set-local raster ids), sizes and method memory."""
+
+    def __init__(self, item: int, offset: int, grid: tuple[int, int], target: int, rows: int, segments: list[int]):
+        self.item, self.offset, self.grid, self.target = item, offset, grid, target
+        n = grid[0] * grid[1]
+        self.units = torch.arange(n)
+        self.sizes = torch.ones(n)
+        self.first_row = rows  # original row of this set's first patch
+        self.segments = segments  # attention segment of each of its units (a video frame: its own)
+        self.memory: dict = {}
+
+
+class _UnitCutter:
+    """Hooks on the Qwen2-VL ViT blocks that cut whole merge units, for one ``visual`` forward (removed after)."""
+
+    def __init__(self, adapter: QwenVLAdapter, method: EncoderMethod, budget: Budget, grid: torch.Tensor, video: bool):
+        self.a, self.method, self.grid = adapter, method, grid
+        self.plan = method.plan(adapter.num_layers, adapter.num_layers)
+        self.sets: list[_UnitSet] = []
+        row = seg = 0
+        for item, (t, h, w) in enumerate(grid.tolist()):
+            hu, wu = h // adapter.merge, w // adapter.merge
+            per_frame = hu * wu
+            frames = t if (video and budget.scope != Scope.GLOBAL) else 1
+            n = t * per_frame // frames
+            what = "each video frame" if frames > 1 else ("each video" if video else "each image")
+            k = budget.resolve(n, what=what)
+            for f in range(frames):
+                segments = [seg + (f * n + u) // per_frame for u in range(n)]
+                self.sets.append(_UnitSet(item, f * n, (n // wu, wu), k, row, segments))
+                row += n * adapter.unit
+            seg += t
+        self.planned = set(self.plan.layers) if any(s.target < len(s.units) for s in self.sets) else set()
+        self.selection_s = 0.0
+        self.trace = [0] * adapter.num_layers
+
+    # rows of the current sequence, in set order: each kept unit's 4 original rows
+    def _rows(self) -> torch.Tensor:
+        u = self.a.unit
+        return torch.cat([(s.first_row + s.units[:, None] * u + torch.arange(u)).flatten() for s in self.sets])
+
+    def _segments(self) -> torch.Tensor:
+        return torch.cat([torch.tensor(s.segments)[s.units].repeat_interleave(self.a.unit) for s in self.sets])
+
+    def run(self, pixel: torch.Tensor) -> torch.Tensor:
+        a = self.a
+        st: dict[str, Any] = {"cut": False}
+        handles = []
+
+        def block_pre(mod, args, kwargs, _i):
+            hs = args[0] if args else kwargs["hidden_states"]
+            self.trace[_i] = int(hs.shape[0])
+            if _i == 0:
+                st["pe"] = kwargs["position_embeddings"]
+            if not st["cut"]:
+                return None
+            kwargs = dict(kwargs)
+            rows = st["rows"].to(hs.device)
+            cos, sin = st["pe"]
+            kwargs["position_embeddings"] = (cos[rows], sin[rows])
+            lengths = torch.bincount(st["segs"], minlength=int(self.grid[:, 0].sum()))
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=hs.device, dtype=torch.int32)
+            kwargs["cu_seqlens"] = cu
+            if "max_seqlen" in kwargs:
+                kwargs["max_seqlen"] = int(lengths.max())
+            return args, kwargs
+
+        def attn_pre(mod, args, kwargs, _i):
+            st[("attn", _i)] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
+        def block_post(mod, args, output, _i):
+            t0 = now()
+            new = self._cut(_i, output, *st.pop(("attn", _i)))
+            self.selection_s += now() - t0
+            st["cut"], st["rows"], st["segs"] = True, self._rows(), self._segments()
+            return new
+
+        try:
+            for i, blk in enumerate(a.blocks):
+                handles.append(blk.register_forward_pre_hook(lambda m, x, k, _i=i: block_pre(m, x, k, _i), with_kwargs=True))
+            for i in self.planned:
+                handles.append(a.blocks[i].attn.register_forward_pre_hook(
+                    lambda m, x, k, _i=i: attn_pre(m, x, k, _i), with_kwargs=True))
+                handles.append(a.blocks[i].register_forward_hook(lambda m, x, o, _i=i: block_post(m, x, o, _i)))
+            out = a.visual(pixel, grid_thw=self.grid)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.pooler_output
+
+    def _cut(self, layer: int, hs: torch.Tensor, normed: torch.Tensor, pe) -> torch.Tensor:
+        a, u = self.a, self.a.unit
+        attn = a.blocks[layer].attn
+        r = hs.shape[0]
+        q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
+        cos, sin = pe
+        qr = _rotate(q.float(), cos.float(), sin.float())
+        kr = _rotate(k.float(), cos.float(), sin.float())
+        last = layer == max(self.planned)
+        pieces, start = [], 0
+        for s in self.sets:
+            n = len(s.units)
+            sl = slice(start, start + n * u)
+            start += n * u
+            rows = hs[sl]
+            if n == s.target:
+                pieces.append(rows)
+                continue
+            unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
+            hidden = unit_mean(rows)[None]  # [1, n, d]
+            # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
+            gq = qr[sl].mean(0)  # [H, hd]
+            probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
+            att = probs.view(-1, n, u).sum(-1)  # [H, n]
+            keys = unit_mean(k[sl]).transpose(0, 1)[None]  # [1, H, n, hd] (before RoPE: content, not place)
+            vals = unit_mean(v[sl]).transpose(0, 1)[None]
+            vcls = lambda x, dim: torch.cat([x.mean(dim, keepdim=True), x], dim)  # noqa: E731
+            state = EncoderState(
+                layer=layer, num_layers=a.num_layers, feature_layer=a.num_layers, layout=Layout(s.grid, 1),
+                hidden=vcls(hidden, 1), sizes=torch.cat([torch.ones(1), s.sizes])[None],
+                positions=torch.cat([torch.tensor([-1]), s.units])[None], target=s.target, memory=s.memory,
+                cls_attention=torch.cat([torch.zeros(att.shape[0], 1), att], -1)[None] if self.plan.cls_attention else None,
+                keys=vcls(keys, 2) if self.plan.keys else None, values=vcls(vals, 2) if self.plan.values else None,
+            )
+            cut: EncoderCut | None = self.method.cut(state)
+            if cut is None:
+                if last:
+                    raise ValueError(f"{self.method.name} made no cut at its last layer {layer}; target {s.target}")
+                pieces.append(rows)
+                continue
+            keep = cut.keep[0]
+            if int(keep[0]) != 0 or (keep.numel() > 2 and bool((keep[2:] <= keep[1:-1]).any())):
+                raise ValueError(f"{self.method.name} at layer {layer}: keep must start with row 0 and ascend")
+            kept = keep[1:] - 1
+            if kept.numel() < s.target or (last and kept.numel() != s.target):
+                raise ValueError(f"{self.method.name} left {kept.numel()} units after layer {layer}; the target is {s.target}")
+            grouped = rows.reshape(n, u, -1)
+            if cut.hidden is not None:
+                if cut.groups is None:
+                    raise ValueError(
+                        f"{self.method.name} merged tokens without saying which went where (EncoderCut.groups); "
+                        "Qwen-VL needs that to merge whole merge units"
+                    )
+                slot = cut.groups[0].to(torch.long)
+                w = s.sizes.to(rows.device, torch.float32)
+                mass = torch.zeros(kept.numel(), device=rows.device).scatter_add_(0, slot, w)
+                total = torch.zeros(kept.numel(), u, rows.shape[-1], device=rows.device)
+                total.index_add_(0, slot, grouped.float() * w[:, None, None])
+                new_rows = (total / mass[:, None, None]).to(rows.dtype)
+                s.sizes = mass.cpu()
+            else:
+                new_rows = grouped[kept]
+                s.sizes = s.sizes[kept.cpu()]
+            s.units = s.units[kept.cpu()]
+            pieces.append(new_rows.reshape(-1, rows.shape[-1]))
+        return torch.cat(pieces)

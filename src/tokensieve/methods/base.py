@@ -225,12 +225,15 @@ class EncoderCut:
     """What survives one cut: ``keep`` [B, k] row indices into the current sequence, ascending, row 0 (CLS) first.
 
     ``hidden`` [B, k, d] replaces the gathered rows when the method merged dropped rows into kept ones; ``sizes``
-    [B, k] are the merged sizes then (they must still sum to the original token count).
+    [B, k] are the merged sizes then (they must still sum to the original token count). ``groups`` [B, T-1] says,
+    for a merge, which kept patch (0..k-2, in ``keep[:, 1:]`` order) each current patch row went into: families
+    whose tokens are groups of encoder rows (Qwen's 2x2 merge units) replay the merge on the rows with it.
     """
 
     keep: torch.Tensor
     hidden: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
 
 class EncoderMethod(Method):

@@ -111,4 +111,4 @@ class EvoPrune(EncoderMethod):
         merged = total / mass.unsqueeze(-1)
         hidden = torch.cat([state.hidden[:, :1].float(), merged], dim=1)
         out_sizes = torch.cat([state.sizes[:, :1].float(), mass], dim=1)
-        return EncoderCut(keep, hidden=hidden, sizes=out_sizes)
+        return EncoderCut(keep, hidden=hidden, sizes=out_sizes, groups=slot)
