@@ -228,3 +228,54 @@ def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer
     if cls_free:
         new = new[:, 1:]  # the virtual CLS never enters the encoder
     return new.contiguous()
+
+
+def cut_units(rows: torch.Tensor, sizes: torch.Tensor, cut: EncoderCut, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a unit-level cut of one candidate set to its encoder rows, for families whose tokens are groups of
+    ``u`` rows (Qwen's 2x2 merge units, Idefics3's pixel-shuffle groups).
+
+    ``rows`` [n, u, d] are the set's current units, ``sizes`` [n] how many original units each stands for, and
+    ``cut`` the method's answer for this set (batch of one, row 0 the virtual CLS). A merge is replayed row by row
+    from ``cut.groups`` with the same size weights, so the unit means equal what the method computed. Returns the
+    kept units' rows [k, u, d] and sizes [k].
+    """
+    kept = cut.keep[0, 1:] - 1
+    if cut.hidden is None:
+        return rows[kept.to(rows.device)], sizes[kept.cpu()]
+    if cut.groups is None:
+        raise ValueError(
+            f"{name} merged tokens without saying which went where (EncoderCut.groups); a family whose tokens are "
+            "groups of encoder rows needs that to merge whole groups"
+        )
+    slot = cut.groups[0].to(device=rows.device, dtype=torch.long)
+    w = sizes.to(rows.device, torch.float32)
+    mass = torch.zeros(kept.numel(), device=rows.device).scatter_add_(0, slot, w)
+    total = torch.zeros(kept.numel(), *rows.shape[1:], device=rows.device)
+    total.index_add_(0, slot, rows.float() * w[:, None, None])
+    return (total / mass[:, None, None]).to(rows.dtype), mass.cpu()
+
+
+def check_unit_cut(cut: EncoderCut, n: int, target: int, last: bool, layer: int, name: str) -> None:
+    """The checks of :func:`_check_cut` for one unit-level candidate set."""
+    keep = cut.keep[0]
+    if int(keep[0]) != 0 or (keep.numel() > 2 and bool((keep[2:] <= keep[1:-1]).any())) or int(keep[-1]) > n:
+        raise ValueError(f"{name} at layer {layer}: keep must start with row 0 (CLS) and ascend within 0..{n}")
+    left = keep.numel() - 1
+    if left < target or (last and left != target):
+        raise ValueError(f"{name} left {left} units after layer {layer}; the target is {target}")
+
+
+def unit_state(plan: EncoderPlan, layer: int, num_layers: int, grid: tuple[int, int], hidden: torch.Tensor,
+               attention: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sizes: torch.Tensor,
+               units: torch.Tensor, target: int, memory: dict) -> EncoderState:
+    """The state a method sees for one unit-level candidate set (batch of one), with the virtual CLS of a CLS-free
+    tower in row 0. ``hidden`` [n, d], ``attention`` [H, n] (the mean query's share per unit), ``keys`` /
+    ``values`` [H, n, hd] are unit means; ``units`` the set-local ids of the current units."""
+    vcls = lambda x, dim: torch.cat([x.mean(dim, keepdim=True), x], dim)  # noqa: E731
+    return EncoderState(
+        layer=layer, num_layers=num_layers, feature_layer=num_layers, layout=Layout(grid, 1),
+        hidden=vcls(hidden, 0)[None], sizes=torch.cat([torch.ones(1), sizes])[None],
+        positions=torch.cat([torch.tensor([-1]), units])[None], target=target, memory=memory,
+        cls_attention=torch.cat([torch.zeros(attention.shape[0], 1), attention], -1)[None] if plan.cls_attention else None,
+        keys=vcls(keys, 1)[None] if plan.keys else None, values=vcls(values, 1)[None] if plan.values else None,
+    )

@@ -34,9 +34,10 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
+from ..encoder_stage import check_unit_cut, cut_units, unit_state
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
 from ..methods.base import (
-    IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, EncoderState, Layout, Method,
+    IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
     Request, Signals,
 )
 from ..report import ImageReport
@@ -486,20 +487,13 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
-            hidden = unit_mean(rows)[None]  # [1, n, d]
             # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
             gq = qr[sl].mean(0)  # [H, hd]
             probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-            att = probs.view(-1, n, u).sum(-1)  # [H, n]
-            keys = unit_mean(k[sl]).transpose(0, 1)[None]  # [1, H, n, hd] (before RoPE: content, not place)
-            vals = unit_mean(v[sl]).transpose(0, 1)[None]
-            vcls = lambda x, dim: torch.cat([x.mean(dim, keepdim=True), x], dim)  # noqa: E731
-            state = EncoderState(
-                layer=layer, num_layers=a.num_layers, feature_layer=a.num_layers, layout=Layout(s.grid, 1),
-                hidden=vcls(hidden, 1), sizes=torch.cat([torch.ones(1), s.sizes])[None],
-                positions=torch.cat([torch.tensor([-1]), s.units])[None], target=s.target, memory=s.memory,
-                cls_attention=torch.cat([torch.zeros(att.shape[0], 1), att], -1)[None] if self.plan.cls_attention else None,
-                keys=vcls(keys, 2) if self.plan.keys else None, values=vcls(vals, 2) if self.plan.values else None,
+            state = unit_state(
+                self.plan, layer, a.num_layers, s.grid, unit_mean(rows), probs.view(-1, n, u).sum(-1),
+                unit_mean(k[sl]).transpose(0, 1), unit_mean(v[sl]).transpose(0, 1),  # keys before RoPE: content
+                s.sizes, s.units, s.target, s.memory,
             )
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
@@ -507,29 +501,9 @@ class _UnitCutter:
                     raise ValueError(f"{self.method.name} made no cut at its last layer {layer}; target {s.target}")
                 pieces.append(rows)
                 continue
-            keep = cut.keep[0]
-            if int(keep[0]) != 0 or (keep.numel() > 2 and bool((keep[2:] <= keep[1:-1]).any())):
-                raise ValueError(f"{self.method.name} at layer {layer}: keep must start with row 0 and ascend")
-            kept = keep[1:] - 1
-            if kept.numel() < s.target or (last and kept.numel() != s.target):
-                raise ValueError(f"{self.method.name} left {kept.numel()} units after layer {layer}; the target is {s.target}")
-            grouped = rows.reshape(n, u, -1)
-            if cut.hidden is not None:
-                if cut.groups is None:
-                    raise ValueError(
-                        f"{self.method.name} merged tokens without saying which went where (EncoderCut.groups); "
-                        "Qwen-VL needs that to merge whole merge units"
-                    )
-                slot = cut.groups[0].to(torch.long)
-                w = s.sizes.to(rows.device, torch.float32)
-                mass = torch.zeros(kept.numel(), device=rows.device).scatter_add_(0, slot, w)
-                total = torch.zeros(kept.numel(), u, rows.shape[-1], device=rows.device)
-                total.index_add_(0, slot, grouped.float() * w[:, None, None])
-                new_rows = (total / mass[:, None, None]).to(rows.dtype)
-                s.sizes = mass.cpu()
-            else:
-                new_rows = grouped[kept]
-                s.sizes = s.sizes[kept.cpu()]
+            check_unit_cut(cut, n, s.target, last, layer, self.method.name)
+            kept = cut.keep[0, 1:] - 1
+            new_rows, s.sizes = cut_units(rows.reshape(n, u, -1), s.sizes, cut, self.method.name)
             s.units = s.units[kept.cpu()]
             pieces.append(new_rows.reshape(-1, rows.shape[-1]))
         return torch.cat(pieces)
