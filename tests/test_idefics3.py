@@ -7,7 +7,7 @@ from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
 from tokensieve.adapters.idefics3 import Idefics3Adapter
 from tokensieve.budget import Budget
-from tokensieve.errors import PlaceholderError, UnsupportedModelError
+from tokensieve.errors import BudgetError, PlaceholderError, UnsupportedModelError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import Layout, Signals
 from tokensieve.tiny import demo_image
@@ -197,9 +197,6 @@ def test_refusals(idf, batch):
         adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
         with pytest.raises(PlaceholderError, match="which crops form an image"):  # grouping is per call
             adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
-    with pytest.raises(UnsupportedModelError, match="in-encoder.*idefics3"):
-        with Sieve("evoprune", 4)(model):
-            pass
     with pytest.raises(Exception, match="scope"):
         with Sieve("random", 4, scope="frame")(model):
             pass
@@ -249,3 +246,50 @@ def test_smolvlm_class_keep_all_and_counts(batch, method):
     with sieve(model):
         _logits(model, batch)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [2, 2, 1, 1, 1, 3, 2, 2, 3, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------------ in-encoder
+
+
+@pytest.fixture(scope="module")
+def idf_deep():
+    """Four vision layers, so a cut can happen with layers still to run after it."""
+    return build_tiny_idefics3(vision_layers=4)
+
+
+def test_in_encoder_cut_after_the_last_layer_equals_pre_projector_selection(idf_deep, batch):
+    """After the last layer the kept groups' rows are the full run's, so the connector must give exactly the
+    pre-projector path's tokens for the same groups."""
+    from .test_qwen_vl import assert_unit_cut_equals_pick
+
+    model, _ = idf_deep
+    groups = [0, 5, 6, 11, 15]
+    report = assert_unit_cut_equals_pick(model, batch, 3, groups, "crop")
+    assert all(im.kept_indices == groups for im in report.images)
+
+
+@pytest.mark.parametrize("method", ["evoprune", "flowcut"])
+def test_in_encoder_counts_and_refusals(idf_deep, batch, method):
+    model, _ = idf_deep
+    crops = _crops_per_image(model, batch)
+    for budget, scope in [(3, "crop"), (7, "image")]:
+        sieve = Sieve(method, budget, scope=scope)
+        with sieve(model):
+            out = _gen(model, batch, n=2)
+        kept = [im.tokens_out for im in sieve.last_report.images]
+        if scope == "crop":
+            assert kept == [3] * sum(crops)
+        else:
+            bounds = torch.tensor([0] + crops).cumsum(0).tolist()
+            assert [sum(kept[a:b]) for a, b in zip(bounds, bounds[1:])] == [7] * len(crops)
+        assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    if method == "evoprune":  # cuts early: later layers run on fewer rows
+        assert sieve.last_report.encoder_layer_tokens[-1] < sieve.last_report.encoder_layer_tokens[0]
+    with pytest.raises(BudgetError, match="global"):
+        with Sieve(method, 5, scope="global")(model):
+            _logits(model, batch)
+    padded = dict(batch, pixel_attention_mask=batch["pixel_attention_mask"].clone())
+    padded["pixel_attention_mask"][0, 0, :, -4:] = 0  # the right edge of a real crop is padding
+    with pytest.raises(UnsupportedModelError, match="padded pixels"):
+        with Sieve(method, 5, scope="crop")(model):
+            _logits(model, padded)

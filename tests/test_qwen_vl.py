@@ -318,14 +318,20 @@ def test_in_encoder_cut_after_the_last_block_equals_pre_projector_selection(qwen
     """After the last block the kept units' rows are the full run's rows, so the merger must give exactly the
     pre-projector path's tokens for the same units (and the LM the same logits)."""
     model, _ = qwen2
-    units = [0, 3, 5, 10, 15]
-    cut, pick = Sieve(CutUnits(3, units), 5, scope="frame"), Sieve(PickUnits(units), 5, scope="frame")
+    assert_unit_cut_equals_pick(model, batch2, 3, [0, 3, 5, 10, 15], "frame")
+
+
+def assert_unit_cut_equals_pick(model, inputs, layer, units, scope):
+    """In-encoder cut of ``units`` after ``layer`` (the last) == pre-projector pick of them; returns the report."""
+    cut = Sieve(CutUnits(layer, units), len(units), scope=scope)
+    pick = Sieve(PickUnits(units), len(units), scope=scope)
     with cut(model):
-        got = _logits(model, batch2)
+        got = _logits(model, inputs)
     with pick(model):
-        want = _logits(model, batch2)
+        want = _logits(model, inputs)
     assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return cut.last_report
 
 
 def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qwen2, batch2):
