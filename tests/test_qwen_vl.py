@@ -5,6 +5,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
+from tokensieve.adapters import get_adapter
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER, EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls
 from tokensieve.errors import BudgetError, PlaceholderError
@@ -18,7 +19,7 @@ KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
 UNITS = 16
 
-# the stages this family supports on both classes; in-encoder methods (Qwen2-VL only) are tested below
+# pre-LLM stages here; in-encoder methods are tested below on an all-64 px batch
 METHODS = [m for m in methods_for(QwenVLAdapter) if get_method(m).stage != IN_ENCODER]
 
 
@@ -246,9 +247,9 @@ def test_stages_the_family_lacks_are_refused_before_anything_is_attached():
 # ------------------------------------------------------------------------------------------- in-encoder (Qwen2-VL)
 
 
-@pytest.fixture(scope="module")
-def qwen2():
-    return build_tiny_qwen("qwen2_vl")
+@pytest.fixture(scope="module", params=KINDS)
+def qwen2(request):
+    return build_tiny_qwen(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +271,14 @@ class CutUnits(EncoderMethod):
         return EncoderPlan((self.layer,))
 
     def cut(self, state):
-        keep = keep_with_cls(self.units[None])
+        # rows may be in another order than the units (Qwen2.5-VL's windows): find the wanted units by position
+        rows = torch.isin(state.positions[0, 1:], self.units).nonzero().flatten()
+        keep = keep_with_cls(rows[None])
         if not self.merge:
             return EncoderCut(keep)
         n = state.hidden.shape[1] - 1
         slot = torch.zeros(n, dtype=torch.long)
-        slot[self.units] = torch.arange(len(self.units))
+        slot[rows] = torch.arange(len(rows))
         sizes = state.sizes[0, 1:]
         mass = torch.zeros(len(self.units)).scatter_add_(0, slot, sizes)
         hidden = torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
@@ -341,17 +344,20 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
     vis = model.model.visual
     units = [1, 2, 6, 9, 12, 14]
     captured = {}
-    # what block 2 receives: its input rows, and (seen by its attention, after the sieve's own block hook) the
-    # cu_seqlens and rotary it runs with
+
     def keep(name, value):
         captured.setdefault(name, value)
 
+    # what block 2 receives, and (seen by each attention, after the sieve's own block hook) the cu_seqlens and
+    # rotary blocks 2 and 3 run with; the first visual forward is the two images' (videos run after them)
     hooks = [
         vis.blocks[2].register_forward_pre_hook(lambda m, a, k: keep("hs", a[0] if a else k["hidden_states"]),
                                                 with_kwargs=True),
-        vis.blocks[2].attn.register_forward_pre_hook(
-            lambda m, a, k: [keep(n, k[n]) for n in ("cu_seqlens", "position_embeddings")] and None, with_kwargs=True),
         vis.merger.register_forward_pre_hook(lambda m, a: keep("merger_in", a[0])),
+    ] + [
+        vis.blocks[i].attn.register_forward_pre_hook(
+            lambda m, a, k, _i=i: keep(_i, (k["cu_seqlens"], k["position_embeddings"])), with_kwargs=True)
+        for i in (2, 3)
     ]
     sieve = Sieve(CutUnits(1, units, merge=True), len(units), scope="frame")
     try:
@@ -361,16 +367,15 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
         for h in hooks:
             h.remove()
     assert sieve.last_report.encoder_layer_tokens[0] > sieve.last_report.encoder_layer_tokens[2]
-    # the first visual forward is the two images' (videos run after them): 2 segments of 6 kept units x 4 patches
-    assert captured["cu_seqlens"].tolist() == [0, 24, 48]
-    # blocks 2-3 by hand on what block 2 received equal the model's merger input
+    cu, pe = captured[3]  # block 3 attends over whole images on both classes: 2 segments of 6 units x 4 patches
+    assert cu.tolist() == [0, 24, 48]
     x = captured["hs"]
     assert x.shape[0] == 2 * 6 * 4
-    with torch.inference_mode():
-        for blk in vis.blocks[2:]:
-            x = blk(x, cu_seqlens=captured["cu_seqlens"], position_embeddings=captured["position_embeddings"])
+    with torch.inference_mode():  # blocks 2-3 by hand, each with what it was given
+        for i in (2, 3):
+            x = vis.blocks[i](x, cu_seqlens=captured[i][0], position_embeddings=captured[i][1])
     torch.testing.assert_close(x, captured["merger_in"])
-    # the rotary of the kept rows is the full run's, gathered: row r of unit u is original patch 4u + r
+    # the rotary of the kept rows is the full run's, gathered at their rows of the ViT's (window) order
     full = {}
     h = vis.blocks[0].attn.register_forward_pre_hook(
         lambda m, a, k: full.update(pe=full.get("pe", k["position_embeddings"])), with_kwargs=True)
@@ -378,17 +383,11 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
         _logits(model, batch2)
     finally:
         h.remove()
-    rows = (torch.tensor(units)[:, None] * 4 + torch.arange(4)).flatten()
-    torch.testing.assert_close(captured["position_embeddings"][0][:24], full["pe"][0][rows])
+    order = get_adapter(model)._unwindow(batch2["image_grid_thw"])
+    patches = (torch.tensor(units)[:, None] * 4 + torch.arange(4)).flatten()  # of image 0
+    rows = (patches if order is None else order.argsort()[patches]).sort().values
+    torch.testing.assert_close(pe[0][:24], full["pe"][0][rows])
     assert sum(im.merged for im in sieve.last_report.images) > 0
     with pytest.raises(ValueError, match="groups"):
         with Sieve(CutUnits(1, units, merge=True, tell=False), len(units), scope="frame")(model):
             _logits(model, batch2)
-
-
-def test_qwen2_5_refuses_in_encoder_methods():
-    from tokensieve.errors import UnsupportedModelError
-
-    model, _ = build_tiny_qwen("qwen2_5_vl")
-    with pytest.raises(UnsupportedModelError, match="window"):
-        Sieve("evoprune", 4).apply(model)

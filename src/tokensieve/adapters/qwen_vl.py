@@ -84,14 +84,6 @@ class QwenVLAdapter(Adapter):
     def tokens_per_video(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         return self._counts(encoder_kwargs.get("video_grid_thw"))
 
-    def check_stage(self, method: Method) -> None:
-        super().check_stage(method)
-        if method.stage == IN_ENCODER and self.windowed:
-            raise UnsupportedModelError(
-                f"{method.name} cuts inside the encoder, but Qwen2.5-VL's ViT runs most blocks on fixed windows of "
-                "merge units, which a cut would break; use a pre- or post-projector method (Qwen2-VL supports it)"
-            )
-
     # -- positions ---------------------------------------------------------------------------------------------
     def prepare(self, kwargs, method, budget, method_name):
         ids = kwargs.get("input_ids")
@@ -352,12 +344,13 @@ class QwenVLAdapter(Adapter):
                 )
             selection_s += cutter.selection_s
             traces.append(cutter.trace)
-            out = iter(torch.split(merged, [len(c.units) for c in cutter.sets]))
+            base = 0  # first unit of the item in the raster-ordered merger output (dropped units are zeros there)
             for item, (t, h, w) in enumerate(grid.tolist()):
                 mine = [c for c in cutter.sets if c.item == item]
-                feats = torch.cat([next(out) for _ in mine])
-                kept = torch.cat([c.offset + c.units for c in mine])
+                kept = torch.cat([c.offset + c.units.sort().values for c in mine])
+                feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
+                base += t * hu * wu
                 features.append(feats)
                 slots.append(kept)
                 images.append(
@@ -378,26 +371,46 @@ class QwenVLAdapter(Adapter):
 
 
 class _UnitSet:
-    """One candidate set of the in-encoder cut: its kept units (set-local raster ids), sizes and method memory."""
+    """One candidate set of the in-encoder cut: its current units in sequence order (set-local raster ids), where
+    each sat in the ViT's sequence, their sizes and the method's memory."""
 
-    def __init__(self, item: int, offset: int, grid: tuple[int, int], target: int, rows: int, segments: list[int]):
+    def __init__(self, item: int, offset: int, grid: tuple[int, int], target: int, slots: torch.Tensor,
+                 segments: torch.Tensor):
         self.item, self.offset, self.grid, self.target = item, offset, grid, target
-        n = grid[0] * grid[1]
-        self.units = torch.arange(n)
-        self.sizes = torch.ones(n)
-        self.first_row = rows  # original row of this set's first patch
-        self.segments = segments  # attention segment of each of its units (a video frame: its own)
+        self.slot = slots  # [n] sequence slot (unit index in the ViT's order) of each set-local unit
+        self.segment = segments  # [n] attention segment (image, or video frame) of each unit
+        self.units = slots.argsort()  # units in sequence order: raster on Qwen2-VL, window order on Qwen2.5-VL
+        self.sizes = torch.ones(len(slots))
         self.memory: dict = {}
 
 
 class _UnitCutter:
-    """Hooks on the Qwen2-VL ViT blocks that cut whole merge units, for one ``visual`` forward (removed after)."""
+    """Hooks on the Qwen-VL ViT blocks that cut whole merge units, for one ``visual`` forward (removed after).
+
+    The ViT's sequence is raster order of units on Qwen2-VL and window order on Qwen2.5-VL; a set's rows are
+    contiguous either way. Blocks after a cut get the rotary gathered to the kept rows and ``cu_seqlens`` rebuilt
+    from the kept units per attention segment (full-attention blocks) or per window (Qwen2.5-VL's other blocks);
+    the merger's output is scattered back to full length so that Qwen2.5-VL's own un-windowing still applies.
+    """
 
     def __init__(self, adapter: QwenVLAdapter, method: EncoderMethod, budget: Budget, grid: torch.Tensor, video: bool):
         self.a, self.method, self.grid = adapter, method, grid
         self.plan = method.plan(adapter.num_layers, adapter.num_layers)
         self.sets: list[_UnitSet] = []
-        row = seg = 0
+        total = int((grid.prod(-1) // adapter.unit).sum())
+        self.window = None
+        if adapter.windowed:
+            from transformers.vision_utils import get_vision_window_index
+
+            cfg = adapter.visual.config
+            index, cu = get_vision_window_index(grid, adapter.merge, cfg.window_size, cfg.patch_size)
+            slot_of_raster = torch.empty(total, dtype=torch.long)
+            slot_of_raster[index.long().cpu()] = torch.arange(total)
+            cu_units = torch.as_tensor(cu).long().cpu() // adapter.unit
+            self.window = torch.searchsorted(cu_units[1:], torch.arange(total), right=True)  # per slot
+        else:
+            slot_of_raster = torch.arange(total)
+        unit0 = seg = 0
         for item, (t, h, w) in enumerate(grid.tolist()):
             hu, wu = h // adapter.merge, w // adapter.merge
             per_frame = hu * wu
@@ -406,26 +419,33 @@ class _UnitCutter:
             what = "each video frame" if frames > 1 else ("each video" if video else "each image")
             k = budget.resolve(n, what=what)
             for f in range(frames):
-                segments = [seg + (f * n + u) // per_frame for u in range(n)]
-                self.sets.append(_UnitSet(item, f * n, (n // wu, wu), k, row, segments))
-                row += n * adapter.unit
+                ids = torch.arange(f * n, (f + 1) * n)  # item-level raster ids of this set's units
+                self.sets.append(_UnitSet(item, f * n, (n // wu, wu), k, slot_of_raster[unit0 + ids], seg + ids // per_frame))
+            unit0 += t * per_frame
             seg += t
+        self.total = total
         self.planned = set(self.plan.layers) if any(s.target < len(s.units) for s in self.sets) else set()
         self.selection_s = 0.0
         self.trace = [0] * adapter.num_layers
 
-    # rows of the current sequence, in set order: each kept unit's 4 original rows
-    def _rows(self) -> torch.Tensor:
-        u = self.a.unit
-        return torch.cat([(s.first_row + s.units[:, None] * u + torch.arange(u)).flatten() for s in self.sets])
+    def _slots(self) -> torch.Tensor:
+        """Sequence slot of every current unit, in the current sequence order."""
+        return torch.cat([s.slot[s.units] for s in self.sets])
 
-    def _segments(self) -> torch.Tensor:
-        return torch.cat([torch.tensor(s.segments)[s.units].repeat_interleave(self.a.unit) for s in self.sets])
+    def _cu(self, group: torch.Tensor, count: int, device) -> tuple[torch.Tensor, int]:
+        """``cu_seqlens`` of the kept rows per attention group; groups left empty are skipped (SDPA's split of the
+        sequence cannot take an empty chunk)."""
+        lengths = torch.bincount(group, minlength=count) * self.a.unit
+        lengths = lengths[lengths > 0]
+        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), int(lengths.max())
 
     def run(self, pixel: torch.Tensor) -> torch.Tensor:
-        a = self.a
+        """The merger's output for every unit in raster order; units the cuts dropped are zeros."""
+        a, u = self.a, self.a.unit
         st: dict[str, Any] = {"cut": False}
         handles = []
+        full_blocks = set(getattr(a.visual, "fullatt_block_indexes", range(a.num_layers)))
+        segments = torch.cat([s.segment[s.slot.argsort()] for s in self.sets])  # per slot, sets are contiguous
 
         def block_pre(mod, args, kwargs, _i):
             hs = args[0] if args else kwargs["hidden_states"]
@@ -435,14 +455,17 @@ class _UnitCutter:
             if not st["cut"]:
                 return None
             kwargs = dict(kwargs)
-            rows = st["rows"].to(hs.device)
+            slots = st["slots"]
+            rows = (slots[:, None] * u + torch.arange(u)).flatten().to(hs.device)
             cos, sin = st["pe"]
             kwargs["position_embeddings"] = (cos[rows], sin[rows])
-            lengths = torch.bincount(st["segs"], minlength=int(self.grid[:, 0].sum()))
-            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=hs.device, dtype=torch.int32)
+            if _i in full_blocks or self.window is None:
+                cu, longest = self._cu(segments[slots], int(self.grid[:, 0].sum()), hs.device)
+            else:
+                cu, longest = self._cu(self.window[slots], int(self.window.max()) + 1, hs.device)
             kwargs["cu_seqlens"] = cu
             if "max_seqlen" in kwargs:
-                kwargs["max_seqlen"] = int(lengths.max())
+                kwargs["max_seqlen"] = longest
             return args, kwargs
 
         def attn_pre(mod, args, kwargs, _i):
@@ -452,8 +475,15 @@ class _UnitCutter:
             t0 = now()
             new = self._cut(_i, output, *st.pop(("attn", _i)))
             self.selection_s += now() - t0
-            st["cut"], st["rows"], st["segs"] = True, self._rows(), self._segments()
+            st["cut"], st["slots"] = True, self._slots()
             return new
+
+        def merger_post(mod, args, output):
+            if not st["cut"]:
+                return None
+            full = output.new_zeros(self.total, output.shape[-1])
+            full[st["slots"].to(output.device)] = output
+            return full
 
         try:
             for i, blk in enumerate(a.blocks):
@@ -462,6 +492,7 @@ class _UnitCutter:
                 handles.append(a.blocks[i].attn.register_forward_pre_hook(
                     lambda m, x, k, _i=i: attn_pre(m, x, k, _i), with_kwargs=True))
                 handles.append(a.blocks[i].register_forward_hook(lambda m, x, o, _i=i: block_post(m, x, o, _i)))
+            handles.append(a.merger.register_forward_hook(merger_post))
             out = a.visual(pixel, grid_thw=self.grid)
         finally:
             for h in handles:
