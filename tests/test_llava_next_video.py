@@ -5,7 +5,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
-from tokensieve.errors import UnsupportedModelError
+from tokensieve.adapters import get_adapter
+from tokensieve.errors import BudgetError, UnsupportedModelError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.tiny import demo_image
@@ -106,14 +107,29 @@ def test_forward_equals_hand_written_reference(next_video):
 
 
 @pytest.mark.parametrize("method", ["evoprune", "flowcut"])
-def test_in_encoder_methods_run_on_images_and_refuse_videos(next_video, batch, method):
-    model, make = next_video
-    images_only = make(["user : <image> what is this ? assistant :"], [demo_image(64, 0).resize((32, 20))])
-    want = logits(model, images_only)
-    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
-    before = hooks()
+def test_in_encoder_methods_on_images_and_videos(next_video, batch, vanilla, method):
+    """Keep-all equals vanilla; frames lose whole pooling windows, k per frame; global is refused."""
+    model, _ = next_video
     with Sieve(method, 1.0)(model):
-        torch.testing.assert_close(logits(model, images_only), want, rtol=0, atol=1e-5)
-        with pytest.raises(UnsupportedModelError, match="pools every video frame"):
+        torch.testing.assert_close(logits(model, batch), vanilla[0], rtol=0, atol=1e-5)
+    sieve = Sieve(method, 2)
+    with sieve(model):
+        greedy(model, batch, n=2)
+    videos = [im for im in sieve.last_report.images if im.frames]
+    assert [im.tokens_out for im in videos] == [2 * im.frames for im in videos]
+    for im in videos:
+        assert [sum(i // PER_FRAME == f for i in im.kept_indices) for f in range(im.frames)] == [2] * im.frames
+    with pytest.raises(BudgetError, match="global"):
+        with Sieve(method, 2, scope="global")(model):
             logits(model, batch)
-    assert hooks() == before
+
+
+def test_in_encoder_video_cut_after_the_feature_layer_equals_pre_projector_selection(next_video, batch):
+    from .test_qwen_vl import assert_unit_cut_equals_pick
+
+    model, make = next_video
+    videos = make(["user : <video> what ? assistant :", "user : <video> what is this ? assistant :"], [],
+                  [_frames(0), _frames(5)])
+    fl = get_adapter(model).feature_layers({})[-1]
+    report = assert_unit_cut_equals_pick(model, videos, fl - 1, [0, 3], "frame")
+    assert [im.kept_indices for im in report.images] == [[0, 3, 4, 7, 8, 11]] * 2

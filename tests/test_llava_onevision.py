@@ -129,17 +129,28 @@ def filled_images(onevision):
 
 
 @pytest.mark.parametrize("method", ["evoprune", "flowcut"])
-def test_in_encoder_on_the_cls_free_tower(onevision, batch, filled_images, method):
+def test_in_encoder_on_the_cls_free_tower(onevision, batch, vanilla, filled_images, method):
     model, _ = onevision
-    want = logits(model, filled_images)
     with Sieve(method, 1.0)(model):
-        torch.testing.assert_close(logits(model, filled_images), want, rtol=0, atol=1e-5)
-        with pytest.raises(UnsupportedModelError, match="pools every video frame"):
-            logits(model, batch)
+        torch.testing.assert_close(logits(model, batch), vanilla[0], rtol=0, atol=1e-5)
     sieve = Sieve(method, 5, scope="crop")
     with sieve(model):
         greedy(model, filled_images, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    video = Sieve(method, 2, scope="frame")  # 2 of the 4 pooled tokens of each frame, plus the video's newline
+    with video(model):
+        greedy(model, batch, n=2)
+    (vid,) = [im for im in video.last_report.images if im.frames]
+    assert vid.tokens_out == 2 * vid.frames + 1 and len(vid.kept_indices) == 2 * vid.frames
+
+
+def test_video_in_encoder_needs_window_exact_pooling():
+    """On an odd patch grid OneVision's bilinear frame pooling blends neighbouring patches: refused, clearly."""
+    model, make = build_tiny_onevision(image_size=20)
+    inputs = make(["user : <video> what ? assistant :"], [], [[demo_image(20, s) for s in range(2)]])
+    with Sieve("evoprune", 2)(model):
+        with pytest.raises(UnsupportedModelError, match="mixes patches across windows"):
+            logits(model, inputs)
 
 
 def test_in_encoder_cut_after_the_feature_layer_equals_pre_projector_selection(onevision, filled_images):

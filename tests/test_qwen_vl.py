@@ -272,10 +272,11 @@ class CutUnits(EncoderMethod):
 
     def cut(self, state):
         # rows may be in another order than the units (Qwen2.5-VL's windows): find the wanted units by position
-        rows = torch.isin(state.positions[0, 1:], self.units).nonzero().flatten()
-        keep = keep_with_cls(rows[None])
+        found = torch.isin(state.positions[:, 1:], self.units)
+        keep = keep_with_cls(torch.stack([row.nonzero().flatten() for row in found]))
         if not self.merge:
             return EncoderCut(keep)
+        rows = keep[0, 1:] - 1
         n = state.hidden.shape[1] - 1
         slot = torch.zeros(n, dtype=torch.long)
         slot[rows] = torch.arange(len(rows))

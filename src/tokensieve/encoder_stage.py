@@ -82,6 +82,7 @@ def run_encoder_stage(
     pixel_values: torch.Tensor,
     stop_after: int | None = None,
     cls_free: bool = False,
+    units: torch.Tensor | None = None,
 ) -> StageResult:
     """Run ``run(pixel_values)`` with ``method`` cutting at ``plan.layers``; hooks are removed on exit, always.
 
@@ -102,12 +103,13 @@ def run_encoder_stage(
     out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[])
     for grp in groups:
         _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-                   pixel_values[grp], stop_after, num_layers, out, cls_free)
+                   pixel_values[grp], stop_after, num_layers, out, cls_free, units)
     return out
 
 
 def _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-               pixel_values, stop_after, num_layers, out: StageResult, cls_free: bool = False) -> None:
+               pixel_values, stop_after, num_layers, out: StageResult, cls_free: bool = False,
+               units: torch.Tensor | None = None) -> None:
     b = int(pixel_values.shape[0])
     device = pixel_values.device
     n0 = layout.num_patches
@@ -119,6 +121,8 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
         proj={},
         hidden={},
         last_planned=max(planned) if planned else -1,
+        units=units,
+        grouped=False,
     )
     handles = []
 
@@ -126,18 +130,19 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
         x = args[0] if args else kwargs["hidden_states"]
         st["trace"][_i] = int(x.shape[1])
         if _i == 0 and 0 in record:
-            st["hidden"][0] = x
+            st["hidden"][0] = (x, st["grouped"])
 
     def after_layer(mod, args, output, _i):
         hs = output[0] if isinstance(output, (tuple, list)) else output
         new = hs
         if _i in planned:
             t0 = time.perf_counter()
-            new = _apply_cut(_i, hs, st, attention_parts(layers[_i]), method, plan, layout, target, feature_layer,
-                             num_layers, cls_free)
+            cut_fn = _apply_cut if units is None else _apply_unit_cut
+            new = cut_fn(_i, hs, st, attention_parts(layers[_i]), method, plan, layout, target, feature_layer,
+                         num_layers, cls_free)
             out.selection_s += time.perf_counter() - t0
         if _i + 1 in record:
-            st["hidden"][_i + 1] = new
+            st["hidden"][_i + 1] = (new, st["grouped"])
         if stop_after is not None and _i + 1 >= stop_after:
             raise _StopEncoder
         if new is hs:
@@ -173,10 +178,70 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
     if missing:
         raise RuntimeError(f"the encoder forward did not produce hidden_states {missing}")
     for i in record:
-        out.hidden[i].extend(st["hidden"][i].unbind(0))
+        x, grouped = st["hidden"][i]
+        if units is not None and not grouped:  # recorded before any cut: put it in group order like the rest
+            c = 0 if cls_free else 1
+            x = x[:, torch.cat([torch.arange(c), units.flatten().cpu() + c]).to(x.device)]
+        out.hidden[i].extend(x.unbind(0))
     out.positions.extend(st["positions"].unbind(0))
     out.sizes.extend(st["sizes"].unbind(0))
     out.traces.extend([list(st["trace"]) for _ in range(b)])
+
+
+def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers,
+                    cls_free: bool = False) -> torch.Tensor:
+    """:func:`_apply_cut` for candidates that are groups of patches (``st["units"]``)."""
+    units = st["units"].to(hs.device)
+    u = units.shape[1]
+    c = 0 if cls_free else 1  # the real CLS row, kept in front and never grouped
+    proj = {name: st["proj"].pop((name, layer)) for name in ("q", "k", "v") if (name, layer) in st["proj"]}
+    if not st["grouped"]:  # raster patches -> group by group
+        order = torch.cat([torch.arange(c, device=hs.device), units.flatten() + c])
+        hs = hs[:, order]
+        proj = {name: x[:, order] for name, x in proj.items()}
+        st["grouped"] = True
+    b, t, d = hs.shape
+    n = (t - c) // u
+    if n == target:
+        return hs
+    heads = lambda x: x.view(b, t, parts.num_heads, parts.head_dim).float()  # noqa: E731
+    q, k, v = (heads(proj[x]) if x in proj else None for x in ("q", "k", "v"))
+    last = layer == st["last_planned"]
+    out = []
+    for j in range(b):
+        mean_u = lambda x: x[c:].reshape(n, u, *x.shape[1:]).mean(1)  # noqa: E731
+        att = None
+        if plan.cls_attention:  # the CLS query's (or the mean query's) share per group, over the patch keys
+            gq = q[j, :c].mean(0) if c else q[j].mean(0)
+            att = (torch.einsum("hd,phd->hp", gq, k[j, c:]) * parts.scale).softmax(-1).view(-1, n, u).sum(-1)
+        state = unit_state(
+            plan, layer, num_layers, layout.grid, mean_u(hs[j].float()), att if att is not None else torch.zeros(1, n),
+            mean_u(k[j]).transpose(0, 1) if k is not None else torch.zeros(1, n, 1),
+            mean_u(v[j]).transpose(0, 1) if v is not None else torch.zeros(1, n, 1),
+            st["sizes"][j, 1:].cpu(), st["positions"][j, 1:].cpu(), target, st["memory"].setdefault(j, {}),
+        )
+        state.feature_layer = feature_layer
+        if c:  # a real CLS: its own hidden state, key and value instead of the means
+            state.hidden[0, 0] = hs[j, 0].float()
+            if state.keys is not None:
+                state.keys[0, :, 0] = k[j, 0]
+            if state.values is not None:
+                state.values[0, :, 0] = v[j, 0]
+        cut = method.cut(state)
+        if cut is None:
+            if last:
+                raise ValueError(f"{method.name} made no cut at its last layer {layer}; {n} groups, target {target}")
+            return hs
+        check_unit_cut(cut, n, target, last, layer, method.name)
+        rows, sizes = cut_units(hs[j, c:].reshape(n, u, d), st["sizes"][j, 1:].cpu(), cut, method.name)
+        keep = cut.keep[0].to(st["positions"].device)
+        out.append((torch.cat([hs[j, :c], rows.reshape(-1, d)]), st["positions"][j][keep],
+                    torch.cat([st["sizes"][j, :1].cpu(), sizes])))
+    if len({x[0].shape[0] for x in out}) != 1:
+        raise ValueError(f"{method.name} kept different counts in images that run together at layer {layer}")
+    st["positions"] = torch.stack([x[1] for x in out])
+    st["sizes"] = torch.stack([x[2] for x in out]).to(st["sizes"].device)
+    return torch.stack([x[0] for x in out]).contiguous()
 
 
 def _virtual_cls(x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
-from ..errors import NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, Layout, Method, Signals
+from ..encoder_stage import run_encoder_stage
+from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
 from .base import Encoded, now
 from .llava_next import LlavaNextAdapter
@@ -59,19 +60,103 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return torch.stack(features)  # the model takes videos as one [videos, tokens, d] tensor
 
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
-        if method.stage == IN_ENCODER and encoder_kwargs.get("pixel_values_videos") is not None:
-            raise UnsupportedModelError(
-                f"{method.name} cuts inside the encoder, but {self.family} pools every video frame's full patch grid "
-                "after the encoder; use a pre- or post-projector method for videos (images work in-encoder)"
-            )
         if encoder_kwargs.get("pixel_values") is not None:
             encoded = super().encode(method, budget, encoder_kwargs)
         else:
             encoded = Encoded([], [])
         encoded.num_images = len(encoded.features)
         if encoder_kwargs.get("pixel_values_videos") is not None:
-            self._encode_videos(method, budget, encoder_kwargs, encoded)
+            if method.stage == IN_ENCODER:
+                self._encode_videos_in_encoder(method, budget, encoder_kwargs, encoded)
+            else:
+                self._encode_videos(method, budget, encoder_kwargs, encoded)
         return encoded
+
+    def _frame_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """[frames, patches, d] feature-layer rows -> the frame tokens the LM gets (pool, then project)."""
+        return self.base.multi_modal_projector(self._video_pool(rows))
+
+    def _window_groups(self) -> torch.Tensor | None:
+        """[n, u]: the patches behind each pooled frame token, read off the model's pooling run on one-hot patches;
+        ``None`` unless every token pools its own disjoint window of equal size (then a frame can lose whole
+        windows and the pooling of the others is unchanged)."""
+        try:
+            pooled = self._video_pool(torch.eye(self.per_crop).unsqueeze(0))[0]  # [n, P]: weight of patch p in token i
+        except (RuntimeError, ValueError):
+            return None  # a pooling that is not per channel (a convolution)
+        members = pooled.abs() > 1e-6
+        sizes = members.sum(1)
+        if bool((sizes != sizes[0]).any()) or int(members.sum(0).max()) != 1 or int(members.sum(0).min()) != 1:
+            return None
+        return members.nonzero()[:, 1].view(pooled.shape[0], -1)
+
+    def _encode_videos_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any],
+                                  encoded: Encoded) -> None:
+        """Cut inside the tower frame by frame, by whole pooling windows, then pool and project as the model does.
+
+        Candidates are the frame tokens the LM receives, as for the other stages; each is the pooling of one window
+        of patches, so a cut keeps or merges whole windows. The kept rows go back onto the frame's grid (zeros
+        elsewhere) and the model's own pooling runs: each kept token pools only its own window.
+        """
+        start = now()
+        self._strategy(encoder_kwargs)
+        groups = self._window_groups()
+        if groups is None:
+            raise UnsupportedModelError(
+                f"{method.name} cuts inside the encoder, but {self.family}'s frame pooling mixes patches across "
+                "windows (or is a convolution) for this grid, so a frame cannot lose whole tokens there; use a pre- or "
+                "post-projector method for videos"
+            )
+        if budget.scope == Scope.GLOBAL:
+            raise BudgetError(
+                f"{method.name} cuts inside the encoder, where each frame runs on its own: scope 'global' (ranking "
+                "across frames) is not possible there; use 'image' or 'frame'"
+            )
+        pv = encoder_kwargs["pixel_values_videos"]
+        videos, frames = int(pv.shape[0]), int(pv.shape[1])
+        n, c = groups.shape[0], self.cls_offset
+        g = math.isqrt(n)
+        k = budget.resolve(n, what="each video frame")
+        feature_layers = self.feature_layers(encoder_kwargs)
+        plan = method.plan(self.num_layers, min(feature_layers))
+        skip = bool(getattr(method, "skip_unused_layers", True))
+        res = run_encoder_stage(
+            self.layers, self._attention_parts, method, plan, Layout((g, g), 1), k,
+            feature_layer=min(feature_layers), record=feature_layers,
+            run=lambda x: self.base.vision_tower(x, output_hidden_states=False, return_dict=True),
+            pixel_values=pv.flatten(0, 1), stop_after=max(feature_layers) if skip else None,
+            cls_free=not c, units=groups,
+        )
+        rows = torch.stack([torch.cat([res.hidden[f][j][c:] for f in feature_layers], -1) for j in range(videos * frames)])
+        if not bool(torch.isfinite(rows).all()):
+            raise NonFiniteFeaturesError("video features contain NaN or Inf; check pixel_values_videos and the dtype")
+        full = rows.new_zeros(videos * frames, self.per_crop, rows.shape[-1])
+        kept = [res.positions[j][1:].cpu() for j in range(videos * frames)]  # window ids, group order
+        for j in range(videos * frames):
+            full[j, groups[kept[j]].flatten().to(full.device)] = rows[j]
+        tokens = self._frame_features(full)  # [VF, n, D]
+        newline = self.base.image_newline[None].to(tokens.dtype) if self.video_newline else tokens.new_zeros(0, tokens.shape[-1])
+        for v in range(videos):
+            picked, idx, merged = [], [], 0
+            for f in range(frames):
+                j = v * frames + f
+                order = kept[j].argsort()
+                picked.append(tokens[j, kept[j][order].to(tokens.device)])
+                idx += (f * n + kept[j][order]).tolist()
+                merged += int((res.sizes[j][1:] > 1).sum())
+            feats = torch.cat(picked + [newline])
+            encoded.features.append(feats)
+            encoded.images.append(
+                ImageReport(
+                    sample=-1, image=len(encoded.images), tokens_in=frames * n + int(self.video_newline),
+                    tokens_out=int(feats.shape[0]), kept_indices=idx, grid=(frames * g, g), merged=merged,
+                    selection_s=res.selection_s / videos, frames=frames,
+                )
+            )
+        encoded.selection_s += res.selection_s
+        encoded.encode_s += now() - start
+        if not encoded.encoder_layer_tokens:
+            encoded.encoder_layer_tokens = [round(sum(t[i] for t in res.traces) / len(res.traces)) for i in range(self.num_layers)]
 
     def _encode_videos(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], encoded: Encoded):
         start = now()

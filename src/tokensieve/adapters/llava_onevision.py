@@ -54,6 +54,10 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
     def _video_pool(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.apply_pooling(x)
 
+    def _frame_features(self, rows: torch.Tensor) -> torch.Tensor:
+        """OneVision projects before it pools."""
+        return self.base.apply_pooling(self.base.multi_modal_projector(rows))
+
     def _strategy(self, enc: dict[str, Any]) -> str:
         strategy = enc.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         wanted = "default" if self.cls_offset else "full"
