@@ -56,7 +56,7 @@ class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
-    signal_kinds = Adapter.signal_kinds
+    signal_kinds = Adapter.signal_kinds + ("attention_received",)
 
     cls_offset = 1
     """Encoder rows before the patches (the CLS token); the projector sees patches only."""
@@ -324,6 +324,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     for i in request.cls_attention
                 },
                 keys={i: cap.key_heads(i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.keys},
+                attention_received={i: cap.attention_received(i)[crop_g, tok].unsqueeze(0) for i in request.attention_received},
                 cls_hidden=torch.cat([cap.hidden_states[i][crop_g[0], 0] for i in feature_layers], dim=-1)[None]
                 if request.cls_hidden and self.cls_offset
                 else None,

@@ -199,6 +199,10 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 hidden_states={i: regroup(pool(cap.hidden_states[i][:, c:])) for i in request.hidden_states},
                 cls_attention={i: pooled_heads(self._attention(cap, i)[:, :, c:]) for i in request.cls_attention},
                 keys={i: pooled_heads(cap.key_heads(i)[:, :, c:]) for i in request.keys},
+                attention_received={
+                    i: regroup(pool(cap.attention_received(i)[:, c:].unsqueeze(-1)).squeeze(-1))
+                    for i in request.attention_received
+                },
             )
             k = budget.resolve(per, what="each video" if whole else "each video frame")
             sel = method.select(signals, k)

@@ -57,6 +57,7 @@ class QwenVLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     scopes = (Scope.IMAGE, Scope.FRAME, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
+    signal_kinds = Adapter.signal_kinds + ("attention_received",)
     encoder_inputs = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     visual_inputs = ("pixel_values", "pixel_values_videos")
 
@@ -208,7 +209,7 @@ class QwenVLAdapter(Adapter):
         start = now()
         fl = self.num_layers  # the merger consumes the last block's output
         request = method.request(self.num_layers, fl)
-        attn_layers = sorted(set(request.cls_attention) | set(request.keys))
+        attn_layers = sorted(set(request.cls_attention) | set(request.keys) | set(request.attention_received))
         for idx in attn_layers:
             if not 0 <= idx < self.num_layers:
                 raise ValueError(f"encoder layer {idx} outside 0..{self.num_layers - 1}")
@@ -273,9 +274,9 @@ class QwenVLAdapter(Adapter):
         else:
             cand = units_in[seg].reshape(frames, n, -1)
         t0 = now()
-        cls_attention, keys = {}, {}
+        cls_attention, keys, received = {}, {}, {}
         for layer, (q, k_rot, k_raw, scale) in qk.items():
-            if layer in request.cls_attention:
+            if layer in request.cls_attention or layer in request.attention_received:
                 # attention segments of the ViT: the image, or each temporal patch of a video
                 q, k_rot = q[seg], k_rot[seg]
                 span = h * w
@@ -284,7 +285,11 @@ class QwenVLAdapter(Adapter):
                     dim=1,
                 )  # [H, t*h*w]
                 heads = rec.shape[0]
-                cls_attention[layer] = rec.reshape(heads, frames, n, self.unit).mean(-1).transpose(0, 1)
+                per_unit = rec.reshape(heads, frames, n, self.unit).mean(-1).transpose(0, 1)  # [frames, H, n]
+                if layer in request.cls_attention:
+                    cls_attention[layer] = per_unit
+                if layer in request.attention_received:  # HiPrune's signal itself: received attention, head mean
+                    received[layer] = per_unit.mean(1)
             if layer in request.keys:
                 kr = units(k_raw)  # [frames, n, H, hd]
                 keys[layer] = kr.transpose(1, 2)
@@ -296,6 +301,7 @@ class QwenVLAdapter(Adapter):
             hidden_states={i: units(hidden[i]) for i in request.hidden_states},
             cls_attention=cls_attention,
             keys=keys,
+            attention_received=received,
             cls_hidden=None,
         )
         sel = method.select(signals, k)
