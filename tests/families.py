@@ -356,3 +356,65 @@ def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, text_layers: i
         model = model_cls(config)
     model.generation_config.pad_token_id = real.text_config.pad_token_id
     return model.eval(), proc
+
+# -- in-encoder equivalence helpers (shared by the family tests) -------------------------------------------------
+from tokensieve import Sieve  # noqa: E402
+from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls  # noqa: E402
+
+
+class CutUnits(EncoderMethod):
+    """Keeps the same units of every candidate set after one block; with ``merge`` it also folds every dropped
+    unit into the first kept one, saying so in ``groups`` unless ``tell`` is off."""
+
+    name = "cut-units"
+    description = "test helper"
+
+    def __init__(self, layer, units, merge=False, tell=True):
+        self.layer, self.units, self.merge, self.tell = layer, torch.tensor(units), merge, tell
+
+    def plan(self, num_layers, feature_layer):
+        return EncoderPlan((self.layer,))
+
+    def cut(self, state):
+        # rows may be in another order than the units (Qwen2.5-VL's windows): find the wanted units by position
+        found = torch.isin(state.positions[:, 1:], self.units)
+        keep = keep_with_cls(torch.stack([row.nonzero().flatten() for row in found]))
+        if not self.merge:
+            return EncoderCut(keep)
+        rows = keep[0, 1:] - 1
+        n = state.hidden.shape[1] - 1
+        slot = torch.zeros(n, dtype=torch.long)
+        slot[rows] = torch.arange(len(rows))
+        sizes = state.sizes[0, 1:]
+        mass = torch.zeros(len(self.units)).scatter_add_(0, slot, sizes)
+        hidden = torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
+            0, slot, state.hidden[0, 1:] * sizes[:, None]) / mass[:, None]
+        return EncoderCut(keep, hidden=torch.cat([state.hidden[:, :1], hidden[None]], 1),
+                          sizes=torch.cat([torch.ones(1), mass])[None], groups=slot[None] if self.tell else None)
+
+
+class PickUnits(Method):
+    name = "pick-units"
+    description = "test helper"
+
+    def __init__(self, units):
+        self.units = torch.tensor(units)
+
+    def select(self, signals, k):
+        return Selection(indices=self.units[None].expand(signals.batch, -1))
+
+
+def assert_unit_cut_equals_pick(model, inputs, layer, units, scope):
+    """In-encoder cut of ``units`` (patches, merge units, shuffle groups, pooling windows) after ``layer``, the one
+    producing the features, == pre-projector pick of the same tokens: no later layer mixes the kept rows, so
+    both paths must hand the LM the same tokens. Returns the cut's report."""
+    cut = Sieve(CutUnits(layer, units), len(units), scope=scope)
+    pick = Sieve(PickUnits(units), len(units), scope=scope)
+    with cut(model):
+        got = logits(model, inputs)
+    with pick(model):
+        want = logits(model, inputs)
+    assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
+    assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return cut.last_report

@@ -13,7 +13,7 @@ from tokensieve.methods.base import Layout, Signals
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
-from .families import build_tiny_idefics3, greedy as _gen, logits as _logits, methods_for
+from .families import assert_unit_cut_equals_pick, build_tiny_idefics3, greedy as _gen, logits as _logits, methods_for
 
 METHODS = methods_for(Idefics3Adapter)
 PER_CROP = 16
@@ -260,7 +260,6 @@ def idf_deep():
 def test_in_encoder_cut_after_the_last_layer_equals_pre_projector_selection(idf_deep, batch):
     """After the last layer the kept groups' rows are the full run's, so the connector must give exactly the
     pre-projector path's tokens for the same groups."""
-    from .test_qwen_vl import assert_unit_cut_equals_pick
 
     model, _ = idf_deep
     groups = [0, 5, 6, 11, 15]

@@ -9,13 +9,12 @@ from tokensieve.adapters import get_adapter
 from tokensieve.budget import Budget
 from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
-from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
 from tokensieve.adapters.llava_next import LlavaNextAdapter
 
-from .families import methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
+from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
 
@@ -173,35 +172,6 @@ def test_forward_equals_hand_written_reference(next_model, batch):
 # ------------------------------------------------------------------------------------------------ in-encoder
 
 
-class CutAt(EncoderMethod):
-    """Keeps the same patches of every crop after one encoder layer, without merging: a known cut."""
-
-    name = "cut-at"
-    description = "test helper"
-
-    def __init__(self, layer, patches):
-        self.layer, self.patches = layer, torch.tensor(patches)
-
-    def plan(self, num_layers, feature_layer):
-        return EncoderPlan((self.layer,))
-
-    def cut(self, state):
-        return EncoderCut(keep_with_cls(self.patches.expand(state.hidden.shape[0], -1)))
-
-
-class PickPatches(Method):
-    """Pre-projector: keeps the same candidates of every crop."""
-
-    name = "pick"
-    description = "test helper"
-
-    def __init__(self, patches):
-        self.patches = torch.tensor(patches)
-
-    def select(self, signals, k):
-        return Selection(indices=self.patches[:k].expand(signals.batch, -1))
-
-
 @pytest.fixture(scope="module")
 def filled(next_model):
     """Two images whose aspect matches a pinpoint, so unpadding removes nothing (3 crops each)."""
@@ -216,20 +186,9 @@ def test_in_encoder_cut_at_the_last_layer_equals_pre_projector_selection(next_mo
     in-encoder path (crops batched through CLIP, survivors packed with newlines) must equal the pre-projector
     path selecting the same patches."""
     model, _ = next_model
-    assert_cut_equals_pick(model, filled, get_adapter(model).feature_layers({})[-1], [0, 3, 5, 6, 9, 15])
+    assert_unit_cut_equals_pick(model, filled, get_adapter(model).feature_layers({})[-1] - 1, [0, 3, 5, 6, 9, 15], "crop")
 
 
-def assert_cut_equals_pick(model, inputs, feature_layer, patches):
-    """In-encoder cut after the layer producing ``hidden_states[feature_layer]`` == pre-projector pick, per crop."""
-    cut = Sieve(CutAt(feature_layer - 1, patches), len(patches), scope="crop")
-    pick = Sieve(PickPatches(patches), len(patches), scope="crop")
-    with cut(model):
-        got = _logits(model, inputs)
-    with pick(model):
-        want = _logits(model, inputs)
-    assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
-    assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["evoprune", "flowcut"])

@@ -6,14 +6,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
-from tokensieve.errors import BudgetError, UnsupportedModelError
+from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
 
-from .families import methods_for, build_tiny_llava_next_video, greedy, logits
+from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_llava_next_video, greedy, logits
 
 PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
 
@@ -125,7 +125,6 @@ def test_in_encoder_methods_on_images_and_videos(next_video, batch, vanilla, met
 
 
 def test_in_encoder_video_cut_after_the_feature_layer_equals_pre_projector_selection(next_video, batch):
-    from .test_qwen_vl import assert_unit_cut_equals_pick
 
     model, make = next_video
     videos = make(["user : <video> what ? assistant :", "user : <video> what is this ? assistant :"], [],

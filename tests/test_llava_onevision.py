@@ -12,7 +12,7 @@ from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
 
-from .families import methods_for, build_tiny_onevision, greedy, logits
+from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_onevision, greedy, logits
 
 SIDE = 4
 
@@ -154,11 +154,10 @@ def test_video_in_encoder_needs_window_exact_pooling():
 
 
 def test_in_encoder_cut_after_the_feature_layer_equals_pre_projector_selection(onevision, filled_images):
-    from .test_llava_next import assert_cut_equals_pick
 
     model, _ = onevision
     # OneVision reads the last layer, so the cut comes after the last layer
-    assert_cut_equals_pick(model, filled_images, model.config.vision_config.num_hidden_layers, [1, 2, 4, 8, 11, 15])
+    assert_unit_cut_equals_pick(model, filled_images, model.config.vision_config.num_hidden_layers - 1, [1, 2, 4, 8, 11, 15], "crop")
 
 
 class Spy(EncoderMethod):

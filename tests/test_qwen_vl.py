@@ -7,13 +7,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
 from tokensieve.methods import get_method
-from tokensieve.methods.base import IN_ENCODER, EncoderCut, EncoderMethod, EncoderPlan, Method, Selection, keep_with_cls
+from tokensieve.methods.base import IN_ENCODER
 from tokensieve.errors import BudgetError, PlaceholderError
 from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.qwen_vl import QwenVLAdapter
 
-from .families import methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
+from .families import CutUnits, assert_unit_cut_equals_pick, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
@@ -259,48 +259,6 @@ def batch2(qwen2):
     return _mixed_batch(qwen2[1], first_side=64)
 
 
-class CutUnits(EncoderMethod):
-    """Keeps the same units of every candidate set after one block; with ``merge`` it also folds every dropped
-    unit into the first kept one, saying so in ``groups`` unless ``tell`` is off."""
-
-    name = "cut-units"
-    description = "test helper"
-
-    def __init__(self, layer, units, merge=False, tell=True):
-        self.layer, self.units, self.merge, self.tell = layer, torch.tensor(units), merge, tell
-
-    def plan(self, num_layers, feature_layer):
-        return EncoderPlan((self.layer,))
-
-    def cut(self, state):
-        # rows may be in another order than the units (Qwen2.5-VL's windows): find the wanted units by position
-        found = torch.isin(state.positions[:, 1:], self.units)
-        keep = keep_with_cls(torch.stack([row.nonzero().flatten() for row in found]))
-        if not self.merge:
-            return EncoderCut(keep)
-        rows = keep[0, 1:] - 1
-        n = state.hidden.shape[1] - 1
-        slot = torch.zeros(n, dtype=torch.long)
-        slot[rows] = torch.arange(len(rows))
-        sizes = state.sizes[0, 1:]
-        mass = torch.zeros(len(self.units)).scatter_add_(0, slot, sizes)
-        hidden = torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
-            0, slot, state.hidden[0, 1:] * sizes[:, None]) / mass[:, None]
-        return EncoderCut(keep, hidden=torch.cat([state.hidden[:, :1], hidden[None]], 1),
-                          sizes=torch.cat([torch.ones(1), mass])[None], groups=slot[None] if self.tell else None)
-
-
-class PickUnits(Method):
-    name = "pick-units"
-    description = "test helper"
-
-    def __init__(self, units):
-        self.units = torch.tensor(units)
-
-    def select(self, signals, k):
-        return Selection(indices=self.units[None].expand(signals.batch, -1))
-
-
 @pytest.mark.parametrize("method", ["evoprune", "flowcut"])
 def test_in_encoder_keep_all_and_counts(qwen2, batch2, method):
     model, _ = qwen2
@@ -327,17 +285,6 @@ def test_in_encoder_cut_after_the_last_block_equals_pre_projector_selection(qwen
     assert_unit_cut_equals_pick(model, batch2, 3, [0, 3, 5, 10, 15], "frame")
 
 
-def assert_unit_cut_equals_pick(model, inputs, layer, units, scope):
-    """In-encoder cut of ``units`` after ``layer`` (the last) == pre-projector pick of them; returns the report."""
-    cut = Sieve(CutUnits(layer, units), len(units), scope=scope)
-    pick = Sieve(PickUnits(units), len(units), scope=scope)
-    with cut(model):
-        got = _logits(model, inputs)
-    with pick(model):
-        want = _logits(model, inputs)
-    assert [im.kept_indices for im in cut.last_report.images] == [im.kept_indices for im in pick.last_report.images]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    return cut.last_report
 
 
 def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qwen2, batch2):

@@ -29,7 +29,7 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
-from ..encoder_stage import check_unit_cut, cut_units, unit_state
+from ..encoder_stage import run_encoder_stage
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Selection, Signals
 from ..placeholders import ImageSpan
 from ..report import ImageReport
@@ -230,7 +230,6 @@ class Idefics3Adapter(Adapter):
         fl = self.num_layers
         request = method.request(self.num_layers, fl)
         state: dict[str, Any] = {}
-        layout = Layout(self.grid, 0)
 
         def grab_mask(mod, args, kwargs):
             state["mask"] = kwargs.get("patch_attention_mask")
@@ -337,8 +336,8 @@ class Idefics3Adapter(Adapter):
 
         Candidates are the connector's tokens, as for the other stages; a cut keeps or merges the scale_factor**2
         patches of a group together (with the stage's virtual CLS as the CLS-free signal). SigLIP's layers carry
-        no positions (they are added to the embeddings), so the kept rows are regrouped group by group at the first
-        cut and later layers simply run on fewer rows. After the encoder the kept rows are scattered back onto the
+        no positions (they are added to the embeddings), so the encoder stage's unit mode regroups the rows group by
+        group at the first cut and later layers simply run on fewer rows. After the encoder the kept rows are scattered back onto the
         crop's grid (zeros elsewhere), the connector runs as usual, and only the kept groups' tokens are taken:
         the pixel shuffle and projection act per group, so the zeros never reach a kept token.
         """
@@ -366,122 +365,33 @@ class Idefics3Adapter(Adapter):
                 "(pixel_attention_mask) on idefics3 yet; use a pre- or post-projector method"
             )
         plan = method.plan(self.num_layers, self.num_layers)
-        runs = [[c] for c in range(n)] if plan.per_image else [
-            [c for c in range(n) if shares[c] == k] for k in sorted(set(shares))
-        ]
+        vision = self.base.vision_model
         features: list[torch.Tensor | None] = [None] * n
         reports: list[ImageReport | None] = [None] * n
         traces, selection_s = [], 0.0
-        for run in runs:
-            cutter = _GroupCutter(self, method, plan, shares[run[0]], len(run))
-            rows = cutter.run(crops[run])
-            selection_s += cutter.selection_s
-            traces += [cutter.trace] * len(run)
+        for target in sorted(set(shares)):  # crops that keep the same count run together
+            run = [c for c in range(n) if shares[c] == target]
+            res = run_encoder_stage(
+                self.layers, self._attention_parts, method, plan, Layout(self.grid, 1), target,
+                feature_layer=self.num_layers, record=[self.num_layers],
+                run=lambda x: vision(pixel_values=x, return_dict=True), pixel_values=crops[run],
+                cls_free=True, units=self.groups,
+            )
+            selection_s += res.selection_s
+            traces += res.traces
+            rows = vision.post_layernorm(torch.stack(res.hidden[self.num_layers]))  # kept groups' patches, in order
             d = rows.shape[-1]
+            kept = [res.positions[j][1:].cpu() for j in range(len(run))]
             full = torch.zeros(len(run), self.groups.numel(), d, dtype=rows.dtype, device=rows.device)
             for j in range(len(run)):
-                patches = self.groups[cutter.units[j]].flatten().to(rows.device)
-                full[j, patches] = rows[j].reshape(-1, d)
-            tokens = self.base.connector(full)  # [crops, G, D]
+                full[j, self.groups[kept[j]].flatten().to(rows.device)] = rows[j]
+            tokens = self.base.connector(full)  # [crops, G, D]: pixel shuffle and projection act per group
             for j, c in enumerate(run):
-                kept = cutter.units[j]
-                features[c] = tokens[j, kept.to(tokens.device)]
+                features[c] = tokens[j, kept[j].to(tokens.device)]
                 reports[c] = ImageReport(
-                    sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept.numel()),
-                    kept_indices=kept.tolist(), grid=self.grid, merged=int((cutter.sizes[j] > 1).sum()),
-                    selection_s=cutter.selection_s / len(run),
+                    sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept[j].numel()),
+                    kept_indices=kept[j].tolist(), grid=self.grid, merged=int((res.sizes[j][1:] > 1).sum()),
+                    selection_s=res.selection_s / len(run),
                 )
         trace = [round(sum(t[i] for t in traces) / max(len(traces), 1)) for i in range(self.num_layers)]
         return Encoded(features, reports, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)
-
-
-class _GroupCutter:
-    """Hooks on the Idefics3 vision layers that cut whole pixel-shuffle groups of a batch of crops (one target)."""
-
-    def __init__(self, adapter: Idefics3Adapter, method: EncoderMethod, plan, target: int, crops: int):
-        self.a, self.method, self.plan, self.target = adapter, method, plan, target
-        g = adapter.per_crop
-        self.units = [torch.arange(g) for _ in range(crops)]
-        self.sizes = [torch.ones(g) for _ in range(crops)]
-        self.memory: list[dict] = [{} for _ in range(crops)]
-        self.planned = sorted(plan.layers) if target < g else []
-        self.grouped = False  # rows are raster patches until the first cut, group by group after it
-        self.selection_s = 0.0
-        self.trace = [0] * adapter.num_layers
-
-    def run(self, crops: torch.Tensor) -> torch.Tensor:
-        """The last layer's rows after the cuts, [crops, kept groups * scale^2, d], group by group."""
-        a, proj, handles = self.a, {}, []
-
-        def note(mod, args, kwargs, _i):
-            x = args[0] if args else kwargs["hidden_states"]
-            self.trace[_i] = int(x.shape[1])
-
-        def grab(name, _i):
-            def hook(mod, args, output):
-                proj[(name, _i)] = output
-            return hook
-
-        def after(mod, args, output, _i):
-            hs = output[0] if isinstance(output, (tuple, list)) else output
-            t0 = now()
-            new = self._cut(_i, hs, proj)
-            self.selection_s += now() - t0
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-
-        try:
-            for i, layer in enumerate(a.layers):
-                handles.append(layer.register_forward_pre_hook(lambda m, x, k, _i=i: note(m, x, k, _i), with_kwargs=True))
-            for i in self.planned:
-                parts = a._attention_parts(a.layers[i])
-                for name, mod in (("q", parts.q_proj), ("k", parts.k_proj), ("v", parts.v_proj)):
-                    handles.append(mod.register_forward_hook(grab(name, i)))
-                handles.append(a.layers[i].register_forward_hook(lambda m, x, o, _i=i: after(m, x, o, _i)))
-            out = a.base.vision_model(pixel_values=crops, return_dict=True).last_hidden_state
-        finally:
-            for h in handles:
-                h.remove()
-        if not self.grouped:  # nothing was cut: regroup the full rows
-            out = out[:, a.groups.flatten().to(out.device)]
-        return out
-
-    def _cut(self, layer: int, hs: torch.Tensor, proj: dict) -> torch.Tensor:
-        a = self.a
-        parts = a._attention_parts(a.layers[layer])
-        u = a.groups.shape[1]
-        q, k, v = (proj.pop((name, layer)) for name in ("q", "k", "v"))
-        if not self.grouped:  # raster patches -> the connector's groups, u rows each
-            order = a.groups.flatten().to(hs.device)
-            hs, q, k, v = (x[:, order] for x in (hs, q, k, v))
-            self.grouped = True
-        b, r, d = hs.shape
-        heads = lambda x: x.view(b, r, parts.num_heads, parts.head_dim)  # noqa: E731
-        q, k, v = heads(q).float(), heads(k).float(), heads(v).float()
-        last = layer == self.planned[-1]
-        out = []
-        for j in range(b):
-            n = len(self.units[j])
-            if n == self.target:
-                out.append(hs[j])
-                continue
-            unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).mean(1)  # noqa: E731
-            gq = q[j].mean(0)  # [H, hd]: the global query of this crop
-            probs = (torch.einsum("hd,phd->hp", gq, k[j]) * parts.scale).softmax(-1)
-            state = unit_state(
-                self.plan, layer, a.num_layers, a.grid, unit_mean(hs[j].float()), probs.view(-1, n, u).sum(-1),
-                unit_mean(k[j]).transpose(0, 1), unit_mean(v[j]).transpose(0, 1), self.sizes[j], self.units[j],
-                self.target, self.memory[j],
-            )
-            cut = self.method.cut(state)
-            if cut is None:
-                if last:
-                    raise ValueError(f"{self.method.name} made no cut at its last layer {layer}; target {self.target}")
-                out.append(hs[j])
-                continue
-            check_unit_cut(cut, n, self.target, last, layer, self.method.name)
-            rows, self.sizes[j] = cut_units(hs[j].reshape(n, u, d), self.sizes[j], cut, self.method.name)
-            self.units[j] = self.units[j][(cut.keep[0, 1:] - 1).cpu()]
-            out.append(rows.reshape(-1, d))
-        if len({x.shape[0] for x in out}) != 1:
-            raise ValueError(f"{self.method.name} kept different counts in crops that run together at layer {layer}")
-        return torch.stack(out)

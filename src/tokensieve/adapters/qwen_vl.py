@@ -35,7 +35,7 @@ import torch
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..encoder_stage import check_unit_cut, cut_units, unit_state
-from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
+from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import (
     IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
     Request, Signals,
