@@ -240,7 +240,7 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             with capture_encoder(layers, Request(), self._attention_parts, fls) as cap:
                 self._run_tower(pixel_values, max(fls))
                 features = torch.cat([cap.hidden_states[f][:, rows] for f in fls], dim=-1)
-            self._record(spec, [list(range(features.shape[1]))] * len(features))
+            self._record(spec, [list(range(features.shape[1]))] * len(features), self._full_trace(max(fls)))
             return self.multi_modal_projector(features)
         method = spec.build()
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
@@ -254,6 +254,7 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             check_finite(selected)
             embeds = self.multi_modal_projector(selected)
             kept = [p[1:].tolist() for p in res.positions]
+            encoder = res.traces
         else:
             request = method.request(fam.num_layers, fam.feature_layer)
             depth = max([*fls, *request.hidden_states, *(i + 1 for i in request.cls_attention),
@@ -272,15 +273,26 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 embeds = self.multi_modal_projector(embeds)
             idx = sel.indices - fam.num_prefix
             kept = [row[row >= 0].tolist() for row in idx]
+            encoder = self._full_trace(depth)
         if embeds.shape[1] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch
             raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")
-        self._record(spec, kept)
+        self._record(spec, kept, encoder)
         return embeds
 
-    def _record(self, spec: SieveSpec | None, kept: list[list[int]]) -> None:
+    def _full_trace(self, depth: int) -> list[int]:
+        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + 1
+        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
+
+    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
+        """One trace line per image: method, k, kept patch indices (raster, CLS excluded) and the tokens entering
+        each encoder layer (what tokensieve.flops prices); ``encoder`` is one list for all images or one each."""
         if not self._trace:
             return
+        per_image = encoder if encoder and isinstance(encoder[0], list) else [encoder] * len(kept)
         with open(self._trace, "a", encoding="utf-8") as f:
-            for row in kept:
+            for row, layers in zip(kept, per_image):
                 f.write(json.dumps({"method": spec.method if spec else None, "k": spec.k if spec else len(row),
-                                    "params": spec.params if spec else {}, "kept": row}) + "\n")
+                                    "params": spec.params if spec else {}, "kept": row,
+                                    "encoder_layer_tokens": layers}) + "\n")
