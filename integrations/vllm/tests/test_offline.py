@@ -99,3 +99,25 @@ def test_bad_settings_fail_the_request_not_the_engine(engine, reference, ref_dir
         ask(engine, ref_dir, reference["cases"][1], **settings)
     ids, tokens, _ = ask(engine, ref_dir, reference["cases"][1], method="random", budget=12, params={"seed": 1})
     assert ids.count(IMAGE_TOKEN) == 12 and tokens
+
+
+def test_one_batch_with_different_settings(engine, reference, ref_dir):
+    """Requests with different methods and budgets in one generate() call: images are grouped by setting inside
+    the engine and each request still gets exactly its own tokens and answer."""
+    llm, params, trace = engine
+    wanted = [("evocut", "16"), ("divprune", "72"), ("fastervlm", "16")]
+    prompts = []
+    for case, (method, k) in zip(reference["cases"], wanted):
+        image = Image.open(ref_dir / case["image"]).convert("RGB")
+        # scope "crop" is "image" on LLaVA-1.5: same selection, but new cache keys, so every image is encoded again
+        prompts.append({"prompt": case["prompt"], "multi_modal_data": {"image": image},
+                        "mm_processor_kwargs": {"tokensieve_method": method, "tokensieve_budget": int(k),
+                                                "tokensieve_scope": "crop"}})
+    before = len(trace.read_text().splitlines())
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    lines = [json.loads(x) for x in trace.read_text().splitlines()[before:]]
+    for i, (out, (method, k)) in enumerate(zip(outs, wanted)):
+        want = reference["sieve"][method][k][i]
+        assert list(out.prompt_token_ids) == want["ids"]
+        assert list(out.outputs[0].token_ids) == want["tokens"]
+        assert [t["kept"] for t in lines if t["method"] == method] == [want["kept"]]
