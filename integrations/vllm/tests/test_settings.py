@@ -97,3 +97,16 @@ def test_spec_round_trip():
 
     again = SieveSpec.from_json(spec.to_json())
     assert again == spec and again.build().contextual == 8
+
+
+def test_other_families_and_towers_refused_at_start_up():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, SiglipVisionConfig
+
+    from tokensieve_vllm.llava import llava_family
+
+    fam = llava_family(LlavaConfig(vision_config=CLIPVisionConfig(image_size=96, patch_size=8, num_hidden_layers=8)))
+    assert (fam.tokens, fam.feature_layers, fam.num_layers) == (144, (7,), 8)
+    with pytest.raises(ValueError, match="'llava_next', which tokensieve-vllm does not support yet"):
+        llava_family(LlavaNextConfig())
+    with pytest.raises(ValueError, match="CLIP vision tower"):
+        llava_family(LlavaConfig(vision_config=SiglipVisionConfig()))

@@ -24,7 +24,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import CLIPVisionConfig
-from vllm.config import VllmConfig
+
+from .compat import allow_llava_without_torchvision
+
+allow_llava_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
+
+from vllm.config import VllmConfig  # noqa: E402
 from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.clip import CLIPEncoderLayer, CLIPVisionTransformer
@@ -53,7 +58,13 @@ TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
 
 
 def llava_family(config) -> Family:
-    """The vision facts settings are checked against; refuses towers and strategies this plugin cannot cut."""
+    """The vision facts settings are checked against; refuses families, towers and strategies this plugin cannot cut."""
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(
+            f"TokenSieveLlavaForConditionalGeneration serves LLaVA-1.5 (model_type 'llava'); this model is "
+            f"{getattr(config, 'model_type', type(config).__name__)!r}, which tokensieve-vllm does not support yet. "
+            "Serve it under its stock architecture (drop the hf_overrides architecture)"
+        )
     vc = config.vision_config
     if not isinstance(vc, CLIPVisionConfig):
         raise ValueError(
