@@ -118,11 +118,13 @@ def test_task_documents_are_the_test_splits_of_tokensieve_data():
 
 
 def test_model_arguments_are_validated_before_loading():
+    from tokensieve.lmms_eval import TASKS_DIR
     from tokensieve.lmms_eval.model import build_sieve, resolve_pretrained
 
     assert resolve_pretrained("default").name == "default_model"
-    with pytest.raises(FileNotFoundError, match="embedded"):
-        resolve_pretrained("llava-hf/llava-1.5-7b-hf")
+    assert resolve_pretrained("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"  # left to transformers
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_pretrained(str(TASKS_DIR))
     sieve = build_sieve("evocut+fastv", "192+128", "image", {"fastv": {"layer": 1}})
     assert sieve.name == "evocut+fastv" and sieve.llm_method.layer == 1 and sieve.llm_budget.value == 128
     assert build_sieve("none", None, "image", {}) is None
@@ -197,3 +199,62 @@ def test_bad_method_or_budget_fails_the_run(tmp_path, model_args, message):
     assert code != 0
     assert message in output
     assert results is None
+
+
+# -- other families through the auto classes, in-process ------------------------------------------------------
+
+def _wrapper_answers(lm, docs: list[dict], task: str = "t") -> list:
+    """generate_until on hand-made chat requests, as lmms-eval's evaluator builds them."""
+    from lmms_eval.api.instance import Instance
+
+    def to_messages(doc):
+        content = [{"type": "image", "url": im} for im in doc["images"]] + [{"type": "text", "text": doc["q"]}]
+        return [{"role": "user", "content": content}]
+
+    lm.task_dict = {task: {"test": docs}}
+    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": task, "doc_id": i, "repeats": 1},
+                         arguments=("", to_messages, {"max_new_tokens": 4, "until": []}, i, task, "test"))
+                for i in range(len(docs))]
+    return lm.generate_until(requests)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "idefics3"])
+def test_other_families_load_through_the_auto_classes_and_batch_like_single_calls(tmp_path, family):
+    """A padded batch with a two-image question gives each question the answer and the kept-token count of the
+    question on its own, equal to applying the Sieve to the model directly; FLOPs are left out for families the
+    FLOPs module does not price."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from PIL import Image
+
+    from tests.families import build_tiny_idefics3, build_tiny_llava_next
+    from tokensieve.lmms_eval.model import TokensieveChat
+
+    model, processor = build_tiny_llava_next() if family == "llava_next" else build_tiny_idefics3()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    rng = torch.Generator().manual_seed(0)
+
+    def image(w, h):
+        return Image.fromarray((torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy())
+
+    docs = [{"images": [image(40, 24)], "q": "what is in the picture ?"},
+            {"images": [image(24, 24), image(32, 48)], "q": "what ?"},
+            {"images": [image(30, 30)], "q": "is there a red shape in the top left ?"}]
+    args = f"pretrained={tmp_path},method=divprune,budget=0.5"
+    batched = _wrapper_answers(TokensieveChat.create_from_arg_string(args, {"batch_size": 3}), docs)
+    single = _wrapper_answers(TokensieveChat.create_from_arg_string(args, {"batch_size": 1}), docs)
+    assert [r.text for r in batched] == [r.text for r in single]
+    assert [r.token_counts.to_dict() for r in batched] == [r.token_counts.to_dict() for r in single]
+    sieve = Sieve("divprune", 0.5)
+    for doc, got in zip(docs, batched):
+        content = [{"type": "image"}] * len(doc["images"]) + [{"type": "text", "text": doc["q"]}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        inputs = processor(images=[doc["images"]], text=[text], return_tensors="pt")
+        with torch.inference_mode(), sieve(model):
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert got.text == processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        counts = got.token_counts
+        assert counts.images == len(doc["images"])
+        assert counts.visual_tokens == sieve.last_report.tokens_out < counts.visual_tokens_in == sieve.last_report.tokens_in
+        assert counts.flops_to_first_token is None

@@ -3,7 +3,7 @@
 ``--model_args pretrained=DIR,method=evocut,budget=64,scope=image,evocut.start_layer=10``; ``method=none`` runs the
 unpruned model through the same code, so a baseline and its pruned rows differ only in the sieve. Chained stages
 are written ``method=evocut+fastv,budget=192+128``; method hyper-parameters ``METHOD.NAME=VALUE``.
-``pretrained`` is a model directory or the name of an embedded model (``default``).
+``pretrained`` is the name of an embedded model (``default``), a model directory or a hub id.
 
 Why not a subclass of lmms-eval's ``llava_hf``: it runs one request at a time, defaults to ``device_map=""``
 (refused by transformers 5.23) and turns a failed generation into an empty answer, which silently scores as wrong.
@@ -42,15 +42,21 @@ EMBEDDED_MODELS = {"default": DEFAULT_MODEL_DIR}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_pretrained(name: str) -> Path:
-    """A model directory from ``pretrained=``: an embedded model's name, or a local directory with config.json."""
-    path = EMBEDDED_MODELS.get(str(name), Path(str(name)).expanduser())
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained={name}: no model there (expected a directory with config.json, or one of the embedded "
-            f"models {sorted(EMBEDDED_MODELS)}); nothing is downloaded, so hub ids need a local copy"
-        )
-    return path
+def resolve_pretrained(name: str) -> Path | str:
+    """What ``pretrained=`` names: an embedded model, a local model directory, or else a hub id for transformers.
+
+    A hub id loads from the local cache only under the launcher's offline mode (``HF_HUB_OFFLINE=0`` lets
+    transformers download it, where the machine can).
+    """
+    if str(name) in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[str(name)]
+    path = Path(str(name)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"pretrained={name}: the directory has no config.json (embedded models: "
+                                    f"{sorted(EMBEDDED_MODELS)})")
+        return path
+    return str(name)
 
 
 def _parse_budget(value):
@@ -238,7 +244,7 @@ class TokensieveChat(lmms):
                 raise NotImplementedError(f"{task}: the tokensieve wrapper takes images; this request has "
                                           f"{len(videos)} video(s) and {len(audios)} audio clip(s)")
             texts.append(self._prompt(chat.to_hf_messages(), len(visuals)))
-            images.append([v.convert("RGB") for v in visuals])
+            images.append([_rgb(v) for v in visuals])
         gen_kwargs = dict(reqs[0].args[2])
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -382,6 +388,16 @@ def run_metrics(per_process: list[dict[str, dict[str, float]]], method: str) -> 
                      f"{metrics['visual_tokens_per_image']:.1f} of {metrics['visual_tokens_in_per_image']:.1f} "
                      "visual tokens per image")
     return metrics
+
+
+def _rgb(visual):
+    """A PIL image from a task's visual: an image object, or the path of an image file."""
+    from PIL import Image
+
+    if isinstance(visual, (str, Path)):
+        with Image.open(visual) as im:
+            return im.convert("RGB")
+    return visual.convert("RGB")
 
 
 def _generate_kwargs(gen_kwargs: dict) -> dict:
