@@ -79,10 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             env["ACCELERATE_USE_CPU"] = "true"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(known.num_processes), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "tokensieve.lmms_eval"]
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "tokensieve.lmms_eval"]
         cmd += [f"--include_path={p}" for p in known.include_path] + rest
         return subprocess.call(cmd, env=env)
     return run(rest, known.include_path)
+
+
+def _free_port() -> int:
+    """A free local port for the process group, so two runs on one machine do not meet on accelerate's default."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run(args: list[str], include_paths: list[str] = ()) -> int:
