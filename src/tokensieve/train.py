@@ -240,8 +240,7 @@ class Mixture:
             target = sheet_targets(sheet, self.cfg.patch_size, self.cfg.image_size)
             images.append(sheet.image)
             targets.append(target)
-        self.last_sheet_targets = torch.stack(targets)
-        return images, self.last_sheet_targets
+        return images, torch.stack(targets)
 
     def _pick(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.gen).tolist()
@@ -684,8 +683,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     if teacher is not None and probe is None:
         raise ValueError("distill_from needs the probe (aux_weight > 0): its hook reads the feature layer")
 
-    def vision_loss(n: int) -> torch.Tensor:
-        """The vision tower alone on n sheets (on n training images when distilling); the probe hook reads them."""
+    def vision_loss(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vision tower alone on n sheets (on n training images when distilling), with their targets; the
+        probe hook reads the states."""
         if teacher is None:
             images, vision_t = data.draw_sheets(n)
         else:
@@ -694,7 +694,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
         loss = probe.loss(vision_t)
         if teacher is not None:
             loss = loss + cfg.distill_weight * teacher.loss(images, probe.states)
-        return loss
+        return loss, vision_t
 
     # global steps: cfg.vision_steps on sheets alone, then cfg.steps of the full model
     t10 = None
@@ -718,8 +718,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
             for g in opt.param_groups:
                 g["lr"] = lr
             if main < 0:  # vision phase: the probe's targets on sheets, a fraction of a full step's compute
-                loss = aux = vision_loss(cfg.batch_size)
-                targets = None
+                loss, targets = vision_loss(cfg.batch_size)
+                aux = loss
                 opt.zero_grad(set_to_none=True)
                 aux.backward()
             else:
@@ -747,7 +747,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                           "lr": lr, "elapsed_s": round(elapsed, 1),
                           "load": round(os.getloadavg()[0], 2)}  # the machine's, to read the times by
                 if main < 0:
-                    record.update(phase="vision", step=step, probe_acc=probe.accuracy(data.last_sheet_targets))
+                    record.update(phase="vision", step=step, probe_acc=probe.accuracy(targets))
                 elif aux is not None:
                     record["aux_loss"] = round(aux.item(), 4)
                     if cfg.aux_balance:
