@@ -606,7 +606,8 @@ _RESUME_FREE = ("notes", "threads", "log_every", "steps")
 
 def _load_state(path: Path, cfg: TrainConfig) -> dict:
     state = torch.load(path, weights_only=False)
-    saved = state["config"]
+    # A field added after the state was saved counts as its default (the saved run had that behaviour).
+    saved = {**asdict(TrainConfig()), **state["config"]}
     diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
             if k not in _RESUME_FREE and saved.get(k) != v]
     if diff:
