@@ -134,6 +134,9 @@ class Method:
     stage: ClassVar[str] = PRE_PROJECTOR
     signals: ClassVar[tuple[str, ...]] = ()
     """Human-readable names of the signals used, for ``list_methods()``."""
+    param_help: ClassVar[dict[str, str]] = {}
+    """One line per constructor argument: what it changes (``tokensieve methods NAME`` prints it beside the default;
+    a test requires every argument to have one)."""
 
     def request(self, num_layers: int, feature_layer: int) -> Request:
         """Signals needed, given the encoder depth and the hidden_states index the LM consumes."""

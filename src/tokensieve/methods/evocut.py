@@ -104,6 +104,14 @@ class EvoCut(Method):
     description = "Keep patches whose hidden-state movement deviates from the shared group directions (EMA over layers)."
     stage = PRE_PROJECTOR
     signals = ("hidden states (start_layer-1 .. end_layer)",)
+    param_help = {
+        "start_layer": "first hidden state whose move is scored (hidden_states index); None: half the encoder depth",
+        "end_layer": "last hidden state scored; None: the final encoder layer (the paper's reading)",
+        "num_groups": "M, spherical K-means groups of move directions per transition",
+        "iterations": "K-means iterations per transition",
+        "alpha": "EMA factor of the deviation over transitions, in [0, 1)",
+        "eps": "moves shorter than this count as no move (deviation 1)",
+    }
 
     def __init__(
         self,

@@ -57,6 +57,15 @@ class EvoPrune(EncoderMethod):
     name = "evoprune"
     description = "EvoPrune-style: merge low attention+diversity patches into similar ones on a skip schedule."
     signals = ("CLS attention (scheduled layers)", "keys (scheduled layers)")
+    param_help = {
+        "start_layer": "first encoder layer (0-based) that prunes; None: a quarter of the encoder depth",
+        "end_layer": "last pruning layer; None: the layer producing the LM's features",
+        "step": "prune every STEP-th layer from start_layer to end_layer",
+        "w_att": "weight of the CLS-attention importance in the score",
+        "w_div": "weight of the key diversity (1 - max similarity) in the score",
+        "merge": "merge dropped patches into their most similar kept one (False: just drop them)",
+        "skip_unused_layers": "stop the encoder after the layer the LM reads (no output changes; saves compute)",
+    }
 
     def __init__(self, start_layer: int | None = None, end_layer: int | None = None, step: int = 2,
                  w_att: float = 0.5, w_div: float = 0.5, merge: bool = True, skip_unused_layers: bool = True):

@@ -19,6 +19,9 @@ class FasterVLM(Method):
     description = "Keep the top-k patches by [CLS] attention (head mean) at the feature layer."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (feature layer)",)
+    param_help = {
+        "layer": "encoder layer (0-based) whose CLS attention ranks patches; None: the layer producing the features",
+    }
 
     def __init__(self, layer: int | None = None):
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):

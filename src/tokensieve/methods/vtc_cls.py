@@ -23,6 +23,10 @@ class VtcCls(Method):
     description = "Keep the top-k patches by [CLS] attention (head mean) summed over a range of encoder layers."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (layer range)",)
+    param_help = {
+        "start_layer": "first encoder layer (0-based) whose CLS attention is summed; None: half the depth",
+        "end_layer": "last layer summed; None: the feature layer, clamped to the last layer",
+    }
 
     def __init__(self, start_layer: int | None = None, end_layer: int | None = None):
         for name, v in (("start_layer", start_layer), ("end_layer", end_layer)):
