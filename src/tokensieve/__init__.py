@@ -1,9 +1,16 @@
-"""tokensieve: training-free visual-token compression for Hugging Face vision-language models."""
+"""tokensieve: training-free visual-token compression for Hugging Face vision-language models.
+
+Names that need torch (``Sieve``, reports, model loading) are imported on first use, so ``import tokensieve`` and the
+command line's ``--help`` stay fast.
+"""
+
+from importlib import import_module
 
 from .budget import Budget, Scope
 from .errors import (
     BudgetError,
     BudgetTypeError,
+    InputError,
     MissingSignalError,
     NonFiniteFeaturesError,
     PlaceholderError,
@@ -11,13 +18,29 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .report import ImageReport, SieveReport
-from .session import MethodInfo, Sieve, SieveHandle, list_methods
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Sieve": "session", "SieveHandle": "session", "list_methods": "session", "MethodInfo": "session",
+    "SieveReport": "report", "ImageReport": "report", "load_default_model": "loading", "load_model": "loading",
+}
+
 __all__ = [
     "Sieve", "SieveHandle", "Budget", "Scope", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
+    "load_default_model", "load_model",
     "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
-    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError",
+    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError", "InputError",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokensieve' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
