@@ -10,7 +10,6 @@ from transformers import LlavaForConditionalGeneration
 import tokensieve
 from tokensieve import session
 from tokensieve.cli import build_parser, main
-from tokensieve.configs import method_parameters
 from tokensieve.methods import get_method, method_names
 
 
@@ -35,6 +34,8 @@ def test_methods_lists_every_method_one_row_each_even_in_a_pipe(capsys):
 
 
 def test_methods_name_explains_every_parameter_with_its_default(capsys):
+    from tokensieve.configs import method_parameters
+
     for name in method_names():
         cls = get_method(name)
         params = method_parameters(name)  # the constructor's named arguments

@@ -52,11 +52,15 @@ def test_results_carry_metadata_and_per_question_answers(tmp_path):
     assert meta["tokensieve"] == tokensieve.__version__ and meta["data"] == "shapes" and meta["limit"] == 6
     assert meta["model"]["model"] == "default" and len(meta["model"]["config_sha256"]) == 64
     assert meta["model"]["weights"]["model.safetensors"]["bytes"] > 1e6
-    assert meta["questions"] == 6 and [i["family"] for i in meta["items"]] == list(shapes.FAMILIES)
+    assert meta["questions"] == 6 and meta["items"]["family"] == list(shapes.FAMILIES)
+    assert meta["items"]["question"][0] == shapes.sample("test", 0).question
     for r in data["records"]:
         assert len(r["answers"]) == 6
-        right = sum(a == i["answer"] for a, i in zip(r["answers"], meta["items"]))
+        right = sum(a == truth for a, truth in zip(r["answers"], meta["items"]["answer"]))
         assert right / 6 == r["accuracy"]
+    # lists of plain values take one line each, so a thousand answers do not make a thousand lines
+    text = (out / "results.json").read_text()
+    assert '"answers": ["' in text and text.count("\n") < 200
 
 
 def test_eval_passes_method_scoped_params_and_refuses_unscoped_ones(tmp_path, capsys):
@@ -115,7 +119,11 @@ def test_an_interrupted_eval_keeps_finished_work_and_resumes(tmp_path, capsys, m
         return real(*a, **k)
 
     monkeypatch.setattr(evaluate, "predict", interrupting)
-    assert main(argv) == 130
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:  # the command must turn Ctrl-C into a message and an exit code
+        code = "escaped"
+    assert code == 130
     err = capsys.readouterr().err
     assert "2 of 3 results are saved" in err and "run the same command again" in err
     saved = results(out)["records"]
@@ -193,3 +201,25 @@ def test_eval_refuses_nonsense_counts_and_empty_lists(argv, message, tmp_path, c
     out = tmp_path / "ev"
     assert main(["eval", "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err and not (out / "results.json").exists()
+
+
+def test_the_same_model_elsewhere_is_the_same_evaluation(tmp_path, capsys):
+    """Resuming compares the model's config and weights, not its folder: a copy elsewhere resumes, other weights
+    do not."""
+    import shutil
+
+    from tokensieve.loading import EMBEDDED_MODELS
+
+    copy = tmp_path / "copy"
+    shutil.copytree(EMBEDDED_MODELS["default"].path, copy)
+    out = tmp_path / "ev"
+    assert main(["eval", *SMALL, "--methods", "pool", "--budgets", "36", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", *SMALL, "--model", str(copy), "--methods", "pool", "--budgets", "36", "--out", str(out)]) == 0
+    assert "2 finished result(s) reused, 0 to run" in capsys.readouterr().err
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(8)  # other weights
+    weights.write_bytes(bytes(data))
+    assert main(["eval", *SMALL, "--model", str(copy), "--methods", "pool", "--budgets", "36", "--out", str(out)]) == 2
+    assert "model (weights differ)" in capsys.readouterr().err

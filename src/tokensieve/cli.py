@@ -169,11 +169,15 @@ class Out:
         self.quiet = quiet
 
     def note(self, text: str, style: str = "cyan") -> None:
+        from rich.markup import escape
+
         if not self.quiet:
-            self.err.print(f"[{style}]{text}[/]", highlight=False)
+            self.err.print(f"[{style}]{escape(text)}[/]", highlight=False)
 
     def warn(self, text: str) -> None:
-        self.err.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+        from rich.markup import escape
+
+        self.err.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
 
 
 def _model_note(spec, out: Out) -> None:
@@ -221,14 +225,16 @@ def cmd_run(args, out: Out) -> int:
 
     from .data import shapes
     from .inputs import build_prompt
-    from .tiny import demo_image
+    from .loading import DEFAULT_MODEL, EMBEDDED_MODELS
 
-    name = args.model or "default"
+    name = args.model or DEFAULT_MODEL
+    entry = EMBEDDED_MODELS.get(name)
+    trained = entry is not None and entry.benchmark  # knows the benchmark's words and questions
     demo = shapes.sample("test", DEMO_SAMPLE)
     if image is None:
-        image = demo_image() if name == "tiny" else demo.image
+        image = demo.image
     if question is None:
-        if name == "default":
+        if trained:
             question = demo.question if args.image is None else DEFAULT_IMAGE_QUESTION
         else:
             question = GENERIC_QUESTION
@@ -266,7 +272,7 @@ def cmd_run(args, out: Out) -> int:
     report = sieve.last_report
     result = {"model": "tiny-random-llava" if name == "tiny" else name, "method": sieve.name,
               "budget": configs[0].budget, "prompt": question}
-    if name == "default" and args.image is None and args.prompt is None:
+    if trained and args.image is None and args.prompt is None:
         result["expected"] = demo.answer
     result.update(
         answer=answers[True],
@@ -287,12 +293,13 @@ def cmd_run(args, out: Out) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
-    table.add_row("prompt", repr(question))
-    table.add_row("answer", repr(result["answer"]) + (f" (expected {result['expected']!r})" if "expected" in result
-                                                      else ""))
+    table.add_row("prompt", escape(repr(question)))
+    table.add_row("answer", escape(repr(result["answer"]) + (f" (expected {result['expected']!r})"
+                                                             if "expected" in result else "")))
     budget = format_budget(configs[0].budgets)
     table.add_row("visual tokens", f"{report.tokens_in} -> {report.tokens_out} ({sieve.name}, budget {budget})")
     if report.llm_budget:
@@ -300,7 +307,7 @@ def cmd_run(args, out: Out) -> int:
     table.add_row("prompt length", f"{report.seq_len_in} -> {report.seq_len_out} tokens")
     table.add_row("encode + select", f"{report.encode_s * 1e3:.1f} ms (selection {report.selection_s * 1e3:.2f} ms)")
     if args.compare:
-        table.add_row("vanilla answer", repr(answers[False]))
+        table.add_row("vanilla answer", escape(repr(answers[False])))
         table.add_row("generate", f"{_spread(times[True])} with {sieve.name}, {_spread(times[False])} vanilla: median "
                                   f"(min-max) of {args.repeats} alternating calls each after a warm-up, up to "
                                   f"{args.max_new_tokens} new tokens")
@@ -328,6 +335,7 @@ def _spread(values: list[float]) -> str:
 # -- methods ------------------------------------------------------------------------------------------------------
 
 def cmd_methods(args, out: Out) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from .methods import get_method, method_names  # the method classes need torch, not transformers
@@ -337,19 +345,19 @@ def cmd_methods(args, out: Out) -> int:
         for col in ("name", "stage", "signals", "description"):
             table.add_column(col)
         for m in map(get_method, method_names()):
-            table.add_row(m.name, m.stage, ", ".join(m.signals) or "-", m.description)
+            table.add_row(m.name, m.stage, escape(", ".join(m.signals) or "-"), escape(m.description))
         out.console.print(table)
         return 0
     from .configs import method_parameters
 
     cls = get_method(args.name)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
-    out.console.print(f"[bold]{cls.name}[/]: {cls.description}", highlight=False)
-    out.console.print(f"stage: {cls.stage}; signals: {', '.join(cls.signals) or 'none'}", highlight=False)
+    out.console.print(f"[bold]{cls.name}[/]: {escape(cls.description)}", highlight=False)
+    out.console.print(escape(f"stage: {cls.stage}; signals: {', '.join(cls.signals) or 'none'}"), highlight=False)
     budget = ("layer-averaged visual tokens per image in the LM" if cls.stage == "in_llm"
               else "visual tokens per image entering the LM")
     out.console.print(f"budget: {budget}", highlight=False)
-    out.console.print(" ".join(doc.split()), highlight=False)
+    out.console.print(escape(" ".join(doc.split())), highlight=False)
     params = method_parameters(cls.name)
     if not params:
         out.console.print("parameters: none")
@@ -358,7 +366,7 @@ def cmd_methods(args, out: Out) -> int:
     for col in ("name", "default", "meaning"):
         table.add_column(col)
     for pname, default in params.items():
-        table.add_row(pname, repr(default), cls.param_help.get(pname, ""))
+        table.add_row(pname, escape(repr(default)), escape(cls.param_help.get(pname, "")))
     out.console.print(table)
     return 0
 

@@ -8,6 +8,7 @@ it separates "the method broke the model" from "the model was wrong anyway".
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,12 +239,22 @@ def write_outputs(records: list[dict], out_dir: str | Path, title: str = "", met
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / RESULTS_JSON, "md": out / "results.md", "png": out / "results.png"}
     tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "meta": meta, "records": records}, indent=1))
+    tmp.write_text(_dumps({"format": FORMAT, "meta": meta, "records": records}))
     tmp.replace(paths["json"])
     paths["md"].write_text(markdown_table(records, title))
     if plot_too:
         plot(records, paths["png"], title)
     return paths
+
+
+_SCALAR_LIST = re.compile(r'\[\n(?:\s*(?:"(?:[^"\\\n]|\\.)*"|-?[\d.eE+-]+|true|false|null),?\n)+\s*\]')
+
+
+def _dumps(payload) -> str:
+    """Indented JSON with every list of plain values on one line (a thousand answers stay a thousand words, not a
+    thousand lines)."""
+    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False),
+                            json.dumps(payload, indent=1, ensure_ascii=False))
 
 
 def read_results(path: str | Path, option: str = "--from") -> tuple[dict | None, list[dict]]:
@@ -271,12 +282,18 @@ IDENTITY = ("tokensieve", "model", "data", "split", "questions", "questions_sha2
 """Metadata that must agree for two results to be one evaluation (reused on resume, merged with ``--from``)."""
 
 
+MODEL_IDENTITY = ("config_sha256", "weights", "built_in_memory")
+"""What identifies a model in the metadata: its config and weights, not where the folder is or what it is called."""
+
+
 def _differences(a: dict | None, b: dict | None) -> list[str]:
     if a is None or b is None:
         return [] if a is b else ["one of them has no metadata (written by an older tokensieve)"]
     out = []
     for key in IDENTITY:
         va, vb = a.get(key), b.get(key)
+        if key == "model" and isinstance(va, dict) and isinstance(vb, dict):
+            va, vb = ({k: v.get(k) for k in MODEL_IDENTITY} for v in (va, vb))
         if va != vb:
             if isinstance(va, dict) and isinstance(vb, dict):
                 inner = [k for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
@@ -294,7 +311,8 @@ def eval_meta(model_spec, data: str, samples: Sequence, limit: int | None, batch
 
     from . import __version__
 
-    items = [{"question": s.question, "answer": s.answer, "family": s.family} for s in samples]
+    items = {"question": [s.question for s in samples], "answer": [s.answer for s in samples],
+             "family": [s.family for s in samples]}
     digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
     return {
         "tokensieve": __version__, "model": model_fingerprint(model_spec), "data": data, "split": "test",

@@ -24,6 +24,8 @@ class EmbeddedModel:
     """Folder inside the package; ``None`` for models built in memory."""
     note: str
     """Printed when a command uses it, so nobody mistakes what answers."""
+    benchmark: bool = True
+    """Trained on tokensieve's benchmarks: ``run`` asks it a benchmark question and shows the expected answer."""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -36,6 +38,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "tiny", None,
         "NOTE: a TINY RANDOM-WEIGHT LLaVA built from a config. Its answers are meaningless; the run shows the "
         "plumbing, token counts and timings only.",
+        benchmark=False,
     ),
 }
 DEFAULT_MODEL = "default"
