@@ -43,7 +43,7 @@ CASES = (
     + [(["show", "--image", "{bad}/" + f, "--out", "{tmp}/s.png"], m) for f, m in IMAGES]
     + [(["bench", "--model", "default", "--image", "{bad}/" + f, "--out", "{tmp}/b"], m) for f, m in IMAGES]
     + [(["run", "--model", "{bad}/" + f], m) for f, m in MODELS]
-    + [(["eval", "--model", "{bad}/" + f, "--limit", "2", "--out", "{tmp}/ev"], m) for f, m in MODELS]
+    + [(["eval", "--model", "{bad}/" + f, "--out", "{tmp}/ev"], m) for f, m in MODELS]
     + [(["show", "--model", "{bad}/" + f, "--out", "{tmp}/s.png"], m) for f, m in MODELS]
     + [(["bench", "--model", "{bad}/" + f, "--out", "{tmp}/b"], m) for f, m in MODELS]
     + [(["run", "--budget", b], m) for b, m in BUDGETS]
@@ -58,7 +58,7 @@ CASES = (
         (["bench", "--arch", "tiny", "--methods", "evocut,nope", "--out", "{tmp}/b"], "unknown method 'nope'"),
         (["bench", "--arch", "nope", "--out", "{tmp}/b"], "unknown architecture 'nope'; known:"),
         (["run", "--method", "fastv", "--budget", "72"], "--param fastv.layer=1"),
-        (["eval", "--methods", "evocut,fastv", "--budgets", "72", "--limit", "4", "--out", "{tmp}/ev2"],
+        (["eval", "--methods", "evocut,fastv", "--budgets", "72", "--out", "{tmp}/ev2"],
          "--param fastv.layer=1"),
         (["run", "--param", "alpha=3.0"], "alpha"),
         (["run", "--param", "evocut.nope=1"], "evocut has no parameter 'nope'"),
@@ -85,6 +85,10 @@ CASES = (
         (["run", "--tiny", "--model", "x"], "either --model or --tiny"),
     ]
 )
+
+
+CASES = [(argv + ["--limit", "2"] if argv[0] == "eval" and "--limit" not in argv and "--from" not in argv else argv, m)
+         for argv, m in CASES]
 
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0][:3]) for c in CASES])

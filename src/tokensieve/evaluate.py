@@ -150,8 +150,9 @@ def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, 
     records = []
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=sum(len(samples) for _, key in todo if key not in done))
+    total = sum(len(samples) for _, key in todo if key not in done)
+    with Progress(*columns, console=console, disable=not progress or total == 0, transient=False) as bar:
+        task = bar.add_task("", total=total)
         vanilla = None
         for config, key in todo:
             if key in done:

@@ -165,7 +165,8 @@ def model_fingerprint(spec: str | Path | None) -> dict:
 
         out["built_in_memory"] = f"tokensieve {__version__}"
         return out
-    out["path"] = str(path.resolve())
+    if spec not in EMBEDDED_MODELS:  # an embedded model's folder says nothing beyond its name
+        out["path"] = str(path.resolve())
     out["config_sha256"] = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
     files = {}
     for f in sorted(path.iterdir()):
