@@ -141,6 +141,10 @@ def test_other_readme_commands_parse(cmd):
         assert cmd[1] in parser._subparsers._group_actions[0].choices, f"no subcommand {cmd[1]!r}"
         return
     args = parser.parse_args(cmd[1:])
+    image = getattr(args, "image", None)
+    if image:  # files a command reads must ship with the repository
+        path = (ROOT / image).resolve()
+        assert path.is_relative_to(ROOT) and path.is_file(), f"--image {image} is not a file of the repository"
     if getattr(args, "methods", None) is not None and getattr(args, "budgets", None) is not None:
         from tokensieve.configs import parse_configs
 
