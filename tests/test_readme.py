@@ -32,6 +32,10 @@ PARSE_ONLY = [
     (lambda a: a.command == "eval" and (a.limit is None or a.limit > 100), "evaluates over 100 questions (minutes)"),
     (lambda a: a.command == "bench" and getattr(a, "arch", None) != "tiny", "times a real-size model (minutes)"),
 ]
+DELEGATED = {
+    "lmms-eval": "hands every argument to lmms-eval, an optional extra; only the subcommand is checked",
+}
+"""``tokensieve`` subcommands whose arguments belong to another program."""
 SKIPPED = {
     ("pip",): "installs packages",
     ("python3", "-m", "venv"): "creates a virtual environment",
@@ -47,7 +51,17 @@ def _chains() -> list[list[list[str]]]:
     lines = []
     fenced = re.compile(r"```(bash|sh|shell|console)\n(.*?)```", re.S)
     for _, block in fenced.findall(README):
-        lines += [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
+        pending = ""
+        for ln in block.replace("\\\n", " ").splitlines():
+            pending += ln
+            try:
+                shlex.split(pending)
+            except ValueError:  # a quoted argument goes on over the next line
+                pending += "\n"
+                continue
+            if pending.strip():
+                lines.append(pending)
+            pending = ""
     prose = re.sub(r"```.*?```", "", README, flags=re.S)
     for span in re.findall(r"`([^`]+)`", prose):
         span = " ".join(span.split())
@@ -68,9 +82,21 @@ def _chains() -> list[list[list[str]]]:
     return chains
 
 
+def normalize(argv: list[str]) -> list[str]:
+    """``python -m tokensieve ...`` is ``tokensieve ...``."""
+    if argv[:3] in (["python", "-m", "tokensieve"], ["python3", "-m", "tokensieve"]):
+        return ["tokensieve"] + argv[3:]
+    return argv
+
+
 def classify(argv: list[str]) -> tuple[str, str]:
     """``("run" | "parse" | "mention" | "script" | "skip", why)`` for one command."""
+    argv = normalize(argv)
     if argv[0] == "tokensieve":
+        if len(argv) == 1:
+            return "mention", "names the program in prose"
+        if argv[1] in DELEGATED:
+            return "mention", DELEGATED[argv[1]]
         if len(argv) == 2 and not argv[1].startswith("-"):
             return "mention", "names a subcommand in prose"
         if {"--help", "-h", "--version"} & set(argv):
@@ -127,7 +153,7 @@ def clone(tmp_path_factory):
 @pytest.mark.parametrize("chain", [c for c in CHAINS if any(classify(cmd)[0] == "run" for cmd in c)], ids=_id)
 def test_cheap_readme_commands_run_from_the_repository_root(chain, clone, monkeypatch, capsys):
     monkeypatch.chdir(clone)
-    for cmd in chain:
+    for cmd in map(normalize, chain):
         kind, _ = classify(cmd)
         if kind == "run":
             code = main(cmd[1:])
@@ -137,8 +163,9 @@ def test_cheap_readme_commands_run_from_the_repository_root(chain, clone, monkey
 @pytest.mark.parametrize("cmd", [c for c in ALL if classify(c)[0] in ("parse", "mention")], ids=" ".join)
 def test_other_readme_commands_parse(cmd):
     parser = build_parser()
+    cmd = normalize(cmd)
     if classify(cmd)[0] == "mention":
-        assert cmd[1] in parser._subparsers._group_actions[0].choices, f"no subcommand {cmd[1]!r}"
+        assert cmd[1:2] == [] or cmd[1] in parser._subparsers._group_actions[0].choices, f"no subcommand {cmd[1]!r}"
         return
     args = parser.parse_args(cmd[1:])
     image = getattr(args, "image", None)

@@ -1,7 +1,9 @@
 """tokensieve: training-free visual-token compression for Hugging Face vision-language models.
 
-Names that need torch (``Sieve``, reports, model loading) are imported on first use, so ``import tokensieve`` and the
-command line's ``--help`` stay fast.
+Names that need torch or transformers are imported on first use: ``import tokensieve`` and the command line's
+``--help`` load neither, and ``import tokensieve.methods`` (the selectors, the budget vocabulary, the errors and the
+reports need torch only) works in an environment whose ``transformers`` differs from the pinned one (a vLLM server:
+see ``integrations/vllm``).
 """
 
 from importlib import import_module

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="save the tiny random-weight demo LLaVA (model + processor) to DIR")
     tiny.add_argument("dir", help="folder to write (created)")
     add_measure_commands(sub)
+    # handled in main() before parsing: every argument after it belongs to lmms-eval (tokensieve.lmms_eval.launch)
+    sub.add_parser("lmms-eval", add_help=False, help="run lmms-eval offline with --model tokensieve and the packaged "
+                   "tasks (pip install tokensieve[lmms-eval]; `tokensieve lmms-eval --help`)")
     return parser
 
 
@@ -608,6 +611,11 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input ends in one line on stderr naming the problem and the fix, exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lmms-eval"]:  # every argument after it belongs to lmms-eval
+        from .lmms_eval.launch import main as lmms_eval_main
+
+        return lmms_eval_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
