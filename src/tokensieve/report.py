@@ -81,6 +81,9 @@ class SieveReport:
     llm_kept_positions: list[torch.Tensor] = field(default_factory=list)
     """With an in-LLM stage: per sample, the positions of ``input_ids`` behind the last decoder layer's slots
     (-1 for alignment slots). ``forward()`` logits are aligned with these."""
+    visual_input: bool = True
+    """False for a call without images or videos: it ran uncompressed, and the report says so (it never keeps
+    the numbers of an earlier call)."""
 
     @property
     def llm_visual_tokens_avg(self) -> list[float]:
@@ -96,6 +99,11 @@ class SieveReport:
         return sum(im.tokens_out for im in self.images)
 
     def summary(self) -> str:
+        if not self.visual_input:
+            return (
+                f"{self.method} (budget {self.budget} per {self.scope}): no visual input in this call (text only), "
+                f"nothing compressed; sequence {self.seq_len_in}"
+            )
         n = len(self.images)
         ratio = self.tokens_out / self.tokens_in if self.tokens_in else 1.0
         return (
@@ -116,6 +124,7 @@ class SieveReport:
             "budget": self.budget,
             "scope": self.scope,
             "stage": self.stage,
+            "visual_input": self.visual_input,
             "encode_s": self.encode_s,
             "selection_s": self.selection_s,
             "seq_len_in": self.seq_len_in,

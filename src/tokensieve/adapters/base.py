@@ -16,7 +16,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
-from ..errors import BudgetError, PlaceholderError, UnsupportedModelError
+from ..errors import BudgetError, ParameterError, PlaceholderError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..report import ImageReport, SieveReport
@@ -119,13 +119,42 @@ class Adapter(ABC):
                 f"{self.family} models yet (supported stages: {', '.join(self.stages)}); pick a method of those stages"
             )
 
-        # which kinds of signal a method reads does not depend on the depth; a nominal one is enough to ask
-        request = method.request(24, 23)
+        self.check_layers(method)
+        num_layers, feature_layer = self.encoder_depth(method)
+        request = method.request(num_layers, feature_layer) if method.stage != IN_LLM else method.request(24, 23)
         missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
         if missing:
             raise UnsupportedModelError(
                 f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not provide yet"
             )
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the vision encoder."""
+        raise NotImplementedError
+
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        """``(encoder layers, hidden_states index of the features)`` that ``method`` is planned against, with the
+        model's defaults; families whose connector reads the last layer (Qwen-VL, Idefics3) use the depth for both."""
+        return self.num_layers, self.num_layers
+
+    def check_layers(self, method: Method) -> None:
+        """Fail at ``apply()`` when a layer the method's parameters name does not exist on this model: encoder
+        layers against the real vision encoder, decoder layers (in-LLM methods) against the real LM."""
+        if method.stage == IN_LLM:
+            depth = len(self.decoder_layers())
+            args, where = (depth, None), f"its language model has {depth} decoder layers"
+        else:
+            args = self.encoder_depth(method)
+            n, fl = args
+            where = (f"its vision encoder has {n} layers (0..{n - 1}) and the features are hidden_states[{fl}], the "
+                     f"output of layer {fl - 1}")
+        try:
+            method.check_depth(*args)
+        except ValueError as exc:
+            raise ParameterError(
+                f"Sieve({method.name!r}) does not fit this {type(self.model).__name__}: {exc} ({where})"
+            ) from None
 
     def check_budget(self, budget: Budget) -> None:
         """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""
@@ -189,6 +218,27 @@ class Adapter(ABC):
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(input_ids.shape):
                 kwargs[name] = comp.apply(t, pad)
+
+    def text_report(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str) -> SieveReport:
+        """The report of a call without visual input: nothing was compressed, the LM saw every token."""
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        shape = tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (
+            tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3 else None)
+        if shape is None:
+            real, length = [], 0
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == shape:
+            real, length = [int(n) for n in mask.sum(dim=1).tolist()], shape[1]
+        else:
+            real, length = [shape[1]] * shape[0], shape[1]
+        layers = int(self.model.config.get_text_config().num_hidden_layers)
+        return SieveReport(
+            method=method_name, budget=str(budget), scope=budget.scope.value, stage=method.stage, visual_input=False,
+            seq_len_in=length, seq_len_out=length, kept_positions=[torch.arange(length) for _ in real],
+            input_ids=ids if isinstance(ids, torch.Tensor) else None,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            llm_layer_tokens=[[n] * layers for n in real], llm_layer_visual_tokens=[[0] * layers for _ in real],
+        )
 
     def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
         """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""

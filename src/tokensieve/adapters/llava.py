@@ -61,6 +61,11 @@ class LlavaAdapter(Adapter):
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
 
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)
+        layers = self.feature_layers({})
+        return self.num_layers, min(layers) if method.stage == IN_ENCODER else layers[-1]
+
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
 
