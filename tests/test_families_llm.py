@@ -199,6 +199,43 @@ def test_padded_batch_equals_single_calls(family, method):
     assert counts[0][0] > counts[0][-1]
 
 
+def right_padded(batch: dict) -> dict:
+    """The same batch with every row's real tokens moved to the front (right padding), per-token inputs along."""
+    order = torch.argsort((batch["attention_mask"] == 0).long(), dim=1, stable=True)
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = torch.gather(batch[key], 1, order)
+    return out
+
+
+@pytest.mark.parametrize("method", ["evocut", "fastv"])
+def test_right_padded_batch_equals_single_calls(family, method):
+    """generate() on a right-padded batch answers what each prompt answers alone (the shrunk prompt is re-padded on
+    the left for generation); forward() keeps the caller's right padding and its logits match the single calls."""
+    _, model, make = family
+    batch = right_padded(make())
+    assert bool((batch["attention_mask"][:, -1] == 0).any()) and bool(batch["attention_mask"][:, 0].all())
+    sieve = Sieve(method, 0.6, **({"layer": 1} if method == "fastv" else {}))
+    with sieve(model):
+        together = _generate(model, batch)
+        left = sieve.last_report.attention_mask
+        full = _logits(model, batch)
+        rep = sieve.last_report
+        singles = []
+        for i in range(2):
+            alone = make(i)
+            singles.append((_generate(model, alone)[0, alone["input_ids"].shape[1]:], _logits(model, alone)[0]))
+    assert bool(left[:, -1].all()), "generation ran on a left-padded shrunk batch"
+    n_in = batch["input_ids"].shape[1]
+    assert torch.equal(together[:, :n_in], batch["input_ids"]), "the caller's own prompt comes back in front"
+    for s, (ans, ref) in enumerate(singles):
+        assert torch.equal(together[s, n_in:], ans)
+        if method == "evocut":  # forward logits are aligned with the compressed, still right-padded batch
+            assert not bool(rep.attention_mask[:, -1].all())
+            torch.testing.assert_close(full[s][rep.attention_mask[s].bool()], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_cached_decoding_equals_no_cache_recompute(family, method):
     """Greedy generate with the KV cache == step-by-step recompute without cache, under the same pruning."""

@@ -210,13 +210,13 @@ class SieveHandle:
     def last_report(self) -> SieveReport | None:
         return self.sieve.last_report
 
-    def _prepare(self, kwargs: dict[str, Any]):
+    def _prepare(self, kwargs: dict[str, Any], left_pad: bool = False):
         sieve = self.sieve
         if sieve.llm_method is not None and kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
             raise StageError(
                 "labels cannot be used with an in-LLM stage: the LM's output no longer covers every input position"
             )
-        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
+        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name, left_pad)
         stage = None
         if report is not None:
             if sieve.llm_method is not None:
@@ -279,9 +279,11 @@ class SieveHandle:
             self._note_text_only(merged)
             return self._run_generate(merged)
         original_ids = merged["input_ids"]
-        # generate() itself runs without autograd; encoding and selection happen before it, so they must too
+        # generate() itself runs without autograd; encoding and selection happen before it, so they must too.
+        # The shrunk prompt is re-padded on the left whatever the caller's side: generation continues each row
+        # after its last slot, and the caller's own prompt is put back in front of the new tokens afterwards.
         with torch.no_grad():
-            new_kwargs, report, stage = self._prepare(merged)
+            new_kwargs, report, stage = self._prepare(merged, left_pad=True)
         if stage is None:
             out = self._run_generate(new_kwargs)
         else:

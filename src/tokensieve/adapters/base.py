@@ -240,8 +240,13 @@ class Adapter(ABC):
             llm_layer_tokens=[[n] * layers for n in real], llm_layer_visual_tokens=[[0] * layers for _ in real],
         )
 
-    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
-        """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""
+    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str,
+                left_pad: bool = False):
+        """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls.
+
+        ``left_pad``: re-pad the shrunk batch on the left whatever the caller's padding side (``generate()``, which
+        continues every row after its last slot); otherwise on the caller's side, so ``forward()`` logits keep it.
+        """
         encoder_kwargs = {k: kwargs.pop(k) for k in self.encoder_inputs if k in kwargs}
         if not self.is_visual(encoder_kwargs):
             kwargs.update({k: v for k, v in encoder_kwargs.items() if v is not None and k not in self.visual_inputs})
@@ -262,7 +267,7 @@ class Adapter(ABC):
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
         kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]
-        comp = shrink_placeholders(input_ids, attention_mask, spans, kept)
+        comp = shrink_placeholders(input_ids, attention_mask, spans, kept, left=True if left_pad else None)
         pad_id = self.pad_token_id(input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -86,7 +86,7 @@ class QwenVLAdapter(Adapter):
         return self._counts(encoder_kwargs.get("video_grid_thw"))
 
     # -- positions ---------------------------------------------------------------------------------------------
-    def prepare(self, kwargs, method, budget, method_name):
+    def prepare(self, kwargs, method, budget, method_name, left_pad=False):
         ids = kwargs.get("input_ids")
         if self.is_visual(kwargs) and ids is not None:
             if kwargs.get("position_ids") is not None:
@@ -109,7 +109,7 @@ class QwenVLAdapter(Adapter):
                 video_grid_thw=kwargs.get("video_grid_thw"),
                 attention_mask=mask,
             )
-        return super().prepare(kwargs, method, budget, method_name)
+        return super().prepare(kwargs, method, budget, method_name, left_pad)
 
     def carry_inputs(self, kwargs, comp, input_ids) -> None:
         super().carry_inputs(kwargs, comp, input_ids)
