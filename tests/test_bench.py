@@ -110,6 +110,17 @@ def test_show_panels_hold_the_kept_and_merged_patches(tiny, images):
     assert sorted(merged + vz.kept) == list(range(64))
 
 
+def test_show_draws_evoprune_merges_inside_the_encoder(tiny, images):
+    """EvoPrune merges every dropped patch into a kept one: the panel must show those groups, not only kept cells."""
+    model, processor = tiny
+    batch = image_batch(model, images[0], processor.image_processor)
+    (ep,) = panels_for(model, batch, ["evoprune"], 16)
+    assert ep.groups is not None and len(set(ep.groups)) == 16 and min(ep.groups) >= 0
+    merged = [c for cells in ep.merged_cells.values() for c in cells]
+    assert merged and sorted(merged + ep.kept) == list(range(64))
+    assert f"{len(ep.merged_cells)} merged" in ep.title
+
+
 def test_show_writes_one_panel_per_method(tmp_path, capsys):
     out = tmp_path / "show.png"
     assert main(["show", "--method", "evocut,pool", "--budget", "36", "--out", str(out)]) == 0

@@ -392,6 +392,7 @@ class Idefics3Adapter(Adapter):
                     sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept[j].numel()),
                     kept_indices=kept[j].tolist(), grid=self.grid, merged=int((res.sizes[j][1:] > 1).sum()),
                     selection_s=res.selection_s / len(run),
+                    groups=None if res.groups[j] is None else res.groups[j].tolist(),
                 )
         trace = [round(sum(t[i] for t in traces) / max(len(traces), 1)) for i in range(self.num_layers)]
         return Encoded(features, reports, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)

@@ -213,11 +213,13 @@ class LlavaAdapter(Adapter):
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):
-            pos, size = res.positions[i][1:], res.sizes[i][1:]
+            pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
                 ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
                             kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
-                            selection_s=res.selection_s / n_img)
+                            selection_s=res.selection_s / n_img,
+                            # a patch row's output token: after the CLS token under the "full" strategy
+                            groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist())
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
         trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]

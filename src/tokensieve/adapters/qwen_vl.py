@@ -34,14 +34,14 @@ import torch
 
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
-from ..encoder_stage import check_unit_cut, cut_units, unit_state
+from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import (
     IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
     Request, Signals,
 )
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, MergeGroups, now
 
 _QUERY_CHUNK = 512
 
@@ -233,7 +233,7 @@ class QwenVLAdapter(Adapter):
                 useg = slice(patch_off // self.unit, (patch_off + n_patch) // self.unit)
                 patch_off += n_patch
                 patches_total += n_patch
-                feats, secs, kept, merged_n = self._select_item(
+                feats, secs, kept, merged_n, groups = self._select_item(
                     method, budget, request, video, (t, h, w), seg, useg, merged, units_in, hidden, qk
                 )
                 selection_s += secs
@@ -244,7 +244,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
-                        frames=t if video else 0,
+                        frames=t if video else 0, groups=groups,
                     )
                 )
             if not video:
@@ -306,6 +306,10 @@ class QwenVLAdapter(Adapter):
         )
         sel = method.select(signals, k)
         out = sel.output(cand)
+        groups = MergeGroups(frames * n)
+        for f in range(frames):
+            groups.add(f * n + torch.arange(n), sel.indices[f], None if sel.groups is None else sel.groups[f],
+                       sel.num_out)
         if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
             where = sel.indices
         elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
@@ -324,7 +328,7 @@ class QwenVLAdapter(Adapter):
         if method.stage != POST_PROJECTOR:
             out = self._project(out.to(units_in.dtype))
         secs = now() - t0
-        return out.to(merged.dtype), secs, where, sel.num_merged * frames
+        return out.to(merged.dtype), secs, where, sel.num_merged * frames, groups.result()
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -354,6 +358,11 @@ class QwenVLAdapter(Adapter):
             for item, (t, h, w) in enumerate(grid.tolist()):
                 mine = [c for c in cutter.sets if c.item == item]
                 kept = torch.cat([c.offset + c.units.sort().values for c in mine])
+                groups = MergeGroups(t * (h // self.merge) * (w // self.merge))
+                for c in mine:
+                    n_set = len(c.owner)
+                    groups.add(c.offset + torch.arange(n_set), c.units.sort().values,
+                               c.owner if c.merged else None, n_set)
                 feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
@@ -363,7 +372,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
-                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0,
+                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0, groups=groups.result(),
                     )
                 )
             if not video:
@@ -388,6 +397,8 @@ class _UnitSet:
         self.units = slots.argsort()  # units in sequence order: raster on Qwen2-VL, window order on Qwen2.5-VL
         self.sizes = torch.ones(len(slots))
         self.memory: dict = {}
+        self.owner = self.units.argsort()  # set-local unit -> its current row (in sequence order), -1 dropped
+        self.merged = False
 
 
 class _UnitCutter:
@@ -539,6 +550,8 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             check_unit_cut(cut, n, s.target, last, layer, self.method.name)
+            s.owner = follow_cut(s.owner[None], cut.keep[:1], None if cut.groups is None else cut.groups[:1], n)[0]
+            s.merged = s.merged or cut.groups is not None
             kept = cut.keep[0, 1:] - 1
             new_rows, s.sizes = cut_units(rows.reshape(n, u, -1), s.sizes, cut, self.method.name)
             s.units = s.units[kept.cpu()]
