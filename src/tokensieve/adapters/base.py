@@ -16,6 +16,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
+from ..capture import TokenMeter
 from ..errors import BudgetError, ParameterError, PlaceholderError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
@@ -165,6 +166,11 @@ class Adapter(ABC):
         """Layers of the vision encoder."""
         raise NotImplementedError
 
+    def meter_parts(self) -> tuple:
+        """``(encoder layers, projector modules, pooling head or None, segment reader)`` for the call's
+        :class:`~tokensieve.capture.TokenMeter` (the token trace FLOPs are priced from)."""
+        raise NotImplementedError
+
     def encoder_depth(self, method: Method) -> tuple[int, int]:
         """``(encoder layers, hidden_states index of the features)`` that ``method`` is planned against, with the
         model's defaults; families whose connector reads the last layer (Qwen-VL, Idefics3) use the depth for both."""
@@ -295,7 +301,8 @@ class Adapter(ABC):
                 f"{tuple(attention_mask.shape)}"
             )
         spans = self.find_spans(input_ids, encoder_kwargs)
-        encoded = self.encode(method, budget, encoder_kwargs)
+        with TokenMeter(*self.meter_parts()) as meter:
+            encoded = self.encode(method, budget, encoder_kwargs)
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
         kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]
@@ -333,6 +340,9 @@ class Adapter(ABC):
             attention_mask=new_mask,
             visual_index=comp.apply(owner, -1),
             encoder_layer_tokens=list(encoded.encoder_layer_tokens),
+            encoder_layer_segments=meter.segments,
+            projected_tokens=meter.projected,
+            encoder_head_tokens=meter.head_tokens,
             llm_layer_tokens=[[int(n)] * num_llm_layers for n in real],
             llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
         )

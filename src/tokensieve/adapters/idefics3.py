@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
+from ..capture import capture_encoder, rows_per_sequence
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
 from ..encoder_stage import run_encoder_stage
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Selection, Signals
@@ -110,6 +110,9 @@ class Idefics3Adapter(Adapter):
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.connector.modality_projection], None, rows_per_sequence
 
     # SigLIP attention exposes the same projections and head geometry as CLIP's
     _attention_parts = staticmethod(LlavaAdapter._attention_parts)

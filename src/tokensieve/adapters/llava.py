@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder
+from ..capture import AttentionParts, capture_encoder, pooling_head, rows_per_sequence
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
@@ -60,6 +60,9 @@ class LlavaAdapter(Adapter):
         """Non-negative hidden_states indices whose patch rows are concatenated into the features."""
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
 
     def encoder_depth(self, method: Method) -> tuple[int, int]:
         # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
+from ..capture import capture_encoder, packed_segments
 from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import (
@@ -75,6 +75,9 @@ class QwenVLAdapter(Adapter):
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    def meter_parts(self) -> tuple:
+        return self.blocks, [self.merger.mlp], None, packed_segments
 
     def _counts(self, grid) -> list[int]:
         return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
@@ -520,10 +523,12 @@ class _UnitCutter:
         a, u = self.a, self.a.unit
         attn = a.blocks[layer].attn
         r = hs.shape[0]
-        q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
-        cos, sin = pe
-        qr = _rotate(q.float(), cos.float(), sin.float())
-        kr = _rotate(k.float(), cos.float(), sin.float())
+        signals = self.plan.cls_attention or self.plan.keys or self.plan.values
+        if signals:  # this block's own q/k/v, recomputed only when the method reads them
+            q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
+            cos, sin = pe
+            qr = _rotate(q.float(), cos.float(), sin.float())
+            kr = _rotate(k.float(), cos.float(), sin.float())
         last = layer == max(self.planned)
         pieces, start = [], 0
         for s in self.sets:
@@ -535,14 +540,16 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
-            # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
-            gq = qr[sl].mean(0)  # [H, hd]
-            probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-            state = unit_state(
-                self.plan, layer, a.num_layers, s.grid, unit_mean(rows), probs.view(-1, n, u).sum(-1),
-                unit_mean(k[sl]).transpose(0, 1), unit_mean(v[sl]).transpose(0, 1),  # keys before RoPE: content
-                s.sizes, s.units, s.target, s.memory,
-            )
+            if signals:
+                # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
+                gq = qr[sl].mean(0)  # [H, hd]
+                probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
+                att, keys, values = probs.view(-1, n, u).sum(-1), unit_mean(k[sl]).transpose(0, 1), \
+                    unit_mean(v[sl]).transpose(0, 1)  # keys before RoPE: content
+            else:
+                att, keys, values = torch.zeros(1, n), torch.zeros(1, n, 1), torch.zeros(1, n, 1)
+            state = unit_state(self.plan, layer, a.num_layers, s.grid, unit_mean(rows), att, keys, values, s.sizes,
+                               s.units, s.target, s.memory)
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
                 if last:
