@@ -166,6 +166,11 @@ class Adapter(ABC):
         """Layers of the vision encoder."""
         raise NotImplementedError
 
+    def vision_modules(self) -> tuple:
+        """``(vision tower, projector)``: the first forward of one and the last of the other bound a call's vision
+        time (``tokensieve.measure``)."""
+        raise NotImplementedError
+
     def meter_parts(self) -> tuple:
         """``(encoder layers, projector modules, pooling head or None, segment reader)`` for the call's
         :class:`~tokensieve.capture.TokenMeter` (the token trace FLOPs are priced from)."""

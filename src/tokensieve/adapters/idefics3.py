@@ -111,6 +111,9 @@ class Idefics3Adapter(Adapter):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def vision_modules(self) -> tuple:
+        return self.base.vision_model, self.base.connector.modality_projection
+
     def meter_parts(self) -> tuple:
         return self.layers, [self.base.connector.modality_projection], None, rows_per_sequence
 

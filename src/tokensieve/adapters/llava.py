@@ -61,6 +61,9 @@ class LlavaAdapter(Adapter):
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
 
+    def vision_modules(self) -> tuple:
+        return self.base.vision_tower, self.base.multi_modal_projector
+
     def meter_parts(self) -> tuple:
         return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
 

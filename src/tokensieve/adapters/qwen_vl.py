@@ -76,6 +76,9 @@ class QwenVLAdapter(Adapter):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    def vision_modules(self) -> tuple:
+        return self.visual, self.merger.mlp  # pre-projector methods re-run the merger's MLP on the kept units
+
     def meter_parts(self) -> tuple:
         return self.blocks, [self.merger.mlp], None, packed_segments
 
