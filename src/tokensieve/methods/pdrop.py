@@ -49,11 +49,7 @@ class PyramidDrop(LLMMethod):
         else:
             out = [round(f * num_layers) for f in self.layers]
         if out[0] < 1 or out[-1] >= num_layers or len(set(out)) != len(out):
-            what = f"early_first_layer={self.early_first_layer}" if early else f"layers={self.layers}"
-            raise BudgetError(
-                f"pdrop {what} puts its boundaries at decoder layers {out}; on a {num_layers}-layer LM they must be "
-                f"distinct and lie in 1..{num_layers - 1} (give fewer or other depth fractions, or a deeper LM)"
-            )
+            raise BudgetError(f"pdrop boundaries {out} do not fit a {num_layers}-layer LM")
         return out
 
     def schedule(self, n, num_layers, target):
