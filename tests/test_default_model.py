@@ -60,7 +60,9 @@ def test_right_padded_batch_answers_as_each_prompt_alone():
         processor.tokenizer.padding_side = side
     assert bool((batch["attention_mask"][:, -1] == 0).any()), "the questions differ in length"
     n_in = batch["input_ids"].shape[1]
-    for sieve in (Sieve("evocut", 36), Sieve("evoprune", 36), Sieve("fastv", 72, layer=1)):
+    from tokensieve.methods import get_method
+
+    for sieve in (Sieve("evoprune", 36), Sieve([get_method("evocut")(), get_method("fastv")(layer=1)], [36, 24])):
         with sieve(model), torch.inference_mode():
             together = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
             answers = processor.batch_decode(together[:, n_in:], skip_special_tokens=True)

@@ -209,31 +209,33 @@ def right_padded(batch: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method", ["evocut", "fastv"])
-def test_right_padded_batch_equals_single_calls(family, method):
+def test_right_padded_batch_equals_single_calls(family):
     """generate() on a right-padded batch answers what each prompt answers alone (the shrunk prompt is re-padded on
-    the left for generation); forward() keeps the caller's right padding and its logits match the single calls."""
+    the left for generation), here with a pre-LLM and an in-LLM stage chained; forward() keeps the caller's right
+    padding and its logits match the single calls."""
+    from tokensieve.methods import get_method
+
     _, model, make = family
     batch = right_padded(make())
     assert bool((batch["attention_mask"][:, -1] == 0).any()) and bool(batch["attention_mask"][:, 0].all())
-    sieve = Sieve(method, 0.6, **({"layer": 1} if method == "fastv" else {}))
-    with sieve(model):
+    chain = Sieve([get_method("evocut")(), get_method("fastv")(layer=1)], [0.6, 0.4])
+    with chain(model):
         together = _generate(model, batch)
-        left = sieve.last_report.attention_mask
-        full = _logits(model, batch)
-        rep = sieve.last_report
-        singles = []
-        for i in range(2):
-            alone = make(i)
-            singles.append((_generate(model, alone)[0, alone["input_ids"].shape[1]:], _logits(model, alone)[0]))
+        left = chain.last_report.attention_mask
+        answers = [_generate(model, make(i))[0, make(i)["input_ids"].shape[1]:] for i in range(2)]
     assert bool(left[:, -1].all()), "generation ran on a left-padded shrunk batch"
     n_in = batch["input_ids"].shape[1]
     assert torch.equal(together[:, :n_in], batch["input_ids"]), "the caller's own prompt comes back in front"
-    for s, (ans, ref) in enumerate(singles):
+    for s, ans in enumerate(answers):
         assert torch.equal(together[s, n_in:], ans)
-        if method == "evocut":  # forward logits are aligned with the compressed, still right-padded batch
-            assert not bool(rep.attention_mask[:, -1].all())
-            torch.testing.assert_close(full[s][rep.attention_mask[s].bool()], ref, rtol=1e-4, atol=1e-4)
+    sieve = Sieve("evocut", 0.6)
+    with sieve(model):
+        full = _logits(model, batch)
+        mask = sieve.last_report.attention_mask
+        refs = [_logits(model, make(i))[0] for i in range(2)]
+    assert not bool(mask[:, -1].all()), "forward keeps the caller's right padding"
+    for s, ref in enumerate(refs):
+        torch.testing.assert_close(full[s][mask[s].bool()], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
