@@ -297,9 +297,8 @@ def cmd_bench(args, console: Console) -> int:
     import torch
 
     from .archs import arch_config, arch_parameters, build_arch, synthetic_inputs
-    from .bench import flops_only, parse_configs, run_bench, write_results
-    from .budget import Budget
-    from .flops import count_flops, dims_from_config, vanilla_trace
+    from .bench import check_budgets, flops_only, model_probe, parse_configs, run_bench, write_results
+    from .flops import count_flops, vanilla_trace
 
     configs = parse_configs(args.methods, args.budgets)
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 1:
@@ -309,22 +308,17 @@ def cmd_bench(args, console: Console) -> int:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
-        processor = AutoProcessor.from_pretrained(args.model)
         config = AutoConfig.from_pretrained(args.model)
         name = args.model
     else:
         name = args.arch or "llava15-cpu"
         config = arch_config(name)
-    image_tokens = dims_from_config(config).image_tokens
-    for cfg in configs[1:]:
-        Budget.parse(cfg.budget).resolve(image_tokens, what="each image of this model")
+    check_budgets(config, configs)
     if args.model:
-        image = _open_image(args.image)
-        from .train import prompt_text
-
-        probe = processor(images=[image], text=[prompt_text(processor, args.prompt)], return_tensors="pt")
+        image = _open_image(args.image) if args.image else None
+        probe = model_probe(args.model, config, image, args.prompt, args.text_tokens, log=console.print)
     else:
         probe = synthetic_inputs(config, text_tokens=args.text_tokens)
     title = f"tokensieve bench: {name}"
@@ -335,7 +329,7 @@ def cmd_bench(args, console: Console) -> int:
         reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
                   f"{avail / 1e9:.1f} GB available")
     if reason is None and device == "cpu" and not args.force:
-        flops = count_flops(config, vanilla_trace(config, probe["input_ids"], new_tokens=args.new_tokens)).total
+        flops = count_flops(config, vanilla_trace(config, **probe, new_tokens=args.new_tokens)).total
         est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
         if est > 1800:
             reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "

@@ -42,3 +42,7 @@ class MissingSignalError(TokensieveError, ValueError):
 
 class StageError(TokensieveError, ValueError):
     """Methods were combined in a way the stages cannot run (two in-LLM methods, wrong order, missing budgets)."""
+
+
+class ParameterError(TokensieveError, ValueError):
+    """A method's hyper-parameter does not fit this model (for example a layer its encoder or LM does not have)."""
