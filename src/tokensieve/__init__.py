@@ -15,6 +15,7 @@ from .errors import (
     InputError,
     MissingSignalError,
     NonFiniteFeaturesError,
+    ParameterError,
     PlaceholderError,
     TokensieveError,
     UnknownMethodError,
@@ -33,6 +34,7 @@ __all__ = [
     "load_default_model", "load_model",
     "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
     "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError", "InputError",
+    "ParameterError",
 ]
 
 

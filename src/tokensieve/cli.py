@@ -482,7 +482,7 @@ def _available_bytes(device: str) -> int:
 
 def cmd_bench(args, out: Out) -> int:
     from .configs import group_params, parse_configs
-    from .inputs import build_prompt, check_question, load_image, prepare_out_dir
+    from .inputs import check_question, load_image, prepare_out_dir
 
     configs = parse_configs(args.methods, args.budgets)
     params = group_params(args.param, configs)
@@ -495,9 +495,8 @@ def cmd_bench(args, out: Out) -> int:
     import torch
 
     from .archs import arch_config, arch_parameters, build_arch, synthetic_inputs
-    from .bench import VANILLA, Config, flops_only, run_bench, write_results
-    from .budget import Budget
-    from .flops import count_flops, dims_from_config, vanilla_trace
+    from .bench import VANILLA, Config, check_budgets, flops_only, model_probe, run_bench, write_results
+    from .flops import count_flops, vanilla_trace
 
     configs = [Config((VANILLA,))] + configs
     if args.threads:
@@ -505,27 +504,19 @@ def cmd_bench(args, out: Out) -> int:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        from .loading import check_model_dir, load_processor, model_path
+        from .loading import check_model_dir, model_path
 
         path = model_path(args.model)
         if path is None:
             raise ValueError(f"--model {args.model} is built in memory; bench it with --arch {args.model}")
         config = check_model_dir(path)
-        processor = load_processor(path)
         name = args.model
     else:
         name = args.arch or "llava15-cpu"
         config = arch_config(name)
-    image_tokens = dims_from_config(config).image_tokens
-    for cfg in configs[1:]:
-        Budget.parse(cfg.budgets[0]).resolve(image_tokens, what="each image of this model")
+    check_budgets(config, configs)
     if args.model:
-        from .tiny import demo_image
-
-        text, notes = build_prompt(processor, args.prompt)
-        for note in notes:
-            out.warn(note)
-        probe = processor(images=[image or demo_image()], text=[text], return_tensors="pt")
+        probe = model_probe(path, config, image, args.prompt, args.text_tokens, log=out.note, warn=out.warn)
     else:
         probe = synthetic_inputs(config, text_tokens=args.text_tokens)
     title = f"tokensieve bench: {name}"
@@ -536,7 +527,7 @@ def cmd_bench(args, out: Out) -> int:
         reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
                   f"{avail / 1e9:.1f} GB available")
     if reason is None and device == "cpu" and not args.force:
-        flops = count_flops(config, vanilla_trace(config, probe["input_ids"], new_tokens=args.new_tokens)).total
+        flops = count_flops(config, vanilla_trace(config, **probe, new_tokens=args.new_tokens)).total
         est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
         if est > 1800:
             reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "

@@ -46,3 +46,7 @@ class StageError(TokensieveError, ValueError):
 
 class InputError(TokensieveError, ValueError):
     """A file, path, prompt or option value given to a command cannot be used (the message says how to fix it)."""
+
+
+class ParameterError(TokensieveError, ValueError):
+    """A method's hyper-parameter does not fit this model (for example a layer its encoder or LM does not have)."""

@@ -425,7 +425,12 @@ def _flops_dims(config):
     from ..flops import dims_from_config
 
     try:
-        return dims_from_config(config)
+        dims = dims_from_config(config)
     except UnsupportedModelError as exc:
         eval_logger.info(f"tokensieve: no FLOPs in the results for this model ({exc})")
         return None
+    if dims.family != "llava":
+        # per-question vanilla traces need each question's own image sizes / grids out of a batched processor call
+        eval_logger.info(f"tokensieve: per-question FLOPs are priced for LLaVA-1.5 only; none for {dims.family}")
+        return None
+    return dims

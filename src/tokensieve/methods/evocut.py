@@ -144,9 +144,10 @@ class EvoCut(Method):
         start = self.start_layer if self.start_layer is not None else num_layers // 2
         end = self.end_layer if self.end_layer is not None else num_layers
         if not 1 <= start <= end <= num_layers:
+            given = lambda v: "" if v is not None else " (default)"  # noqa: E731
             raise ValueError(
-                f"evocut needs 1 <= start_layer <= end_layer <= num_layers, got start_layer={start}, "
-                f"end_layer={end}, num_layers={num_layers}"
+                f"evocut needs 1 <= start_layer <= end_layer <= {num_layers} (the encoder's depth), got "
+                f"start_layer={start}{given(self.start_layer)}, end_layer={end}{given(self.end_layer)}"
             )
         return start, end
 

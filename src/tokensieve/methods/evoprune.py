@@ -85,9 +85,14 @@ class EvoPrune(EncoderMethod):
         self.skip_unused_layers = bool(skip_unused_layers)
 
     def layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
-        end = feature_layer - 1 if self.end_layer is None else self.end_layer
-        start = num_layers // 4 if self.start_layer is None else self.start_layer
-        start = min(start, end)
+        last = feature_layer - 1  # the layer producing the features: the last one whose output may be cut
+        end = last if self.end_layer is None else self.end_layer
+        if not 0 <= end <= last:
+            raise ValueError(f"evoprune end_layer={end} must be in [0, {last}] (no cut after the layer producing the "
+                             "features)")
+        if self.start_layer is not None and self.start_layer > end:
+            raise ValueError(f"evoprune start_layer={self.start_layer} must be in [0, {end}] (end_layer={end})")
+        start = min(num_layers // 4, end) if self.start_layer is None else self.start_layer
         return check_plan_layers(range(start, end + 1, self.step), num_layers, feature_layer, self.name)
 
     def plan(self, num_layers: int, feature_layer: int) -> EncoderPlan:

@@ -31,7 +31,7 @@ class FasterVLM(Method):
     def _layer(self, num_layers: int, feature_layer: int) -> int:
         layer = self.layer if self.layer is not None else feature_layer - 1
         if not 0 <= layer < num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this encoder, got {layer}")
+            raise ValueError(f"fastervlm layer={layer} must be in [0, {num_layers - 1}] for this encoder")
         return layer
 
     def request(self, num_layers: int, feature_layer: int) -> Request:

@@ -22,7 +22,8 @@ from .base import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
 def single_boundary(n: int, num_layers: int, target: int, layer: int, name: str) -> list[tuple[int, int]]:
     """Keep count from ``layer`` on that makes the layer average ``target`` (shared by one-boundary methods)."""
     if not 0 < layer < num_layers:
-        raise BudgetError(f"{name}: pruning layer {layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM")
+        raise BudgetError(f"{name} layer={layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM (the "
+                          "first decoder layer run without the pruned tokens)")
     k = round((target * num_layers - layer * n) / (num_layers - layer))
     if k < 1:
         floor = -(-(layer * n + num_layers - layer) // num_layers)
