@@ -94,7 +94,8 @@ def test_bench_runs_on_every_family(name, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--model", str(tmp_path / "model"), "--methods", "random,evoprune", "--budgets", "0.5",
                  "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]) == 0
-    text = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()  # results on stdout, notes on stderr
+    text = " ".join((captured.out + captured.err).split())
     assert ("cannot be loaded here" in text) == (name not in ("llava_next", "idefics3", "smolvlm"))
     rows = {r["config"]: r for r in json.loads((out / "bench.json").read_text())["rows"]}
     assert list(rows) == ["none", "random@0.5", "evoprune@0.5"]

@@ -543,7 +543,7 @@ def cmd_bench(args, out: Out) -> int:
         out.note(f"wrote {', '.join(str(p) for p in paths.values())}")
         return 0
     if args.model:
-        model, _ = _load_model(args.model, out, dtype=dtype, device=device)
+        model, _ = _load_model(args.model, out, dtype=dtype, device=device, with_processor=False)
         batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in probe.items()}
     else:
         out.note(f"building {name} (random weights, {args.dtype}, {device}) ...")

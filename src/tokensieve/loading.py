@@ -106,8 +106,12 @@ def check_model_dir(path: str | Path, option: str = "--model"):
     return config
 
 
-def load_model(spec: str | Path | None = None, *, dtype=None, device=None, option: str = "--model"):
-    """``(model, processor)`` for an embedded name or a local folder; eval mode, fp32 unless ``dtype``, offline."""
+def load_model(spec: str | Path | None = None, *, dtype=None, device=None, option: str = "--model",
+               with_processor: bool = True):
+    """``(model, processor)`` for an embedded name or a local folder; eval mode, fp32 unless ``dtype``, offline.
+
+    ``with_processor=False`` returns ``(model, None)`` without touching the processor: ``bench`` times synthetic
+    inputs on models whose processor cannot be built here (video processors need torchvision)."""
     import torch
 
     spec = DEFAULT_MODEL if spec is None else spec
@@ -123,7 +127,7 @@ def load_model(spec: str | Path | None = None, *, dtype=None, device=None, optio
         path = model_path(spec)
         check_model_dir(path, option)
         where = f"{option} {str(spec)!r}"
-        processor = load_processor(path, where)
+        processor = load_processor(path, where) if with_processor else None
         try:
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
                                                                 local_files_only=True)
