@@ -159,12 +159,10 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, returned in ascending (raster) order.
 
-    Ties are broken towards the lower index so that results do not depend on the top-k kernel.
+    Exact ties go to the lower index (a stable sort keeps equal scores in index order), so results do not depend
+    on the top-k kernel; distinct scores, however close, are never reordered.
     """
-    n = scores.shape[-1]
-    # a tiny, strictly decreasing offset makes the order total without changing any strict comparison
-    tie = torch.arange(n, device=scores.device, dtype=torch.float64) * (-1e-12)
-    order = torch.argsort(scores.double() + tie, dim=-1, descending=True, stable=True)[..., :k]
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k]
     return order.sort(dim=-1).values
 
 
