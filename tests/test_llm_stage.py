@@ -271,6 +271,8 @@ def test_budget_mappings_match_the_documented_tables():
     assert dart.schedule(576, 32, 128) == fastv.schedule(576, 32, 128)
     published = pdrop(ratio=0.5).schedule(576, 32, None)
     assert published == [(8, 288), (16, 144), (24, 72)] and averaged_tokens(576, 32, published) == 270
+    # the official ratio list counts int(n * ratio): 575 tokens keep 287, 143, 71 (not 288, 144, 72)
+    assert pdrop(ratio=0.5).schedule(575, 32, None) == [(8, 287), (16, 143), (24, 71)]
     for target in (192, 128, 64):
         plan = pdrop().schedule(576, 24, target)
         assert abs(averaged_tokens(576, 24, plan) - target) < 1.5

@@ -461,8 +461,10 @@ def test_vtc_cls_sums_cls_attention_over_its_layers():
     total = sum(signals.cls_attention[i].mean(dim=1) for i in (2, 3, 4))
     for b in range(B):
         assert sel.indices[b].tolist() == sorted(total[b].topk(7).indices.tolist())
-    # defaults: layers num_layers // 2 .. feature_layer (3..5 here)
-    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4, 5)
+    # defaults: layers num_layers // 2 .. the one producing the features (3..4 here), as the official code sums
+    # every attention map but the last (CLIP-L read at hidden_states[-2]: layers up to 22 of 0..23)
+    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4)
+    assert get_method("vtc_cls")(start_layer=12).request(24, 23).cls_attention == tuple(range(12, 23))
 
 
 def test_hiprune_keeps_anchors_their_neighbours_then_registers():
