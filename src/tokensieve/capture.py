@@ -15,23 +15,65 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .methods.base import Request
+from .errors import NonFiniteFeaturesError
+from .methods.base import Layout, Request, Signals
 
 
 @dataclass(frozen=True)
 class AttentionParts:
-    """How to read one encoder layer's attention: projections and head geometry."""
+    """How to read one encoder layer's attention: projections and head geometry.
 
-    q_proj: nn.Module
-    k_proj: nn.Module
+    Separate ``q_proj`` / ``k_proj`` / ``v_proj`` (transformers), or one fused ``qkv_proj`` whose output (its first
+    element when the module returns a tuple, as vLLM's parallel linear layers do) is q, k and v concatenated on the
+    last dimension, ``num_heads * head_dim`` each (vLLM's towers; leave the separate ones ``None`` then).
+    """
+
+    q_proj: nn.Module | None
+    k_proj: nn.Module | None
     num_heads: int
     head_dim: int
     scale: float
     v_proj: nn.Module | None = None
+    qkv_proj: nn.Module | None = None
 
 
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def hook_projections(parts: AttentionParts, wanted, store, what: str = "the encoder layer") -> list:
+    """Forward hooks that hand the q / k / v projection outputs named in ``wanted`` to ``store(name, tensor)``.
+
+    A fused projection is hooked once and split, so callers see the same [B, T, H * head_dim] tensors either way.
+    Returns the hook handles; the caller removes them.
+    """
+    wanted = set(wanted)
+    if not wanted:
+        return []
+    if parts.qkv_proj is not None:
+        width = parts.num_heads * parts.head_dim
+
+        def fused(mod, args, out):
+            x = _first(out)
+            if x.shape[-1] != 3 * width:
+                raise ValueError(
+                    f"fused qkv projection of {what} gives {x.shape[-1]} features, expected 3 x {parts.num_heads} "
+                    f"heads x {parts.head_dim}"
+                )
+            for name, t in zip(("q", "k", "v"), x.split(width, dim=-1)):
+                if name in wanted:
+                    store(name, t)
+
+        return [parts.qkv_proj.register_forward_hook(fused)]
+    handles = []
+    for name in ("q", "k", "v"):
+        if name not in wanted:
+            continue
+        mod = getattr(parts, f"{name}_proj")
+        if mod is None:
+            raise ValueError(f"{name}_proj of {what} is unknown")
+        handles.append(mod.register_forward_hook(lambda m, a, out, _n=name: store(_n, _first(out))))
+    return handles
 
 
 class Captured:
@@ -115,14 +157,124 @@ def capture_encoder(
         for idx in attn_layers:
             parts = attention_parts(layers[idx])
             cap._parts[idx] = parts
-            if idx in query_layers:
-                def q_hook(mod, args, out, _i=idx):
-                    cap.queries[_i] = out
-                handles.append(parts.q_proj.register_forward_hook(q_hook))
-            def k_hook(mod, args, out, _i=idx):
-                cap.keys[_i] = out
-            handles.append(parts.k_proj.register_forward_hook(k_hook))
+
+            def store(name, t, _i=idx):
+                (cap.queries if name == "q" else cap.keys)[_i] = t
+
+            handles += hook_projections(parts, {"q", "k"} if idx in query_layers else {"k"}, store,
+                                        f"encoder layer {idx}")
         yield cap
     finally:
         for h in handles:
             h.remove()
+
+
+def check_finite(features: torch.Tensor) -> None:
+    """Refuse [B, ...] features with NaN or Inf: no ranking of them means anything."""
+    finite = torch.isfinite(features).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteFeaturesError(
+            f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
+        )
+
+
+def grid_signals(cap: Captured, request: Request, features: torch.Tensor, layout: Layout, num_layers: int,
+                 feature_layer: int, feature_layers: Sequence[int], rows: slice) -> Signals:
+    """The signals ``request`` names for a single-grid tower whose candidates are ``rows`` of every captured
+    sequence (LLaVA-1.5's CLIP: the patches, plus CLS under the ``full`` strategy).
+
+    ``feature_layers``: hidden_states indices concatenated into the features; the CLS hidden state is taken from
+    them the same way, so it lives in the features' space. Shared by the transformers adapter and the vLLM
+    integration, so both hand a method the same tensors.
+    """
+    return Signals(
+        features=features,
+        layout=layout,
+        num_layers=num_layers,
+        feature_layer=feature_layer,
+        hidden_states={i: cap.hidden_states[i][:, rows] for i in request.hidden_states},
+        cls_attention={i: cap.attention_row(i, 0)[:, :, rows] for i in request.cls_attention},
+        keys={i: cap.key_heads(i)[:, :, rows] for i in request.keys},
+        attention_received={i: cap.attention_received(i)[:, rows] for i in request.attention_received},
+        cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
+        if request.cls_hidden
+        else None,
+    )
+
+
+# -- token meter ---------------------------------------------------------------------------------------------------
+
+def rows_per_sequence(args: tuple, kwargs: dict) -> list[int]:
+    """Attention segments of an encoder layer called on a [batch, tokens, d] batch: one per sequence."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return []
+    return [int(x.shape[-2])] * (int(x.numel() // (x.shape[-1] * x.shape[-2])))
+
+
+def packed_segments(args: tuple, kwargs: dict) -> list[int]:
+    """Attention segments of a block on a packed sequence, from the ``cu_seqlens`` it was called with (Qwen-VL)."""
+    cu = kwargs.get("cu_seqlens")
+    if cu is None:
+        return rows_per_sequence(args, kwargs)
+    return [int(n) for n in torch.diff(cu.long()).tolist() if n]
+
+
+@dataclass
+class TokenMeter:
+    """Counts what the vision side of one call really ran on: per encoder layer the length of every attention
+    segment, the rows entering the projector, and the rows entering a pooling head.
+
+    This is the token trace FLOPs are priced from (``tokensieve.flops``); it counts rows, never FLOPs, so it costs
+    nothing measurable. Forward hooks (registered before any selection hook of the call) see each module's final
+    inputs, after other hooks rewrote them (Qwen-VL's cut ``cu_seqlens``, a projector input replaced by the kept
+    tokens); a layer never reached (an encoder stopped after the features) records nothing.
+    """
+
+    layers: Sequence[nn.Module]
+    projectors: Sequence[nn.Module] = ()
+    head: nn.Module | None = None
+    segments_of: object = rows_per_sequence
+
+    def __post_init__(self) -> None:
+        self.segments: list[list[int]] = [[] for _ in self.layers]
+        self.projected = 0
+        self.head_tokens: list[int] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "TokenMeter":
+        def layer_hook(i):
+            def hook(mod, args, kwargs, output):
+                self.segments[i] += self.segments_of(args, kwargs)
+            return hook
+
+        def projector_hook(mod, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.projected += int(x.numel() // x.shape[-1])
+
+        def head_hook(mod, args, kwargs, output):
+            self.head_tokens += rows_per_sequence(args, kwargs)
+
+        try:
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
+            for mod in self.projectors:
+                self._handles.append(mod.register_forward_hook(projector_hook, with_kwargs=True))
+            if self.head is not None:
+                self._handles.append(self.head.register_forward_hook(head_hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def pooling_head(tower: nn.Module) -> nn.Module | None:
+    """The attention-pooling head a SigLIP tower runs after its encoder (``vision_use_head``), if any."""
+    inner = getattr(tower, "vision_model", tower)
+    return getattr(inner, "head", None) if getattr(inner, "use_head", False) else None

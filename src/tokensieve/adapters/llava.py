@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder
+from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals, pooling_head, rows_per_sequence
 from ..encoder_stage import run_encoder_stage
-from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
+from ..errors import BudgetError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -61,6 +61,17 @@ class LlavaAdapter(Adapter):
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
 
+    def vision_modules(self) -> tuple:
+        return self.base.vision_tower, self.base.multi_modal_projector
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
+
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)
+        layers = self.feature_layers({})
+        return self.num_layers, min(layers) if method.stage == IN_ENCODER else layers[-1]
+
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
 
@@ -97,27 +108,9 @@ class LlavaAdapter(Adapter):
         state: dict[str, Any] = {}
 
         def select(features: torch.Tensor) -> torch.Tensor:
-            finite = torch.isfinite(features).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                bad = (~finite).nonzero().flatten().tolist()
-                raise NonFiniteFeaturesError(
-                    f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
-                )
+            check_finite(features)
             t0 = now()
-            signals = Signals(
-                features=features,
-                layout=layout,
-                num_layers=self.num_layers,
-                feature_layer=fl,
-                hidden_states={i: cap.hidden_states[i][:, tok] for i in request.hidden_states},
-                cls_attention={i: cap.attention_row(i, 0)[:, :, tok] for i in request.cls_attention},
-                keys={i: cap.key_heads(i)[:, :, tok] for i in request.keys},
-                attention_received={i: cap.attention_received(i)[:, tok] for i in request.attention_received},
-                # in the features' space: concatenated over the feature layers like the patch rows
-                cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
-                if request.cls_hidden
-                else None,
-            )
+            signals = grid_signals(cap, request, features, layout, self.num_layers, fl, feature_layers, tok)
             sel = method.select(signals, k)
             out = sel.output(features).to(features.dtype)
             if out.is_cuda:
@@ -194,25 +187,19 @@ class LlavaAdapter(Adapter):
             run=lambda pv: self.base.vision_tower(pv, output_hidden_states=False, return_dict=True),
             pixel_values=pixel_values, stop_after=max(feature_layers) if skip else None,
         )
-        tok = slice(1 - prefix, None)
         n_img = int(pixel_values.shape[0])
-        selected = torch.stack(
-            [torch.cat([res.hidden[f][i][tok] for f in feature_layers], dim=-1) for i in range(n_img)]
-        )
-        finite = torch.isfinite(selected).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise NonFiniteFeaturesError(
-                f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
-            )
+        selected = res.features(feature_layers, slice(1 - prefix, None))
+        check_finite(selected)
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):
-            pos, size = res.positions[i][1:], res.sizes[i][1:]
+            pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
                 ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
                             kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
-                            selection_s=res.selection_s / n_img)
+                            selection_s=res.selection_s / n_img,
+                            # a patch row's output token: after the CLS token under the "full" strategy
+                            groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist())
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
         trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]

@@ -26,7 +26,7 @@ from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
-from .base import Encoded, now
+from .base import Encoded, MergeGroups, now
 from .llava_next import LlavaNextAdapter
 
 
@@ -138,19 +138,21 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         newline = self.base.image_newline[None].to(tokens.dtype) if self.video_newline else tokens.new_zeros(0, tokens.shape[-1])
         for v in range(videos):
             picked, idx, merged = [], [], 0
+            groups = MergeGroups(frames * n)
             for f in range(frames):
                 j = v * frames + f
                 order = kept[j].argsort()
                 picked.append(tokens[j, kept[j][order].to(tokens.device)])
                 idx += (f * n + kept[j][order]).tolist()
                 merged += int((res.sizes[j][1:] > 1).sum())
+                groups.add(f * n + torch.arange(n), torch.arange(n)[kept[j]], res.groups[j], n)
             feats = torch.cat(picked + [newline])
             encoded.features.append(feats)
             encoded.images.append(
                 ImageReport(
                     sample=-1, image=len(encoded.images), tokens_in=frames * n + int(self.video_newline),
                     tokens_out=int(feats.shape[0]), kept_indices=idx, grid=(frames * g, g), merged=merged,
-                    selection_s=res.selection_s / videos, frames=frames,
+                    selection_s=res.selection_s / videos, frames=frames, groups=groups.result(),
                 )
             )
         encoded.selection_s += res.selection_s
@@ -215,14 +217,20 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         idx = sel.indices.reshape(videos, -1)
         if not whole:  # frame-local indices -> video-wide
             idx = idx + (torch.arange(frames, device=idx.device) * n).repeat_interleave(sel.indices.shape[1])
+        per_video = sets // videos
         for v in range(videos):
+            groups = MergeGroups(frames * n)
+            for j in range(per_video):
+                sel_j = v * per_video + j
+                groups.add(j * per + torch.arange(per), sel.indices[sel_j], None if sel.groups is None else
+                           sel.groups[sel_j], sel.num_out)
             encoded.features.append(torch.cat([kept[v], tokens[v, frames * n :]]).to(tokens.dtype))
             encoded.images.append(
                 ImageReport(
                     sample=-1, image=len(encoded.images), tokens_in=int(tokens.shape[1]),
                     tokens_out=int(kept.shape[1]) + int(self.video_newline), kept_indices=idx[v].tolist(), grid=(frames * g, g),
                     merged=sel.num_merged * (sets // videos), selection_s=secs / videos,
-                    frames=frames,
+                    frames=frames, groups=groups.result(),
                 )
             )
         encoded.selection_s += secs
