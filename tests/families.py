@@ -434,3 +434,23 @@ def assert_vispruner_ranks_like_fastervlm(model, inputs, k, scope="image"):
     assert kept[("vispruner", True)] == kept[("fastervlm", False)]
     assert [len(x) for x in kept[("vispruner", False)]] == [len(x) for x in kept[("fastervlm", False)]]
     assert kept[("vispruner", False)] != kept[("fastervlm", False)], "the diverse half should differ somewhere"
+
+
+def assert_adaptive_is_per_set(model, batch, singles, budget, scope="image", method="evocut"):
+    """An adaptive budget on a family: calibrated on ``batch``, each candidate set's count stays in its bounds,
+    the batch keeps what the calibration counted, and each sample alone keeps exactly what it kept in the batch."""
+    from tokensieve import Sieve
+
+    sieve = Sieve(method, budget, scope=scope)
+    cal = sieve.calibrate(model, [batch])
+    assert abs(cal.achieved_mean - cal.target_mean) < 1e-9 and len(set(cal.counts)) > 1
+    with sieve(model):
+        logits(model, batch)
+    report = sieve.last_report
+    assert sum(len(im.kept_indices) for im in report.images) == sum(cal.counts)
+    for b, single in enumerate(singles):
+        with sieve(model):
+            logits(model, single)
+        mine = [im.kept_indices for im in report.images if im.sample == b]
+        assert [im.kept_indices for im in sieve.last_report.images] == mine
+    return cal, report

@@ -47,17 +47,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
 
 def image(signals: Signals, i: int) -> Signals:
     """The signals of image ``i`` alone, as a batch of one."""
-    return Signals(
-        features=signals.features[i : i + 1],
-        layout=signals.layout,
-        num_layers=signals.num_layers,
-        feature_layer=signals.feature_layer,
-        hidden_states={k: v[i : i + 1] for k, v in signals.hidden_states.items()},
-        cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
-        keys={k: v[i : i + 1] for k, v in signals.keys.items()},
-        cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
-        attention_received={k: v[i : i + 1] for k, v in signals.attention_received.items()},
-    )
+    return signals.row(i)
 
 
 def run(name: str, signals: Signals, k: int, **params) -> Selection:

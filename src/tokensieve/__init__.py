@@ -1,5 +1,6 @@
 """tokensieve: training-free visual-token compression for Hugging Face vision-language models."""
 
+from .adaptive import Adaptive, Calibration
 from .budget import Budget, Scope
 from .errors import (
     BudgetError,
@@ -17,7 +18,7 @@ from .session import MethodInfo, Sieve, SieveHandle, list_methods
 __version__ = "0.1.0"
 
 __all__ = [
-    "Sieve", "SieveHandle", "Budget", "Scope", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
+    "Sieve", "SieveHandle", "Budget", "Scope", "Adaptive", "Calibration", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
     "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
     "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError",
 ]

@@ -19,11 +19,12 @@ from typing import Any, Iterator
 import torch
 
 from .adapters import get_adapter
+from .adaptive import Calibration, fit, recording
 from .budget import Budget, Scope
-from .errors import StageError, TokensieveError, UnsupportedModelError
+from .errors import BudgetError, StageError, TokensieveError, UnsupportedModelError
 from .llm_stage import KeepAll, LLMStage
 from .methods import get_method, method_names
-from .methods.base import IN_LLM, Method
+from .methods.base import IN_ENCODER, IN_LLM, Method
 from .report import SieveReport
 
 _SIEVED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -70,10 +71,36 @@ class Sieve:
         self.method = instances[0]
         self.budget = parsed[0]
         self.last_report: SieveReport | None = None
+        self.calibration: Calibration | None = None
 
     @property
     def name(self) -> str:
         return "+".join(m.name for m in self.methods)
+
+    def calibrate(self, model, batches) -> Calibration:
+        """Fit an adaptive budget's per-image rule on ``batches`` (processor outputs) so its mean holds there.
+
+        Runs the model's vision side only (encoder, signals, the criterion), never the LM, and does not attach
+        anything to ``model``. Afterwards every image's count depends on that image alone; the fitted threshold is
+        in ``self.budget`` (``Adaptive(..., threshold=...)``, reusable) and the fit in ``self.calibration``.
+        """
+        if not self.pre_budget.is_adaptive:
+            raise BudgetError(f"calibrate() fits adaptive budgets; this sieve's budget is {self.pre_budget}")
+        adapter = get_adapter(model)
+        adapter.check_stage(self.pre_method)
+        adapter.check_budget(self.pre_budget)
+        with recording() as records, torch.no_grad():
+            for batch in batches:
+                if not adapter.is_visual(batch):
+                    continue
+                adapter.prepare(dict(batch), self.pre_method, self.pre_budget, self.name)
+        calibration = fit(records)
+        fitted = Budget(self.pre_budget.value.calibrated(calibration.threshold), self.pre_budget.scope)
+        if self.budget is self.pre_budget:
+            self.budget = fitted
+        self.pre_budget = fitted
+        self.calibration = calibration
+        return calibration
 
     def apply(self, model) -> "SieveHandle":
         """Attach to ``model`` until ``handle.remove()``; prefer ``with sieve(model):``."""
@@ -135,10 +162,26 @@ def _plan_stages(methods: list[Method], budgets: list[Budget]):
         llm = companion
     if llm is not None and not llm.budgeted:
         llm_budget = None
+    if llm_budget is not None and llm_budget.is_adaptive:
+        raise StageError(
+            f"{llm.name!r} prunes inside the LM on a schedule fixed before the LM runs; adaptive budgets apply to "
+            "methods that select before the LM (give the in-LLM stage an int or a ratio)"
+        )
+    if pre is not None and pre_budget.is_adaptive and pre.stage == IN_ENCODER:
+        raise StageError(
+            f"{pre.name!r} cuts inside the vision encoder on a schedule fixed before the encoder runs, while an "
+            "adaptive count is read off the features the encoder produces; use an int or a ratio budget, or a "
+            "method that selects after the encoder"
+        )
+    if pre is not None and pre_budget.is_adaptive and not pre.any_count:
+        raise StageError(
+            f"{pre.name!r} cannot keep an arbitrary number of tokens (its count must fit a pooled grid), so it "
+            "cannot follow an adaptive budget; use an int or a ratio"
+        )
     if pre is None:
         pre, pre_budget = KeepAll(), Budget.parse(1.0, budgets[0].scope)
     if (
-        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio
+        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio and not pre_budget.is_adaptive
         and llm_budget.value > pre_budget.value
     ):
         raise StageError(
@@ -181,6 +224,14 @@ class SieveHandle:
                     "option (todre: relevance=False) to run its first stage alone"
                 ) from None
         adapter.check_budget(sieve.pre_budget)
+        if sieve.pre_budget.is_adaptive and not sieve.pre_budget.value.needs_no_threshold and (
+            sieve.pre_budget.value.threshold is None
+        ):
+            raise BudgetError(
+                f"the adaptive budget {sieve.pre_budget} has no threshold yet: call sieve.calibrate(model, batches) on "
+                "a few representative batches first (the mean is fitted on them; each image's count then depends on "
+                "that image alone), or pass Adaptive(..., threshold=...) from an earlier calibration"
+            )
         if sieve.llm_budget is not None:
             adapter.check_budget(sieve.llm_budget)
         if model in _SIEVED:

@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import BudgetError, MissingSignalError
 from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals
+from .base import PRE_PROJECTOR, Selection, Signals
+from .fastervlm import FasterVLM
 
 MAX_STEP = 8
 """Most A tokens one matching round drops (the official constant)."""
@@ -74,7 +74,9 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, wanted: int) -
 
 
 @register
-class VisPruner(Method):
+class VisPruner(FasterVLM):
+    """FasterVLM's scoring (layer, signal, checks) with VisPruner's important / diverse split on top."""
+
     name = "vispruner"
     description = "Important tokens by [CLS] attention, then diverse ones by dropping near-duplicates of the rest."
     stage = PRE_PROJECTOR
@@ -85,31 +87,11 @@ class VisPruner(Method):
             0.0 <= float(important_ratio) <= 1.0
         ):
             raise ValueError(f"important_ratio must be a number in [0, 1], got {important_ratio!r}")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
-            raise ValueError(f"layer must be a non-negative int or None, got {layer!r}")
+        super().__init__(layer)
         self.important_ratio = float(important_ratio)
-        self.layer = layer
-
-    def _layer(self, num_layers: int, feature_layer: int) -> int:
-        layer = self.layer if self.layer is not None else feature_layer - 1
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this encoder, got {layer}")
-        return layer
-
-    def request(self, num_layers: int, feature_layer: int) -> Request:
-        return Request(cls_attention=(self._layer(num_layers, feature_layer),))
 
     def select(self, signals: Signals, k: int) -> Selection:
-        n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
-        layer = self._layer(signals.num_layers, signals.feature_layer)
-        if layer not in signals.cls_attention:
-            raise MissingSignalError(f"vispruner needs the CLS attention of encoder layer {layer}")
-        attention = signals.cls_attention[layer].float()
-        if tuple(attention.shape[::2]) != (signals.batch, n):
-            raise ValueError(f"cls_attention[{layer}] has shape {tuple(attention.shape)}, expected [B, H, {n}]")
-        scores = attention.mean(dim=1)
+        scores = self.cls_scores(signals, k)
         important, diverse = split_budget(k, self.important_ratio)
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         kept = order[:, :important]
