@@ -15,23 +15,65 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .methods.base import Request
+from .errors import NonFiniteFeaturesError
+from .methods.base import Layout, Request, Signals
 
 
 @dataclass(frozen=True)
 class AttentionParts:
-    """How to read one encoder layer's attention: projections and head geometry."""
+    """How to read one encoder layer's attention: projections and head geometry.
 
-    q_proj: nn.Module
-    k_proj: nn.Module
+    Separate ``q_proj`` / ``k_proj`` / ``v_proj`` (transformers), or one fused ``qkv_proj`` whose output (its first
+    element when the module returns a tuple, as vLLM's parallel linear layers do) is q, k and v concatenated on the
+    last dimension, ``num_heads * head_dim`` each (vLLM's towers; leave the separate ones ``None`` then).
+    """
+
+    q_proj: nn.Module | None
+    k_proj: nn.Module | None
     num_heads: int
     head_dim: int
     scale: float
     v_proj: nn.Module | None = None
+    qkv_proj: nn.Module | None = None
 
 
 def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def hook_projections(parts: AttentionParts, wanted, store, what: str = "the encoder layer") -> list:
+    """Forward hooks that hand the q / k / v projection outputs named in ``wanted`` to ``store(name, tensor)``.
+
+    A fused projection is hooked once and split, so callers see the same [B, T, H * head_dim] tensors either way.
+    Returns the hook handles; the caller removes them.
+    """
+    wanted = set(wanted)
+    if not wanted:
+        return []
+    if parts.qkv_proj is not None:
+        width = parts.num_heads * parts.head_dim
+
+        def fused(mod, args, out):
+            x = _first(out)
+            if x.shape[-1] != 3 * width:
+                raise ValueError(
+                    f"fused qkv projection of {what} gives {x.shape[-1]} features, expected 3 x {parts.num_heads} "
+                    f"heads x {parts.head_dim}"
+                )
+            for name, t in zip(("q", "k", "v"), x.split(width, dim=-1)):
+                if name in wanted:
+                    store(name, t)
+
+        return [parts.qkv_proj.register_forward_hook(fused)]
+    handles = []
+    for name in ("q", "k", "v"):
+        if name not in wanted:
+            continue
+        mod = getattr(parts, f"{name}_proj")
+        if mod is None:
+            raise ValueError(f"{name}_proj of {what} is unknown")
+        handles.append(mod.register_forward_hook(lambda m, a, out, _n=name: store(_n, _first(out))))
+    return handles
 
 
 class Captured:
@@ -115,14 +157,47 @@ def capture_encoder(
         for idx in attn_layers:
             parts = attention_parts(layers[idx])
             cap._parts[idx] = parts
-            if idx in query_layers:
-                def q_hook(mod, args, out, _i=idx):
-                    cap.queries[_i] = out
-                handles.append(parts.q_proj.register_forward_hook(q_hook))
-            def k_hook(mod, args, out, _i=idx):
-                cap.keys[_i] = out
-            handles.append(parts.k_proj.register_forward_hook(k_hook))
+
+            def store(name, t, _i=idx):
+                (cap.queries if name == "q" else cap.keys)[_i] = t
+
+            handles += hook_projections(parts, {"q", "k"} if idx in query_layers else {"k"}, store,
+                                        f"encoder layer {idx}")
         yield cap
     finally:
         for h in handles:
             h.remove()
+
+
+def check_finite(features: torch.Tensor) -> None:
+    """Refuse [B, ...] features with NaN or Inf: no ranking of them means anything."""
+    finite = torch.isfinite(features).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteFeaturesError(
+            f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
+        )
+
+
+def grid_signals(cap: Captured, request: Request, features: torch.Tensor, layout: Layout, num_layers: int,
+                 feature_layer: int, feature_layers: Sequence[int], rows: slice) -> Signals:
+    """The signals ``request`` names for a single-grid tower whose candidates are ``rows`` of every captured
+    sequence (LLaVA-1.5's CLIP: the patches, plus CLS under the ``full`` strategy).
+
+    ``feature_layers``: hidden_states indices concatenated into the features; the CLS hidden state is taken from
+    them the same way, so it lives in the features' space. Shared by the transformers adapter and the vLLM
+    integration, so both hand a method the same tensors.
+    """
+    return Signals(
+        features=features,
+        layout=layout,
+        num_layers=num_layers,
+        feature_layer=feature_layer,
+        hidden_states={i: cap.hidden_states[i][:, rows] for i in request.hidden_states},
+        cls_attention={i: cap.attention_row(i, 0)[:, :, rows] for i in request.cls_attention},
+        keys={i: cap.key_heads(i)[:, :, rows] for i in request.keys},
+        attention_received={i: cap.attention_received(i)[:, rows] for i in request.attention_received},
+        cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
+        if request.cls_hidden
+        else None,
+    )

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .capture import AttentionParts
+from .capture import AttentionParts, hook_projections
 from .methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, gather_tokens
 
 
@@ -47,6 +47,11 @@ class StageResult:
     traces: list[list[int]]
     """Per image, per encoder layer, the sequence length entering it (0 for layers skipped)."""
     selection_s: float = 0.0
+
+    def features(self, feature_layers: Sequence[int], rows: slice) -> torch.Tensor:
+        """[B, k, d * len(feature_layers)]: the recorded ``rows`` of each feature layer, concatenated per image."""
+        n = len(self.hidden[feature_layers[0]])
+        return torch.stack([torch.cat([self.hidden[f][i][rows] for f in feature_layers], dim=-1) for i in range(n)])
 
 
 def _heads(x: torch.Tensor, parts: AttentionParts) -> torch.Tensor:
@@ -149,24 +154,16 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    def capture(name, _i):
-        def hook(mod, args, output):
-            st["proj"][(name, _i)] = output
-        return hook
-
     try:
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(lambda m, a, k, _i=i: note_input(m, a, k, _i),
                                                            with_kwargs=True))
             handles.append(layer.register_forward_hook(lambda m, a, o, _i=i: after_layer(m, a, o, _i)))
         for i in planned:
-            parts = attention_parts(layers[i])
             wanted = {"k": plan.keys or plan.cls_attention, "q": plan.cls_attention, "v": plan.values}
-            for name, mod in (("q", parts.q_proj), ("k", parts.k_proj), ("v", parts.v_proj)):
-                if wanted[name]:
-                    if mod is None:
-                        raise ValueError(f"{method.name} needs {name}_proj of encoder layer {i}, which is unknown")
-                    handles.append(mod.register_forward_hook(capture(name, i)))
+            handles += hook_projections(attention_parts(layers[i]), {n for n, w in wanted.items() if w},
+                                        lambda name, t, _i=i: st["proj"].__setitem__((name, _i), t),
+                                        f"encoder layer {i} (needed by {method.name})")
         try:
             run(pixel_values)
         except _StopEncoder:

@@ -12,10 +12,10 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder
+from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals
 from ..encoder_stage import run_encoder_stage
-from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
+from ..errors import BudgetError, UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -98,27 +98,9 @@ class LlavaAdapter(Adapter):
         state: dict[str, Any] = {}
 
         def select(features: torch.Tensor) -> torch.Tensor:
-            finite = torch.isfinite(features).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                bad = (~finite).nonzero().flatten().tolist()
-                raise NonFiniteFeaturesError(
-                    f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
-                )
+            check_finite(features)
             t0 = now()
-            signals = Signals(
-                features=features,
-                layout=layout,
-                num_layers=self.num_layers,
-                feature_layer=fl,
-                hidden_states={i: cap.hidden_states[i][:, tok] for i in request.hidden_states},
-                cls_attention={i: cap.attention_row(i, 0)[:, :, tok] for i in request.cls_attention},
-                keys={i: cap.key_heads(i)[:, :, tok] for i in request.keys},
-                attention_received={i: cap.attention_received(i)[:, tok] for i in request.attention_received},
-                # in the features' space: concatenated over the feature layers like the patch rows
-                cls_hidden=torch.cat([cap.hidden_states[i][:, 0] for i in feature_layers], dim=-1)
-                if request.cls_hidden
-                else None,
-            )
+            signals = grid_signals(cap, request, features, layout, self.num_layers, fl, feature_layers, tok)
             sels = select_each(method, signals, k)
             outs = [sel.output(features[i : i + 1])[0].to(features.dtype) for i, sel in enumerate(sels)]
             # adaptive budgets give images different counts: pad to the longest and trim after the projector
@@ -197,17 +179,9 @@ class LlavaAdapter(Adapter):
             run=lambda pv: self.base.vision_tower(pv, output_hidden_states=False, return_dict=True),
             pixel_values=pixel_values, stop_after=max(feature_layers) if skip else None,
         )
-        tok = slice(1 - prefix, None)
         n_img = int(pixel_values.shape[0])
-        selected = torch.stack(
-            [torch.cat([res.hidden[f][i][tok] for f in feature_layers], dim=-1) for i in range(n_img)]
-        )
-        finite = torch.isfinite(selected).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().flatten().tolist()
-            raise NonFiniteFeaturesError(
-                f"vision features of image(s) {bad} contain NaN or Inf; check pixel_values and the model dtype"
-            )
+        selected = res.features(feature_layers, slice(1 - prefix, None))
+        check_finite(selected)
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):

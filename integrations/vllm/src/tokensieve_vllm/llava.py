@@ -1,0 +1,309 @@
+"""LLaVA-1.5 under vLLM with tokensieve selecting each image's tokens.
+
+Two halves, in two processes:
+
+* Front end (the processor): resolves each request's settings (:mod:`.settings`), so a bad value is a 400 for that
+  request, and gives each image ``k`` placeholders instead of the full grid, so vLLM schedules, caches and positions
+  the shorter prompt as its own. The resolved setting rides along with the image as the ``tokensieve`` field (and so
+  is part of the processor cache entry, whose key already holds the request's ``mm_processor_kwargs``).
+* Engine (the model): runs vLLM's CLIP tower layer by layer with tokensieve's capture hooks, hands the method the
+  same signals the transformers adapter would (``tokensieve.capture.grid_signals``), and returns exactly ``k``
+  embeddings per image. In-encoder methods run through tokensieve's encoder stage on vLLM's layers.
+
+Memory is still sized for the full grid (``get_mm_max_tokens_per_item``), so any per-request budget fits.
+vLLM builds the tower only up to the feature layer; this class builds the remaining layers too (one layer of
+CLIP), because EvoCut reads the last one; every call runs only as deep as its method reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import CLIPVisionConfig
+
+from .compat import allow_llava_without_torchvision
+
+allow_llava_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.exceptions import VLLMValidationError
+from vllm.model_executor.layers.attention import MMEncoderAttention
+from vllm.model_executor.models.clip import CLIPEncoderLayer, CLIPVisionTransformer
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+
+from tokensieve.capture import AttentionParts, capture_encoder, check_finite, grid_signals
+from tokensieve.encoder_stage import run_encoder_stage
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
+
+from .settings import PREFIX, Family, SettingsError, SieveSpec, merge, resolve, server_settings, split_kwargs
+
+FIELD = "tokensieve"
+"""The per-image processor output that carries the resolved setting (JSON bytes) to the engine."""
+TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
+"""When set, the engine appends one JSON line per image (method, k, kept patch indices) to this file."""
+
+
+def llava_family(config) -> Family:
+    """The vision facts settings are checked against; refuses families, towers and strategies this plugin cannot cut."""
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(
+            f"TokenSieveLlavaForConditionalGeneration serves LLaVA-1.5 (model_type 'llava'); this model is "
+            f"{getattr(config, 'model_type', type(config).__name__)!r}, which tokensieve-vllm does not support yet. "
+            "Serve it under its stock architecture (drop the hf_overrides architecture)"
+        )
+    vc = config.vision_config
+    if not isinstance(vc, CLIPVisionConfig):
+        raise ValueError(
+            f"TokenSieveLlavaForConditionalGeneration supports LLaVA-1.5 with a CLIP vision tower; this model has "
+            f"{type(vc).__name__}. Serve it under its stock architecture (drop the hf_overrides architecture)"
+        )
+    strategy = config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; use 'default' or 'full'")
+    n = vc.num_hidden_layers
+    spec = config.vision_feature_layer
+    layers = tuple(i % (n + 1) for i in ([spec] if isinstance(spec, int) else spec))
+    prefix = 0 if strategy == "default" else 1
+    side = vc.image_size // vc.patch_size
+    return Family("LLaVA-1.5", n, layers, side * side + prefix, prefix, scopes=("image", "crop"),
+                  stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER))
+
+
+def _bad_request(exc: SettingsError) -> VLLMValidationError:
+    return VLLMValidationError(f"tokensieve: {exc}", parameter=f"mm_processor_kwargs.{exc.parameter or FIELD}")
+
+
+def encode_spec(spec: SieveSpec | None) -> torch.Tensor:
+    return torch.tensor(list((spec.to_json() if spec else "null").encode()), dtype=torch.uint8)
+
+
+def decode_spec(row: torch.Tensor) -> SieveSpec | None:
+    text = bytes(row.tolist()).decode()
+    return None if text == "null" else SieveSpec.from_json(text)
+
+
+class _WithoutTokensieve:
+    """The HF processor, called without the ``tokensieve_*`` keys that vLLM merges in from the server's kwargs."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, **kwargs):
+        return self.processor(**{k: v for k, v in kwargs.items() if not k.startswith(PREFIX)})
+
+
+class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
+    def family(self) -> Family:
+        return llava_family(self.get_hf_config())
+
+    def spec(self, request_kwargs: Mapping[str, object]) -> SieveSpec | None:
+        """The checked setting of one request (server default + its ``mm_processor_kwargs``)."""
+        mm_config = self.ctx.model_config.get_multimodal_config()
+        try:
+            ours, _ = split_kwargs(request_kwargs)
+            server = server_settings(self.get_hf_config(), mm_config.mm_processor_kwargs)
+            return resolve(merge(server, ours), self.family())
+        except SettingsError as exc:
+            raise _bad_request(exc) from None
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        # the full grid, whatever the server default: a request may ask for every token
+        return {"image": self.get_max_image_tokens()}
+
+
+class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        spec = self.info.spec(hf_kwargs)
+        _, rest = split_kwargs(hf_kwargs)
+        out = self.info.ctx.call_hf_processor(_WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        pixels = out.get("pixel_values")
+        if pixels is not None:
+            out[FIELD] = encode_spec(spec).expand(len(pixels), -1).clone()
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def replacement(item_idx: int) -> list[int]:
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):
+                return [image_token_id] * images.get_feature_size(item_idx)
+            size = images.get_image_size(item_idx)
+            n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+            item = out_mm_kwargs["image"][item_idx] if "image" in out_mm_kwargs else None
+            elem = item.get(FIELD) if item is not None else None
+            spec = decode_spec(elem.data) if elem is not None else None
+            return [image_token_id] * (spec.k if spec is not None else n)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenSieveLlavaMultiModalProcessor,
+    info=TokenSieveLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
+
+    # transformers 5.2x saves the CLIP tower without the `vision_model.` level vLLM's CLIP module has; map the
+    # names at load time (checkpoints that have the level are left alone) instead of rewriting anyone's files
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
+    ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        config = vllm_config.model_config.hf_config
+        family = llava_family(config)
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        if tp != 1:
+            raise ValueError(
+                f"tokensieve-vllm runs with tensor_parallel_size=1 only (got {tp}): attention-based methods would "
+                "read only the heads of one shard"
+            )
+        mm_config = vllm_config.model_config.get_multimodal_config()
+        try:  # a bad server default stops the server at start-up, not at its first image
+            resolve(server_settings(config, mm_config.mm_processor_kwargs), family)
+        except SettingsError as exc:
+            raise ValueError(f"tokensieve: bad server default: {exc}") from None
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._family = family
+        self._trace = os.environ.get(TRACE_ENV)
+        self._complete_tower(vllm_config, prefix)
+
+    def _complete_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """Add the CLIP layers vLLM leaves out (those after the feature layer), so EvoCut can read the last one."""
+        vm = getattr(self.vision_tower, "vision_model", None)
+        if not isinstance(vm, CLIPVisionTransformer):
+            return  # text-only deployment (--limit-mm-per-prompt image=0): no tower at all
+        vc = self.config.vision_config
+        layers = vm.encoder.layers
+        for i in range(len(layers), vc.num_hidden_layers):
+            layers.append(CLIPEncoderLayer(
+                vc, vllm_config.quant_config, attn_cls=MMEncoderAttention,
+                prefix=maybe_prefix(prefix, f"vision_tower.vision_model.encoder.layers.{i}"),
+            ))
+
+    # -- engine side -----------------------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        raw = kwargs.pop(FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values":
+            return self._process_image_input(image_input)  # precomputed embeddings pass through untouched
+        pixel_values = image_input["pixel_values"]
+        specs = [decode_spec(row) for row in raw] if raw is not None else [None] * len(pixel_values)
+        groups: dict[str | None, list[int]] = {}
+        for i, spec in enumerate(specs):  # images with the same setting run as one batch
+            groups.setdefault(spec.to_json() if spec else None, []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(specs)
+        for key, idx in groups.items():
+            embeds = self._sieve(pixel_values[idx], specs[idx[0]])
+            for j, i in enumerate(idx):
+                out[i] = embeds[j]
+        return out
+
+    def _run_tower(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
+        """vLLM's CLIP forward, stopped after ``depth`` layers (capture hooks read the states on the way)."""
+        vm = self.vision_tower.vision_model
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        for layer in vm.encoder.layers[:depth]:
+            h = layer(h)
+        return h
+
+    @staticmethod
+    def _attention_parts(layer) -> AttentionParts:
+        attn = layer.self_attn
+        return AttentionParts(None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale),
+                              qkv_proj=attn.qkv_proj)
+
+    def _sieve(self, pixel_values: torch.Tensor, spec: SieveSpec | None) -> torch.Tensor:
+        """[B, k, d] LM embeddings of a batch of images that share one setting."""
+        fam = self._family
+        layers = self.vision_tower.vision_model.encoder.layers
+        fls = list(fam.feature_layers)
+        rows = slice(1 - fam.num_prefix, None)  # the projector's tokens: patches (+ CLS under "full")
+        if spec is None:  # no method: the stock features (the tower's forward would now run the added layers too)
+            with capture_encoder(layers, Request(), self._attention_parts, fls) as cap:
+                self._run_tower(pixel_values, max(fls))
+                features = torch.cat([cap.hidden_states[f][:, rows] for f in fls], dim=-1)
+            self._record(spec, [list(range(features.shape[1]))] * len(features), self._full_trace(max(fls)))
+            return self.multi_modal_projector(features)
+        method = spec.build()
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        if method.stage == IN_ENCODER:
+            res = run_encoder_stage(
+                layers, self._attention_parts, method, method.plan(fam.num_layers, min(fls)), Layout((side, side), 1),
+                spec.k - fam.num_prefix, feature_layer=min(fls), record=fls,
+                run=lambda pv: self._run_tower(pv, max(fls)), pixel_values=pixel_values, stop_after=max(fls),
+            )
+            selected = res.features(fls, rows)
+            check_finite(selected)
+            embeds = self.multi_modal_projector(selected)
+            kept = [p[1:].tolist() for p in res.positions]
+            encoder = res.traces
+        else:
+            request = method.request(fam.num_layers, fam.feature_layer)
+            depth = max([*fls, *request.hidden_states, *(i + 1 for i in request.cls_attention),
+                         *(i + 1 for i in request.keys), *(i + 1 for i in request.attention_received)])
+            with capture_encoder(layers, request, self._attention_parts, fls) as cap:
+                self._run_tower(pixel_values, depth)
+                features = torch.cat([cap.hidden_states[f][:, rows] for f in fls], dim=-1)
+                if method.stage == POST_PROJECTOR:
+                    features = self.multi_modal_projector(features)
+                check_finite(features)
+                signals = grid_signals(cap, request, features, Layout((side, side), fam.num_prefix), fam.num_layers,
+                                       fam.feature_layer, fls, rows)
+                sel = method.select(signals, spec.k)
+            embeds = sel.output(features).to(features.dtype)
+            if method.stage == PRE_PROJECTOR:
+                embeds = self.multi_modal_projector(embeds)
+            idx = sel.indices - fam.num_prefix
+            kept = [row[row >= 0].tolist() for row in idx]
+            encoder = self._full_trace(depth)
+        if embeds.shape[1] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch
+            raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")
+        self._record(spec, kept, encoder)
+        return embeds
+
+    def _full_trace(self, depth: int) -> list[int]:
+        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + 1
+        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
+
+    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
+        """One trace line per image: method, k, kept patch indices (raster, CLS excluded) and the tokens entering
+        each encoder layer (what tokensieve.flops prices); ``encoder`` is one list for all images or one each."""
+        if not self._trace:
+            return
+        per_image = encoder if encoder and isinstance(encoder[0], list) else [encoder] * len(kept)
+        with open(self._trace, "a", encoding="utf-8") as f:
+            for row, layers in zip(kept, per_image):
+                f.write(json.dumps({"method": spec.method if spec else None, "k": spec.k if spec else len(row),
+                                    "params": spec.params if spec else {}, "kept": row,
+                                    "encoder_layer_tokens": layers}) + "\n")

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+# one engine in the test process itself (no engine-core subprocess to spawn), small CPU KV cache, one thread
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import sieve_reference, stock_copy, stock_outputs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ref_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("reference")
+
+
+@pytest.fixture(scope="session")
+def reference(ref_dir) -> dict:
+    """The Sieve path in transformers (core environment), computed once per run."""
+    return sieve_reference(ref_dir)
+
+
+@pytest.fixture(scope="session")
+def stock(reference, ref_dir, tmp_path_factory) -> list[dict]:
+    """Stock vLLM on the same cases (stock architecture, renamed-weights copy), computed once per run."""
+    return stock_outputs(stock_copy(tmp_path_factory.mktemp("stock_model")), ref_dir)

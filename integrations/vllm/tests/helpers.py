@@ -1,0 +1,64 @@
+"""Shared by the vLLM tests: paths, the stock-named copy of the default model, engine settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_MODEL = REPO / "src" / "tokensieve" / "default_model"
+ARCH = "TokenSieveLlavaForConditionalGeneration"
+IMAGE_TOKEN = 4
+TOKENS = 144
+ENGINE = dict(max_model_len=512, max_num_seqs=4, enforce_eager=True, dtype="float32", seed=0)
+"""Small engines: a 512-token context and a 1 GiB KV cache (VLLM_CPU_KVCACHE_SPACE) are plenty for 144-token images."""
+
+
+def engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def stock_copy(dst: Path) -> Path:
+    """The default model with its CLIP weights renamed the way stock vLLM's loader expects (`vision_model.` level).
+
+    Only the stock reference needs this: the plugin maps the names at load time.
+    """
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in DEFAULT_MODEL.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    weights = load_file(DEFAULT_MODEL / "model.safetensors")
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+               for k, v in weights.items()}
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def sieve_reference(out: Path) -> dict:
+    """Run ``reference_sieve.py`` with the core environment's Python (``TOKENSIEVE_CORE_PYTHON``)."""
+    python = os.environ.get("TOKENSIEVE_CORE_PYTHON")
+    if not python:
+        raise RuntimeError(
+            "set TOKENSIEVE_CORE_PYTHON to the Python of an environment with core tokensieve and its pinned "
+            "transformers (the Sieve reference cannot run next to vLLM's transformers)"
+        )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    subprocess.run([python, str(Path(__file__).parent / "reference_sieve.py"), str(out)], check=True, env=env,
+                   timeout=900)
+    return json.loads((out / "reference.json").read_text())
+
+
+def stock_outputs(model_dir: Path, ref_dir: Path) -> dict:
+    """Greedy outputs of stock vLLM (stock architecture, no plugin involved) in a fresh process."""
+    out = ref_dir / "stock.json"
+    subprocess.run([sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir)],
+                   check=True, env=dict(engine_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1200)
+    return json.loads(out.read_text())

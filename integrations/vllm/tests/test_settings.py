@@ -1,0 +1,112 @@
+"""Settings: merging server default and request, and every refusal, without an engine."""
+
+import pytest
+
+from tokensieve.methods import method_names
+from tokensieve_vllm.settings import Family, SettingsError, merge, resolve, runnable_methods, server_settings, split_kwargs
+
+LLAVA = Family("LLaVA-1.5", 8, (7,), 144, 0, scopes=("image", "crop"),
+               stages=("pre_projector", "post_projector", "in_encoder"))
+
+
+class Config:
+    def __init__(self, **tokensieve):
+        self.tokensieve = tokensieve or None
+
+
+def test_every_pre_llm_method_runs_and_every_in_llm_method_is_refused():
+    runnable = set(runnable_methods(LLAVA))
+    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "hiprune",
+                        "vtc_cls", "evoprune", "flowcut"}
+    for name in ("fastv", "pdrop", "dart"):
+        with pytest.raises(SettingsError, match="in-LLM.*KV cache") as err:
+            resolve({"method": name, "budget": 64}, LLAVA)
+        assert err.value.parameter == "tokensieve_method"
+    assert set(method_names()) - runnable == {"fastv", "pdrop", "dart", "todre"}
+
+
+def test_todre_second_stage_refused_first_stage_alone_runs():
+    with pytest.raises(SettingsError, match="relevance"):
+        resolve({"method": "todre", "budget": 64}, LLAVA)
+    spec = resolve({"method": "todre", "budget": 64, "params": {"relevance": False}}, LLAVA)
+    assert (spec.method, spec.k, spec.params) == ("todre", 64, {"relevance": False})
+
+
+def test_in_encoder_refused_where_the_family_cannot_cut():
+    no_cut = Family("X", 8, (7,), 144, 0)
+    with pytest.raises(SettingsError, match="in-encoder"):
+        resolve({"method": "evoprune", "budget": 36}, no_cut)
+
+
+@pytest.mark.parametrize("budget, k", [(64, 64), (144, 144), (0.25, 36), (1.0, 144)])
+def test_budget_int_or_ratio(budget, k):
+    assert resolve({"method": "evocut", "budget": budget}, LLAVA).k == k
+
+
+@pytest.mark.parametrize("budget, match", [
+    (0, "at least one token"), (-3, "at least one token"), (145, "exceeds the 144 visual tokens"),
+    ("64", "must be an int"), (12.5, "keep ratio"), (True, "must be an int"), (None, "needs a budget"),
+    ([64], "must be an int"), ("adaptive:64", "not available under vLLM"),
+])
+def test_bad_budgets_are_refused_clearly(budget, match):
+    with pytest.raises(SettingsError, match=match) as err:
+        resolve({"method": "evocut", "budget": budget}, LLAVA)
+    assert err.value.parameter == "tokensieve_budget"
+
+
+def test_other_scopes_refused():
+    assert resolve({"method": "pool", "budget": 36, "scope": "crop"}, LLAVA).k == 36
+    with pytest.raises(SettingsError, match="scope 'global'"):
+        resolve({"method": "pool", "budget": 36, "scope": "global"}, LLAVA)
+
+
+def test_unknown_method_params_and_keys():
+    with pytest.raises(SettingsError, match="unknown method 'nope'; available: .*evocut"):
+        resolve({"method": "nope", "budget": 8}, LLAVA)
+    with pytest.raises(SettingsError, match="bad tokensieve_params for method 'evocut'"):
+        resolve({"method": "evocut", "budget": 8, "params": {"bogus": 1}}, LLAVA)
+    # layer parameters are checked against the real depth before any engine work
+    with pytest.raises(SettingsError, match="layer must be in"):
+        resolve({"method": "fastervlm", "budget": 8, "params": {"layer": 30}}, LLAVA)
+    with pytest.raises(SettingsError, match="unknown tokensieve setting 'tokensieve_k'"):
+        split_kwargs({"tokensieve_k": 3})
+    with pytest.raises(SettingsError, match="unknown key"):
+        server_settings(Config(method="evocut", k=3), None)
+
+
+def test_no_method_means_stock_tokens():
+    assert resolve({}, LLAVA) is None
+    assert resolve({"method": "none", "budget": 3}, LLAVA) is None
+
+
+def test_request_overrides_server_default():
+    server = server_settings(Config(method="evocut", budget=64, params={"num_groups": 4}),
+                             {"tokensieve_budget": 32, "do_resize": True})
+    assert server == {"method": "evocut", "budget": 32, "params": {"num_groups": 4}}
+    same = merge(server, {"budget": 16, "params": {"alpha": 0.5}})
+    assert same == {"method": "evocut", "budget": 16, "params": {"num_groups": 4, "alpha": 0.5}}
+    # another method starts from its own defaults: the server's params belong to evocut
+    other = merge(server, {"method": "divprune"})
+    assert resolve(other, LLAVA).params == {} and resolve(other, LLAVA).k == 32
+    assert resolve(merge(server, {"method": "none"}), LLAVA) is None
+
+
+def test_spec_round_trip():
+    spec = resolve({"method": "visionzip", "budget": 0.5, "params": {"contextual": 8}}, LLAVA)
+    from tokensieve_vllm.settings import SieveSpec
+
+    again = SieveSpec.from_json(spec.to_json())
+    assert again == spec and again.build().contextual == 8
+
+
+def test_other_families_and_towers_refused_at_start_up():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, SiglipVisionConfig
+
+    from tokensieve_vllm.llava import llava_family
+
+    fam = llava_family(LlavaConfig(vision_config=CLIPVisionConfig(image_size=96, patch_size=8, num_hidden_layers=8)))
+    assert (fam.tokens, fam.feature_layers, fam.num_layers) == (144, (7,), 8)
+    with pytest.raises(ValueError, match="'llava_next', which tokensieve-vllm does not support yet"):
+        llava_family(LlavaNextConfig())
+    with pytest.raises(ValueError, match="CLIP vision tower"):
+        llava_family(LlavaConfig(vision_config=SiglipVisionConfig()))
