@@ -13,9 +13,9 @@ from tokensieve.budget import Budget
 from tokensieve.errors import BudgetError, BudgetTypeError, StageError
 from tokensieve.methods import IN_LLM, get_method, method_names
 from tokensieve.methods.base import IN_ENCODER
-from tokensieve.tiny import demo_image
+from tokensieve.tiny import build_tiny_llava, demo_image
 
-from .conftest import N_TOKENS, batch_and_singles, prompt
+from .conftest import N_TOKENS, TINY, batch_and_singles, prompt
 
 ADAPTIVE_METHODS = [
     n for n in method_names() if get_method(n).stage not in (IN_LLM, IN_ENCODER) and get_method(n).any_count
@@ -189,8 +189,10 @@ def test_refusals(tiny, single):
     for method in ("evoprune", "flowcut"):
         with pytest.raises(StageError, match="inside the vision encoder"):
             Sieve(method, Adaptive(16))
-    with pytest.raises(StageError, match="inside the LM"):
-        Sieve(["evocut", "fastv"], [32, Adaptive(16)])
+    with pytest.raises(StageError, match="one adaptive budget per sieve"):
+        Sieve(["evocut", "fastv"], [Adaptive(32), Adaptive(16)])
+    with pytest.raises(BudgetError, match="criterion='coverage'"):
+        Sieve("fastv", Adaptive(16, criterion="scores")).calibrate(model, [single])
     with pytest.raises(StageError, match="pooled grid"):
         Sieve("pool", Adaptive(16))
     with pytest.raises(BudgetError, match="fits adaptive budgets"):
@@ -210,3 +212,32 @@ def test_scores_criterion_and_a_reused_threshold(tiny, calib):
     assert [im.tokens_out for im in again.last_report.images] == cal.counts
     assert "adaptive:16:4:40" in again.last_report.summary()
     assert tokensieve.Calibration is type(cal)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_in_llm_adaptive_targets_are_per_image_and_calibrated(images, method):
+    """In-LLM budgets are layer-averaged: the criterion reads each image's tokens entering the LM, the method's own
+    schedule reaches the target (FastV after layer 2 of 8: from 64 tokens every target in 16..64 is reachable)."""
+    model, processor = build_tiny_llava(**dict(TINY, text_layers=8))
+    pics = [demo_image(size=96, seed=10 + s) for s in range(8)]
+    calib = processor(images=pics, text=[prompt(processor, "what is in the picture ?")] * 8, return_tensors="pt",
+                      padding=True)
+    sieve = Sieve(method, Adaptive(28, 20, 48))
+    cal = sieve.calibrate(model, [calib])
+    assert cal.achieved_mean == 28 and len(set(cal.counts)) > 1
+    assert sieve.budget.value.threshold == cal.threshold and sieve.llm_budget is sieve.budget
+    with sieve(model), torch.inference_mode():
+        model(**calib)
+    got = [im.llm_tokens_avg for im in sieve.last_report.images]
+    # the schedule keeps an integer count after layer 2, so the average lands within 6/8 of a token of the target
+    assert all(abs(g - c) <= 0.75 for g, c in zip(got, cal.counts))
+    texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
+    batch = processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+    with sieve(model), torch.inference_mode():
+        model(**batch)
+        together = [im.llm_layer_tokens for im in sieve.last_report.images]
+        alone = []
+        for i in range(2):
+            model(**processor(images=[images[i]], text=[texts[i]], return_tensors="pt"))
+            alone.append(sieve.last_report.images[0].llm_layer_tokens)
+    assert together == alone

@@ -34,8 +34,10 @@ images, on 600 shapes + 600 easy-VQA test questions. Filled in below by that scr
 Defaults: ``min = mean // 4`` (at least 1), ``max = 3 * mean`` capped at the token count (64 -> 16..192). An
 explicit ``max`` above an image's token count, or ``mean`` outside [min, max], is an error. Multi-crop images under
 scope ``image`` split mean, min and max over the crops like a fixed budget (each crop at least 1), and each crop
-adapts on its own candidates. Methods that cut inside the encoder or inside the LM are refused: their schedules
-fix per-layer counts before the candidates this criterion reads exist.
+adapts on its own candidates. In-LLM methods take an adaptive *layer-averaged* budget: the criterion reads each
+image's tokens as they enter the LM (they exist before the LM runs), and the method's own schedule reaches the
+target or refuses it (:func:`llm_counts`). Methods that cut inside the encoder are refused: their cuts happen before
+the features this criterion reads exist. One adaptive budget per sieve (one threshold is fitted).
 """
 
 from __future__ import annotations
@@ -346,3 +348,38 @@ def adaptive_counts(target: AdaptiveTarget, method, signals) -> list[int]:
     if curves is None:
         return [target.mean] * signals.batch
     return counts_at(curves, target.lo, target.hi, target.threshold)
+
+
+def lm_input_features(kwargs: dict) -> list[torch.Tensor]:
+    """Per report entry (images, then videos), the visual tokens an adapter hands the LM (``mm_encoder_outputs``)."""
+    out: list[torch.Tensor] = []
+    for key in ("image", "video"):
+        entry = (kwargs.get("mm_encoder_outputs") or {}).get(key)
+        if entry is not None:
+            out += list(entry.pooler_output)
+    return out
+
+
+def llm_counts(budget, images: list, features: list[torch.Tensor]) -> list[int]:
+    """Layer-averaged targets per report entry for an adaptive in-LLM budget.
+
+    The criterion reads the entry's tokens as they enter the LM (its candidates there); the in-LLM method's own
+    schedule then turns each target into boundaries, and refuses a target it cannot reach.
+    """
+    from .methods.base import Layout, Signals
+
+    if budget.value.criterion == "scores":
+        raise BudgetError("in-LLM methods score inside the LM, after the count is planned: use criterion='coverage' "
+                          "or 'radius' for an adaptive in-LLM budget")
+    if len(features) != len(images):
+        raise BudgetError(f"{len(images)} visual entries but {len(features)} feature sets entering the LM")
+    out = []
+    for i, (im, f) in enumerate(zip(images, features)):
+        n = int(f.shape[0])
+        if n == 0:
+            out.append(0)
+            continue
+        target = budget.resolve(n, what=f"{'video' if im.frames else 'image'} {i} entering the LM")
+        signals = Signals(features=f[None].float(), layout=Layout((1, n)), num_layers=0, feature_layer=0)
+        out.append(adaptive_counts(target, None, signals)[0])
+    return out
