@@ -33,6 +33,10 @@ def test_defaults_parse_and_str():
     assert Adaptive.parse("adaptive:64:16:192") == Adaptive(64, 16, 192)
     assert Adaptive.parse(" Adaptive:0.25:0.1:0.5 ") == Adaptive(0.25, 0.1, 0.5)
     assert str(Adaptive(64, 16, 192)) == "adaptive:64:16:192" and str(a) == "adaptive:64"
+    calibrated = Adaptive(64, 16, 192, threshold=0.012345678901234)
+    assert Adaptive.parse(str(calibrated)) == calibrated  # a fitted budget round-trips through its text
+    assert Adaptive.parse("adaptive:64@0.5") == Adaptive(64, threshold=0.5)
+    assert Adaptive.parse("adaptive:64::100") == Adaptive(64, None, 100)
     assert Budget.parse("adaptive:36").value == Adaptive(36)
     r = Adaptive(0.25).target(144)
     assert (r.lo, r.mean, r.hi) == (9, 36, 108)
@@ -52,6 +56,7 @@ def test_defaults_parse_and_str():
         (lambda: Adaptive(64, criterion="entropy"), BudgetError, "criterion"),
         (lambda: Adaptive.parse("adaptive:64:16"), BudgetError, "MEAN:MIN:MAX"),
         (lambda: Adaptive.parse("adaptive:lots"), BudgetError, "not a number"),
+        (lambda: Adaptive.parse("adaptive:64@high"), BudgetError, "threshold after '@'"),
         (lambda: Adaptive(64, 16, 600).target(576), BudgetError, "max of 600 tokens exceeds the 576"),
     ],
 )

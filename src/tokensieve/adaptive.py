@@ -25,7 +25,8 @@ the level where the total reaches ``mean`` x images. The mean is therefore exact
 residual ties) and holds *in expectation* on data drawn like it; on any one batch the mean varies (that is the
 point: a batch of blank walls keeps fewer tokens). ``Calibration`` records the achieved calibration mean, and
 every call's report records each image's count. There is no per-batch fit: it would make an image's count depend
-on the other images in its batch. A threshold can be reused: ``Adaptive(mean=64, threshold=...)``.
+on the other images in its batch. A threshold can be reused: ``Adaptive(mean=64, threshold=t)``, or in text
+(CLI, lmms-eval's ``budget=``) ``adaptive:64@t``, which is what ``str()`` of a calibrated budget prints.
 
 **Measurement behind the default** (``benchmarks/adaptive_criterion.py``, default model; see
 ``benchmarks/results/adaptive_criterion.md``): at a mean of 18 of 144 tokens, thresholds fitted on 256 validation
@@ -121,8 +122,15 @@ class Adaptive:
     @classmethod
     def parse(cls, text: str) -> "Adaptive":
         """``adaptive:MEAN`` or ``adaptive:MEAN:MIN:MAX`` (ints: tokens; floats: keep ratios; an empty MIN or MAX
-        takes its default)."""
-        parts = text.strip().split(":")
+        takes its default), optionally ``@THRESHOLD`` from an earlier calibration (what ``str()`` prints)."""
+        body, at, tail = text.strip().partition("@")
+        threshold = None
+        if at:
+            try:
+                threshold = float(tail)
+            except ValueError:
+                raise BudgetError(f"the threshold after '@' in {text!r} is not a number") from None
+        parts = body.split(":")
         if parts[0].strip().lower() != "adaptive" or len(parts) not in (2, 4) or not parts[1].strip():
             raise BudgetError(
                 f"an adaptive budget reads adaptive:MEAN or adaptive:MEAN:MIN:MAX (e.g. adaptive:64:16:192), got {text!r}"
@@ -140,7 +148,9 @@ class Adaptive:
                     nums.append(float(p))
                 except ValueError:
                     raise BudgetError(f"{p!r} in {text!r} is not a number") from None
-        return cls(*nums) if len(nums) == 1 else cls(nums[0], nums[1], nums[2])
+        if len(nums) == 1:
+            return cls(nums[0], threshold=threshold)
+        return cls(nums[0], nums[1], nums[2], threshold=threshold)
 
     def target(self, n: int, what: str = "image") -> "AdaptiveTarget":
         """The bounds in tokens for a candidate set of ``n`` tokens."""
@@ -169,6 +179,8 @@ class Adaptive:
         text = f"adaptive:{fmt(self.mean)}"
         if self.min is not None or self.max is not None:
             text += f":{'' if self.min is None else fmt(self.min)}:{'' if self.max is None else fmt(self.max)}"
+        if self.threshold is not None:
+            text += f"@{self.threshold!r}"
         return text
 
 
@@ -332,7 +344,8 @@ def adaptive_counts(target: AdaptiveTarget, method, signals) -> list[int]:
     if records is None and target.threshold is None and target.mean not in (target.lo, target.hi):
         raise BudgetError(
             "this Adaptive budget has no threshold yet: call sieve.calibrate(model, batches) on a few representative "
-            "batches first (the mean is fitted there), or pass Adaptive(..., threshold=...) from an earlier calibration"
+            "batches first (the mean is fitted there), or give an earlier calibration's threshold "
+            "(Adaptive(..., threshold=t), or the text adaptive:MEAN@t)"
         )
     if target.mean in (target.lo, target.hi):  # every set gets the mean: nothing to rank
         curves = None

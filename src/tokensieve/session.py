@@ -241,7 +241,8 @@ class SieveHandle:
                 raise BudgetError(
                     f"the adaptive budget {budget} has no threshold yet: call sieve.calibrate(model, batches) on a few "
                     "representative batches first (the mean is fitted on them; each image's count then depends on "
-                    "that image alone), or pass Adaptive(..., threshold=...) from an earlier calibration"
+                    "that image alone), or give an earlier calibration's threshold (Adaptive(..., threshold=t), or "
+                    "the text adaptive:MEAN@t)"
                 )
         if model in _SIEVED:
             raise TokensieveError(
