@@ -262,6 +262,7 @@ class SieveHandle:
             return self.generate(*args, **kwargs)
 
         self._instance_generate = generate
+        self._generating = 0  # > 0 while this handle's generate() runs: its forwards are not new calls
         model.generate = generate
         _SIEVED.add(model)
         self.active = True
@@ -270,13 +271,13 @@ class SieveHandle:
     def last_report(self) -> SieveReport | None:
         return self.sieve.last_report
 
-    def _prepare(self, kwargs: dict[str, Any]):
+    def _prepare(self, kwargs: dict[str, Any], left_pad: bool = False):
         sieve = self.sieve
         if sieve.llm_method is not None and kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
             raise StageError(
                 "labels cannot be used with an in-LLM stage: the LM's output no longer covers every input position"
             )
-        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
+        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name, left_pad)
         stage = None
         if report is not None:
             if sieve.llm_method is not None:
@@ -309,10 +310,13 @@ class SieveHandle:
         return stage
 
     def _pre_forward(self, module, args, kwargs):
-        if not args and not self.adapter.is_visual(kwargs):
-            return None  # the common decoding-step case, without binding the signature each token
+        if self._generating:
+            if not args and not self.adapter.is_visual(kwargs):
+                return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
         if not self.adapter.is_visual(merged):
+            if not self._generating and not _continues_cache(merged.get("past_key_values")):
+                self._note_text_only(merged)  # a new text-only call: the report must not keep the last image's
             return None  # text-only call, or a decoding step of a sieved generate()
         new_kwargs, report, stage = self._prepare(merged)
         if stage is not None:
@@ -337,21 +341,35 @@ class SieveHandle:
                     raise TypeError("generate() got both `inputs` and `input_ids`")
                 merged["input_ids"] = inputs
         if not self.adapter.is_visual(merged):
-            return self._generate(**merged)
+            self._note_text_only(merged)
+            return self._run_generate(merged)
         original_ids = merged["input_ids"]
-        # generate() itself runs without autograd; encoding and selection happen before it, so they must too
+        # generate() itself runs without autograd; encoding and selection happen before it, so they must too.
+        # The shrunk prompt is re-padded on the left whatever the caller's side: generation continues each row
+        # after its last slot, and the caller's own prompt is put back in front of the new tokens afterwards.
         with torch.no_grad():
-            new_kwargs, report, stage = self._prepare(merged)
+            new_kwargs, report, stage = self._prepare(merged, left_pad=True)
         if stage is None:
-            out = self._generate(**new_kwargs)
+            out = self._run_generate(new_kwargs)
         else:
             stage.install()
             try:
-                out = self._generate(**new_kwargs)
+                out = self._run_generate(new_kwargs)
             finally:
                 stage.remove()
             stage.fill(report)
         return _restore_prompt(out, original_ids, report.seq_len_out)
+
+    def _run_generate(self, kwargs: dict[str, Any]):
+        self._generating += 1
+        try:
+            return self._generate(**kwargs)
+        finally:
+            self._generating -= 1
+
+    def _note_text_only(self, kwargs: dict[str, Any]) -> None:
+        sieve = self.sieve
+        self.sieve.last_report = self.adapter.text_report(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
 
     def remove(self) -> None:
         """Detach; safe to call twice."""
@@ -374,6 +392,16 @@ class SieveHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _continues_cache(cache) -> bool:
+    """Whether a forward call continues from a filled KV cache (a decoding step of the caller's own loop)."""
+    if cache is None:
+        return False
+    try:
+        return int(cache.get_seq_length()) > 0
+    except (AttributeError, TypeError):
+        return bool(cache)
 
 
 def _restore_prompt(out, original_ids: torch.Tensor, compressed_len: int):

@@ -28,7 +28,7 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
+from ..capture import capture_encoder, rows_per_sequence
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
 from ..encoder_stage import run_encoder_stage
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Selection, Signals
@@ -111,6 +111,12 @@ class Idefics3Adapter(Adapter):
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def vision_modules(self) -> tuple:
+        return self.base.vision_model, self.base.connector.modality_projection
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.connector.modality_projection], None, rows_per_sequence
 
     # SigLIP attention exposes the same projections and head geometry as CLIP's
     _attention_parts = staticmethod(LlavaAdapter._attention_parts)
@@ -396,6 +402,7 @@ class Idefics3Adapter(Adapter):
                     sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept[j].numel()),
                     kept_indices=kept[j].tolist(), grid=self.grid, merged=int((res.sizes[j][1:] > 1).sum()),
                     selection_s=res.selection_s / len(run),
+                    groups=None if res.groups[j] is None else res.groups[j].tolist(),
                 )
         trace = [round(sum(t[i] for t in traces) / max(len(traces), 1)) for i in range(self.num_layers)]
         return Encoded(features, reports, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)

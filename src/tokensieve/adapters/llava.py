@@ -12,7 +12,7 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals
+from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals, pooling_head, rows_per_sequence
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
@@ -61,6 +61,17 @@ class LlavaAdapter(Adapter):
         """Non-negative hidden_states indices whose patch rows are concatenated into the features."""
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
+
+    def vision_modules(self) -> tuple:
+        return self.base.vision_tower, self.base.multi_modal_projector
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
+
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)
+        layers = self.feature_layers({})
+        return self.num_layers, min(layers) if method.stage == IN_ENCODER else layers[-1]
 
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
@@ -185,11 +196,13 @@ class LlavaAdapter(Adapter):
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):
-            pos, size = res.positions[i][1:], res.sizes[i][1:]
+            pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
                 ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
                             kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
-                            selection_s=res.selection_s / n_img)
+                            selection_s=res.selection_s / n_img,
+                            # a patch row's output token: after the CLS token under the "full" strategy
+                            groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist())
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
         trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]

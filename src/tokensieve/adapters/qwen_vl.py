@@ -34,15 +34,15 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
-from ..encoder_stage import check_unit_cut, cut_units, unit_state
+from ..capture import capture_encoder, packed_segments
+from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import (
     IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
     Request, Signals,
 )
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, MergeGroups, now
 
 _QUERY_CHUNK = 512
 
@@ -77,6 +77,12 @@ class QwenVLAdapter(Adapter):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    def vision_modules(self) -> tuple:
+        return self.visual, self.merger.mlp  # pre-projector methods re-run the merger's MLP on the kept units
+
+    def meter_parts(self) -> tuple:
+        return self.blocks, [self.merger.mlp], None, packed_segments
+
     def _counts(self, grid) -> list[int]:
         return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
 
@@ -87,7 +93,7 @@ class QwenVLAdapter(Adapter):
         return self._counts(encoder_kwargs.get("video_grid_thw"))
 
     # -- positions ---------------------------------------------------------------------------------------------
-    def prepare(self, kwargs, method, budget, method_name):
+    def prepare(self, kwargs, method, budget, method_name, left_pad=False):
         ids = kwargs.get("input_ids")
         if self.is_visual(kwargs) and ids is not None:
             if kwargs.get("position_ids") is not None:
@@ -110,7 +116,7 @@ class QwenVLAdapter(Adapter):
                 video_grid_thw=kwargs.get("video_grid_thw"),
                 attention_mask=mask,
             )
-        return super().prepare(kwargs, method, budget, method_name)
+        return super().prepare(kwargs, method, budget, method_name, left_pad)
 
     def carry_inputs(self, kwargs, comp, input_ids) -> None:
         super().carry_inputs(kwargs, comp, input_ids)
@@ -234,7 +240,7 @@ class QwenVLAdapter(Adapter):
                 useg = slice(patch_off // self.unit, (patch_off + n_patch) // self.unit)
                 patch_off += n_patch
                 patches_total += n_patch
-                feats, secs, kept, merged_n = self._select_item(
+                feats, secs, kept, merged_n, groups = self._select_item(
                     method, budget, request, video, (t, h, w), seg, useg, merged, units_in, hidden, qk
                 )
                 selection_s += secs
@@ -245,7 +251,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
-                        frames=t if video else 0,
+                        frames=t if video else 0, groups=groups,
                     )
                 )
             if not video:
@@ -307,8 +313,11 @@ class QwenVLAdapter(Adapter):
         )
         sels = select_each(method, signals, k)  # one per frame (frames may keep different counts when adaptive)
         wheres, outs = [], []
+        groups = MergeGroups(frames * n)
         for f, sel in enumerate(sels):
             out = sel.output(cand[f : f + 1])[0]
+            groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0],
+                       sel.num_out)
             if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
                 where = sel.indices[0]
             elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
@@ -327,7 +336,7 @@ class QwenVLAdapter(Adapter):
         if method.stage != POST_PROJECTOR:
             out = self._project(out.to(units_in.dtype))
         secs = now() - t0
-        return out.to(merged.dtype), secs, where, sum(sel.num_merged for sel in sels)
+        return out.to(merged.dtype), secs, where, sum(sel.num_merged for sel in sels), groups.result()
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -357,6 +366,11 @@ class QwenVLAdapter(Adapter):
             for item, (t, h, w) in enumerate(grid.tolist()):
                 mine = [c for c in cutter.sets if c.item == item]
                 kept = torch.cat([c.offset + c.units.sort().values for c in mine])
+                groups = MergeGroups(t * (h // self.merge) * (w // self.merge))
+                for c in mine:
+                    n_set = len(c.owner)
+                    groups.add(c.offset + torch.arange(n_set), c.units.sort().values,
+                               c.owner if c.merged else None, n_set)
                 feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
@@ -366,7 +380,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
-                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0,
+                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0, groups=groups.result(),
                     )
                 )
             if not video:
@@ -391,6 +405,8 @@ class _UnitSet:
         self.units = slots.argsort()  # units in sequence order: raster on Qwen2-VL, window order on Qwen2.5-VL
         self.sizes = torch.ones(len(slots))
         self.memory: dict = {}
+        self.owner = self.units.argsort()  # set-local unit -> its current row (in sequence order), -1 dropped
+        self.merged = False
 
 
 class _UnitCutter:
@@ -512,10 +528,12 @@ class _UnitCutter:
         a, u = self.a, self.a.unit
         attn = a.blocks[layer].attn
         r = hs.shape[0]
-        q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
-        cos, sin = pe
-        qr = _rotate(q.float(), cos.float(), sin.float())
-        kr = _rotate(k.float(), cos.float(), sin.float())
+        signals = self.plan.cls_attention or self.plan.keys or self.plan.values
+        if signals:  # this block's own q/k/v, recomputed only when the method reads them
+            q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
+            cos, sin = pe
+            qr = _rotate(q.float(), cos.float(), sin.float())
+            kr = _rotate(k.float(), cos.float(), sin.float())
         last = layer == max(self.planned)
         pieces, start = [], 0
         for s in self.sets:
@@ -527,14 +545,16 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
-            # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
-            gq = qr[sl].mean(0)  # [H, hd]
-            probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-            state = unit_state(
-                self.plan, layer, a.num_layers, s.grid, unit_mean(rows), probs.view(-1, n, u).sum(-1),
-                unit_mean(k[sl]).transpose(0, 1), unit_mean(v[sl]).transpose(0, 1),  # keys before RoPE: content
-                s.sizes, s.units, s.target, s.memory,
-            )
+            if signals:
+                # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
+                gq = qr[sl].mean(0)  # [H, hd]
+                probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
+                att, keys, values = probs.view(-1, n, u).sum(-1), unit_mean(k[sl]).transpose(0, 1), \
+                    unit_mean(v[sl]).transpose(0, 1)  # keys before RoPE: content
+            else:
+                att, keys, values = torch.zeros(1, n), torch.zeros(1, n, 1), torch.zeros(1, n, 1)
+            state = unit_state(self.plan, layer, a.num_layers, s.grid, unit_mean(rows), att, keys, values, s.sizes,
+                               s.units, s.target, s.memory)
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
                 if last:
@@ -542,6 +562,8 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             check_unit_cut(cut, n, s.target, last, layer, self.method.name)
+            s.owner = follow_cut(s.owner[None], cut.keep[:1], None if cut.groups is None else cut.groups[:1], n)[0]
+            s.merged = s.merged or cut.groups is not None
             kept = cut.keep[0, 1:] - 1
             new_rows, s.sizes = cut_units(rows.reshape(n, u, -1), s.sizes, cut, self.method.name)
             s.units = s.units[kept.cpu()]

@@ -158,10 +158,20 @@ class Method:
     """Human-readable names of the signals used, for ``list_methods()``."""
     any_count: ClassVar[bool] = True
     """The method can keep any k in [1, N]; adaptive budgets (a count per image) need that."""
+    param_help: ClassVar[dict[str, str]] = {}
+    """One line per constructor argument: what it changes (``tokensieve methods NAME`` prints it beside the default;
+    a test requires every argument to have one)."""
 
     def request(self, num_layers: int, feature_layer: int) -> Request:
         """Signals needed, given the encoder depth and the hidden_states index the LM consumes."""
         return Request()
+
+    def check_depth(self, num_layers: int, feature_layer: int) -> None:
+        """Raise ``ValueError`` (naming the parameter, its value and the valid range) when a layer this method's
+        parameters name does not exist on an encoder of ``num_layers`` layers whose features are
+        ``hidden_states[feature_layer]``. Called at ``apply()`` with the model's real depth, so a bad layer fails
+        before any call; by default, asking for the signals is the check."""
+        self.request(num_layers, feature_layer)
 
     def select(self, signals: Signals, k: int) -> Selection:
         raise NotImplementedError
@@ -273,6 +283,9 @@ class EncoderMethod(Method):
     def plan(self, num_layers: int, feature_layer: int) -> EncoderPlan:
         raise NotImplementedError
 
+    def check_depth(self, num_layers: int, feature_layer: int) -> None:
+        self.plan(num_layers, feature_layer)
+
     def cut(self, state: EncoderState) -> EncoderCut | None:
         raise NotImplementedError
 
@@ -363,6 +376,14 @@ class LLMMethod(Method):
     def select_llm(self, signals: LLMSignals, ks: list[int | None]) -> list[torch.Tensor]:
         """Per image, ascending indices into that image's current visual tokens to keep (``ks[i]`` of them)."""
         raise NotImplementedError
+
+    def check_depth(self, num_layers: int, feature_layer: int | None = None) -> None:
+        """In-LLM methods name decoder layers: ``num_layers`` is the LM's depth. A schedule that keeps everything
+        must exist at any budget; when it does not, a layer parameter does not fit this LM."""
+        for layer, _ in self.schedule(1, num_layers, 1 if self.budgeted else None):
+            if not 1 <= layer < num_layers:
+                raise ValueError(f"{self.name} plans a boundary at decoder layer {layer}; it must lie in "
+                                 f"1..{num_layers - 1} for a {num_layers}-layer LM")
 
 
 def averaged_tokens(n: int, num_layers: int, plan: list[tuple[int, int]]) -> float:

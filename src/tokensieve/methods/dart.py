@@ -25,6 +25,11 @@ class DART(LLMMethod):
     name = "dart"
     description = "in-LLM: key-norm pivots, keep visual tokens least duplicated by them (attention-free)"
     signals = ("keys (layer K-1)", "hidden states (layer K)")
+    param_help = {
+        "layer": "K: the first decoder layer run without the pruned tokens",
+        "pivots_image": "visual pivot tokens (largest key L1 norm), always kept",
+        "pivots_text": "text pivot tokens whose duplicates are also avoided",
+    }
     needs_keys = True
 
     def __init__(self, layer: int = 2, pivots_image: int = 4, pivots_text: int = 4) -> None:

@@ -21,6 +21,9 @@ class FasterVLM(Method):
     description = "Keep the top-k patches by [CLS] attention (head mean) at the feature layer."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (feature layer)",)
+    param_help = {
+        "layer": "encoder layer (0-based) whose CLS attention ranks patches; None: the layer producing the features",
+    }
 
     def __init__(self, layer: int | None = None):
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
@@ -30,7 +33,7 @@ class FasterVLM(Method):
     def _layer(self, num_layers: int, feature_layer: int) -> int:
         layer = self.layer if self.layer is not None else feature_layer - 1
         if not 0 <= layer < num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this encoder, got {layer}")
+            raise ValueError(f"fastervlm layer={layer} must be in [0, {num_layers - 1}] for this encoder")
         return layer
 
     def request(self, num_layers: int, feature_layer: int) -> Request:

@@ -22,14 +22,21 @@ from .base import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
 def single_boundary(n: int, num_layers: int, target: int, layer: int, name: str) -> list[tuple[int, int]]:
     """Keep count from ``layer`` on that makes the layer average ``target`` (shared by one-boundary methods)."""
     if not 0 < layer < num_layers:
-        raise BudgetError(f"{name}: pruning layer {layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM")
+        raise BudgetError(f"{name} layer={layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM (the "
+                          "first decoder layer run without the pruned tokens)")
     k = round((target * num_layers - layer * n) / (num_layers - layer))
     if k < 1:
         floor = -(-(layer * n + num_layers - layer) // num_layers)
+        earlier = [e for e in range(layer - 1, 0, -1) if round((target * num_layers - e * n) / (num_layers - e)) >= 1]
+        if earlier:
+            fix = (f"prune after an earlier layer: layer={earlier[0]} reaches it (Sieve({name!r}, {target}, "
+                   f"layer={earlier[0]}); on the command line --param {name}.layer={earlier[0]})")
+        else:
+            fix = (f"no layer reaches it; raise the budget to at least {-(-(n + num_layers - 1) // num_layers)}, or "
+                   f"select before the LM (--method evocut+{name} --budget {min(n, 2 * target)}+{target})")
         raise BudgetError(
             f"{name} prunes after layer {layer}, so {n} visual tokens run through {layer} of {num_layers} layers: "
-            f"a layer-averaged budget of {target} is out of reach (at least {floor}); use an earlier layer or a "
-            "pre-LLM method in front"
+            f"a layer-averaged budget of {target} is out of reach (at least {floor}); {fix}"
         )
     return [(layer, min(k, n))]
 
@@ -39,6 +46,9 @@ class FastV(LLMMethod):
     name = "fastv"
     description = "in-LLM: after layer K, keep visual tokens with the most last-token attention at layer K-1"
     signals = ("last-token attention (layer K-1)",)
+    param_help = {
+        "layer": "K: the first decoder layer run without the pruned tokens (scored by layer K-1's attention)",
+    }
     query = QUERY_LAST
     attention_from = "previous"
 

@@ -54,6 +54,10 @@ class FlowCut(EncoderMethod):
     name = "flowcut"
     description = "Prune patches every second encoder layer by CLS attention + value relevance x value density (EMA)."
     signals = ("CLS attention (every layer)", "values (every layer)")
+    param_help = {
+        "ema": "weight of the running score against the new layer's score, in [0, 1)",
+        "skip_unused_layers": "stop the encoder after the layer the LM reads (no output changes; saves compute)",
+    }
 
     def __init__(self, ema: float = 0.5, skip_unused_layers: bool = True):
         if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:

@@ -36,6 +36,11 @@ class HiPrune(Method):
     description = "Anchors (object-layer attention) + their 4-neighbours + registers (output-layer attention)."
     stage = PRE_PROJECTOR
     signals = ("attention received (object layer)", "attention received (output layer)")
+    param_help = {
+        "object_layer": "encoder layer (0-based) whose received attention picks anchors; None: 9/24 of the depth",
+        "output_layer": "encoder layer whose received attention picks registers; None: the layer producing the features",
+        "alpha": "anchor share: max(1, round(k * alpha / 5)) anchors, in [0, 5]",
+    }
 
     def __init__(self, object_layer: int | None = None, output_layer: int | None = None, alpha: float = 0.1):
         _layer_arg("object_layer", object_layer)

@@ -14,6 +14,8 @@ the ratio, boundaries as given).
 
 from __future__ import annotations
 
+import math
+
 from ..errors import BudgetError
 from . import register
 from .base import QUERY_LAST, LLMMethod, LLMSignals, averaged_tokens, per_segment_topk
@@ -28,6 +30,11 @@ class PyramidDrop(LLMMethod):
     name = "pdrop"
     description = "in-LLM: boundaries at depth fractions, cumulative ratios lambda^s, last-instruction attention"
     signals = ("last-instruction-token attention (boundary layer q/k)",)
+    param_help = {
+        "layers": "boundaries as increasing depth fractions of the LM, e.g. (0.25, 0.5, 0.75)",
+        "ratio": "lambda, the keep ratio per boundary (cumulative); None: solved so the layer average meets the budget",
+        "early_first_layer": "first boundary of the fallback schedule used when the budget is below what `layers` reach",
+    }
     query = QUERY_LAST
     attention_from = "current"
 
@@ -49,17 +56,30 @@ class PyramidDrop(LLMMethod):
         else:
             out = [round(f * num_layers) for f in self.layers]
         if out[0] < 1 or out[-1] >= num_layers or len(set(out)) != len(out):
-            raise BudgetError(f"pdrop boundaries {out} do not fit a {num_layers}-layer LM")
+            raise BudgetError(
+                f"pdrop boundaries at layers {out} do not fit a {num_layers}-layer LM: each of the {len(out)} boundaries "
+                f"needs its own layer in 1..{num_layers - 1}; give fewer depth fractions (layers=...; on the command "
+                "line e.g. --param pdrop.layers=(0.5,)) or a deeper LM"
+            )
         return out
 
     def schedule(self, n, num_layers, target):
         layers = self.boundaries(num_layers)
         if self.ratio is not None:
             return _plan(n, layers, self.ratio)
+        floor, misfit = None, ""
         for early in (False, True):
-            layers = self.boundaries(num_layers, early)
+            try:
+                layers = self.boundaries(num_layers, early)
+            except BudgetError:
+                misfit = (f"; its fallback schedule from early_first_layer={self.early_first_layer} does not fit "
+                          f"{num_layers} layers")
+                break
+            lowest = averaged_tokens(n, num_layers, _plan(n, layers, 1e-9))
+            if floor is None or lowest < floor[0]:
+                floor = (lowest, layers)
             lo, hi = 0.0, 1.0
-            if averaged_tokens(n, num_layers, _plan(n, layers, 1e-9)) > target:
+            if lowest > target:
                 continue  # even dropping everything at the first boundary averages too much
             for _ in range(60):
                 mid = (lo + hi) / 2
@@ -68,10 +88,13 @@ class PyramidDrop(LLMMethod):
                 else:
                     lo = mid
             return _plan(n, layers, lo)
-        floor = averaged_tokens(n, num_layers, _plan(n, layers, 1e-9))
+        least = math.ceil(floor[0])
+        earlier = (" move the first boundary earlier (early_first_layer=1; on the command line --param "
+                   "pdrop.early_first_layer=1)," if floor[1][0] > 1 else "")
         raise BudgetError(
-            f"pdrop cannot average {target} visual tokens per layer with its first boundary at layer {layers[0]} "
-            f"(at least {floor:.0f} of {n}); lower early_first_layer or put a pre-LLM method in front"
+            f"pdrop cannot average {target} visual tokens per layer on this {num_layers}-layer LM: with boundaries at "
+            f"layers {floor[1]} it keeps at least {least} of {n}{misfit}; raise the budget to at least {least},"
+            f"{earlier} or select before the LM (--method evocut+pdrop --budget {min(n, 2 * target)}+{target})"
         )
 
     def select_llm(self, signals: LLMSignals, ks):

@@ -64,6 +64,12 @@ class ToDRE(Method):
     description = "max-sum diversity after the projector (CLS pivot) + in-LLM removal of all visual tokens below tau"
     stage = POST_PROJECTOR
     signals = ("projected tokens", "[CLS] attention (last encoder layer)", "text-query attention (7/8 depth)")
+    param_help = {
+        "objective": "'max_sum' (v2: lowest summed similarity) or 'max_min' (v1: greedy k-center)",
+        "relevance": "run the in-LLM stage that drops every visual token once text stops attending to them",
+        "tau": "in-LLM stage: drop all visual tokens when the text-to-visual attention share is below tau",
+        "check_layers": "in-LLM stage: depth fractions of the LM where the share is checked",
+    }
 
     def __init__(self, objective: str = "max_sum", relevance: bool = True, tau: float = 0.10,
                  check_layers: tuple[float, ...] = (7 / 8,)) -> None:

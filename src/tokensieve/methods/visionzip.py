@@ -42,6 +42,10 @@ class VisionZip(Method):
     description = "Dominant tokens by [CLS] attention plus contextual tokens merging the rest by key similarity."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (feature layer)", "keys (feature layer)", "CLS hidden state")
+    param_help = {
+        "contextual": "contextual (merged) tokens out of the budget; None: round(k * 5 / 32), the paper's split",
+        "include_cls": "keep the CLS hidden state as the first dominant token",
+    }
 
     def __init__(self, contextual: int | None = None, include_cls: bool = True):
         if contextual is not None and (

@@ -81,6 +81,11 @@ class VisPruner(FasterVLM):
     description = "Important tokens by [CLS] attention, then diverse ones by dropping near-duplicates of the rest."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (feature layer)", "vision features")
+    param_help = {
+        "important_ratio": "share of the budget taken by [CLS] attention (the official important_ratio); the rest "
+                           "goes to diverse tokens",
+        "layer": "encoder layer (0-based) whose CLS attention ranks patches; None: the layer producing the features",
+    }
 
     def __init__(self, important_ratio: float = 0.5, layer: int | None = None):
         if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) or not (

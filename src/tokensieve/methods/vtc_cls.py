@@ -23,6 +23,10 @@ class VtcCls(Method):
     description = "Keep the top-k patches by [CLS] attention (head mean) summed over a range of encoder layers."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (layer range)",)
+    param_help = {
+        "start_layer": "first encoder layer (0-based) whose CLS attention is summed; None: half the depth",
+        "end_layer": "last layer summed; None: the feature layer, clamped to the last layer",
+    }
 
     def __init__(self, start_layer: int | None = None, end_layer: int | None = None):
         for name, v in (("start_layer", start_layer), ("end_layer", end_layer)):
@@ -34,7 +38,11 @@ class VtcCls(Method):
         end = min(feature_layer, num_layers - 1) if self.end_layer is None else self.end_layer
         start = num_layers // 2 if self.start_layer is None else self.start_layer
         if not 0 <= start <= end < num_layers:
-            raise ValueError(f"need 0 <= start_layer <= end_layer < {num_layers}, got {start}..{end}")
+            given = lambda v: "" if v is not None else " (default)"  # noqa: E731
+            raise ValueError(
+                f"vtc_cls needs 0 <= start_layer <= end_layer <= {num_layers - 1} (the encoder's layers), got "
+                f"start_layer={start}{given(self.start_layer)}, end_layer={end}{given(self.end_layer)}"
+            )
         return tuple(range(start, end + 1))
 
     def request(self, num_layers: int, feature_layer: int) -> Request:
