@@ -197,7 +197,7 @@ def test_refusals(tiny, single):
     with pytest.raises(StageError, match="one adaptive budget per sieve"):
         Sieve(["evocut", "fastv"], [Adaptive(32), Adaptive(16)])
     with pytest.raises(BudgetError, match="criterion='coverage'"):
-        Sieve("fastv", Adaptive(16, criterion="scores")).calibrate(model, [single])
+        Sieve("fastv", Adaptive(16, criterion="scores"), layer=1).calibrate(model, [single])  # 2-layer LM
     with pytest.raises(StageError, match="pooled grid"):
         Sieve("pool", Adaptive(16))
     with pytest.raises(BudgetError, match="fits adaptive budgets"):

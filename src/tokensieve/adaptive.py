@@ -64,9 +64,10 @@ import numbers
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import BudgetError, BudgetTypeError
 
@@ -237,6 +238,8 @@ def coverage_residuals(features: torch.Tensor, hi: int, reduce: str = "mean") ->
     The first pick is the medoid (the candidate nearest to all others on average), then always the candidate
     farthest from the picks so far. Non-increasing in k.
     """
+    import torch
+
     from .methods.divprune import cosine_distances
 
     b, n, _ = features.shape
@@ -257,6 +260,8 @@ def coverage_residuals(features: torch.Tensor, hi: int, reduce: str = "mean") ->
 
 def score_residuals(scores: torch.Tensor, hi: int) -> torch.Tensor:
     """[B, hi] float64: 1 - share of the non-negative score mass in the top k, for k = 1..hi."""
+    import torch
+
     p = scores.double().clamp_min(0.0)
     total = p.sum(dim=-1, keepdim=True)
     p = torch.where(total > 0, p / total.clamp_min(1e-300), torch.full_like(p, 1.0 / p.shape[-1]))
@@ -320,6 +325,8 @@ class Calibration:
 
 def fit(records: list) -> Calibration:
     """The threshold at which the rule's counts total the target on ``records`` (water-filling, see the docstring)."""
+    import torch
+
     if not records:
         raise BudgetError("calibration saw no image: give at least one batch with images")
     windows = [r[0] for r in records]
@@ -354,6 +361,8 @@ def select_each(method, signals, k) -> list:
 
 def adaptive_counts(target: AdaptiveTarget, method, signals) -> list[int]:
     """Per candidate set, the count the adaptive rule gives (the mean while a calibration is recording)."""
+    import torch
+
     if not target.lo <= target.mean <= target.hi:
         raise BudgetError(f"adaptive bounds {target.lo} <= {target.mean} <= {target.hi} do not hold")
     records = _RECORDING.get()
@@ -381,6 +390,8 @@ def adaptive_counts(target: AdaptiveTarget, method, signals) -> list[int]:
 
 def lm_input_features(kwargs: dict) -> list[torch.Tensor]:
     """Per report entry (images, then videos), the visual tokens an adapter hands the LM (``mm_encoder_outputs``)."""
+    import torch
+
     out: list[torch.Tensor] = []
     for key in ("image", "video"):
         entry = (kwargs.get("mm_encoder_outputs") or {}).get(key)
