@@ -278,6 +278,8 @@ def test_in_encoder_counts_and_refusals(idf_deep, batch, method):
         kept = [im.tokens_out for im in sieve.last_report.images]
         if scope == "crop":
             assert kept == [3] * sum(crops)
+            if method == "flowcut":  # the last layer produces the features: it runs on 3 groups of 4 patches
+                assert sieve.last_report.encoder_layer_tokens[-1] == 3 * 4
         else:
             bounds = torch.tensor([0] + crops).cumsum(0).tolist()
             assert [sum(kept[a:b]) for a, b in zip(bounds, bounds[1:])] == [7] * len(crops)

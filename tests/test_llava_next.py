@@ -198,6 +198,8 @@ def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
     with sieve(model):
         _gen(model, filled, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    if method == "flowcut":  # FlowCut's schedule: the last cut is after layer 1, so layer 2 (features) runs on 5 + CLS
+        assert sieve.last_report.encoder_layer_tokens == [SIDE * SIDE + 1, SIDE * SIDE + 1, 6, 0]
     with sieve(model):
         _gen(model, batch, n=2)
     # the encoder sees whole crops: a kept patch that unpadding removes is dropped, so padded crops keep at most 5

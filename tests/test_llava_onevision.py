@@ -137,6 +137,8 @@ def test_in_encoder_on_the_cls_free_tower(onevision, batch, vanilla, filled_imag
     with sieve(model):
         greedy(model, filled_images, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    if method == "flowcut":  # SigLIP's last layer produces the features: it already runs on the 5 kept rows
+        assert sieve.last_report.encoder_layer_tokens[-1] == 5
     video = Sieve(method, 2, scope="frame")  # 2 of the 4 pooled tokens of each frame, plus the video's newline
     with video(model):
         greedy(model, batch, n=2)

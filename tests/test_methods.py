@@ -544,8 +544,10 @@ def test_vtc_cls_sums_cls_attention_over_its_layers():
     total = sum(signals.cls_attention[i].mean(dim=1) for i in (2, 3, 4))
     for b in range(B):
         assert sel.indices[b].tolist() == sorted(total[b].topk(7).indices.tolist())
-    # defaults: layers num_layers // 2 .. feature_layer (3..5 here)
-    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4, 5)
+    # defaults: layers num_layers // 2 .. the one producing the features (3..4 here), as the official code sums
+    # every attention map but the last (CLIP-L read at hidden_states[-2]: layers up to 22 of 0..23)
+    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4)
+    assert get_method("vtc_cls")(start_layer=12).request(24, 23).cls_attention == tuple(range(12, 23))
 
 
 def test_hiprune_keeps_anchors_their_neighbours_then_registers():
@@ -553,13 +555,71 @@ def test_hiprune_keeps_anchors_their_neighbours_then_registers():
     rows, cols = GRID
     obj, out = 1, 4
     signals.attention_received[out][:] = torch.linspace(0, 1, N)  # registers: the last patches first
-    for anchor, buffers in ((2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),
-                            (cols, {cols + 1, 0, 2 * cols})):  # on the left edge: no wrap to the row above
+    for anchor, buffers in (
+        (2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),  # inside: the four neighbours
+        (cols, {cols - 1, cols + 1, 0, 2 * cols}),  # left edge: "left" wraps to the end of the row above
+        (cols - 1, {cols - 2, cols, 0, 2 * cols - 1}),  # top-right corner: "right" wraps, "up" is clamped to 0
+        (0, {1, cols}),  # top-left corner: "left" and "up" are clamped onto the anchor itself
+        (N - 1, {N - 2, N - 1 - cols}),  # bottom-right corner: "right" and "down" are clamped onto the anchor
+        (N - 3, {N - 4, N - 2, N - 3 - cols, N - 1}),  # bottom row: "down" is clamped to the last patch
+    ):
         signals.attention_received[obj][:] = 0.01
         signals.attention_received[obj][:, anchor] = 1.0
         # k = 10, alpha = 0.5: round(10 * 0.5 / 5) = 1 anchor
         sel = run("hiprune", signals, 10, object_layer=obj, output_layer=out, alpha=0.5)
         chosen = {anchor} | buffers
-        registers = set(range(N - (10 - len(chosen)), N))
+        rest = [i for i in range(N) if i not in chosen]
+        registers = set(rest[len(rest) - (10 - len(chosen)):])
         for b in range(B):
             assert set(sel.indices[b].tolist()) == chosen | registers
+
+
+def _official_hiprune(shallow, deep, k, alpha, width):
+    """The official LLaVA selection written out from its description, on one image's received attention [N]:
+    ``round(k * alpha / 5)`` anchors, their +-1 and +-width raster neighbours clamped to the grid, de-duplicated,
+    then the best of the rest by output-layer attention (chosen patches lowered by 1)."""
+    n = shallow.shape[0]
+    anchors = torch.topk(shallow, round(k * alpha / 5)).indices
+    near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1).unique()
+    deep = deep - torch.zeros(n).index_fill(0, near, 1)
+    return sorted(torch.cat([near, torch.topk(deep, k - near.numel()).indices]).tolist())
+
+
+@pytest.mark.parametrize("grid", [(24, 24), (5, 7)])
+def test_hiprune_keeps_what_the_official_selection_keeps(grid):
+    """Random received attention (peaked, so anchors often sit on the border), budgets on both sides of 25 where
+    the anchor count drops to zero: the kept sets equal the official selection's."""
+    n = grid[0] * grid[1]
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        sig = make_signals(seed=seed, b=1, grid=grid)
+        shallow = (torch.randn(1, n, generator=g) * 3).softmax(-1)
+        edge = [i for i in range(n) if i % grid[1] in (0, grid[1] - 1) or i // grid[1] in (0, grid[0] - 1)]
+        shallow[0, edge[seed % len(edge)]] = 1.0  # the strongest anchor on the border
+        deep = (torch.randn(1, n, generator=g) * 2).softmax(-1)
+        sig.attention_received = {1: shallow, 4: deep}
+        for k in sorted({3, 20, 25, 26, min(64, n), min(128, n), min(192, n)}):
+            for alpha in (0.1, 0.5):  # anchors and buffers never exceed k (the official code fails then)
+                sel = run("hiprune", sig, k, object_layer=1, output_layer=4, alpha=alpha)
+                assert sel.indices[0].tolist() == _official_hiprune(shallow[0], deep[0], k, alpha, grid[1])
+
+
+def test_hiprune_overflowing_anchors_and_buffers_keep_anchors_then_the_strongest_buffers():
+    """alpha = 5 makes every slot an anchor's worth: anchors and buffers exceed k (the official code fails there);
+    the anchors stay and the rest of k goes to buffers by object-layer attention."""
+    sig = make_signals(b=1)
+    obj = torch.linspace(1, 0, N)[None]  # object-layer attention falls with the raster index
+    sig.attention_received = {1: obj, 4: torch.rand(1, N)}
+    sel = run("hiprune", sig, 3, object_layer=1, output_layer=4, alpha=5.0)  # 3 anchors: 0, 1, 2
+    assert sel.indices.tolist() == [[0, 1, 2]]
+    sel = run("hiprune", sig, 2, object_layer=1, output_layer=4, alpha=2.5)  # 1 anchor (0), buffers 1 and 6
+    assert sel.indices.tolist() == [[0, 1]]
+
+
+def test_topk_sorted_orders_close_scores_by_value_and_exact_ties_by_index():
+    from tokensieve.methods.base import topk_sorted
+
+    assert topk_sorted(torch.tensor([[1e-12, 1.5e-12]]), 1).tolist() == [[1]]  # distinct, however close
+    assert topk_sorted(torch.tensor([[2.0, 1e-13, 3e-13, 2e-13]]), 2).tolist() == [[0, 2]]
+    assert topk_sorted(torch.tensor([[0.5, 1.0, 0.5, 1.0, 0.5]]), 3).tolist() == [[0, 1, 3]]  # ties: lower index
+    assert topk_sorted(torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float16), 2).tolist() == [[0, 1]]

@@ -276,6 +276,8 @@ def test_in_encoder_keep_all_and_counts(qwen2, batch2, method):
             out = _gen(model, batch2, n=2)
         rep = sieve.last_report
         assert [im.tokens_out for im in rep.images] == counts
+        if method == "flowcut":  # the last cut is before the last block, which produces the merger's input
+            assert rep.encoder_layer_tokens[-1] < rep.encoder_layer_tokens[-2]
         assert (rep.input_ids == model.config.image_token_id).sum() + (rep.input_ids == model.config.video_token_id).sum() == sum(counts)
         assert torch.equal(out[:, : batch2["input_ids"].shape[1]], batch2["input_ids"])
         if scope == "image":

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
 from ..capture import TokenMeter
-from ..errors import BudgetError, ParameterError, PlaceholderError, UnsupportedModelError
+from ..errors import BudgetError, ParameterError, PlaceholderError, StageError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..report import ImageReport, SieveReport
@@ -232,6 +232,14 @@ class Adapter(ABC):
     def llm_parts(self, layer):
         """How to score with one decoder layer; families whose layers differ from Llama's override this."""
         return llama_style_parts(layer)
+
+    def final_norm(self):
+        """The language model's final norm (applied after its last decoder layer), for in-LLM methods that compare
+        hidden states in that space (DART); Llama- and Qwen2-style LMs call it ``norm``."""
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None:
+            raise StageError(f"cannot find the final norm of the {self.family} language model (no `norm` module)")
+        return norm
 
     @abstractmethod
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:

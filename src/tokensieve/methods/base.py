@@ -193,12 +193,10 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, returned in ascending (raster) order.
 
-    Ties are broken towards the lower index so that results do not depend on the top-k kernel.
+    Exact ties go to the lower index (a stable sort keeps equal scores in index order), so results do not depend
+    on the top-k kernel; distinct scores, however close, are never reordered.
     """
-    n = scores.shape[-1]
-    # a tiny, strictly decreasing offset makes the order total without changing any strict comparison
-    tie = torch.arange(n, device=scores.device, dtype=torch.float64) * (-1e-12)
-    order = torch.argsort(scores.double() + tie, dim=-1, descending=True, stable=True)[..., :k]
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k]
     return order.sort(dim=-1).values
 
 
@@ -327,7 +325,12 @@ class LLMSignals:
                  ``attention_from`` (not renormalised: ``attention.sum(-1)`` is each row's mass on visual keys).
     keys:        [n, H_kv * head_dim] post-RoPE keys of the visual tokens at the layer before the stage.
     text_keys / text_hidden: the same for the sample's real non-visual tokens (DART's text pivots).
+    positions / text_positions: [n] / [m] where the visual / text tokens sit in the sample's sequence as the LM
+                 received it, counting real tokens only (padding excluded). ``None``: visual tokens are taken as
+                 consecutive from 0 and text tokens as following them.
     layer:       the decoder layer that will be the first to run without the dropped tokens; num_layers: LM depth.
+
+    With ``LLMMethod.final_norm`` set, ``hidden`` and ``text_hidden`` have been through the LM's final norm.
     """
 
     hidden: torch.Tensor
@@ -338,6 +341,8 @@ class LLMSignals:
     keys: torch.Tensor | None = None
     text_keys: torch.Tensor | None = None
     text_hidden: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    text_positions: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -362,6 +367,8 @@ class LLMMethod(Method):
     """``previous``: attention of the layer before the boundary (FastV). ``current``: the boundary layer's own q/k on
     the hidden states entering it (PyramidDrop)."""
     needs_keys: ClassVar[bool] = False
+    final_norm: ClassVar[bool] = False
+    """True: the hidden states in :class:`LLMSignals` pass through the LM's final norm first (DART compares them so)."""
     budgeted: ClassVar[bool] = True
     """False for rules that decide counts themselves (ToDRE's relevance check); such stages take no budget."""
 

@@ -1,11 +1,16 @@
 """FasterVLM: keep the patches the [CLS] query attends to most.
 
 Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning" (FasterVLM), arXiv
-2412.01818. Choices: the score is the head-mean of the CLS attention row at the layer that *produces* the features
-the LM consumes (``feature_layer - 1``, i.e. CLIP layer 22 for LLaVA's ``hidden_states[-2]``), as in the official
-code; ``layer`` overrides it. Kept tokens stay in raster order; ties go to the lower index.
-"""
+2412.01818. Follows ``feature_select`` / ``encode_images`` of the official code (Theia-4869/FasterVLM @ f5d5f120,
+``llava/model/multimodal_encoder/clip_encoder.py`` and ``llava/model/llava_arch.py``): the score is the head-mean of
+the CLS attention row at the layer that *produces* the features the LM consumes (``feature_layer - 1``, i.e. CLIP
+layer 22 for LLaVA's ``hidden_states[-2]``); ``layer`` overrides it. Kept tokens stay in raster order. On the same
+inputs it keeps the same patches.
 
+Deliberate differences from the official code: exact ties go to the lower index; on LLaVA-NeXT the official code
+forces the ``spatial`` merge (no unpadding) and takes k per crop, while here the model's own merge is kept and the
+budget's scope sets the per-crop counts (the family adapter's rules, the same for every method).
+"""
 from __future__ import annotations
 
 import torch

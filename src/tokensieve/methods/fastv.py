@@ -1,15 +1,20 @@
 """FastV: after decoder layer K, keep the visual tokens the last prompt token attended to most.
 
-Scoring reads layer K-1's attention probabilities (head mean) of the last real token to the visual tokens; this
-is what the KV-cache implementation of FastV uses (the paper's text describes the average over all query tokens;
-we follow the code). Kept tokens keep their original RoPE phases.
+Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (FastV). Follows ``fastv_forward`` in the llava-hf
+``modeling_llama.py`` of the official code (pkunlp-icler/FastV @ d1659729): layer K-1's attention probabilities
+(head mean) of the last real token to the visual tokens score them, the top k stay from layer K on, in sequence
+order, with their original RoPE positions. The paper's text describes the average over all query tokens; the
+KV-cache implementation uses the last token, and so do we. On the same inputs and the same k it keeps the same
+tokens.
 
 Budget mapping: papers quote FastV at 192/128/64 as the *layer-averaged* number of visual tokens, so a budget T
 for an image of n tokens on an L-layer LM keeps ``k = round((T*L - K*n) / (L - K))`` from layer K on (LLaVA-1.5-7B,
 L=32, K=2, n=576: 192 -> 166, 128 -> 98, 64 -> 30; FastV's own R=50% is k=288, i.e. an average of 306). A budget
 below ``K*n/L`` cannot be reached without moving K and is refused.
-"""
 
+Deliberate differences from the official code: the count comes from that budget instead of the official
+``round(n * (1 - R))``; several images in one prompt each keep their own k; exact ties go to the lower index.
+"""
 from __future__ import annotations
 
 import torch

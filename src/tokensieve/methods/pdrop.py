@@ -1,17 +1,31 @@
 """PyramidDrop: several in-LLM boundaries, each keeping a geometrically smaller share of the visual tokens.
 
-At each boundary the boundary layer's own input norm and q/k projections (RoPE applied) score the visual tokens by
-the attention of the last instruction token (head mean); the top ``lambda**s * n`` stay (cumulative ratios). The
-published LLaVA-1.5 setting is boundaries at layers 8/16/24 of 32 with lambda 0.5 (a layer average of 270 of 576).
+Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
+Reduction". Follows ``pdrop_rank_drop`` in ``llava/model/modeling_llama_pdrop.py`` of the official code
+(Cooperx521/PyramidDrop @ 6444f304). At each boundary the boundary layer's own input norm and q/k projections
+(RoPE applied) score the visual tokens by the attention of the last instruction token (the prompt's last token;
+head mean, softmax over the whole causal row, not renormalised); the top ``lambda**s * n`` stay (cumulative
+ratios), in sequence order. The published LLaVA-1.5 setting is boundaries at layers 8/16/24 of 32 with lambda 0.5
+(a layer average of 270 of 576). With ``ratio`` the counts are ``int(n * lambda**s)`` (rounded down, at least 1),
+as the official ratio list gives them.
 
 Budget mapping (our reading; PyramidDrop's 192/128/64 rows in other papers tune layers and ratios by hand):
 the boundaries stay at the published depth fractions ``layers`` and lambda is solved so the layer-averaged count
-equals the budget. When the budget is below what those boundaries can reach (the first stage alone keeps n tokens
-for a quarter of the depth), the boundaries move to the "early" schedule: first at layer 2, the others evenly
-spaced over the rest of the depth, and lambda is solved again. ``ratio`` fixes lambda instead (budget ignored for
-the ratio, boundaries as given).
-"""
+equals the budget (counts rounded to nearest). When the budget is below what those boundaries can reach (the first
+stage alone keeps n tokens for a quarter of the depth), the boundaries move to the "early" schedule: first at
+layer 2, the others evenly spaced over the rest of the depth, and lambda is solved again. ``ratio`` fixes lambda
+instead (budget ignored for the ratio, boundaries as given).
 
+Deliberate differences from the official code, and why:
+
+* Positions: the official code renumbers the sequence contiguously after every boundary, so later layers, and the
+  scoring at the next boundary, run with shifted RoPE phases. Here kept tokens keep their original phases, as in
+  FastV's and DART's code: one in-LLM stage serves every method and family (Qwen's M-RoPE ids cannot be
+  renumbered that way). The first boundary scores exactly as the official code; from the second one on, on a real
+  model, the scores see slightly different hidden states and keys.
+* The official code takes its boundaries and ratios as lists; here they come from depth fractions and a budget
+  (above), or ``ratio``. Exact ties go to the lower index.
+"""
 from __future__ import annotations
 
 import math
@@ -65,8 +79,8 @@ class PyramidDrop(LLMMethod):
 
     def schedule(self, n, num_layers, target):
         layers = self.boundaries(num_layers)
-        if self.ratio is not None:
-            return _plan(n, layers, self.ratio)
+        if self.ratio is not None:  # the official counts: int() of the original count times the cumulative ratio
+            return [(layer, max(1, int(n * self.ratio ** (s + 1)))) for s, layer in enumerate(layers)]
         floor, misfit = None, ""
         for early in (False, True):
             try:

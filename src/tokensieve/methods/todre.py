@@ -1,5 +1,9 @@
 """ToDRE: diverse tokens before the LM, then all visual tokens leave the LM once the text stops looking at them.
 
+Li et al., "Effective Visual Token Pruning via Token Diversity and Task Relevance" (ToDRE), arXiv 2505.18757 v2.
+No official code was found (reference notes, section 20); this follows the paper's text and its Algorithm 1, with
+the readings below.
+
 Stage 1 (after the projector, in the LM embedding space): the pivot is the token with the highest head-mean [CLS]
 attention of the vision encoder's last layer; then greedy max-sum diversification adds, k-1 times, the token whose
 summed cosine similarity to the chosen set is lowest (O(n*k*d), no n x n matrix). ``objective="max_min"`` gives
