@@ -11,6 +11,7 @@ from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
 from .conftest import N_TOKENS, batch_and_singles, prompt
+from .families import assert_vispruner_ranks_like_fastervlm
 
 ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
 # in-encoder methods have their own hand-written reference in test_encoder_stage.py
@@ -127,7 +128,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune", "evoprune", "flowcut"])
+@pytest.mark.parametrize("method", ["evocut", "visionzip", "vispruner", "divprune", "evoprune", "flowcut"])
 def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_side):
     model, processor = tiny
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
@@ -433,3 +434,10 @@ def test_sieved_generate_encodes_without_autograd(tiny, single):
     finally:
         hook.remove()
     assert seen == [False]
+
+
+def test_vispruner_important_tokens_are_fastervlms(tiny, images):
+    model, processor = tiny
+    texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
+    batch = processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+    assert_vispruner_ranks_like_fastervlm(model, batch, 10)

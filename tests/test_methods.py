@@ -47,17 +47,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
 
 def image(signals: Signals, i: int) -> Signals:
     """The signals of image ``i`` alone, as a batch of one."""
-    return Signals(
-        features=signals.features[i : i + 1],
-        layout=signals.layout,
-        num_layers=signals.num_layers,
-        feature_layer=signals.feature_layer,
-        hidden_states={k: v[i : i + 1] for k, v in signals.hidden_states.items()},
-        cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
-        keys={k: v[i : i + 1] for k, v in signals.keys.items()},
-        cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
-        attention_received={k: v[i : i + 1] for k, v in signals.attention_received.items()},
-    )
+    return signals.row(i)
 
 
 def run(name: str, signals: Signals, k: int, **params) -> Selection:
@@ -83,10 +73,12 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 def test_registry_lists_every_method():
     assert method_names() == sorted(
-        ["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune", "flowcut", "hiprune",
-         "vtc_cls", "todre", "fastv", "pdrop", "dart"]
+        ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "evoprune", "flowcut",
+         "hiprune", "vtc_cls", "todre", "fastv", "pdrop", "dart"]
     )
-    assert PRE == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre", "hiprune", "vtc_cls"])
+    assert PRE == sorted(
+        ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "todre", "hiprune", "vtc_cls"]
+    )
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
@@ -290,6 +282,97 @@ def test_fastervlm_keeps_top_k_of_head_mean():
     assert other.select(signals, 3).indices.tolist() == [[2, 4, 5]]
     with pytest.raises(ValueError, match="layer"):
         get_method("fastervlm")(layer=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- vispruner
+
+
+def official_vispruner(attention: torch.Tensor, features: torch.Tensor, k: int, ratio: float) -> list[int]:
+    """What the official ``encode_images`` keeps for one image, step by step on Python lists.
+
+    ``attention`` [H, N] is the CLS row of the feature layer, ``features`` [N, d] the vision features. Written from
+    the official code's behaviour (Theia-4869/VisPruner): top int(k * ratio) by head-mean attention, then rounds
+    that split the rest (attention order) into even / odd positions, drop the min(8, excess) even-position tokens
+    with the highest best-match cosine to the odd ones, and put the survivors (most similar first) before the odd
+    ones. The asserts mark where the official indexing would fail; callers pick inputs where it does not.
+    """
+    n = attention.shape[1]
+    score = attention.double().mean(0).tolist()
+    order = sorted(range(n), key=lambda i: -score[i])
+    important_n = int(k * ratio)
+    diverse_n = k - important_n
+    important, residual = order[:important_n], order[important_n:]
+    unit = (features.double() / features.double().norm(dim=-1, keepdim=True)).tolist()
+    while diverse_n > 0:
+        step = min(8, len(residual) - diverse_n)
+        if step <= 0:
+            break
+        assert len(residual) % 2 == 0 and step <= len(residual) // 2, "the official indexing would fail here"
+        evens, odds = residual[0::2], residual[1::2]
+        best = [max(sum(x * y for x, y in zip(unit[a], unit[b])) for b in odds) for a in evens]
+        by_similarity = sorted(range(len(evens)), key=lambda j: -best[j])
+        residual = [evens[j] for j in by_similarity[step:]] + odds
+    return sorted(important + (residual if diverse_n > 0 else []))
+
+
+def _vispruner_signals(seed: int, b: int, side: int, d: int = 12) -> Signals:
+    g = torch.Generator().manual_seed(seed)
+    n = side * side
+    return Signals(
+        features=torch.randn(b, n, d, generator=g, dtype=torch.float64).float(),
+        layout=Layout(grid=(side, side)),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        cls_attention={FEATURE_LAYER - 1: torch.softmax(torch.randn(b, HEADS, n, generator=g) * 2, dim=-1)},
+    )
+
+
+@pytest.mark.parametrize(
+    "side,k,ratio",
+    # the README's examples (576 tokens: 128 = 64 + 64, 64 = 48 + 16), other budgets the official code runs, and
+    # the default model's 144-token grid
+    [(24, 128, 0.5), (24, 64, 0.75), (24, 192, 0.5), (24, 32, 0.5), (24, 576, 0.5), (12, 36, 0.5), (12, 72, 0.5),
+     (12, 36, 0.0), (12, 20, 1.0)],
+)
+def test_vispruner_keeps_what_the_official_code_keeps(side, k, ratio):
+    signals = _vispruner_signals(side * 1000 + k, 2, side)
+    sel = get_method("vispruner")(important_ratio=ratio).select(signals, k)
+    for i in range(2):
+        expected = official_vispruner(signals.cls_attention[FEATURE_LAYER - 1][i], signals.features[i], k, ratio)
+        assert sel.indices[i].tolist() == expected
+    torch.testing.assert_close(sel.scores, signals.cls_attention[FEATURE_LAYER - 1].mean(1))
+
+
+def test_vispruner_drops_duplicates_of_the_diverse_half_by_hand():
+    # attention order 5, 2, 7, 0, 3, 6, 1, 4; k = 6 with 2 important (5, 2); residual 7, 0, 3, 6, 1, 4 must lose 2.
+    # One round: A = 7, 3, 1 and B = 0, 6, 4. 7 duplicates 6 and 1 duplicates 4, 3 is unique -> 7 and 1 go.
+    rank = [5, 2, 7, 0, 3, 6, 1, 4]
+    attention = torch.zeros(1, 1, 8)
+    for pos, token in enumerate(rank):
+        attention[0, 0, token] = 1.0 - pos / 10
+    vectors = {5: 0, 2: 1, 7: 2, 6: 2, 0: 3, 3: 4, 1: 5, 4: 5}  # token -> basis direction
+    features = torch.stack([torch.eye(8)[vectors[t]] for t in range(8)]).unsqueeze(0)
+    signals = Signals(features=features, layout=Layout(grid=(2, 4)), num_layers=NUM_LAYERS,
+                      feature_layer=FEATURE_LAYER, cls_attention={FEATURE_LAYER - 1: attention})
+    assert get_method("vispruner")(important_ratio=0.34).select(signals, 6).indices.tolist() == [[0, 2, 3, 4, 5, 6]]
+    # FasterVLM on the same attention keeps the top 6 and so both copies of the duplicated direction
+    assert get_method("fastervlm")().select(signals, 6).indices.tolist() == [[0, 2, 3, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("side,k", [(12, 18), (24, 9), (12, 3), (12, 1)])
+def test_vispruner_keeps_exactly_k_where_the_official_indexing_fails(side, k):
+    # 144 tokens, k = 18: the residual (135) is odd; 576 tokens, k = 9: the last round asks for 7 of 6 A tokens
+    signals = _vispruner_signals(7, 2, side)
+    with pytest.raises(AssertionError, match="official indexing"):
+        official_vispruner(signals.cls_attention[FEATURE_LAYER - 1][0], signals.features[0], k, 0.5)
+    sel = get_method("vispruner")().select(signals, k)
+    assert sel.indices.shape == (2, k)
+    important = int(k * 0.5)
+    for i in range(2):
+        top = signals.cls_attention[FEATURE_LAYER - 1][i].mean(0).argsort(descending=True)[:important].tolist()
+        assert set(top) <= set(sel.indices[i].tolist())
+    with pytest.raises(ValueError, match="important_ratio"):
+        get_method("vispruner")(important_ratio=1.5)
 
 
 # ---------------------------------------------------------------------------------------------------- visionzip

@@ -13,7 +13,7 @@ from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.qwen_vl import QwenVLAdapter
 
-from .families import CutUnits, assert_unit_cut_equals_pick, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
+from .families import CutUnits, assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
@@ -347,3 +347,24 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
     with pytest.raises(ValueError, match="groups"):
         with Sieve(CutUnits(1, units, merge=True, tell=False), len(units), scope="frame")(model):
             _logits(model, batch2)
+
+
+def test_vispruner_important_tokens_use_the_cls_free_fallback(qwen, batch):
+    """Images and video frames: VisPruner's important half is FasterVLM's received-attention ranking."""
+    model, _ = qwen
+    assert_vispruner_ranks_like_fastervlm(model, batch, 6)
+
+
+@pytest.mark.parametrize("method", ["evocut", "vispruner", "divprune"])
+def test_adaptive_budget_per_image_and_per_frame(qwen, batch, method):
+    from tokensieve import Adaptive
+
+    model, proc = qwen
+    frames = [demo_image(64, s) for s in range(4)]
+    singles = [
+        proc(["user : <image> what is this ? assistant :"], images=[demo_image(96, 0)]),
+        proc(["user : <video> <image> what ? assistant :"], images=[demo_image(64, 1)], videos=[frames]),
+    ]
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(6, 2, 12), method=method)
+    assert cal.sets == 4  # two images and the video's two temporal patches
+    assert all(2 <= c <= 12 for c in cal.counts)

@@ -27,10 +27,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "Sieve": "session", "SieveHandle": "session", "list_methods": "session", "MethodInfo": "session",
     "SieveReport": "report", "ImageReport": "report", "load_default_model": "loading", "load_model": "loading",
+    "Adaptive": "adaptive", "Calibration": "adaptive",
 }
 
 __all__ = [
-    "Sieve", "SieveHandle", "Budget", "Scope", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
+    "Sieve", "SieveHandle", "Budget", "Scope", "Adaptive", "Calibration", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
     "load_default_model", "load_model",
     "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
     "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError", "InputError",

@@ -22,9 +22,16 @@ VANILLA = "none"
 """Label of the full-token (uncompressed) configuration."""
 
 
-def parse_budget(text: str, option: str = "--budget") -> int | float:
-    """One budget value: an int (tokens) or a float in (0, 1] (keep ratio)."""
+def parse_budget(text: str, option: str = "--budget") -> int | float | str:
+    """One budget value: an int (tokens), a float in (0, 1] (keep ratio), or an adaptive budget's text
+    (``adaptive:MEAN[:MIN:MAX][@THRESHOLD]``, kept as text: ``Sieve`` parses it)."""
     text = text.strip()
+    if text.lower().startswith("adaptive"):
+        try:
+            Budget.parse(text)
+        except BudgetError as exc:
+            raise BudgetError(f"{option} {text}: {exc}") from None
+        return text
     try:
         value: int | float = int(text)
     except ValueError:
@@ -33,7 +40,7 @@ def parse_budget(text: str, option: str = "--budget") -> int | float:
         except ValueError:
             raise BudgetError(
                 f"{option} {text!r} is neither an int (tokens kept per image, e.g. 64) nor a float in (0, 1] "
-                "(keep ratio, e.g. 0.25)"
+                "(keep ratio, e.g. 0.25) nor an adaptive budget (adaptive:MEAN[:MIN:MAX][@THRESHOLD])"
             ) from None
     try:
         Budget.parse(value)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import capture_encoder, rows_per_sequence
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
@@ -177,6 +178,9 @@ class Idefics3Adapter(Adapter):
             crops = [i for i, g in enumerate(images) if g == img]
             total = budget.resolve(self.per_crop * len(crops), what="each image")
             c = len(crops)
+            if budget.is_adaptive:  # mean, min and max shared over the crops, each crop adapting on its own
+                out += [t.clamp(self.per_crop) for t in total.split(c)]
+                continue
             if total < c:
                 raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {c} crops of image {img}")
             out += [total // c + (1 if j < total % c else 0) for j in range(c)]
@@ -281,7 +285,7 @@ class Idefics3Adapter(Adapter):
                 k = shares[crops[0]] if len(crops) == 1 and budget.scope != Scope.GLOBAL else budget.resolve(
                     signals.num_tokens, what=f"the {len(crops)} crops of an image together"
                 )
-                sel = method.select(signals, k)
+                sel = select_each(method, signals, k)[0]
                 tokens = sel.output(signals.features).to(features.dtype)[0]
                 for c, part, tok in _split_selection(sel, tokens, len(crops), self.per_crop):
                     sels[crops[c]], out[crops[c]] = part, tok

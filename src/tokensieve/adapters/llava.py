@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals, pooling_head, rows_per_sequence
 from ..encoder_stage import run_encoder_stage
@@ -111,11 +112,13 @@ class LlavaAdapter(Adapter):
             check_finite(features)
             t0 = now()
             signals = grid_signals(cap, request, features, layout, self.num_layers, fl, feature_layers, tok)
-            sel = method.select(signals, k)
-            out = sel.output(features).to(features.dtype)
+            sels = select_each(method, signals, k)
+            outs = [sel.output(features[i : i + 1])[0].to(features.dtype) for i, sel in enumerate(sels)]
+            # adaptive budgets give images different counts: pad to the longest and trim after the projector
+            out = torch.nn.utils.rnn.pad_sequence(outs, batch_first=True)
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
-            state["selection"], state["time"] = sel, now() - t0
+            state["selection"], state["lengths"], state["time"] = sels, [o.shape[0] for o in outs], now() - t0
             return out
 
         call = dict(
@@ -138,11 +141,11 @@ class LlavaAdapter(Adapter):
                 finally:
                     hook.remove()
                 features = list(out.pooler_output)
-        sel = state["selection"]
+        features = [f[:n] for f, n in zip(features, state["lengths"])]
         per_image = state["time"] / n_img
         images = []
-        for i in range(n_img):
-            idx = sel.indices[i] - prefix
+        for i, sel in enumerate(state["selection"]):
+            idx = sel.indices[0] - prefix
             images.append(
                 ImageReport(
                     sample=-1,
@@ -153,7 +156,7 @@ class LlavaAdapter(Adapter):
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
-                    groups=None if sel.groups is None else sel.groups[i, prefix:].tolist(),
+                    groups=None if sel.groups is None else sel.groups[0, prefix:].tolist(),
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..encoder_stage import run_encoder_stage
@@ -140,9 +141,13 @@ class LlavaNextAdapter(LlavaAdapter):
         if budget.is_ratio or budget.scope == Scope.CROP:
             if budget.is_ratio:
                 return [budget.resolve(n, what="each crop") for n in sizes]
+            if budget.is_adaptive:
+                return [budget.resolve(self.per_crop, what="each crop").clamp(n) for n in sizes]
             return [min(int(budget.value), n) for n in sizes]
         total = budget.resolve(self.per_crop * len(sizes), what="each image")
         c = len(sizes)
+        if budget.is_adaptive:  # mean, min and max shared over the crops, each crop adapting on its own
+            return [t.clamp(n) for t, n in zip(total.split(c), sizes)]
         return [min(n, total // c + (1 if i < total % c else 0)) for i, n in enumerate(sizes)]
 
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -340,7 +345,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 if request.cls_hidden and self.cls_offset
                 else None,
             )
-            sel = method.select(signals, k)
+            sel = select_each(method, signals, k)[0]
             out = sel.output(cand)[0]
             if method.stage != POST_PROJECTOR:
                 out = self.base.multi_modal_projector(out.to(pre.dtype))

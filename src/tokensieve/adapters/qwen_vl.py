@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import capture_encoder, packed_segments
 from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
@@ -310,23 +311,24 @@ class QwenVLAdapter(Adapter):
             attention_received=received,
             cls_hidden=None,
         )
-        sel = method.select(signals, k)
-        out = sel.output(cand)
+        sels = select_each(method, signals, k)  # one per frame (frames may keep different counts when adaptive)
+        wheres, outs = [], []
         groups = MergeGroups(frames * n)
-        for f in range(frames):
-            groups.add(f * n + torch.arange(n), sel.indices[f], None if sel.groups is None else sel.groups[f],
+        for f, sel in enumerate(sels):
+            out = sel.output(cand[f : f + 1])[0]
+            groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0],
                        sel.num_out)
-        if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
-            where = sel.indices
-        elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
-            where = sel.anchors
-        else:
-            raise BudgetError(
-                f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
-            )
-        where = where + torch.arange(frames, device=where.device).unsqueeze(1) * n  # item-level unit index
-        where = where.flatten()
-        out = out.reshape(-1, out.shape[-1])
+            if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
+                where = sel.indices[0]
+            elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
+                where = sel.anchors[0]
+            else:
+                raise BudgetError(
+                    f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
+                )
+            wheres.append(where + f * n)  # item-level unit index
+            outs.append(out)
+        where, out = torch.cat(wheres), torch.cat(outs)
         order = where.argsort()
         where, out = where[order], out[order]
         if bool((where[1:] == where[:-1]).any()):
@@ -334,7 +336,7 @@ class QwenVLAdapter(Adapter):
         if method.stage != POST_PROJECTOR:
             out = self._project(out.to(units_in.dtype))
         secs = now() - t0
-        return out.to(merged.dtype), secs, where, sel.num_merged * frames, groups.result()
+        return out.to(merged.dtype), secs, where, sum(sel.num_merged for sel in sels), groups.result()
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:

@@ -89,6 +89,21 @@ class Signals:
     def num_tokens(self) -> int:
         return self.features.shape[1]
 
+    def row(self, i: int) -> "Signals":
+        """Candidate set ``i`` alone, as a batch of one (views, no copies)."""
+        one = slice(i, i + 1)
+        return Signals(
+            features=self.features[one],
+            layout=self.layout,
+            num_layers=self.num_layers,
+            feature_layer=self.feature_layer,
+            hidden_states={k: v[one] for k, v in self.hidden_states.items()},
+            cls_attention={k: v[one] for k, v in self.cls_attention.items()},
+            keys={k: v[one] for k, v in self.keys.items()},
+            cls_hidden=None if self.cls_hidden is None else self.cls_hidden[one],
+            attention_received={k: v[one] for k, v in self.attention_received.items()},
+        )
+
 
 @dataclass
 class Selection:
@@ -121,6 +136,13 @@ class Selection:
     def num_out(self) -> int:
         return self.tokens.shape[1] if self.tokens is not None else self.indices.shape[1]
 
+    def row(self, i: int) -> "Selection":
+        """The selection of candidate set ``i`` alone, as a batch of one."""
+        one = slice(i, i + 1)
+        pick = lambda t: None if t is None else t[one]  # noqa: E731
+        return Selection(indices=self.indices[one], tokens=pick(self.tokens), num_merged=self.num_merged,
+                         scores=pick(self.scores), groups=pick(self.groups), anchors=pick(self.anchors))
+
 
 class Method:
     """Base class of every selector. Subclasses set the class attributes and implement :meth:`select`.
@@ -134,6 +156,8 @@ class Method:
     stage: ClassVar[str] = PRE_PROJECTOR
     signals: ClassVar[tuple[str, ...]] = ()
     """Human-readable names of the signals used, for ``list_methods()``."""
+    any_count: ClassVar[bool] = True
+    """The method can keep any k in [1, N]; adaptive budgets (a count per image) need that."""
     param_help: ClassVar[dict[str, str]] = {}
     """One line per constructor argument: what it changes (``tokensieve methods NAME`` prints it beside the default;
     a test requires every argument to have one)."""

@@ -13,6 +13,8 @@ budget's scope sets the per-crop counts (the family adapter's rules, the same fo
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import BudgetError, MissingSignalError
 from . import register
 from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
@@ -42,15 +44,19 @@ class FasterVLM(Method):
     def request(self, num_layers: int, feature_layer: int) -> Request:
         return Request(cls_attention=(self._layer(num_layers, feature_layer),))
 
-    def select(self, signals: Signals, k: int) -> Selection:
+    def cls_scores(self, signals: Signals, k: int) -> torch.Tensor:
+        """[B, N] head-mean CLS attention of the scoring layer, after checking k and the signal's shape."""
         n = signals.num_tokens
         if not 1 <= k <= n:
             raise BudgetError(f"k must be in [1, {n}], got {k}")
         layer = self._layer(signals.num_layers, signals.feature_layer)
         if layer not in signals.cls_attention:
-            raise MissingSignalError(f"fastervlm needs the CLS attention of encoder layer {layer}")
+            raise MissingSignalError(f"{self.name} needs the CLS attention of encoder layer {layer}")
         attention = signals.cls_attention[layer].float()
         if tuple(attention.shape[::2]) != (signals.batch, n):
             raise ValueError(f"cls_attention[{layer}] has shape {tuple(attention.shape)}, expected [B, H, {n}]")
-        scores = attention.mean(dim=1)
+        return attention.mean(dim=1)
+
+    def select(self, signals: Signals, k: int) -> Selection:
+        scores = self.cls_scores(signals, k)
         return Selection(indices=topk_sorted(scores, k), scores=scores)
