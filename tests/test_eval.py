@@ -194,6 +194,7 @@ def test_limit_help_matches_what_it_does():
     (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
     (["--limit", "-5"], "argument --limit: must be >= 1, got -5"),
     (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--calibration", "0"], "argument --calibration: must be >= 1, got 0"),
     (["--budgets", ""], "--budgets '': give one or more budgets"),
     (["--methods", ""], "--methods '': give one or more method names"),
 ])

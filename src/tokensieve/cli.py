@@ -128,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Accuracy retention on a benchmark: the full-token model, then every method at "
                                     "every budget, on the same questions. Results are saved after every finished "
                                     "configuration; rerunning the same command resumes. --from re-plots or merges "
-                                    "saved results without running a model.")
+                                    "saved results without running a model. An adaptive budget (adaptive:MEAN, "
+                                    "adaptive:MEAN:MIN:MAX: a per-image count of that mean) is first calibrated on "
+                                    "--calibration images of a split disjoint from the test set; "
+                                    "adaptive:MEAN@THRESHOLD runs as given. Its kept tokens are the measured mean.")
     _add_model(ev)
     ev.add_argument("--data", choices=("shapes", "easyvqa"), default="shapes", help="benchmark (test split)")
     _add_configs(ev, several=True, methods=None, budgets=None)
@@ -136,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "in turn), easy-VQA N evenly spaced over its test split; default: "
                                                     "all (shapes 2,004, easy-VQA 9,673)")
     ev.add_argument("--batch-size", type=_count(1), default=32, help="questions per generate() call")
+    ev.add_argument("--calibration", type=_count(1), default=256, metavar="N",
+                    help="images that fit each adaptive budget given without @THRESHOLD (its mean holds on them), "
+                         "from the data set's calibration split, never the test split: shapes the first N of val, "
+                         "easy-VQA N evenly spaced questions of train")
     ev.add_argument("--out", required=True, help="folder for results.json (metadata, records, per-question answers), "
                                                   "results.md and results.png")
     ev.add_argument("--fresh", action="store_true", help="recompute everything instead of resuming from --out")
@@ -403,7 +410,8 @@ def cmd_eval(args, out: Out) -> int:
         _model_note(args.model, out)
         _quiet_loading()
         result = run_eval(args.model, args.data, configs, args.out, limit=args.limit, batch_size=args.batch_size,
-                          params=params, scope=args.scope, fresh=args.fresh, console=out.err, log=out.note)
+                          params=params, scope=args.scope, fresh=args.fresh, console=out.err, log=out.note,
+                          calibration=args.calibration)
     from .evaluate import markdown_table
 
     table = markdown_table(result["records"], result["title"])

@@ -83,6 +83,19 @@ class Config:
         return self.methods == (VANILLA,)
 
     @property
+    def adaptive(self):
+        """The :class:`~tokensieve.adaptive.Adaptive` budget of this configuration (at most one), or ``None``."""
+        values = [Budget.parse(b).value for b in self.budgets if isinstance(b, str)]
+        return values[0] if values else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """An adaptive budget without a threshold whose images do not all get the mean: it must be calibrated
+        (``Sieve.calibrate``) before it can run; ``adaptive:MEAN@THRESHOLD`` runs as given."""
+        value = self.adaptive
+        return value is not None and value.threshold is None and not value.needs_no_threshold
+
+    @property
     def label(self) -> str:
         return VANILLA if self.is_vanilla else f"{self.method}@{format_budget(self.budgets)}"
 
