@@ -41,9 +41,11 @@ image; ``benchmarks/results/adaptive_criterion.md``):
 * ``coverage`` is the default because it is never clearly worse than the alternatives and works for every method:
   ``scores`` (the method's own ranking) is worse on average (easy-VQA at 36: EvoCut 77.7% against 87.0%, FasterVLM
   80.2% against 88.0%) and does not exist for DivPrune; ``radius`` is within noise of ``coverage``.
-* What it buys is data-dependent: against the fixed budget at the same mean, easy-VQA at 36 tokens gains (EvoCut
-  +1.2, VisPruner +2.0, FasterVLM +3.2 points; DivPrune -1.7), at 18 tokens loses about 2 points (FasterVLM gains
-  2.2), and shapes loses 0.1 to 4.4 points. The reason is measured too: whether a question breaks at k tokens is not predictable from the
+* What it buys is data-dependent. On the full test sets (``tokensieve eval`` with ``adaptive:36`` / ``adaptive:18``,
+  ``benchmarks/results/eval_*_adaptive``), against the fixed budget at the same mean: easy-VQA at 36 tokens gains
+  for EvoCut (+0.5), FasterVLM (+1.9) and VisPruner (+1.6) and loses for DivPrune (-1.8); at 18 tokens only
+  FasterVLM gains (+2.0, the others -1.3 to -3.2); shapes loses 0.2 to 4.0 points except EvoCut at 18 (+0.5, noise).
+  The reason is measured too (600 questions per set): whether a question breaks at k tokens is not predictable from the
   image (AUC of the residual 0.49-0.58), although an oracle that knew each question's need would reach 69% at a
   mean of 18 where fixed budgets reach 38-51%. On these benchmarks the need depends on *what is asked*, which no
   image-only criterion can see; images of genuinely different complexity are where a per-image count pays.
