@@ -98,8 +98,10 @@ class TinyQwenProcessor:
         return batch
 
 
-def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0):
-    """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``."""
+def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0,
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None):
+    """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``. ``text_overrides`` /
+    ``vision_overrides`` change the LM / ViT config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -115,6 +117,7 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         pad_token_id=proc.ids["<pad>"], bos_token_id=proc.ids["<s>"], eos_token_id=proc.ids["</s>"],
     )
+    text.update(text_overrides or {})
     common = dict(
         image_token_id=proc.ids["<|image_pad|>"], video_token_id=proc.ids["<|video_pad|>"],
         vision_start_token_id=proc.ids["<|vision_start|>"], vision_end_token_id=proc.ids["<|vision_end|>"],
@@ -128,6 +131,7 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
         vision = dict(depth=vision_layers, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
                       window_size=32, fullatt_block_indexes=[1, vision_layers - 1])
+        vision.update(vision_overrides or {})
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
