@@ -42,8 +42,9 @@ def stock_copy(dst: Path) -> Path:
     return dst
 
 
-def sieve_reference(out: Path) -> dict:
-    """Run ``reference_sieve.py`` with the core environment's Python (``TOKENSIEVE_CORE_PYTHON``)."""
+def sieve_reference(out: Path, script: str = "reference_sieve.py") -> dict:
+    """Run a reference script (``reference_sieve.py``: LLaVA-1.5 on the default model; ``reference_qwen.py``: a tiny
+    Qwen2.5-VL it builds) with the core environment's Python (``TOKENSIEVE_CORE_PYTHON``)."""
     python = os.environ.get("TOKENSIEVE_CORE_PYTHON")
     if not python:
         raise RuntimeError(
@@ -51,14 +52,13 @@ def sieve_reference(out: Path) -> dict:
             "transformers (the Sieve reference cannot run next to vLLM's transformers)"
         )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    subprocess.run([python, str(Path(__file__).parent / "reference_sieve.py"), str(out)], check=True, env=env,
-                   timeout=900)
+    subprocess.run([python, str(Path(__file__).parent / script), str(out)], check=True, env=env, timeout=900)
     return json.loads((out / "reference.json").read_text())
 
 
-def stock_outputs(model_dir: Path, ref_dir: Path) -> dict:
-    """Greedy outputs of stock vLLM (stock architecture, no plugin involved) in a fresh process."""
+def stock_outputs(model_dir: Path, ref_dir: Path, family: str = "llava") -> dict:
+    """Greedy outputs of stock vLLM (stock architecture, no plugin model involved) in a fresh process."""
     out = ref_dir / "stock.json"
-    subprocess.run([sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir)],
+    subprocess.run([sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir), family],
                    check=True, env=dict(engine_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1200)
     return json.loads(out.read_text())

@@ -110,3 +110,25 @@ def test_other_families_and_towers_refused_at_start_up():
         llava_family(LlavaNextConfig())
     with pytest.raises(ValueError, match="CLIP vision tower"):
         llava_family(LlavaConfig(vision_config=SiglipVisionConfig()))
+
+
+def test_qwen_family_budgets_per_image_and_refusals():
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from tokensieve_vllm.qwen_vl import qwen_family
+
+    fam = qwen_family(Qwen2_5_VLConfig(vision_config={"depth": 4}), 36)
+    assert (fam.num_layers, fam.feature_layer, fam.tokens) == (4, 4, 36)
+    # in-encoder methods are refused on vLLM's Qwen ViT; in-LLM ones everywhere
+    assert set(runnable_methods(fam)) == set(runnable_methods(LLAVA)) - {"evoprune", "flowcut"}
+    with pytest.raises(SettingsError, match="in-encoder"):
+        resolve({"method": "flowcut", "budget": 9}, fam)
+    # an image's count depends on its size: the budget is resolved against that image
+    assert resolve({"method": "divprune", "budget": 0.5}, fam, 18).k == 9
+    assert resolve({"method": "divprune", "budget": 18}, fam, 18).k == 18
+    with pytest.raises(SettingsError, match="exceeds the 18 visual tokens of this image"):
+        resolve({"method": "divprune", "budget": 19}, fam, 18)
+    with pytest.raises(SettingsError, match="scope 'frame'"):
+        resolve({"method": "divprune", "budget": 9, "scope": "frame"}, fam, 18)
+    with pytest.raises(ValueError, match="'qwen2_vl', which tokensieve-vllm does not support yet"):
+        qwen_family(Qwen2VLConfig(), 36)

@@ -17,7 +17,6 @@ CLIP), because EvoCut reads the last one; every call runs only as deep as its me
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,12 +24,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import CLIPVisionConfig
 
-from .compat import allow_llava_without_torchvision
+from .compat import allow_without_torchvision
 
-allow_llava_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
+allow_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
 
 from vllm.config import VllmConfig  # noqa: E402
-from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.clip import CLIPEncoderLayer, CLIPVisionTransformer
 from vllm.model_executor.models.llava import (
@@ -49,12 +47,11 @@ from tokensieve.capture import AttentionParts, capture_encoder, check_finite, gr
 from tokensieve.encoder_stage import run_encoder_stage
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
 
-from .settings import PREFIX, Family, SettingsError, SieveSpec, merge, resolve, server_settings, split_kwargs
-
-FIELD = "tokensieve"
-"""The per-image processor output that carries the resolved setting (JSON bytes) to the engine."""
-TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
-"""When set, the engine appends one JSON line per image (method, k, kept patch indices) to this file."""
+from .common import (
+    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, decode_spec, encode_specs, item_spec, record, request_settings,
+    resolve_or_400,
+)
+from .settings import Family, SieveSpec, split_kwargs
 
 
 def llava_family(config) -> Family:
@@ -83,42 +80,13 @@ def llava_family(config) -> Family:
                   stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER))
 
 
-def _bad_request(exc: SettingsError) -> VLLMValidationError:
-    return VLLMValidationError(f"tokensieve: {exc}", parameter=f"mm_processor_kwargs.{exc.parameter or FIELD}")
-
-
-def encode_spec(spec: SieveSpec | None) -> torch.Tensor:
-    return torch.tensor(list((spec.to_json() if spec else "null").encode()), dtype=torch.uint8)
-
-
-def decode_spec(row: torch.Tensor) -> SieveSpec | None:
-    text = bytes(row.tolist()).decode()
-    return None if text == "null" else SieveSpec.from_json(text)
-
-
-class _WithoutTokensieve:
-    """The HF processor, called without the ``tokensieve_*`` keys that vLLM merges in from the server's kwargs."""
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-
-    def __call__(self, **kwargs):
-        return self.processor(**{k: v for k, v in kwargs.items() if not k.startswith(PREFIX)})
-
-
 class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
     def family(self) -> Family:
         return llava_family(self.get_hf_config())
 
     def spec(self, request_kwargs: Mapping[str, object]) -> SieveSpec | None:
         """The checked setting of one request (server default + its ``mm_processor_kwargs``)."""
-        mm_config = self.ctx.model_config.get_multimodal_config()
-        try:
-            ours, _ = split_kwargs(request_kwargs)
-            server = server_settings(self.get_hf_config(), mm_config.mm_processor_kwargs)
-            return resolve(merge(server, ours), self.family())
-        except SettingsError as exc:
-            raise _bad_request(exc) from None
+        return resolve_or_400(request_settings(self, request_kwargs), self.family())
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         # the full grid, whatever the server default: a request may ask for every token
@@ -129,10 +97,10 @@ class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         spec = self.info.spec(hf_kwargs)
         _, rest = split_kwargs(hf_kwargs)
-        out = self.info.ctx.call_hf_processor(_WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
         pixels = out.get("pixel_values")
         if pixels is not None:
-            out[FIELD] = encode_spec(spec).expand(len(pixels), -1).clone()
+            out[FIELD] = encode_specs([spec] * len(pixels))
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
@@ -153,9 +121,7 @@ class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
                 return [image_token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
             n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-            item = out_mm_kwargs["image"][item_idx] if "image" in out_mm_kwargs else None
-            elem = item.get(FIELD) if item is not None else None
-            spec = decode_spec(elem.data) if elem is not None else None
+            spec = item_spec(out_mm_kwargs, "image", item_idx)
             return [image_token_id] * (spec.k if spec is not None else n)
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
@@ -176,19 +142,8 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        family = llava_family(config)
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp != 1:
-            raise ValueError(
-                f"tokensieve-vllm runs with tensor_parallel_size=1 only (got {tp}): attention-based methods would "
-                "read only the heads of one shard"
-            )
-        mm_config = vllm_config.model_config.get_multimodal_config()
-        try:  # a bad server default stops the server at start-up, not at its first image
-            resolve(server_settings(config, mm_config.mm_processor_kwargs), family)
-        except SettingsError as exc:
-            raise ValueError(f"tokensieve: bad server default: {exc}") from None
+        family = llava_family(vllm_config.model_config.hf_config)
+        check_engine(vllm_config, family)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._family = family
         self._trace = os.environ.get(TRACE_ENV)
@@ -297,13 +252,4 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
 
     def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
-        """One trace line per image: method, k, kept patch indices (raster, CLS excluded) and the tokens entering
-        each encoder layer (what tokensieve.flops prices); ``encoder`` is one list for all images or one each."""
-        if not self._trace:
-            return
-        per_image = encoder if encoder and isinstance(encoder[0], list) else [encoder] * len(kept)
-        with open(self._trace, "a", encoding="utf-8") as f:
-            for row, layers in zip(kept, per_image):
-                f.write(json.dumps({"method": spec.method if spec else None, "k": spec.k if spec else len(row),
-                                    "params": spec.params if spec else {}, "kept": row,
-                                    "encoder_layer_tokens": layers}) + "\n")
+        record(self._trace, spec, kept, encoder)

@@ -48,7 +48,8 @@ class Family:
     feature_layers: tuple[int, ...]
     """hidden_states indices (non-negative) whose patch rows make the features, concatenated in this order."""
     tokens: int
-    """Visual tokens per image before selection (the candidates)."""
+    """Visual tokens per image before selection (the candidates); the most an image can have where the count
+    depends on the image (Qwen-VL), whose requests are checked again per image."""
     num_prefix: int = 0
     """Leading candidates that are not patches (CLS under LLaVA's ``full`` strategy)."""
     scopes: tuple[str, ...] = (Scope.IMAGE.value,)
@@ -170,8 +171,11 @@ def runnable_methods(family: Family) -> list[str]:
     return out
 
 
-def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
-    """Check merged settings against ``family``; ``None`` when no method is set (the stock model's tokens)."""
+def resolve(settings: Mapping[str, object], family: Family, tokens: int | None = None) -> SieveSpec | None:
+    """Check merged settings against ``family``; ``None`` when no method is set (the stock model's tokens).
+
+    ``tokens``: this image's candidate count, where it depends on the image (default: ``family.tokens``).
+    """
     name = settings.get("method")
     if name is None or _norm(name) == OFF:
         return None
@@ -203,9 +207,11 @@ def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
             f"budget scope {scope!r} is not supported on {family.name} under vLLM; use one of {list(family.scopes)} "
             "(a budget there is a fixed count per image, or a keep ratio of the image's tokens)", PREFIX + "scope"
         )
+    n = family.tokens if tokens is None else tokens
+    what = f"each image of this {family.name} model" if tokens is None else f"this image ({family.name})"
     try:
         budget = Budget.parse(settings["budget"], scope)
-        k = budget.resolve(family.tokens, what=f"each image of this {family.name} model")
+        k = budget.resolve(n, what=what)
     except TokensieveError as exc:
         raise SettingsError(str(exc), PREFIX + "budget") from None
     try:  # layer parameters are checked against the real depth here, not inside the engine
@@ -217,7 +223,7 @@ def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
             method.request(family.num_layers, family.feature_layer)
     except ValueError as exc:
         raise SettingsError(f"bad tokensieve_params for method {cls.name!r}: {exc}", PREFIX + "params") from None
-    return SieveSpec(cls.name, k, family.tokens, dict(params))
+    return SieveSpec(cls.name, k, n, dict(params))
 
 
 __all__ = ["SettingsError", "Family", "SieveSpec", "split_kwargs", "server_settings", "merge", "resolve",
