@@ -143,8 +143,10 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
     return model.eval(), proc
 
 
-def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2):
-    """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor."""
+def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2,
+                          text_overrides: dict | None = None):
+    """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor.
+    ``text_overrides`` changes the LM config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -165,11 +167,12 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
         hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size,
     )
-    text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
-    )
+    text = LlamaConfig(**{
+        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512),
+        **(text_overrides or {}),
+    })
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
