@@ -45,3 +45,19 @@ def qwen_reference(qwen_dir) -> dict:
 @pytest.fixture(scope="session")
 def qwen_stock(qwen_reference, qwen_dir) -> list[dict]:
     return stock_outputs(qwen_dir / "model", qwen_dir, "qwen")
+
+
+@pytest.fixture(scope="session")
+def next_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llava_next")
+
+
+@pytest.fixture(scope="session")
+def next_reference(next_dir) -> dict:
+    """A tiny LLaVA-NeXT saved to ``next_dir/model`` and the Sieve path on it (core environment)."""
+    return sieve_reference(next_dir, "reference_next.py")
+
+
+@pytest.fixture(scope="session")
+def next_stock(next_reference, next_dir) -> list[dict]:
+    return stock_outputs(stock_copy(next_dir / "stock_model", next_dir / "model"), next_dir)

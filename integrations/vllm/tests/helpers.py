@@ -24,20 +24,27 @@ def engine_env() -> dict[str, str]:
     return env
 
 
-def stock_copy(dst: Path) -> Path:
-    """The default model with its CLIP weights renamed the way stock vLLM's loader expects (`vision_model.` level).
+def stock_copy(dst: Path, src: Path = DEFAULT_MODEL) -> Path:
+    """A model (the default one) with its CLIP weights renamed the way stock vLLM's loader expects (`vision_model.`
+    level).
 
     Only the stock reference needs this: the plugin maps the names at load time.
     """
     from safetensors.torch import load_file, save_file
 
     dst.mkdir(parents=True, exist_ok=True)
-    for f in DEFAULT_MODEL.iterdir():
+    for f in src.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             (dst / f.name).write_bytes(f.read_bytes())
-    weights = load_file(DEFAULT_MODEL / "model.safetensors")
-    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
-               for k, v in weights.items()}
+    weights = load_file(src / "model.safetensors")
+
+    def name(k: str) -> str:
+        for head in ("vision_tower.", "model.vision_tower."):
+            if k.startswith(head) and not k.startswith(head + "vision_model."):
+                return head + "vision_model." + k[len(head):]
+        return k
+
+    renamed = {name(k): v for k, v in weights.items()}
     save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 

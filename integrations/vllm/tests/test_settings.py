@@ -106,8 +106,10 @@ def test_other_families_and_towers_refused_at_start_up():
 
     fam = llava_family(LlavaConfig(vision_config=CLIPVisionConfig(image_size=96, patch_size=8, num_hidden_layers=8)))
     assert (fam.tokens, fam.feature_layers, fam.num_layers) == (144, (7,), 8)
-    with pytest.raises(ValueError, match="'llava_next', which tokensieve-vllm does not support yet"):
+    with pytest.raises(ValueError, match="'llava_next', served by TokenSieveLlavaNextForConditionalGeneration"):
         llava_family(LlavaNextConfig())
+    with pytest.raises(ValueError, match="'mllama', which tokensieve-vllm does not support yet"):
+        llava_family(type("Config", (), {"model_type": "mllama"})())
     with pytest.raises(ValueError, match="CLIP vision tower"):
         llava_family(LlavaConfig(vision_config=SiglipVisionConfig()))
 
@@ -132,3 +134,22 @@ def test_qwen_family_budgets_per_image_and_refusals():
         resolve({"method": "divprune", "budget": 9, "scope": "frame"}, fam, 18)
     with pytest.raises(ValueError, match="'qwen2_vl', which tokensieve-vllm does not support yet"):
         qwen_family(Qwen2VLConfig(), 36)
+
+
+def test_next_family_fixed_newline_policies_and_refusals():
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    from tokensieve_vllm.llava_next import next_family
+
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=16, patch_size=4, num_hidden_layers=4),
+                             image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-2)
+    fam = next_family(config)
+    assert (fam.tokens, fam.feature_layers, fam.newlines) == (80, (3,), ("all", "none"))  # 5 crops of 16 patches
+    assert resolve({"method": "divprune", "budget": 20}, fam).newlines == "all"
+    assert resolve({"method": "divprune", "budget": 20, "newlines": "none"}, fam).newlines == "none"
+    with pytest.raises(SettingsError, match="newlines 'rows' is not supported on LLaVA-NeXT"):
+        resolve({"method": "divprune", "budget": 20, "newlines": "rows"}, fam)
+    with pytest.raises(SettingsError, match="in-encoder.*only known after the encoder"):
+        resolve({"method": "flowcut", "budget": 20}, fam)
+    with pytest.raises(SettingsError, match="no newline tokens"):
+        resolve({"method": "divprune", "budget": 20, "newlines": "all"}, LLAVA)

@@ -21,6 +21,29 @@ TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
 """When set, the engine appends one JSON line per image (method, k, kept patch indices) to this file."""
 
 
+SERVED_BY = {
+    "llava": "TokenSieveLlavaForConditionalGeneration",
+    "llava_next": "TokenSieveLlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "TokenSieveQwen2_5_VLForConditionalGeneration",
+}
+"""model_type -> the plugin architecture that serves it."""
+
+
+def check_model_type(arch: str, config) -> None:
+    """Refuse, at start-up, a model this architecture does not serve, naming the one that does (if any)."""
+    model_type = getattr(config, "model_type", None)
+    if SERVED_BY.get(model_type) == arch:
+        return
+    served = [t for t, a in SERVED_BY.items() if a == arch]
+    other = SERVED_BY.get(model_type)
+    raise ValueError(
+        f"{arch} serves model_type {served[0]!r}; this model is {model_type or type(config).__name__!r}, "
+        + (f"served by {other} (put that name in hf_overrides)" if other else
+           "which tokensieve-vllm does not support yet. Serve it under its stock architecture (drop the "
+           "hf_overrides architecture)")
+    )
+
+
 def bad_request(exc: SettingsError) -> VLLMValidationError:
     """A setting that cannot run, as vLLM's validation error: a 400 answer for that request."""
     return VLLMValidationError(f"tokensieve: {exc}", parameter=f"mm_processor_kwargs.{exc.parameter or FIELD}")

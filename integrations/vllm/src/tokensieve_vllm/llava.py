@@ -48,20 +48,15 @@ from tokensieve.encoder_stage import run_encoder_stage
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
 
 from .common import (
-    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, decode_spec, encode_specs, item_spec, record, request_settings,
-    resolve_or_400,
+    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, check_model_type, decode_spec, encode_specs, item_spec,
+    record, request_settings, resolve_or_400,
 )
 from .settings import Family, SieveSpec, split_kwargs
 
 
 def llava_family(config) -> Family:
     """The vision facts settings are checked against; refuses families, towers and strategies this plugin cannot cut."""
-    if getattr(config, "model_type", None) != "llava":
-        raise ValueError(
-            f"TokenSieveLlavaForConditionalGeneration serves LLaVA-1.5 (model_type 'llava'); this model is "
-            f"{getattr(config, 'model_type', type(config).__name__)!r}, which tokensieve-vllm does not support yet. "
-            "Serve it under its stock architecture (drop the hf_overrides architecture)"
-        )
+    check_model_type("TokenSieveLlavaForConditionalGeneration", config)
     vc = config.vision_config
     if not isinstance(vc, CLIPVisionConfig):
         raise ValueError(
@@ -127,27 +122,19 @@ class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    TokenSieveLlavaMultiModalProcessor,
-    info=TokenSieveLlavaProcessingInfo,
-    dummy_inputs=LlavaDummyInputsBuilder,
+CLIP_NAMES = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
 )
-class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
+"""transformers 5.2x saves the CLIP tower without the ``vision_model.`` level vLLM's CLIP module has; the names are
+mapped at load time (checkpoints that have the level are left alone) instead of rewriting anyone's files."""
 
-    # transformers 5.2x saves the CLIP tower without the `vision_model.` level vLLM's CLIP module has; map the
-    # names at load time (checkpoints that have the level are left alone) instead of rewriting anyone's files
-    hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
-    ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        family = llava_family(vllm_config.model_config.hf_config)
-        check_engine(vllm_config, family)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._family = family
-        self._trace = os.environ.get(TRACE_ENV)
-        self._complete_tower(vllm_config, prefix)
+class ClipTower:
+    """vLLM's CLIP tower as tokensieve runs it (LLaVA-1.5 and LLaVA-NeXT): every layer built, run layer by layer.
+
+    vLLM builds the tower only up to the feature layer; :meth:`_complete_tower` adds the rest (EvoCut reads the
+    last one), so the tower's own forward would now run too deep and every call goes through :meth:`_run_tower`.
+    """
 
     def _complete_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Add the CLIP layers vLLM leaves out (those after the feature layer), so EvoCut can read the last one."""
@@ -161,6 +148,48 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 vc, vllm_config.quant_config, attn_cls=MMEncoderAttention,
                 prefix=maybe_prefix(prefix, f"vision_tower.vision_model.encoder.layers.{i}"),
             ))
+
+    def _run_tower(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
+        """vLLM's CLIP forward, stopped after ``depth`` layers (capture hooks read the states on the way)."""
+        vm = self.vision_tower.vision_model
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        for layer in vm.encoder.layers[:depth]:
+            h = layer(h)
+        return h
+
+    @staticmethod
+    def _attention_parts(layer) -> AttentionParts:
+        attn = layer.self_attn
+        return AttentionParts(None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale),
+                              qkv_proj=attn.qkv_proj)
+
+    def _full_trace(self, depth: int) -> list[int]:
+        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + 1
+        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
+
+    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
+        record(self._trace, spec, kept, encoder)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenSieveLlavaMultiModalProcessor,
+    info=TokenSieveLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGeneration):
+    """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
+
+    hf_to_vllm_mapper = CLIP_NAMES | LlavaForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        family = llava_family(vllm_config.model_config.hf_config)
+        check_engine(vllm_config, family)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._family = family
+        self._trace = os.environ.get(TRACE_ENV)
+        self._complete_tower(vllm_config, prefix)
 
     # -- engine side -----------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object):
@@ -181,20 +210,6 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             for j, i in enumerate(idx):
                 out[i] = embeds[j]
         return out
-
-    def _run_tower(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
-        """vLLM's CLIP forward, stopped after ``depth`` layers (capture hooks read the states on the way)."""
-        vm = self.vision_tower.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        for layer in vm.encoder.layers[:depth]:
-            h = layer(h)
-        return h
-
-    @staticmethod
-    def _attention_parts(layer) -> AttentionParts:
-        attn = layer.self_attn
-        return AttentionParts(None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale),
-                              qkv_proj=attn.qkv_proj)
 
     def _sieve(self, pixel_values: torch.Tensor, spec: SieveSpec | None) -> torch.Tensor:
         """[B, k, d] LM embeddings of a batch of images that share one setting."""
@@ -244,12 +259,3 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")
         self._record(spec, kept, encoder)
         return embeds
-
-    def _full_trace(self, depth: int) -> list[int]:
-        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
-        vc = self.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2 + 1
-        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
-
-    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
-        record(self._trace, spec, kept, encoder)

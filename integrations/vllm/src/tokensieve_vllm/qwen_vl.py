@@ -56,8 +56,8 @@ from tokensieve.merge_units import UnitSignals, select_units  # noqa: E402
 from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
 
 from .common import (  # noqa: E402
-    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, decode_spec, encode_specs, item_spec, record,
-    request_settings, resolve_or_400,
+    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, check_model_type, decode_spec, encode_specs, item_spec,
+    record, request_settings, resolve_or_400,
 )
 from .settings import Family, SieveSpec, split_kwargs  # noqa: E402
 
@@ -68,12 +68,7 @@ POSITION_CHANNELS = 3
 
 def qwen_family(config, max_tokens: int) -> Family:
     """The vision facts settings are checked against; refuses other model types."""
-    if getattr(config, "model_type", None) != "qwen2_5_vl":
-        raise ValueError(
-            f"{ARCH} serves Qwen2.5-VL (model_type 'qwen2_5_vl'); this model is "
-            f"{getattr(config, 'model_type', type(config).__name__)!r}, which tokensieve-vllm does not support yet. "
-            "Serve it under its stock architecture (drop the hf_overrides architecture)"
-        )
+    check_model_type(ARCH, config)
     depth = config.vision_config.depth
     return Family("Qwen2.5-VL", depth, (depth,), max_tokens, 0, scopes=("image",), stages=(PRE_PROJECTOR, POST_PROJECTOR))
 
