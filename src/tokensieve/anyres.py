@@ -167,7 +167,9 @@ def select_image(
                 i: attention(cap, i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.cls_attention
             },
             keys={i: cap.key_heads(i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.keys},
-            attention_received={i: cap.attention_received(i)[crop_g, tok].unsqueeze(0) for i in request.attention_received},
+            attention_received={
+                i: cap.attention_received(i)[crop_g, tok].unsqueeze(0) for i in request.attention_received
+            },
             cls_hidden=torch.cat([cap.hidden_states[i][crop_g[0], 0] for i in feature_layers], dim=-1)[None]
             if request.cls_hidden and cls_offset
             else None,

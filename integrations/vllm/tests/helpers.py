@@ -69,3 +69,31 @@ def stock_outputs(model_dir: Path, ref_dir: Path, family: str = "llava") -> dict
     subprocess.run([sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir), family],
                    check=True, env=dict(engine_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1200)
     return json.loads(out.read_text())
+
+
+def ask(llm, params, trace: Path, image_dir: Path, case: dict, **settings) -> tuple[list[int], list[int], list[dict]]:
+    """One offline request (a reference case's prompt and image, ``tokensieve_*`` settings); returns (prompt ids,
+    answer ids, the trace lines the engine added for it)."""
+    from PIL import Image
+
+    before = trace.read_text().splitlines() if trace.exists() else []
+    image = Image.open(image_dir / case["image"]).convert("RGB")
+    prompt = {"prompt": case["prompt"], "multi_modal_data": {"image": image}}
+    if settings:
+        prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    after = trace.read_text().splitlines() if trace.exists() else []
+    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
+
+
+def offline_engine(model_dir: Path, arch: str, trace: Path, max_new_tokens: int, **hf_overrides):
+    """An offline ``LLM`` of a plugin architecture that traces every encoded image to ``trace``; returns (llm, greedy
+    sampling params)."""
+    from vllm import LLM, SamplingParams
+
+    os.environ["TOKENSIEVE_VLLM_TRACE"] = str(trace)  # read when the engine builds the model
+    try:
+        llm = LLM(model=str(model_dir), hf_overrides={"architectures": [arch], **hf_overrides}, **ENGINE)
+    finally:
+        del os.environ["TOKENSIEVE_VLLM_TRACE"]
+    return llm, SamplingParams(max_tokens=max_new_tokens, temperature=0.0)

@@ -12,45 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
 
 from families import build_tiny_llava_next  # noqa: E402
+from reference_common import NEXT_CASES as CASES, answer, case_id  # noqa: E402
 
 from tokensieve import Sieve  # noqa: E402
 from tokensieve.tiny import demo_image  # noqa: E402
 
 MAX_NEW_TOKENS = 6
 PROMPT = "user : <image> what is in the picture ? assistant :"
-CASES = [  # (method, budget, scope, newlines); 16 patches per crop, images of 5, 3 and 5 crops
-    ("evocut", 20, "image", "all"), ("evocut", 2, "crop", "all"), ("divprune", 20, "image", "all"),
-    ("divprune", 12, "global", "all"), ("fastervlm", 20, "image", "all"), ("fastervlm", 0.25, "image", "none"),
-    ("visionzip", 20, "image", "all"), ("pool", 4, "crop", "all"), ("random", 20, "image", "none"),
-    ("hiprune", 20, "image", "all"), ("vtc_cls", 20, "image", "all"),
-]
-
-
-def case_id(method, budget, scope, newlines) -> str:
-    return f"{method}-{budget}-{scope}-{newlines}"
-
-
 def images():
     """A wide (5 crops, unpadded rows), a tall (3 crops) and a square image (5 crops)."""
     return [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64)), demo_image(64, 2).resize((48, 48))]
-
-
-def run(model, batch, sieve=None) -> dict:
-    with torch.inference_mode():
-        if sieve is None:
-            out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            return {"ids": batch["input_ids"][0].tolist(), "tokens": out[0, batch["input_ids"].shape[1]:].tolist()}
-        with sieve(model):
-            out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    report = sieve.last_report
-    return {"ids": report.input_ids[0].tolist(), "kept": report.images[0].kept_indices,
-            "tokens": out[0, batch["input_ids"].shape[1]:].tolist()}
 
 
 def main(out_dir: str) -> None:
@@ -67,10 +42,10 @@ def main(out_dir: str) -> None:
         image.save(out / f"image{i}.png")
         cases.append({"image": f"image{i}.png", "prompt": PROMPT})
         batches.append(proc(images=[image], text=[PROMPT], return_tensors="pt"))
-    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS, "vanilla": [run(model, b) for b in batches], "sieve": {}}
+    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS, "vanilla": [answer(model, b, MAX_NEW_TOKENS) for b in batches], "sieve": {}}
     for method, budget, scope, newlines in CASES:
         ref["sieve"][case_id(method, budget, scope, newlines)] = [
-            run(model, b, Sieve(method, budget, scope=scope, newlines=newlines)) for b in batches
+            answer(model, b, MAX_NEW_TOKENS, Sieve(method, budget, scope=scope, newlines=newlines)) for b in batches
         ]
     (out / "reference.json").write_text(json.dumps(ref))
 

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
 
 from families import MERGE, PATCH, QWEN_SPECIALS, build_tiny_qwen  # noqa: E402
+from reference_common import answer  # noqa: E402
 
 from tokensieve import Sieve  # noqa: E402
 from tokensieve.data.shapes import dataset  # noqa: E402
@@ -75,18 +76,6 @@ def inputs(tok, image_processor, image, question) -> dict:
                 mm_token_type_ids=(input_ids == pad).long(), **pix)
 
 
-def run(model, batch, sieve=None) -> dict:
-    with torch.inference_mode():
-        if sieve is None:
-            out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            return {"ids": batch["input_ids"][0].tolist(), "tokens": out[0, batch["input_ids"].shape[1]:].tolist()}
-        with sieve(model):
-            out = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    report = sieve.last_report
-    return {"ids": report.input_ids[0].tolist(), "kept": report.images[0].kept_indices,
-            "tokens": out[0, batch["input_ids"].shape[1]:].tolist()}
-
-
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +85,9 @@ def main(out_dir: str) -> None:
         image.save(out / f"image{i}.png")
         cases.append({"image": f"image{i}.png", "prompt": PROMPT.format(q=question)})
         batches.append(inputs(tok, image_processor, image, question))
-    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS, "vanilla": [run(model, b) for b in batches], "sieve": {}}
+    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS, "vanilla": [answer(model, b, MAX_NEW_TOKENS) for b in batches], "sieve": {}}
     for method, budgets in CASES.items():
-        ref["sieve"][method] = {str(k): [run(model, b, Sieve(method, k)) for b in batches] for k in budgets}
+        ref["sieve"][method] = {str(k): [answer(model, b, MAX_NEW_TOKENS, Sieve(method, k)) for b in batches] for k in budgets}
     (out / "reference.json").write_text(json.dumps(ref))
 
 

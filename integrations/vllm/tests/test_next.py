@@ -4,44 +4,28 @@ receives, greedy tokens), on a wide, a tall and a square image (5, 3 and 5 crops
 """
 
 import gc
-import json
-import os
 
 import pytest
 from PIL import Image
 
-from helpers import ENGINE, IMAGE_TOKEN
-from reference_next import CASES, case_id
+import helpers
+from helpers import IMAGE_TOKEN
+from reference_common import NEXT_CASES as CASES, case_id
 
 ARCH = "TokenSieveLlavaNextForConditionalGeneration"
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, next_reference, next_dir):
-    from vllm import LLM, SamplingParams
-
     trace = tmp_path_factory.mktemp("next_trace") / "trace.jsonl"
-    os.environ["TOKENSIEVE_VLLM_TRACE"] = str(trace)
-    try:
-        llm = LLM(model=str(next_dir / "model"), hf_overrides={"architectures": [ARCH]}, **ENGINE)
-    finally:
-        del os.environ["TOKENSIEVE_VLLM_TRACE"]
-    params = SamplingParams(max_tokens=next_reference["max_new_tokens"], temperature=0.0)
+    llm, params = helpers.offline_engine(next_dir / "model", ARCH, trace, next_reference["max_new_tokens"])
     yield llm, params, trace
     del llm
     gc.collect()
 
 
 def ask(engine, next_dir, case, **settings):
-    """One request; returns (prompt ids, answer ids, trace lines this request added)."""
-    llm, params, trace = engine
-    before = trace.read_text().splitlines() if trace.exists() else []
-    prompt = {"prompt": case["prompt"], "multi_modal_data": {"image": Image.open(next_dir / case["image"]).convert("RGB")}}
-    if settings:
-        prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
-    out = llm.generate(prompt, params, use_tqdm=False)[0]
-    after = trace.read_text().splitlines() if trace.exists() else []
-    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
+    return helpers.ask(*engine, next_dir, case, **settings)
 
 
 def test_stock_vllm_equals_transformers_on_the_tiny_model(next_stock, next_reference):

@@ -6,13 +6,11 @@ the same way (the cases include a wide and a tall image, whose grids differ in h
 """
 
 import gc
-import json
-import os
 
 import pytest
 from PIL import Image
 
-from helpers import ENGINE
+import helpers
 
 ARCH = "TokenSieveQwen2_5_VLForConditionalGeneration"
 IMAGE_PAD = "<|image_pad|>"
@@ -20,31 +18,16 @@ IMAGE_PAD = "<|image_pad|>"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, qwen_reference, qwen_dir):
-    from vllm import LLM, SamplingParams
-
     trace = tmp_path_factory.mktemp("qwen_trace") / "trace.jsonl"
-    os.environ["TOKENSIEVE_VLLM_TRACE"] = str(trace)
-    try:
-        llm = LLM(model=str(qwen_dir / "model"), hf_overrides={"architectures": [ARCH]}, **ENGINE)
-    finally:
-        del os.environ["TOKENSIEVE_VLLM_TRACE"]
+    llm, params = helpers.offline_engine(qwen_dir / "model", ARCH, trace, qwen_reference["max_new_tokens"])
     pad = llm.get_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
-    params = SamplingParams(max_tokens=qwen_reference["max_new_tokens"], temperature=0.0)
     yield llm, params, trace, pad
     del llm
     gc.collect()
 
 
 def ask(engine, qwen_dir, case, **settings):
-    """One request; returns (prompt ids, answer ids, trace lines this request added)."""
-    llm, params, trace, _ = engine
-    before = trace.read_text().splitlines() if trace.exists() else []
-    prompt = {"prompt": case["prompt"], "multi_modal_data": {"image": Image.open(qwen_dir / case["image"]).convert("RGB")}}
-    if settings:
-        prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
-    out = llm.generate(prompt, params, use_tqdm=False)[0]
-    after = trace.read_text().splitlines() if trace.exists() else []
-    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
+    return helpers.ask(*engine[:3], qwen_dir, case, **settings)
 
 
 def test_stock_vllm_equals_transformers_on_the_tiny_model(qwen_stock, qwen_reference):

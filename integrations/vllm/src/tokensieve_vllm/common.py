@@ -68,6 +68,16 @@ def item_spec(out_mm_kwargs, modality: str, item_idx: int) -> SieveSpec | None:
     return decode_spec(elem.data) if elem is not None else None
 
 
+def by_method(specs: list[SieveSpec | None]) -> list[list[int]]:
+    """Indices of the images whose method and parameters agree (``None``: no method), in first-seen order: one
+    encoder run each, every image still selected with its own ``k``."""
+    groups: dict[str | None, list[int]] = {}
+    for i, spec in enumerate(specs):
+        key = None if spec is None else f"{spec.method}:{json.dumps(spec.params, sort_keys=True)}"
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 class WithoutTokensieve:
     """The HF processor, called without the ``tokensieve_*`` keys that vLLM merges in from the server's kwargs."""
 
@@ -86,6 +96,18 @@ def request_settings(info, request_kwargs: Mapping[str, object]) -> dict[str, ob
         return merge(server_settings(info.get_hf_config(), mm_config.mm_processor_kwargs), ours)
     except SettingsError as exc:
         raise bad_request(exc) from None
+
+
+def call_hf_processor(processor, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+    """``(merged settings, family, HF processor output)`` for one request of a family whose images are resolved one
+    by one: the method and its parameters are checked before any image work, the HF processor never sees the
+    ``tokensieve_*`` keys."""
+    info = processor.info
+    settings = request_settings(info, hf_kwargs)
+    family = info.family()
+    resolve_or_400(settings, family)
+    _, rest = split_kwargs(hf_kwargs)
+    return settings, family, info.ctx.call_hf_processor(WithoutTokensieve(info.get_hf_processor(**rest)), hf_data, rest)
 
 
 def resolve_or_400(settings: Mapping[str, object], family: Family, tokens: int | None = None) -> SieveSpec | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from transformers import CLIPVisionConfig
@@ -88,15 +88,9 @@ class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        spec = self.info.spec(hf_kwargs)
-        _, rest = split_kwargs(hf_kwargs)
-        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
-        pixels = out.get("pixel_values")
-        if pixels is not None:
-            out[FIELD] = encode_specs([spec] * len(pixels))
-        return out
+class KPlaceholders:
+    """Processor half shared by LLaVA-1.5 and LLaVA-NeXT: the setting field travels with each image, and an image
+    gets its setting's ``k`` placeholders (the stock count without one)."""
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
@@ -122,6 +116,16 @@ class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
 
 
+class TokenSieveLlavaMultiModalProcessor(KPlaceholders, LlavaMultiModalProcessor):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        spec = self.info.spec(hf_kwargs)
+        _, rest = split_kwargs(hf_kwargs)
+        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        pixels = out.get("pixel_values")
+        if pixels is not None:
+            out[FIELD] = encode_specs([spec] * len(pixels))
+        return out
+
 CLIP_NAMES = WeightsMapper(
     orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
 )
@@ -134,7 +138,28 @@ class ClipTower:
 
     vLLM builds the tower only up to the feature layer; :meth:`_complete_tower` adds the rest (EvoCut reads the
     last one), so the tower's own forward would now run too deep and every call goes through :meth:`_run_tower`.
+    ``family_of(hf_config)`` (set by the model class) checks the model at start-up.
     """
+
+    family_of: Callable[[object], Family]
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        family = self.family_of(vllm_config.model_config.hf_config)
+        check_engine(vllm_config, family)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._family = family
+        self._trace = os.environ.get(TRACE_ENV)
+        self._complete_tower(vllm_config, prefix)
+
+    def _setting_input(self, kwargs: dict):
+        """``(image input, each image's setting)`` of one ``embed_multimodal`` call; settings ``None`` for
+        precomputed embeddings (they pass through untouched), image input ``None`` when there is nothing."""
+        raw = kwargs.pop(FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None or image_input["type"] != "pixel_values":
+            return image_input, None
+        n = len(image_input["pixel_values"])
+        return image_input, [decode_spec(row) for row in raw] if raw is not None else [None] * n
 
     def _complete_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Add the CLIP layers vLLM leaves out (those after the feature layer), so EvoCut can read the last one."""
@@ -182,25 +207,16 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
     """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
 
     hf_to_vllm_mapper = CLIP_NAMES | LlavaForConditionalGeneration.hf_to_vllm_mapper
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        family = llava_family(vllm_config.model_config.hf_config)
-        check_engine(vllm_config, family)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._family = family
-        self._trace = os.environ.get(TRACE_ENV)
-        self._complete_tower(vllm_config, prefix)
+    family_of = staticmethod(llava_family)
 
     # -- engine side -----------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object):
-        raw = kwargs.pop(FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, specs = self._setting_input(kwargs)
         if image_input is None:
             return []
-        if image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)  # precomputed embeddings pass through untouched
+        if specs is None:
+            return self._process_image_input(image_input)
         pixel_values = image_input["pixel_values"]
-        specs = [decode_spec(row) for row in raw] if raw is not None else [None] * len(pixel_values)
         groups: dict[str | None, list[int]] = {}
         for i, spec in enumerate(specs):  # images with the same setting run as one batch
             groups.setdefault(spec.to_json() if spec else None, []).append(i)

@@ -19,8 +19,7 @@ The same halves as :mod:`.llava`. What is NeXT's own:
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 import torch
@@ -31,7 +30,6 @@ from .compat import allow_without_torchvision
 
 allow_without_torchvision()
 
-from vllm.config import VllmConfig  # noqa: E402
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder  # noqa: E402
 from vllm.model_executor.models.llava_next import (  # noqa: E402
     LlavaNextForConditionalGeneration,
@@ -39,22 +37,18 @@ from vllm.model_executor.models.llava_next import (  # noqa: E402
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems  # noqa: E402
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems  # noqa: E402
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
 from tokensieve import anyres  # noqa: E402
 from tokensieve.budget import Budget, Scope  # noqa: E402
 from tokensieve.capture import capture_encoder, check_finite  # noqa: E402
 from tokensieve.errors import TokensieveError  # noqa: E402
-from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR  # noqa: E402
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
 
 from .common import (  # noqa: E402
-    FIELD, TRACE_ENV, WithoutTokensieve, bad_request, check_engine, check_model_type, decode_spec, encode_specs,
-    item_spec, request_settings, resolve_or_400,
+    FIELD, bad_request, by_method, call_hf_processor, check_model_type, encode_specs, resolve_or_400,
 )
-from .llava import CLIP_NAMES, ClipTower  # noqa: E402
-from .settings import Family, SettingsError, SieveSpec, split_kwargs  # noqa: E402
+from .llava import CLIP_NAMES, ClipTower, KPlaceholders  # noqa: E402
+from .settings import Family, SettingsError, SieveSpec  # noqa: E402
 
 ARCH = "TokenSieveLlavaNextForConditionalGeneration"
 
@@ -84,7 +78,9 @@ def next_family(config) -> Family:
 
 
 def _crops_of(config, height: int, width: int) -> range:
-    nph, npw = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, config.vision_config.image_size)
+    nph, npw = get_anyres_image_grid_shape(
+        (height, width), config.image_grid_pinpoints, config.vision_config.image_size
+    )
     return range(1 + nph * npw)
 
 
@@ -126,41 +122,14 @@ class TokenSieveLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return {"image": self.get_max_image_tokens()}  # the full count: a request may keep everything
 
 
-class TokenSieveLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
+class TokenSieveLlavaNextMultiModalProcessor(KPlaceholders, LlavaNextMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        settings = request_settings(self.info, hf_kwargs)
-        family = self.info.family()
-        resolve_or_400(settings, family)  # method and parameters, before any image work
-        _, rest = split_kwargs(hf_kwargs)
-        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        settings, family, out = call_hf_processor(self, hf_data, hf_kwargs)
         sizes = out.get("image_sizes")
         if sizes is not None:
             config = self.info.get_hf_config()
             out[FIELD] = encode_specs([_spec_of_image(settings, family, config, int(h), int(w)) for h, w in sizes])
         return out
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int) -> list[int]:
-            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-            if isinstance(images, ImageEmbeddingItems):
-                return [image_token_id] * images.get_feature_size(item_idx)
-            size = images.get_image_size(item_idx)
-            n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-            spec = item_spec(out_mm_kwargs, "image", item_idx)
-            return [image_token_id] * (spec.k if spec is not None else n)
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -172,33 +141,20 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
     """vLLM's LLaVA-NeXT whose images are compressed crop by crop by a tokensieve method before the LM."""
 
     hf_to_vllm_mapper = CLIP_NAMES | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        family = next_family(vllm_config.model_config.hf_config)
-        check_engine(vllm_config, family)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._family = family
-        self._trace = os.environ.get(TRACE_ENV)
-        self._complete_tower(vllm_config, prefix)
+    family_of = staticmethod(next_family)
 
     def embed_multimodal(self, **kwargs: object):
-        raw = kwargs.pop(FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
+        image_input, specs = self._setting_input(kwargs)
         if image_input is None:
             return []
-        if image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)  # precomputed embeddings pass through untouched
-        pixels = image_input["pixel_values"]
-        pixels = list(pixels) if isinstance(pixels, torch.Tensor) else list(pixels)
+        if specs is None:
+            return self._process_image_input(image_input)
+        pixels = list(image_input["pixel_values"])  # [crops, 3, H, W] per image, stacked or not
         sizes = [tuple(int(x) for x in s) for s in image_input["image_sizes"].tolist()]
-        specs = [decode_spec(row) for row in raw] if raw is not None else [None] * len(pixels)
-        groups: dict[str | None, list[int]] = {}
-        for i, spec in enumerate(specs):  # images whose method and parameters agree run through CLIP together
-            key = None if spec is None else f"{spec.method}:{sorted(spec.params.items())}"
-            groups.setdefault(key, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(pixels)
-        for idx in groups.values():
-            for i, emb in zip(idx, self._sieve([pixels[i] for i in idx], [sizes[i] for i in idx], [specs[i] for i in idx])):
+        for idx in by_method(specs):  # images whose method and parameters agree run through CLIP together
+            embeds = self._sieve([pixels[i] for i in idx], [sizes[i] for i in idx], [specs[i] for i in idx])
+            for i, emb in zip(idx, embeds):
                 out[i] = emb
         return out
 
@@ -217,8 +173,6 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
         counts = [min(c, pk.num_crops) for c, pk in zip(counts, packs)]  # vLLM may pad crops for batching
         crops = torch.cat([p[:c] for p, c in zip(pixels, counts)])
         method = specs[0].build() if specs[0] is not None else None
-        from tokensieve.methods.base import Request
-
         request = method.request(fam.num_layers, fam.feature_layer) if method is not None else Request()
         depth = max([*fls, *request.hidden_states, *(i + 1 for i in request.cls_attention),
                      *(i + 1 for i in request.keys), *(i + 1 for i in request.attention_received)])

@@ -53,13 +53,13 @@ from vllm.multimodal.parse import MultiModalDataItems  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
 from tokensieve.merge_units import UnitSignals, select_units  # noqa: E402
-from tokensieve.methods.base import POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
 
 from .common import (  # noqa: E402
-    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, check_model_type, decode_spec, encode_specs, item_spec,
-    record, request_settings, resolve_or_400,
+    FIELD, TRACE_ENV, by_method, call_hf_processor, check_engine, check_model_type, decode_spec, encode_specs,
+    item_spec, record, resolve_or_400,
 )
-from .settings import Family, SieveSpec, split_kwargs  # noqa: E402
+from .settings import Family, SieveSpec  # noqa: E402
 
 ARCH = "TokenSieveQwen2_5_VLForConditionalGeneration"
 POSITION_CHANNELS = 3
@@ -70,7 +70,10 @@ def qwen_family(config, max_tokens: int) -> Family:
     """The vision facts settings are checked against; refuses other model types."""
     check_model_type(ARCH, config)
     depth = config.vision_config.depth
-    return Family("Qwen2.5-VL", depth, (depth,), max_tokens, 0, scopes=("image",), stages=(PRE_PROJECTOR, POST_PROJECTOR))
+    return Family("Qwen2.5-VL", depth, (depth,), max_tokens, 0, scopes=("image",),
+                  stages=(PRE_PROJECTOR, POST_PROJECTOR),
+                  stage_notes={IN_ENCODER: "tokensieve's Qwen cutter drives transformers' ViT blocks and is not "
+                                           "ported to vLLM's"})
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -124,11 +127,7 @@ class TokenSieveQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
 
 class TokenSieveQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        settings = request_settings(self.info, hf_kwargs)
-        family = self.info.family()
-        resolve_or_400(settings, family)  # method and parameters, before any image work
-        _, rest = split_kwargs(hf_kwargs)
-        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        settings, family, out = call_hf_processor(self, hf_data, hf_kwargs)
         grid = out.get("image_grid_thw")
         if grid is not None:
             unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
@@ -222,9 +221,8 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     @staticmethod
-    def _positions(where: torch.Tensor, hu: int, wu: int, like: torch.Tensor) -> torch.Tensor:
-        """[k, 3] offsets (t, h, w) of kept units ``where`` (raster ids of the full grid) in their image."""
-        del hu
+    def _positions(where: torch.Tensor, wu: int, like: torch.Tensor) -> torch.Tensor:
+        """[k, 3] offsets (t, h, w) of kept units ``where`` (raster ids of the full grid, ``wu`` units a row)."""
         cols = [torch.zeros_like(where), where // wu, where % wu]
         return torch.stack(cols, dim=1).to(device=like.device, dtype=like.dtype)
 
@@ -240,18 +238,14 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         merge = self.visual.spatial_merge_size
         if image_input["type"] != "pixel_values":  # precomputed embeddings: every unit, full-grid positions
             embeds = self._process_image_input(image_input)
-            return [torch.cat([e, self._positions(torch.arange(e.shape[0]), int(g[1]) // merge, int(g[2]) // merge, e)], 1)
+            return [torch.cat([e, self._positions(torch.arange(e.shape[0]), int(g[2]) // merge, e)], 1)
                     for e, g in zip(embeds, grid.tolist())]
         pixels = image_input["pixel_values"]
         grids = [tuple(int(x) for x in g) for g in grid.tolist()]
         starts = torch.tensor([0] + [t * h * w for t, h, w in grids]).cumsum(0).tolist()
         specs = [decode_spec(row) for row in raw] if raw is not None else [None] * len(grids)
-        groups: dict[str | None, list[int]] = {}
-        for i, spec in enumerate(specs):  # images whose method and parameters agree run through the ViT together
-            key = None if spec is None else f"{spec.method}:{sorted(spec.params.items())}"
-            groups.setdefault(key, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(grids)
-        for idx in groups.values():
+        for idx in by_method(specs):  # images whose method and parameters agree run through the ViT together
             pv = torch.cat([pixels[starts[i] : starts[i + 1]] for i in idx])
             for i, emb in zip(idx, self._sieve(pv, [grids[i] for i in idx], [specs[i] for i in idx])):
                 out[i] = emb
@@ -323,7 +317,7 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             for t, h, w in grids:
                 n = t * (h // merge) * (w // merge)
                 where = torch.arange(n)
-                out.append(torch.cat([merged[start : start + n], self._positions(where, h // merge, w // merge, merged)], 1))
+                out.append(torch.cat([merged[start : start + n], self._positions(where, w // merge, merged)], 1))
                 kept.append(where.tolist())
                 start += n
             record(self._trace, None, kept, [sum(t * h * w for t, h, w in grids) // len(grids)] * depth)
@@ -341,7 +335,9 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             )
             offset += t * h * w
             if feats.shape[0] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch
-                raise RuntimeError(f"tokensieve: {spec.method} returned {feats.shape[0]} tokens for a budget of {spec.k}")
-            out.append(torch.cat([feats, self._positions(where, h // merge, w // merge, feats)], 1))
+                raise RuntimeError(
+                    f"tokensieve: {spec.method} returned {feats.shape[0]} tokens for a budget of {spec.k}"
+                )
+            out.append(torch.cat([feats, self._positions(where, w // merge, feats)], 1))
             record(self._trace, spec, [where.tolist()], [t * h * w] * depth)
         return out
