@@ -157,3 +157,33 @@ def test_clear_errors():
     ids = torch.full((1, 10), config.image_token_id)
     with pytest.raises(ValueError, match="whole number of images"):
         vanilla_trace(config, ids)
+
+
+@pytest.mark.parametrize("method,budget", [("evocut", 16), ("divprune", 8), ("fastv+", [32, 20])])
+def test_per_sample_traces_add_up_to_the_batch_and_equal_a_call_on_their_own(tiny, images, method, budget):
+    """`trace_from_report(..., sample=i)` prices one question of a padded batch (two images in one sample) exactly
+    as that question's own call is priced, and the samples add up to the batch: what per-question FLOPs in an
+    lmms-eval run rely on."""
+    model, processor = tiny
+    from tests.conftest import prompt
+
+    texts = [prompt(processor, "what ?", n_images=2), prompt(processor, "what is in the picture on the left ?")]
+    groups = [images[:2], images[2:3]]
+    batch = processor(images=groups[0] + groups[1], text=texts, return_tensors="pt", padding=True)
+    if method == "fastv+":  # an in-LLM stage after layer 1 of the 2-layer LM, behind EvoCut
+        from tokensieve.methods import get_method
+
+        method = [get_method("evocut")(), get_method("fastv")(layer=1)]
+    sieve = Sieve(method, budget)
+    with torch.inference_mode(), sieve(model):
+        model.generate(**batch, max_new_tokens=1, do_sample=False)
+        report = sieve.last_report
+        whole = count_flops(model.config, trace_from_report(report)).to_first_token
+        parts = [count_flops(model.config, trace_from_report(report, sample=i)).to_first_token for i in range(2)]
+        own = []
+        for text, imgs in zip(texts, groups):
+            model.generate(**processor(images=imgs, text=[text], return_tensors="pt"), max_new_tokens=1, do_sample=False)
+            own.append(count_flops(model.config, trace_from_report(sieve.last_report)).to_first_token)
+    assert sum(parts) == whole
+    assert parts == own
+    assert trace_from_report(report, sample=0).num_images == 2

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="save the tiny random-weight demo LLaVA (model + processor) to DIR")
     tiny.add_argument("dir")
     add_measure_commands(sub)
+    # handled in main() before parsing: every argument after it belongs to lmms-eval (tokensieve.lmms_eval.launch)
+    sub.add_parser("lmms-eval", add_help=False, help="run lmms-eval offline with --model tokensieve and the packaged "
+                   "tasks (pip install tokensieve[lmms-eval]; `tokensieve lmms-eval --help`)")
     return parser
 
 
@@ -397,6 +400,11 @@ MEASURE_COMMANDS = {"bench": cmd_bench, "show": cmd_show}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lmms-eval"]:
+        from .lmms_eval.launch import main as lmms_eval_main
+
+        return lmms_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     console = Console()
     from .errors import TokensieveError

@@ -121,25 +121,30 @@ class TokenTrace:
         return dict(vars(self))
 
 
-def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1) -> TokenTrace:
+def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1, sample: int | None = None) -> TokenTrace:
     """The trace of a sieved call, from its :class:`~tokensieve.report.SieveReport`.
 
     Post-projector methods project every candidate; every other stage projects what enters the LM, which is the
-    visual tokens at decoder layer 0.
+    visual tokens at decoder layer 0. ``sample`` restricts the trace to one sample of the batch (its images and
+    its decoder-layer counts), so per-question costs add up to the batch's.
     """
     from .methods.base import POST_PROJECTOR
 
+    images = report.images if sample is None else [im for im in report.images if im.sample == sample]
+    rows = range(len(report.llm_layer_tokens)) if sample is None else [sample]
+    layers = [list(report.llm_layer_tokens[i]) for i in rows]
+    visual = [list(report.llm_layer_visual_tokens[i]) for i in rows]
     if report.stage == POST_PROJECTOR:
-        projected = report.tokens_in
+        projected = sum(im.tokens_in for im in images)
     else:
-        projected = sum(v[0] for v in report.llm_layer_visual_tokens if v)
+        projected = sum(v[0] for v in visual if v)
     return TokenTrace(
         encoder_layer_tokens=list(report.encoder_layer_tokens),
         # the encoder runs once per crop (anyres) or frame (video), each at the trace's per-pass lengths
-        num_images=sum(im.frames or im.crops for im in report.images),
+        num_images=sum(im.frames or im.crops for im in images),
         projected_tokens=int(projected),
-        llm_layer_tokens=[list(t) for t in report.llm_layer_tokens],
-        llm_layer_visual_tokens=[list(t) for t in report.llm_layer_visual_tokens],
+        llm_layer_tokens=layers,
+        llm_layer_visual_tokens=visual,
         new_tokens=new_tokens,
         logits_tokens=logits_tokens,
     )
