@@ -71,7 +71,7 @@ def stock_outputs(model_dir: Path, ref_dir: Path, family: str = "llava") -> dict
     return json.loads(out.read_text())
 
 
-def ask(llm, params, trace: Path, image_dir: Path, case: dict, **settings) -> tuple[list[int], list[int], list[dict]]:
+def ask(llm, sampling, trace: Path, image_dir: Path, case: dict, **settings) -> tuple[list[int], list[int], list[dict]]:
     """One offline request (a reference case's prompt and image, ``tokensieve_*`` settings); returns (prompt ids,
     answer ids, the trace lines the engine added for it)."""
     from PIL import Image
@@ -81,7 +81,7 @@ def ask(llm, params, trace: Path, image_dir: Path, case: dict, **settings) -> tu
     prompt = {"prompt": case["prompt"], "multi_modal_data": {"image": image}}
     if settings:
         prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
-    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    out = llm.generate(prompt, sampling, use_tqdm=False)[0]
     after = trace.read_text().splitlines() if trace.exists() else []
     return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
 
@@ -97,3 +97,15 @@ def offline_engine(model_dir: Path, arch: str, trace: Path, max_new_tokens: int,
     finally:
         del os.environ["TOKENSIEVE_VLLM_TRACE"]
     return llm, SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+
+
+def held(engine: list):
+    """Body of a module-scoped engine fixture: yields ``engine`` (the LLM first), then drops every reference to the
+    LLM and collects it before the next module starts its own. pytest keeps a fixture's value cached past teardown;
+    an LLM collected later, at some random point, would tear down the process-wide parallel state the next
+    module's engine runs on."""
+    import gc
+
+    yield engine
+    engine.clear()
+    gc.collect()

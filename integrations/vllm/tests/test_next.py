@@ -3,8 +3,6 @@
 receives, greedy tokens), on a wide, a tall and a square image (5, 3 and 5 crops, unpadded grids).
 """
 
-import gc
-
 import pytest
 from PIL import Image
 
@@ -19,9 +17,7 @@ ARCH = "TokenSieveLlavaNextForConditionalGeneration"
 def engine(tmp_path_factory, next_reference, next_dir):
     trace = tmp_path_factory.mktemp("next_trace") / "trace.jsonl"
     llm, params = helpers.offline_engine(next_dir / "model", ARCH, trace, next_reference["max_new_tokens"])
-    yield llm, params, trace
-    del llm
-    gc.collect()
+    yield from helpers.held([llm, params, trace])
 
 
 def ask(engine, next_dir, case, **settings):

@@ -21,7 +21,7 @@ def engine(tmp_path_factory, reference):
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
     llm, params = helpers.offline_engine(DEFAULT_MODEL, ARCH, trace, reference["max_new_tokens"],
                                          tokensieve=SERVER_DEFAULT)
-    yield llm, params, trace
+    yield from helpers.held([llm, params, trace])
 
 
 def ask(engine, ref_dir, case, **settings):

@@ -5,8 +5,6 @@ Kept tokens keep their full-grid M-RoPE ids on both paths; the greedy answers on
 the same way (the cases include a wide and a tall image, whose grids differ in height and width).
 """
 
-import gc
-
 import pytest
 from PIL import Image
 
@@ -21,9 +19,7 @@ def engine(tmp_path_factory, qwen_reference, qwen_dir):
     trace = tmp_path_factory.mktemp("qwen_trace") / "trace.jsonl"
     llm, params = helpers.offline_engine(qwen_dir / "model", ARCH, trace, qwen_reference["max_new_tokens"])
     pad = llm.get_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
-    yield llm, params, trace, pad
-    del llm
-    gc.collect()
+    yield from helpers.held([llm, params, trace, pad])
 
 
 def ask(engine, qwen_dir, case, **settings):
