@@ -425,3 +425,39 @@ def assert_unit_cut_equals_pick(model, inputs, layer, units, scope):
     assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     return cut.last_report
+
+
+def assert_vispruner_ranks_like_fastervlm(model, inputs, k, scope="image"):
+    """VisPruner's important tokens come from the same [CLS] (or CLS-free fallback) row as FasterVLM's: with
+    ``important_ratio=1.0`` it must keep exactly FasterVLM's tokens; at the default split it keeps k as well."""
+    from tokensieve import Sieve
+
+    kept = {}
+    for name, params in (("fastervlm", {}), ("vispruner", {"important_ratio": 1.0}), ("vispruner", {})):
+        sieve = Sieve(name, k, scope=scope, **params)
+        with sieve(model):
+            logits(model, inputs)
+        kept[(name, bool(params))] = [im.kept_indices for im in sieve.last_report.images]
+    assert kept[("vispruner", True)] == kept[("fastervlm", False)]
+    assert [len(x) for x in kept[("vispruner", False)]] == [len(x) for x in kept[("fastervlm", False)]]
+    assert kept[("vispruner", False)] != kept[("fastervlm", False)], "the diverse half should differ somewhere"
+
+
+def assert_adaptive_is_per_set(model, batch, singles, budget, scope="image", method="evocut"):
+    """An adaptive budget on a family: calibrated on ``batch``, each candidate set's count stays in its bounds,
+    the batch keeps what the calibration counted, and each sample alone keeps exactly what it kept in the batch."""
+    from tokensieve import Sieve
+
+    sieve = Sieve(method, budget, scope=scope)
+    cal = sieve.calibrate(model, [batch])
+    assert abs(cal.achieved_mean - cal.target_mean) < 1e-9 and len(set(cal.counts)) > 1
+    with sieve(model):
+        logits(model, batch)
+    report = sieve.last_report
+    assert sum(len(im.kept_indices) for im in report.images) == sum(cal.counts)
+    for b, single in enumerate(singles):
+        with sieve(model):
+            logits(model, single)
+        mine = [im.kept_indices for im in report.images if im.sample == b]
+        assert [im.kept_indices for im in sieve.last_report.images] == mine
+    return cal, report

@@ -14,7 +14,7 @@ from tokensieve.tiny import demo_image
 from .conftest import prompt
 from tokensieve.adapters.llava_next import LlavaNextAdapter
 
-from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
+from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
 
@@ -69,7 +69,7 @@ def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
     assert torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "random"])
+@pytest.mark.parametrize("method", ["fastervlm", "vispruner", "evocut", "divprune", "random"])
 @pytest.mark.parametrize("budget,scope,expected", [(4, "crop", [20, 12]), (20, "image", [20, 20]), (12, "global", [12, 12])])
 def test_selected_counts_follow_the_scope(next_model, batch, method, budget, scope, expected):
     model, _ = next_model
@@ -250,6 +250,8 @@ def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
     with sieve(model):
         _gen(model, filled, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    if method == "flowcut":  # FlowCut's schedule: the last cut is after layer 1, so layer 2 (features) runs on 5 + CLS
+        assert sieve.last_report.encoder_layer_tokens == [SIDE * SIDE + 1, SIDE * SIDE + 1, 6, 0]
     with sieve(model):
         _gen(model, batch, n=2)
     # the encoder sees whole crops: a kept patch that unpadding removes is dropped, so padded crops keep at most 5
@@ -273,3 +275,24 @@ def test_flops_trace_counts_one_encoder_pass_per_crop(next_model, batch):
     crops = [int(torch.tensor(c).prod()) + 1 for c in _crops(model, batch)]  # grid crops + the base view
     assert [im.crops for im in sieve.last_report.images] == crops
     assert trace_from_report(sieve.last_report).num_images == sum(crops)
+
+
+def test_vispruner_important_tokens_use_each_crops_cls(next_model, batch):
+    model, _ = next_model
+    assert_vispruner_ranks_like_fastervlm(model, batch, 5, scope="crop")
+
+
+@pytest.mark.parametrize("scope", ["image", "crop", "global"])
+def test_adaptive_budget_per_crop_or_per_image(next_model, batch, scope):
+    """Scope image: mean, min and max shared over an image's crops, each crop adapting on its own; crop: per crop;
+    global: one count per image ranked across its crops."""
+    from tokensieve import Adaptive
+
+    model, proc = next_model
+    images = [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64))]
+    texts = [prompt(proc, "what ?"), prompt(proc, "what is this ?")]
+    singles = [proc(images=[im], text=[t], return_tensors="pt") for im, t in zip(images, texts)]
+    budget = Adaptive(6, 2, 12) if scope == "crop" else Adaptive(20, 8, 40)
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, budget, scope)
+    assert cal.sets == (2 if scope == "global" else 8)
+    assert all(1 <= c <= (12 if scope == "crop" else 40) for c in cal.counts)

@@ -22,8 +22,10 @@ from typing import Callable
 
 import torch
 
+from .adaptive import select_each
 from .budget import Budget, Scope
 from .methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from .report import MergeGroups
 
 NEWLINES = ("rows", "all", "none")
 
@@ -74,9 +76,13 @@ def shares(budget: Budget, sizes: list[int], per_crop: int) -> list[int]:
     if budget.is_ratio or budget.scope == Scope.CROP:
         if budget.is_ratio:
             return [budget.resolve(n, what="each crop") for n in sizes]
+        if budget.is_adaptive:
+            return [budget.resolve(per_crop, what="each crop").clamp(n) for n in sizes]
         return [min(int(budget.value), n) for n in sizes]
     total = budget.resolve(per_crop * len(sizes), what="each image")
     c = len(sizes)
+    if budget.is_adaptive:  # mean, min and max shared over the crops, each crop adapting on its own
+        return [t.clamp(n) for t, n in zip(total.split(c), sizes)]
     return [min(n, total // c + (1 if i < total % c else 0)) for i, n in enumerate(sizes)]
 
 
@@ -128,8 +134,9 @@ def select_image(
     method: Method, budget: Budget, request: Request, cap, feature_layers: list[int], pre: torch.Tensor, crop0: int,
     pk: Packed, packed: torch.Tensor, *, side: int, cls_offset: int, num_layers: int,
     attention: Callable, project: Callable[[torch.Tensor], torch.Tensor], newlines: str = "rows",
-) -> tuple[torch.Tensor, list[int], int]:
-    """Select one image's tokens: ``(LM tokens in packed order, kept patch ids (crop * per_crop + patch), merged)``.
+) -> tuple[torch.Tensor, list[int], int, list[int] | None]:
+    """Select one image's tokens: ``(LM tokens in packed order, kept patch ids (crop * per_crop + patch), merged,
+    merge groups per grid cell (``ImageReport.groups``, None when nothing merged))``.
 
     ``cap``: a :class:`tokensieve.capture.Captured` of the tower run on all crops of the call (rows [crops, T]);
     ``pre``: the projector's input [crops, patches, d]; ``crop0``: this image's first crop among them; ``packed``:
@@ -144,6 +151,7 @@ def select_image(
     tail: list[torch.Tensor] = []
     kept_ids: list[int] = []
     merged = 0
+    groups = MergeGroups(pk.num_crops * per_crop)
     for (crop, where, patch, grid), k in zip(sets, ks):
         if k == 0:
             continue
@@ -174,7 +182,7 @@ def select_image(
             if request.cls_hidden and cls_offset
             else None,
         )
-        sel = method.select(signals, k)
+        sel = select_each(method, signals, k)[0]  # one set; an adaptive target gets its count here
         out = sel.output(cand)[0]
         if method.stage != POST_PROJECTOR:
             out = project(out.to(pre.dtype))
@@ -188,9 +196,11 @@ def select_image(
                 tail.append(out[j])
             else:
                 placed[int(where[a])] = out[j]
-        kept_ids += (crop_g[sel.indices[0]] - crop0).mul(per_crop).add(patch[sel.indices[0]]).tolist()
+        cells = (crop_g - crop0) * per_crop + patch
+        kept_ids += cells[sel.indices[0]].tolist()
+        groups.add(cells, sel.indices[0], None if sel.groups is None else sel.groups[0], out.shape[0])
     feats = assemble(pk, placed, tail, lambda p: packed[p], newlines).to(packed.dtype)
-    return feats, sorted(kept_ids), merged
+    return feats, sorted(kept_ids), merged, groups.result()
 
 
 __all__ = ["NEWLINES", "Packed", "assemble", "candidate_sets", "check_newlines", "crop_ids", "image_shares",

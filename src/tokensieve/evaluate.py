@@ -8,6 +8,7 @@ it separates "the method broke the model" from "the model was wrong anyway".
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,21 +16,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from .configs import VANILLA, Config, format_budget
+from .errors import InputError
+from .loading import EMBEDDED_MODELS, check_model_dir, load_model, model_fingerprint, model_path  # noqa: F401
 from .train import prompt_text
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-
-
-def load_model(path: str | Path | None = None):
-    """``(model, processor)`` from ``path``, or the embedded default model; fp32, eval mode, offline."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path} (expected config.json there)")
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    return model, processor
+DEFAULT_MODEL_DIR = EMBEDDED_MODELS["default"].path
+RESULTS_JSON = "results.json"
+FORMAT = 2
+"""``results.json`` layout: 2 = ``{"meta": ..., "records": [...]}``; files without ``format`` are the older bare
+list of records, still readable for re-plotting and merging."""
+MAX_NEW_TOKENS = 3
 
 
 @dataclass
@@ -80,44 +77,97 @@ def _accuracy(answers, samples) -> tuple[float, dict[str, float]]:
     return acc, {f: right[f] / count[f] for f in sorted(count)}
 
 
-def evaluate(model, processor, samples: Sequence, methods: Sequence[str], budgets: Sequence, *,
-             batch_size: int = 32, progress: bool = True, console=None, params: dict | None = None) -> list[dict]:
-    """Records for the full-token model (method ``none``) and each method x budget, in that order.
+def config_key(config: Config, params: dict | None, scope: str) -> str:
+    """:func:`record_key` of the record ``config`` will produce."""
+    params = params or {}
+    return record_key({"method": config.method, "budget": config.budget, "scope": scope,
+                       "params": {m: params[m] for m in config.methods if params.get(m)}})
 
-    ``params`` maps a method name to its hyper-parameters (a 3-layer LM needs ``{"fastv": {"layer": 1}}``).
+
+def record_key(record: dict) -> str:
+    """What makes two records the same measurement: method chain, budget, hyper-parameters, scope."""
+    if record["method"] == VANILLA:
+        return VANILLA
+    return json.dumps([record["method"], record["budget"], record.get("params") or {}, record.get("scope", "image")],
+                      sort_keys=True)
+
+
+def _record(config: Config, params: dict, scope: str, pred: "Predictions", samples, vanilla: dict | None) -> dict:
+    acc, fam = _accuracy(pred.answers, samples)
+    base_answers = pred.answers if vanilla is None else vanilla["answers"]
+    base_acc = acc if vanilla is None else vanilla["accuracy"]
+    record = {
+        "method": config.method,
+        "params": {m: params[m] for m in config.methods if params.get(m)},
+        "budget": config.budget,
+        "scope": scope,
+        "kept_tokens": round(pred.kept_tokens, 2),
+        "tokens_in": round(pred.tokens_in, 2),
+        "accuracy": acc,
+        "relative": acc / base_acc if base_acc else None,
+        "loyalty": sum(a == v for a, v in zip(pred.answers, base_answers)) / max(1, len(samples)),
+        "families": fam,
+        "questions": len(samples),
+        "answers": pred.answers,
+    }
+    if config.is_vanilla:
+        record["params"], record["budget"] = {}, None
+        del record["scope"]
+    return record
+
+
+def preflight(model, processor, samples, configs: Sequence[Config], params: dict, scope: str) -> None:
+    """Run every configuration once on the first question, so one that cannot work on this model (an unreachable
+    in-LLM budget, a layer beyond the encoder, an unsupported stage) fails before any evaluation starts."""
+    first = samples[:1]
+    failures = []
+    for config in configs:
+        try:
+            predict(model, processor, first, sieve=config.sieve(params, scope), batch_size=1, max_new_tokens=1)
+        except Exception as exc:  # every failure is reported, with the configuration it belongs to
+            failures.append(f"{config.label}: {' '.join(str(exc).split()) or type(exc).__name__}")
+    if failures:
+        raise InputError(f"{len(failures)} of {len(configs)} configuration(s) cannot run on this model, so nothing "
+                         f"was evaluated: {'; '.join(failures)}")
+
+
+def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, params: dict | None = None,
+             scope: str = "image", batch_size: int = 32, done: dict | None = None, on_record=None,
+             progress: bool = True, console=None) -> list[dict]:
+    """Records for the full-token model (method ``none``) and each configuration, in that order.
+
+    ``params`` maps a method name to its hyper-parameters (the 4-layer default LM needs ``{"fastv": {"layer": 1}}``
+    for budgets below 73). ``done`` maps :func:`record_key` to records of an earlier run of the same evaluation;
+    those are reused, not recomputed. ``on_record(records)`` is called after every finished record, so a caller can
+    save as it goes.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .session import Sieve
-
     params = params or {}
-    sieves = [Sieve(m, b, **params.get(m, {})) for m in methods for b in budgets]  # bad input fails before any work
-    runs = [(None, None)] + [(s, b) for s, b in zip(sieves, [b for _ in methods for b in budgets])]
+    done = dict(done or {})
+    runs = [Config((VANILLA,))] + list(configs)
+    todo = [(config, config_key(config, params, scope)) for config in runs]
     records = []
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task = bar.add_task("", total=len(runs) * len(samples))
+    total = sum(len(samples) for _, key in todo if key not in done)
+    with Progress(*columns, console=console, disable=not progress or total == 0, transient=False) as bar:
+        task = bar.add_task("", total=total)
         vanilla = None
-        for sieve, budget in runs:
-            bar.update(task, description="none (full tokens)" if sieve is None else f"{sieve.name} @ {budget}")
-            pred = predict(model, processor, samples, sieve=sieve, batch_size=batch_size,
-                           advance=lambda n: bar.advance(task, n))
-            acc, fam = _accuracy(pred.answers, samples)
+        for config, key in todo:
+            if key in done:
+                record = done[key]
+            else:
+                bar.update(task, description="none (full tokens)" if config.is_vanilla else config.label)
+                sieve = None if config.is_vanilla else config.sieve(params, scope)
+                pred = predict(model, processor, samples, sieve=sieve, batch_size=batch_size,
+                               max_new_tokens=MAX_NEW_TOKENS, advance=lambda n: bar.advance(task, n))
+                record = _record(config, params, scope, pred, samples, vanilla)
             if vanilla is None:
-                vanilla = (pred.answers, acc)
-            records.append({
-                "method": "none" if sieve is None else sieve.name,
-                "params": {} if sieve is None else params.get(sieve.name, {}),
-                "budget": None if sieve is None else budget,
-                "kept_tokens": round(pred.kept_tokens, 2),
-                "tokens_in": round(pred.tokens_in, 2),
-                "accuracy": acc,
-                "relative": acc / vanilla[1] if vanilla[1] else None,
-                "loyalty": sum(a == v for a, v in zip(pred.answers, vanilla[0])) / max(1, len(samples)),
-                "families": fam,
-                "questions": len(samples),
-            })
+                vanilla = record
+            records.append(record)
+            if on_record is not None and key not in done:
+                on_record(records)
     return records
 
 
@@ -127,7 +177,7 @@ def markdown_table(records: list[dict], title: str = "") -> str:
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |",
                                                       "|" + "---|" * len(head)]
     for r in records:
-        cells = [r["method"], "-" if r["budget"] is None else str(r["budget"]), f"{r['kept_tokens']:.1f}",
+        cells = [r["method"], format_budget(r["budget"]), f"{r['kept_tokens']:.1f}",
                  f"{100 * r['accuracy']:.1f}", "-" if r["relative"] is None else f"{100 * r['relative']:.1f}%", f"{100 * r['loyalty']:.1f}%"]
         cells += [f"{100 * r['families'][f]:.1f}" for f in fams]
         lines.append("| " + " | ".join(cells) + " |")
@@ -144,7 +194,7 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
     by_method = defaultdict(list)
     for r in records:
         if r["method"] != "none":
-            by_method[r["method"]].append((r["kept_tokens"], 100 * r["accuracy"]))
+            by_method[_line_label(r)].append((r["kept_tokens"], 100 * r["accuracy"]))
     for name, pts in sorted(by_method.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -164,33 +214,190 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_outputs(records: list[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """``results.json``, ``results.md`` and ``results.png`` in ``out_dir``."""
+def _line_label(record: dict) -> str:
+    """A plot line per method, hyper-parameters and scope (fastv with layer=1 is not fastv with layer=2)."""
+    extra = [f"{m}.{k}={v}" for m, p in sorted((record.get("params") or {}).items()) if isinstance(p, dict)
+             for k, v in sorted(p.items())]
+    if record.get("scope", "image") != "image":
+        extra.append(f"scope={record['scope']}")
+    return record["method"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def title_of(meta: dict | None, records: list[dict]) -> str:
+    if not meta:
+        return f"re-plotted results ({records[0]['questions'] if records else 0} questions)"
+    name = "default model" if meta["model"]["model"] == "default" else meta["model"]["model"]
+    return f"{meta['data']} {meta['split']} ({meta['questions']} questions), {name}"
+
+
+def write_outputs(records: list[dict], out_dir: str | Path, title: str = "", meta: dict | None = None,
+                  plot_too: bool = True) -> dict[str, Path]:
+    """``results.json`` (metadata, records, per-question answers), ``results.md`` and ``results.png`` in ``out_dir``.
+
+    The JSON is written to a temporary file and renamed, so an interrupted write never leaves a broken file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
-    paths["json"].write_text(json.dumps(records, indent=1))
+    paths = {"json": out / RESULTS_JSON, "md": out / "results.md", "png": out / "results.png"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(_dumps({"format": FORMAT, "meta": meta, "records": records}))
+    tmp.replace(paths["json"])
     paths["md"].write_text(markdown_table(records, title))
-    plot(records, paths["png"], title)
+    if plot_too:
+        plot(records, paths["png"], title)
     return paths
 
 
-def run_eval(model_dir, data: str, methods: Sequence[str], budgets: Sequence, out_dir, *, limit=None,
-             batch_size: int = 32, progress: bool = True, console=None, params: dict | None = None) -> list[dict]:
-    """What ``tokensieve eval`` does: load, evaluate, write the three outputs."""
-    from . import data as datasets
-    from .session import Sieve
+_SCALAR_LIST = re.compile(r'\[\n(?:\s*(?:"(?:[^"\\\n]|\\.)*"|-?[\d.eE+-]+|true|false|null),?\n)+\s*\]')
 
-    for m in methods:  # validate before loading anything
-        for b in budgets:
-            Sieve(m, b, **(params or {}).get(m, {}))
-    model, processor = load_model(model_dir)
+
+def _dumps(payload) -> str:
+    """Indented JSON with every list of plain values on one line (a thousand answers stay a thousand words, not a
+    thousand lines)."""
+    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False),
+                            json.dumps(payload, indent=1, ensure_ascii=False))
+
+
+def read_results(path: str | Path, option: str = "--from") -> tuple[dict | None, list[dict]]:
+    """``(meta, records)`` from a ``results.json`` (or the folder holding one); ``meta`` is ``None`` for files
+    written before results carried metadata."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_JSON
+    if not p.is_file():
+        raise InputError(f"{option} {str(path)!r}: no {RESULTS_JSON} there; give a folder written by tokensieve eval "
+                         "or the file itself")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{option} {str(path)!r}: {p.name} cannot be read ({exc}); it is not a tokensieve eval "
+                         "result") from None
+    if isinstance(data, list):
+        return None, data
+    if not isinstance(data, dict) or "records" not in data:
+        raise InputError(f"{option} {str(path)!r}: {p.name} is not a tokensieve eval result (no records)")
+    return data.get("meta"), data["records"]
+
+
+IDENTITY = ("tokensieve", "model", "data", "split", "questions", "questions_sha256", "max_new_tokens")
+"""Metadata that must agree for two results to be one evaluation (reused on resume, merged with ``--from``)."""
+
+
+MODEL_IDENTITY = ("config_sha256", "weights", "built_in_memory")
+"""What identifies a model in the metadata: its config and weights, not where the folder is or what it is called."""
+
+
+def _differences(a: dict | None, b: dict | None) -> list[str]:
+    if a is None or b is None:
+        return [] if a is b else ["one of them has no metadata (written by an older tokensieve)"]
+    out = []
+    for key in IDENTITY:
+        va, vb = a.get(key), b.get(key)
+        if key == "model" and isinstance(va, dict) and isinstance(vb, dict):
+            va, vb = ({k: v.get(k) for k in MODEL_IDENTITY} for v in (va, vb))
+        if va != vb:
+            if isinstance(va, dict) and isinstance(vb, dict):
+                inner = [k for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+                out.append(f"{key} ({', '.join(inner)} differ)")
+            else:
+                out.append(f"{key}: {va!r} vs {vb!r}")
+    return out
+
+
+def eval_meta(model_spec, data: str, samples: Sequence, limit: int | None, batch_size: int) -> dict:
+    import hashlib
+    import time
+
+    import transformers
+
+    from . import __version__
+
+    items = {"question": [s.question for s in samples], "answer": [s.answer for s in samples],
+             "family": [s.family for s in samples]}
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+    return {
+        "tokensieve": __version__, "model": model_fingerprint(model_spec), "data": data, "split": "test",
+        "limit": limit, "questions": len(samples), "questions_sha256": digest, "max_new_tokens": MAX_NEW_TOKENS,
+        "decoding": "greedy, exact match after strip + lower-case", "batch_size": batch_size,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "items": items,
+    }
+
+
+def run_eval(model_spec, data: str, configs: Sequence[Config], out_dir, *, limit=None, batch_size: int = 32,
+             params: dict | None = None, scope: str = "image", fresh: bool = False, progress: bool = True,
+             console=None, log=print) -> dict:
+    """What ``tokensieve eval`` does: check, load, evaluate (saving after every finished configuration), write.
+
+    A ``results.json`` already in ``out_dir`` from the same evaluation (same model, questions, version) is resumed:
+    its finished configurations are kept and only the missing ones run. Its records for configurations not asked
+    for now are kept too, after the requested ones. ``fresh`` ignores it.
+    """
+    from . import data as datasets
+
+    out = Path(out_dir)
+    if model_path(model_spec) is not None:
+        check_model_dir(model_path(model_spec))  # before anything reads the folder
+    existing = None
+    if (out / RESULTS_JSON).exists() and not fresh:
+        existing = read_results(out, "--out")
     samples = datasets.load(data, "test", limit)
-    records = evaluate(model, processor, samples, methods, budgets, batch_size=batch_size, progress=progress,
-                       console=console, params=params)
-    name = "default model" if model_dir is None else Path(model_dir).name
-    write_outputs(records, out_dir, f"{data} test ({len(samples)} questions), {name}")
-    return records
+    meta = eval_meta(model_spec, data, samples, limit, batch_size)
+    done: dict[str, dict] = {}
+    extra: list[dict] = []
+    if existing is not None:
+        diff = _differences(existing[0], meta)
+        if diff:
+            raise InputError(f"--out {str(out_dir)!r} already holds results of another evaluation ({'; '.join(diff)}); "
+                             "choose another --out, or pass --fresh to replace them")
+        done = {record_key(r): r for r in existing[1]}
+    model, processor = load_model(model_spec)
+    keys = [VANILLA] + [config_key(c, params, scope) for c in configs]
+    missing = [c for c, k in zip(configs, keys[1:]) if k not in done]
+    if done:
+        log(f"resuming {out / RESULTS_JSON}: {sum(k in done for k in keys)} finished result(s) reused, "
+            f"{len(keys) - sum(k in done for k in keys)} to run (--fresh recomputes everything)")
+        extra = [r for k, r in done.items() if k not in set(keys)]
+    preflight(model, processor, samples, missing, params or {}, scope)
+    title = title_of(meta, [])
+    saved: list[dict] = []
+
+    def save(records, plot_too=False):
+        saved[:] = records
+        write_outputs(records + extra, out, title, meta, plot_too=plot_too)
+
+    try:
+        records = evaluate(model, processor, samples, configs, params=params, scope=scope, batch_size=batch_size,
+                           done=done, on_record=save, progress=progress, console=console)
+    except BaseException:
+        if saved:
+            save(saved, plot_too=True)
+            log(f"stopped: {len(saved)} of {len(keys)} results are saved in {out / RESULTS_JSON}; run the same "
+                "command again to finish the rest")
+        raise
+    save(records, plot_too=True)
+    return {"meta": meta, "records": records + extra, "title": title}
+
+
+def merge_results(sources: Sequence, out_dir, log=print) -> dict:
+    """Re-plot one earlier result or merge several of the same evaluation (same model and questions) into
+    ``out_dir``, running no model. A configuration found twice is taken from the first source that has it."""
+    loaded = [(src, *read_results(src)) for src in sources]
+    meta = loaded[0][1]
+    for src, other, _ in loaded[1:]:
+        diff = _differences(meta, other)
+        if diff:
+            raise InputError(f"--from {str(loaded[0][0])!r} and --from {str(src)!r} are different evaluations "
+                             f"({'; '.join(diff)}); only results of the same model and questions can be merged")
+    merged: dict[str, dict] = {}
+    for _, _, records in loaded:
+        for r in records:
+            merged.setdefault(record_key(r), r)
+    records = sorted(merged.values(), key=lambda r: r["method"] != VANILLA)
+    title = title_of(meta, records)
+    write_outputs(records, out_dir, title, meta)
+    log(f"merged {len(records)} result(s) from {len(loaded)} source(s)")
+    return {"meta": meta, "records": records, "title": title}
 
 
 def _aux_line(cfg: dict) -> str:

@@ -16,8 +16,10 @@ from typing import Callable
 
 import torch
 
+from .adaptive import select_each
 from .errors import BudgetError
 from .methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from .report import MergeGroups
 
 QUERY_CHUNK = 512
 
@@ -60,9 +62,11 @@ class UnitSignals:
 def select_units(
     method: Method, k: int, request: Request, sig: UnitSignals, *, thw: tuple[int, int, int], patch_offset: int,
     merge: int, frames: int, num_layers: int, project: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int, list[int] | None]:
     """Select ``k`` units in each of ``frames`` candidate sets of one image or video (``thw`` patches starting at
-    ``patch_offset``): ``(LM tokens [n_kept, d_out], their unit index within the item (sorted), units merged)``.
+    ``patch_offset``): ``(LM tokens [n_kept, d_out], their unit index within the item (sorted), units merged,
+    merge groups per unit (``ImageReport.groups``, None when nothing merged))``. ``k`` may be an adaptive target:
+    each frame then gets its own count.
 
     Pre-projector methods select on the merger's input units (4 patch rows concatenated); their kept and created
     units go through ``project`` (the host's merger). Post-projector methods select on the merger's output.
@@ -112,24 +116,31 @@ def select_units(
         attention_received=received,
         cls_hidden=None,
     )
-    sel = method.select(signals, k)
-    out = sel.output(cand)
-    if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
-        where = sel.indices
-    elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
-        where = sel.anchors
-    else:
-        raise BudgetError(f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token")
-    where = where + torch.arange(frames, device=where.device).unsqueeze(1) * n  # item-level unit index
-    where = where.flatten()
-    out = out.reshape(-1, out.shape[-1])
+    sels = select_each(method, signals, k)  # one per frame (frames may keep different counts when adaptive)
+    wheres, outs = [], []
+    groups = MergeGroups(frames * n)
+    for f, sel in enumerate(sels):
+        out = sel.output(cand[f : f + 1])[0]
+        groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0],
+                   sel.num_out)
+        if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
+            where = sel.indices[0]
+        elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
+            where = sel.anchors[0]
+        else:
+            raise BudgetError(
+                f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
+            )
+        wheres.append(where + f * n)  # item-level unit index
+        outs.append(out)
+    where, out = torch.cat(wheres), torch.cat(outs)
     order = where.argsort()
     where, out = where[order], out[order]
     if bool((where[1:] == where[:-1]).any()):
         raise BudgetError(f"{method.name} placed two tokens at one position; Qwen-VL needs distinct positions")
     if method.stage != POST_PROJECTOR:
         out = project(out.to(sig.units_in.dtype))
-    return out.to(sig.merged.dtype), where, sel.num_merged * frames
+    return out.to(sig.merged.dtype), where, sum(sel.num_merged for sel in sels), groups.result()
 
 
 __all__ = ["UnitSignals", "select_units", "received_attention", "rotate", "QUERY_CHUNK"]

@@ -16,8 +16,8 @@ class Config:
 
 def test_every_pre_llm_method_runs_and_every_in_llm_method_is_refused():
     runnable = set(runnable_methods(LLAVA))
-    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "hiprune", "vtc_cls",
-                        "evoprune", "flowcut"}
+    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "hiprune",
+                        "vtc_cls", "evoprune", "flowcut"}
     for name in ("fastv", "pdrop", "dart"):
         with pytest.raises(SettingsError, match="in-LLM.*KV cache") as err:
             resolve({"method": name, "budget": 64}, LLAVA)
@@ -46,7 +46,7 @@ def test_budget_int_or_ratio(budget, k):
 @pytest.mark.parametrize("budget, match", [
     (0, "at least one token"), (-3, "at least one token"), (145, "exceeds the 144 visual tokens"),
     ("64", "must be an int"), (12.5, "keep ratio"), (True, "must be an int"), (None, "needs a budget"),
-    ([64], "must be an int"),
+    ([64], "must be an int"), ("adaptive:64", "not available under vLLM"),
 ])
 def test_bad_budgets_are_refused_clearly(budget, match):
     with pytest.raises(SettingsError, match=match) as err:

@@ -39,7 +39,7 @@ from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, MergeGroups, now
 from .llava import LlavaAdapter
 
 
@@ -147,7 +147,7 @@ class LlavaNextAdapter(LlavaAdapter):
             crop0 = 0
             for i, (pk, packed) in enumerate(zip(packs, packed_feats)):
                 t0 = now()
-                feats, kept, merged = self._select_image(
+                feats, kept, merged, groups = self._select_image(
                     method, budget, request, cap, feature_layers, pre, crop0, pk, packed
                 )
                 crop0 += pk.num_crops
@@ -158,8 +158,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     ImageReport(
                         sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(feats.shape[0]),
                         kept_indices=kept, grid=(pk.num_crops * self.side, self.side), merged=merged,
-                        selection_s=secs,
-                        crops=pk.num_crops,
+                        selection_s=secs, crops=pk.num_crops, groups=groups,
                     )
                 )
         trace = [self.per_crop + 1] * self.num_layers
@@ -212,7 +211,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 feats = torch.cat([res.hidden[f][j][self.cls_offset:] for f in feature_layers], dim=-1)
                 if not bool(torch.isfinite(feats).all()):
                     raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
-                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:])
+                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:],
+                           res.groups[j])
         newline = self.base.image_newline
         dtype = next(self.base.multi_modal_projector.parameters()).dtype
         features, images, crop0 = [], [], 0
@@ -220,17 +220,27 @@ class LlavaNextAdapter(LlavaAdapter):
             where = {(int(c), int(p)): q for q, (c, p) in enumerate(zip(pk.crop.tolist(), pk.patch.tolist())) if c >= 0}
             placed: dict[int, torch.Tensor] = {}
             kept_ids, merged = [], 0
+            groups = MergeGroups(pk.num_crops * self.per_crop)
             for c in range(pk.num_crops):
                 if crop0 + c not in rows:
                     continue
-                feats, patch, size = rows[crop0 + c]
+                feats, patch, size, owner = rows[crop0 + c]
+                placed_rows = []
                 for r, (p, n) in enumerate(zip(patch.tolist(), size.tolist())):
                     q = where.get((c, int(p)))
                     if q is None:
                         continue  # unpadding removes this patch
                     placed[q] = feats[r]
+                    placed_rows.append(r)
                     kept_ids.append(c * self.per_crop + int(p))
                     merged += int(n > 1)
+                if owner is not None:  # a row that unpadding removed took its merged patches with it
+                    live = torch.isin(owner, torch.tensor(placed_rows, dtype=owner.dtype))
+                    groups.add(c * self.per_crop + torch.arange(self.per_crop), None, torch.where(live, owner, -1),
+                               self.per_crop)
+                else:
+                    cells = c * self.per_crop + patch[torch.tensor(placed_rows, dtype=torch.long)].long().cpu()
+                    groups.add(cells, torch.arange(len(placed_rows)), None, self.per_crop)
             crop0 += pk.num_crops
             out = (anyres.assemble(pk, placed, [], lambda q: newline.to(dtype), self.newlines) if placed
                    else torch.zeros(0, newline.shape[-1], dtype=dtype, device=newline.device))
@@ -239,7 +249,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 ImageReport(
                     sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(out.shape[0]),
                     kept_indices=sorted(kept_ids), grid=(pk.num_crops * self.side, self.side), merged=merged,
-                    selection_s=selection_s / len(packs), crops=pk.num_crops,
+                    selection_s=selection_s / len(packs), crops=pk.num_crops, groups=groups.result(),
                 )
             )
         # per crop sequence lengths; crops may differ under per-crop targets, so the trace is their mean

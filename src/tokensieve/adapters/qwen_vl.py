@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
-from ..encoder_stage import check_unit_cut, cut_units, unit_state
+from ..capture import capture_encoder, packed_segments
+from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
 from ..errors import NonFiniteFeaturesError, PlaceholderError
-from ..merge_units import UnitSignals, rotate, select_units
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Method, Request
+from ..merge_units import UnitSignals, rotate, select_units
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, MergeGroups, now
 
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -66,6 +66,12 @@ class QwenVLAdapter(Adapter):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    def vision_modules(self) -> tuple:
+        return self.visual, self.merger.mlp  # pre-projector methods re-run the merger's MLP on the kept units
+
+    def meter_parts(self) -> tuple:
+        return self.blocks, [self.merger.mlp], None, packed_segments
+
     def _counts(self, grid) -> list[int]:
         return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
 
@@ -76,7 +82,7 @@ class QwenVLAdapter(Adapter):
         return self._counts(encoder_kwargs.get("video_grid_thw"))
 
     # -- positions ---------------------------------------------------------------------------------------------
-    def prepare(self, kwargs, method, budget, method_name):
+    def prepare(self, kwargs, method, budget, method_name, left_pad=False):
         ids = kwargs.get("input_ids")
         if self.is_visual(kwargs) and ids is not None:
             if kwargs.get("position_ids") is not None:
@@ -99,7 +105,7 @@ class QwenVLAdapter(Adapter):
                 video_grid_thw=kwargs.get("video_grid_thw"),
                 attention_mask=mask,
             )
-        return super().prepare(kwargs, method, budget, method_name)
+        return super().prepare(kwargs, method, budget, method_name, left_pad)
 
     def carry_inputs(self, kwargs, comp, input_ids) -> None:
         super().carry_inputs(kwargs, comp, input_ids)
@@ -213,7 +219,7 @@ class QwenVLAdapter(Adapter):
                 what = "each video frame" if frames > 1 else ("each video" if video else "each image")
                 k = budget.resolve(t * hu * wu // frames, what=what)
                 t0 = now()
-                feats, kept, merged_n = select_units(
+                feats, kept, merged_n, groups = select_units(
                     method, k, request, sig, thw=(t, h, w), patch_offset=patch_off, merge=self.merge, frames=frames,
                     num_layers=self.num_layers, project=self._project,
                 )
@@ -227,7 +233,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
-                        frames=t if video else 0,
+                        frames=t if video else 0, groups=groups,
                     )
                 )
             if not video:
@@ -266,6 +272,11 @@ class QwenVLAdapter(Adapter):
             for item, (t, h, w) in enumerate(grid.tolist()):
                 mine = [c for c in cutter.sets if c.item == item]
                 kept = torch.cat([c.offset + c.units.sort().values for c in mine])
+                groups = MergeGroups(t * (h // self.merge) * (w // self.merge))
+                for c in mine:
+                    n_set = len(c.owner)
+                    groups.add(c.offset + torch.arange(n_set), c.units.sort().values,
+                               c.owner if c.merged else None, n_set)
                 feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
@@ -275,7 +286,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
-                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0,
+                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0, groups=groups.result(),
                     )
                 )
             if not video:
@@ -300,6 +311,8 @@ class _UnitSet:
         self.units = slots.argsort()  # units in sequence order: raster on Qwen2-VL, window order on Qwen2.5-VL
         self.sizes = torch.ones(len(slots))
         self.memory: dict = {}
+        self.owner = self.units.argsort()  # set-local unit -> its current row (in sequence order), -1 dropped
+        self.merged = False
 
 
 class _UnitCutter:
@@ -421,10 +434,12 @@ class _UnitCutter:
         a, u = self.a, self.a.unit
         attn = a.blocks[layer].attn
         r = hs.shape[0]
-        q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
-        cos, sin = pe
-        qr = rotate(q.float(), cos.float(), sin.float())
-        kr = rotate(k.float(), cos.float(), sin.float())
+        signals = self.plan.cls_attention or self.plan.keys or self.plan.values
+        if signals:  # this block's own q/k/v, recomputed only when the method reads them
+            q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
+            cos, sin = pe
+            qr = rotate(q.float(), cos.float(), sin.float())
+            kr = rotate(k.float(), cos.float(), sin.float())
         last = layer == max(self.planned)
         pieces, start = [], 0
         for s in self.sets:
@@ -436,14 +451,16 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
-            # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
-            gq = qr[sl].mean(0)  # [H, hd]
-            probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-            state = unit_state(
-                self.plan, layer, a.num_layers, s.grid, unit_mean(rows), probs.view(-1, n, u).sum(-1),
-                unit_mean(k[sl]).transpose(0, 1), unit_mean(v[sl]).transpose(0, 1),  # keys before RoPE: content
-                s.sizes, s.units, s.target, s.memory,
-            )
+            if signals:
+                # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
+                gq = qr[sl].mean(0)  # [H, hd]
+                probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
+                att, keys, values = probs.view(-1, n, u).sum(-1), unit_mean(k[sl]).transpose(0, 1), \
+                    unit_mean(v[sl]).transpose(0, 1)  # keys before RoPE: content
+            else:
+                att, keys, values = torch.zeros(1, n), torch.zeros(1, n, 1), torch.zeros(1, n, 1)
+            state = unit_state(self.plan, layer, a.num_layers, s.grid, unit_mean(rows), att, keys, values, s.sizes,
+                               s.units, s.target, s.memory)
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
                 if last:
@@ -451,6 +468,8 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             check_unit_cut(cut, n, s.target, last, layer, self.method.name)
+            s.owner = follow_cut(s.owner[None], cut.keep[:1], None if cut.groups is None else cut.groups[:1], n)[0]
+            s.merged = s.merged or cut.groups is not None
             kept = cut.keep[0, 1:] - 1
             new_rows, s.sizes = cut_units(rows.reshape(n, u, -1), s.sizes, cut, self.method.name)
             s.units = s.units[kept.cpu()]

@@ -187,7 +187,7 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
                 if spec is None:
                     kept, feats = [int(x) for x in (pk.crop * side * side + pk.patch)[pk.crop >= 0].tolist()], packed
                 else:
-                    feats, kept, _ = anyres.select_image(
+                    feats, kept, _, _ = anyres.select_image(
                         method, Budget.parse(spec.budget, spec.scope), request, cap, fls, pre, crop0, pk, packed,
                         side=side, cls_offset=1, num_layers=fam.num_layers,
                         attention=lambda cp, layer: cp.attention_row(layer, 0), project=self.multi_modal_projector,

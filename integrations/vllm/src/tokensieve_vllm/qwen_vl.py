@@ -329,7 +329,7 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             raise ValueError("tokensieve: vision features contain NaN or Inf; check the model dtype")
         out, offset = [], 0
         for (t, h, w), spec in zip(grids, specs):
-            feats, where, _ = select_units(
+            feats, where, _, _ = select_units(
                 method, spec.k, request, sig, thw=(t, h, w), patch_offset=offset, merge=merge, frames=1,
                 num_layers=depth, project=self._project,
             )

@@ -229,6 +229,12 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
     what = f"each image of this {family.name} model" if tokens is None else f"this image ({family.name})"
     try:
         budget = Budget.parse(settings["budget"], scope)
+        if budget.is_adaptive:
+            raise SettingsError(
+                "adaptive budgets are not available under vLLM: the front end must know each image's token count "
+                "before the encoder runs, and an adaptive count is read off the encoder's features; give an int or "
+                "a keep ratio", PREFIX + "budget"
+            )
         k = budget.resolve(n, what=what)
     except TokensieveError as exc:
         raise SettingsError(str(exc), PREFIX + "budget") from None
