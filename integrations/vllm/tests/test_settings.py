@@ -66,7 +66,7 @@ def test_unknown_method_params_and_keys():
     with pytest.raises(SettingsError, match="bad tokensieve_params for method 'evocut'"):
         resolve({"method": "evocut", "budget": 8, "params": {"bogus": 1}}, LLAVA)
     # layer parameters are checked against the real depth before any engine work
-    with pytest.raises(SettingsError, match="layer must be in"):
+    with pytest.raises(SettingsError, match="fastervlm layer=30 must be in"):
         resolve({"method": "fastervlm", "budget": 8, "params": {"layer": 30}}, LLAVA)
     with pytest.raises(SettingsError, match="unknown tokensieve setting 'tokensieve_k'"):
         split_kwargs({"tokensieve_k": 3})
