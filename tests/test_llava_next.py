@@ -113,6 +113,58 @@ def test_newline_kept_only_for_rows_that_keep_tokens(next_model, batch, method):
         assert not bool(is_nl[: 2].any())  # the base view's two tokens come first, with no newline
 
 
+@pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "visionzip"])
+@pytest.mark.parametrize("budget,scope", [(2, "crop"), (20, "image"), (12, "global"), (0.3, "image")])
+def test_fixed_newline_policies_fix_the_count_before_selection(next_model, batch, method, budget, scope):
+    """newlines="all" keeps every row's newline, "none" none: an image's count then follows from its layout and the
+    budget alone (tokensieve.anyres.num_tokens, what the vLLM integration gives each image), whichever tokens win."""
+    from tokensieve import anyres
+
+    model, _ = next_model
+    adapter = get_adapter(model)
+    packs = adapter._packed({k: batch[k] for k in ("pixel_values", "image_sizes")})
+    for policy in ("all", "none"):
+        sieve = Sieve(method, budget, scope=scope, newlines=policy)
+        with sieve(model):
+            _gen(model, batch, n=1)
+        for pk, im in zip(packs, sieve.last_report.images):
+            want = anyres.num_tokens(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE, policy)
+            assert im.tokens_out == want == (pk.num_newlines if policy == "all" else 0) + sum(
+                anyres.image_shares(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE))
+
+
+def test_newline_policies_keep_the_same_tokens_and_differ_only_in_newlines(next_model, batch):
+    model, _ = next_model
+    adapter = get_adapter(model)
+    enc = {k: batch[k] for k in ("pixel_values", "image_sizes")}
+    newline = model.model.image_newline
+    out = {}
+    for policy in ("rows", "all", "none"):
+        adapter.newlines = policy
+        with torch.inference_mode():
+            out[policy] = adapter.encode(get_method("fastervlm")(), Budget.parse(2, "crop"), enc)
+    for i in range(2):
+        kept = {p: out[p].images[i].kept_indices for p in out}
+        assert kept["rows"] == kept["all"] == kept["none"]
+        feats = {p: out[p].features[i] for p in out}
+        tokens = {p: feats[p][~(feats[p] == newline).all(-1)] for p in out}
+        assert torch.equal(tokens["rows"], tokens["all"]) and torch.equal(tokens["rows"], tokens["none"])
+        assert int((feats["none"] == newline).all(-1).sum()) == 0
+        assert int((feats["all"] == newline).all(-1).sum()) == adapter._packed(enc)[i].num_newlines
+
+
+def test_keep_all_with_every_newline_equals_vanilla_and_bad_policies_are_refused(next_model, batch, vanilla, tiny):
+    from tokensieve.errors import UnsupportedModelError
+
+    model, _ = next_model
+    with Sieve("divprune", 1.0, newlines="all")(model):
+        torch.testing.assert_close(_logits(model, batch), vanilla[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="newlines must be one of"):
+        Sieve("divprune", 4, newlines="some")
+    with pytest.raises(UnsupportedModelError, match="LLaVA-NeXT-family"):
+        Sieve("divprune", 4, newlines="none").apply(tiny[0])
+
+
 def test_forward_equals_hand_written_reference(next_model, batch):
     """random at 3 per crop: the same survivors and newlines, built by hand from the model's own packing."""
     model, _ = next_model

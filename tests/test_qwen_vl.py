@@ -207,13 +207,13 @@ def test_signals_are_read_in_raster_order(qwen, batch):
     model, _ = qwen
     adapter = get_adapter(model)
     with torch.inference_mode():
-        merged, units_in, hidden, _ = adapter._run(
+        sig = adapter._run(
             batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False
         )
         embedded = model.model.visual.patch_embed(batch["pixel_values"])
-        reprojected = adapter._project(units_in.reshape(-1, 4 * units_in.shape[-1]))
-    torch.testing.assert_close(hidden[0], embedded, rtol=0, atol=0)
-    torch.testing.assert_close(reprojected, merged, rtol=0, atol=1e-5)
+        reprojected = adapter._project(sig.units_in.reshape(-1, 4 * sig.units_in.shape[-1]))
+    torch.testing.assert_close(sig.hidden[0], embedded, rtol=0, atol=0)
+    torch.testing.assert_close(reprojected, sig.merged, rtol=0, atol=1e-5)
 
 
 def test_video_only_and_text_only_calls(qwen):

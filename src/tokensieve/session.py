@@ -20,6 +20,7 @@ import torch
 
 from .adapters import get_adapter
 from .adaptive import Calibration, fit, llm_counts, lm_input_features, recording
+from .anyres import check_newlines
 from .budget import Budget, Scope
 from .errors import BudgetError, StageError, TokensieveError, UnsupportedModelError
 from .llm_stage import KeepAll, LLMStage
@@ -42,9 +43,12 @@ class Sieve:
     tokens per image into the LM (pre-LLM budgets count tokens entering the LM) and FastV brings the average over
     decoder layers to 128 (in-LLM budgets count layer-averaged visual tokens). At most one pre-LLM and one in-LLM
     method, in that order; ToDRE brings its own in-LLM rule and takes only its pre-LLM budget.
+
+    ``newlines`` (LLaVA-NeXT-family images): which ``image_newline`` tokens follow selection: ``"rows"`` (default, the
+    newline of each row that keeps a token), ``"all"`` or ``"none"`` (see ``tokensieve.anyres``).
     """
 
-    def __init__(self, method, budget, *, scope: str | Scope = "image", **params):
+    def __init__(self, method, budget, *, scope: str | Scope = "image", newlines: str = "rows", **params):
         methods = list(method) if isinstance(method, (list, tuple)) else [method]
         if not methods:
             raise StageError("give at least one method")
@@ -66,6 +70,7 @@ class Sieve:
         if len(budgets) != len(instances):
             raise StageError(f"got {len(budgets)} budget(s) for {len(instances)} method(s); give one per method")
         parsed = [Budget.parse(b, scope) for b in budgets]
+        self.newlines = check_newlines(newlines)
         self.methods = instances
         self.pre_method, self.pre_budget, self.llm_method, self.llm_budget = _plan_stages(instances, parsed)
         self.method = instances[0]
@@ -231,6 +236,13 @@ class SieveHandle:
                     f"{exc}. {sieve.pre_method.name!r} adds that in-LLM stage itself; switch it off with the method's "
                     "option (todre: relevance=False) to run its first stage alone"
                 ) from None
+        if sieve.newlines != "rows":
+            if not hasattr(adapter, "newlines"):
+                raise UnsupportedModelError(
+                    f"newlines={sieve.newlines!r} is about LLaVA-NeXT-family images (their image_newline tokens); "
+                    f"{type(model).__name__} has none"
+                )
+            adapter.newlines = sieve.newlines
         adapter.check_budget(sieve.pre_budget)
         if sieve.llm_budget is not None:
             adapter.check_budget(sieve.llm_budget)

@@ -20,7 +20,7 @@ from ..capture import TokenMeter
 from ..errors import BudgetError, ParameterError, PlaceholderError, StageError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
-from ..report import ImageReport, SieveReport
+from ..report import ImageReport, MergeGroups, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
 _PER_TOKEN_INPUTS = {"labels": -100, "position_ids": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -44,36 +44,6 @@ class Encoded:
     """How many leading ``features`` are images; the rest are videos. ``None``: all are images."""
 
 
-class MergeGroups:
-    """``ImageReport.groups`` of an entry made of several candidate sets (crops, frames, a whole grid).
-
-    Per grid cell of the entry's report grid: an id of the output token the cell went into (cells with one id went
-    into one token; ids are unique within the entry), -1 if dropped. ``None`` when no set merged, so methods that
-    only keep or drop report no groups.
-    """
-
-    def __init__(self, cells: int) -> None:
-        self.ids = torch.full((cells,), -1, dtype=torch.long)
-        self.offset = 0
-        self.merged = False
-
-    def add(self, cells: torch.Tensor, kept: torch.Tensor | None, groups: torch.Tensor | None, count: int) -> None:
-        """One set: ``cells`` [n] the grid cell of each candidate; ``groups`` [n] the set's output token of each
-        candidate (a method's ``Selection.groups`` row, -1 dropped) or ``None``, then ``kept`` [k] candidates stay
-        as themselves; ``count`` ids are reserved for the set's outputs."""
-        cells = cells.cpu().long()
-        if groups is not None:
-            g = groups.cpu().long()
-            hit = g >= 0
-            self.ids[cells[hit]] = self.offset + g[hit]
-            self.merged = True
-        elif kept is not None:
-            kept = kept.cpu().long()
-            self.ids[cells[kept]] = self.offset + torch.arange(kept.numel())
-        self.offset += int(count)
-
-    def result(self) -> list[int] | None:
-        return self.ids.tolist() if self.merged else None
 
 
 class Adapter(ABC):

@@ -6,7 +6,8 @@ Choices, each forced by the architecture:
   so a token can only be kept or dropped as a whole unit. Pre-projector methods select on the merger's input units
   (the 4 patch vectors concatenated, [n, 4*d]); kept and created units (pool, VisionZip merges) are averaged in
   that space and then projected by the model's own merger, as LLaVA's methods merge before its projector.
-  Post-projector methods (DivPrune) select on the merger's output.
+  Post-projector methods (DivPrune) select on the merger's output. The selection itself lives in
+  :mod:`tokensieve.merge_units` (torch-only), so the vLLM integration runs the same code on vLLM's ViT.
 * **Encoder signals are per patch, pooled per unit** (mean over the 4 patches): hidden states, keys, attention.
   For attention-based scores (FasterVLM, VisionZip) this equals pooling the patch scores. EvoCut scores the
   movement of a unit's mean hidden state.
@@ -32,26 +33,14 @@ from typing import Any
 
 import torch
 
-from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import capture_encoder, packed_segments
 from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
-from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
-from ..methods.base import (
-    IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
-    Request, Signals,
-)
+from ..errors import NonFiniteFeaturesError, PlaceholderError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Method, Request
+from ..merge_units import UnitSignals, rotate, select_units
 from ..report import ImageReport
 from .base import Adapter, Encoded, MergeGroups, now
-
-_QUERY_CHUNK = 512
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(-2) + turned * sin.unsqueeze(-2)
-
 
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -177,22 +166,12 @@ class QwenVLAdapter(Adapter):
             p = hs.shape[0]
             q, k, _ = attn.qkv(hs).view(p, 3, attn.num_heads, -1).unbind(1)  # [P, H, hd]
             qk[layer] = (
-                raster(_rotate(q.float(), cos.float(), sin.float())),
-                raster(_rotate(k.float(), cos.float(), sin.float())),
+                raster(rotate(q.float(), cos.float(), sin.float())),
+                raster(rotate(k.float(), cos.float(), sin.float())),
                 raster(k),
                 float(attn.scaling),
             )
-        return merged, raster(state["units_in"]), hidden, qk
-
-    @staticmethod
-    def _received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Mean softmax attention each key receives over all queries of one segment: [H, P]."""
-        qh, kh = q.transpose(0, 1), k.transpose(0, 1)  # [H, P, hd]
-        total = torch.zeros(kh.shape[0], kh.shape[1], dtype=torch.float32, device=k.device)
-        for start in range(0, qh.shape[1], _QUERY_CHUNK):
-            logits = qh[:, start : start + _QUERY_CHUNK] @ kh.transpose(1, 2) * scale
-            total += logits.softmax(dim=-1).sum(dim=1)
-        return total / qh.shape[1]
+        return UnitSignals(raster(state["units_in"]), merged, hidden, qk)
 
     def _project(self, units: torch.Tensor) -> torch.Tensor:
         """The merger applied to already-gathered units [n, 4*d] (ln per patch, then the MLP)."""
@@ -227,26 +206,29 @@ class QwenVLAdapter(Adapter):
         patches_total = 0
         num_images = 0
         for video, pv_key, pixel, grid in self._visual_batches(encoder_kwargs):
-            merged, units_in, hidden, qk = self._run(pixel, grid, request, attn_layers, video)
-            if not bool(torch.isfinite(merged).all()):
+            sig = self._run(pixel, grid, request, attn_layers, video)
+            if not bool(torch.isfinite(sig.merged).all()):
                 raise NonFiniteFeaturesError(
                     f"vision features of the {'videos' if video else 'images'} contain NaN or Inf; check "
                     f"{pv_key} and the model dtype"
                 )
             patch_off = 0
             for t, h, w in grid.tolist():
-                n_patch = t * h * w
-                seg = slice(patch_off, patch_off + n_patch)
-                useg = slice(patch_off // self.unit, (patch_off + n_patch) // self.unit)
-                patch_off += n_patch
-                patches_total += n_patch
-                feats, secs, kept, merged_n, groups = self._select_item(
-                    method, budget, request, video, (t, h, w), seg, useg, merged, units_in, hidden, qk
+                hu, wu = h // self.merge, w // self.merge
+                frames = t if (video and budget.scope != Scope.GLOBAL) else 1
+                what = "each video frame" if frames > 1 else ("each video" if video else "each image")
+                k = budget.resolve(t * hu * wu // frames, what=what)
+                t0 = now()
+                feats, kept, merged_n, groups = select_units(
+                    method, k, request, sig, thw=(t, h, w), patch_offset=patch_off, merge=self.merge, frames=frames,
+                    num_layers=self.num_layers, project=self._project,
                 )
+                secs = now() - t0
                 selection_s += secs
+                patch_off += t * h * w
+                patches_total += t * h * w
                 features.append(feats)
                 slots.append(kept)
-                hu, wu = h // self.merge, w // self.merge
                 images.append(
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
@@ -261,82 +243,6 @@ class QwenVLAdapter(Adapter):
             features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
             num_images=num_images,
         )
-
-    def _select_item(self, method, budget, request, video, thw, seg, useg, merged, units_in, hidden, qk):
-        t, h, w = thw
-        hu, wu = h // self.merge, w // self.merge
-        per_frame = hu * wu
-        frames = t if (video and budget.scope != Scope.GLOBAL) else 1
-        n = t * per_frame // frames
-        layout = Layout((n // wu, wu), 0)
-        what = "each video frame" if frames > 1 else ("each video" if video else "each image")
-        k = budget.resolve(n, what=what)
-
-        def units(x: torch.Tensor) -> torch.Tensor:  # per-patch rows of this item -> [frames, n, ..] unit means
-            x = x[seg]
-            return x.reshape(frames, n, self.unit, *x.shape[1:]).float().mean(dim=2)
-
-        if method.stage == POST_PROJECTOR:
-            cand = merged[useg].reshape(frames, n, -1)
-        else:
-            cand = units_in[seg].reshape(frames, n, -1)
-        t0 = now()
-        cls_attention, keys, received = {}, {}, {}
-        for layer, (q, k_rot, k_raw, scale) in qk.items():
-            if layer in request.cls_attention or layer in request.attention_received:
-                # attention segments of the ViT: the image, or each temporal patch of a video
-                q, k_rot = q[seg], k_rot[seg]
-                span = h * w
-                rec = torch.cat(
-                    [self._received(q[i : i + span], k_rot[i : i + span], scale) for i in range(0, t * span, span)],
-                    dim=1,
-                )  # [H, t*h*w]
-                heads = rec.shape[0]
-                per_unit = rec.reshape(heads, frames, n, self.unit).mean(-1).transpose(0, 1)  # [frames, H, n]
-                if layer in request.cls_attention:
-                    cls_attention[layer] = per_unit
-                if layer in request.attention_received:  # HiPrune's signal itself: received attention, head mean
-                    received[layer] = per_unit.mean(1)
-            if layer in request.keys:
-                kr = units(k_raw)  # [frames, n, H, hd]
-                keys[layer] = kr.transpose(1, 2)
-        signals = Signals(
-            features=cand,
-            layout=layout,
-            num_layers=self.num_layers,
-            feature_layer=self.num_layers,
-            hidden_states={i: units(hidden[i]) for i in request.hidden_states},
-            cls_attention=cls_attention,
-            keys=keys,
-            attention_received=received,
-            cls_hidden=None,
-        )
-        sels = select_each(method, signals, k)  # one per frame (frames may keep different counts when adaptive)
-        wheres, outs = [], []
-        groups = MergeGroups(frames * n)
-        for f, sel in enumerate(sels):
-            out = sel.output(cand[f : f + 1])[0]
-            groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0],
-                       sel.num_out)
-            if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
-                where = sel.indices[0]
-            elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
-                where = sel.anchors[0]
-            else:
-                raise BudgetError(
-                    f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
-                )
-            wheres.append(where + f * n)  # item-level unit index
-            outs.append(out)
-        where, out = torch.cat(wheres), torch.cat(outs)
-        order = where.argsort()
-        where, out = where[order], out[order]
-        if bool((where[1:] == where[:-1]).any()):
-            raise BudgetError(f"{method.name} placed two tokens at one position; Qwen-VL needs distinct positions")
-        if method.stage != POST_PROJECTOR:
-            out = self._project(out.to(units_in.dtype))
-        secs = now() - t0
-        return out.to(merged.dtype), secs, where, sum(sel.num_merged for sel in sels), groups.result()
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -532,8 +438,8 @@ class _UnitCutter:
         if signals:  # this block's own q/k/v, recomputed only when the method reads them
             q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
             cos, sin = pe
-            qr = _rotate(q.float(), cos.float(), sin.float())
-            kr = _rotate(k.float(), cos.float(), sin.float())
+            qr = rotate(q.float(), cos.float(), sin.float())
+            kr = rotate(k.float(), cos.float(), sin.float())
         last = layer == max(self.planned)
         pieces, start = [], 0
         for s in self.sets:
