@@ -52,6 +52,9 @@ CASES = (
     + [(["bench", "--arch", "tiny", "--budgets", b, "--out", "{tmp}/b"], m) for b, m in BUDGETS]
     + [
         (["run", "--budget", "1000"], "exceeds the 144 visual tokens"),
+        (["run", "--budget", "adaptive:16"], "needs its threshold here (adaptive:16@T)"),
+        (["show", "--budgets", "adaptive:16", "--out", "{tmp}/s.png"], "tokensieve eval --budgets adaptive:16"),
+        (["bench", "--arch", "tiny", "--budgets", "adaptive:16", "--out", "{tmp}/b"], "needs its threshold here"),
         (["bench", "--arch", "tiny", "--budgets", "1000", "--out", "{tmp}/b"], "exceeds the 144 visual tokens"),
         (["run", "--method", "nope"], "unknown method 'nope'; available:"),
         (["show", "--methods", "evocut,bogus", "--out", "{tmp}/s.png"], "unknown method 'bogus'"),

@@ -175,7 +175,8 @@ def test_other_readme_commands_parse(cmd):
     if getattr(args, "methods", None) is not None and getattr(args, "budgets", None) is not None:
         from tokensieve.configs import parse_configs
 
-        parse_configs(args.methods, args.budgets)  # method names and budgets exist and match
+        # method names and budgets exist and match; eval fits adaptive thresholds itself
+        parse_configs(args.methods, args.budgets, calibrates=cmd[1] == "eval")
 
 
 @pytest.mark.parametrize("cmd", [c for c in ALL if classify(c)[0] == "script"], ids=" ".join)

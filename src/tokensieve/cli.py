@@ -400,7 +400,7 @@ def cmd_eval(args, out: Out) -> int:
         from .configs import group_params, parse_configs
 
         configs = parse_configs(EVAL_METHODS if args.methods is None else args.methods,
-                                EVAL_BUDGETS if args.budgets is None else args.budgets)
+                                EVAL_BUDGETS if args.budgets is None else args.budgets, calibrates=True)
         params = group_params(args.param, configs)
         for config in configs:
             config.sieve(params, args.scope)  # chains, budgets and parameters, before anything runs

@@ -118,11 +118,12 @@ def _split(text: str, option: str, what: str) -> list[str]:
 
 
 def parse_configs(methods: str, budgets: str, *, method_option: str = "--methods",
-                  budget_option: str = "--budgets", single: bool = False) -> list[Config]:
+                  budget_option: str = "--budgets", single: bool = False, calibrates: bool = False) -> list[Config]:
     """Every method configuration at every budget, in the order given; names and budgets checked, nothing loaded.
 
     ``single``: the command runs one configuration (``run``); a comma is refused with a pointer to the commands that
-    compare several.
+    compare several. ``calibrates``: the command fits adaptive thresholds itself (``eval``); elsewhere an adaptive
+    budget must carry its threshold, and one without is refused here, before any model loads.
     """
     chains = _split(methods, method_option, "method names")
     values = _split(budgets, budget_option, "budgets")
@@ -135,6 +136,15 @@ def parse_configs(methods: str, budgets: str, *, method_option: str = "--methods
     parsed_budgets = []
     for value in values:
         parsed_budgets.append(tuple(parse_budget(b, budget_option) for b in value.split("+")))
+    if not calibrates:
+        for b in (b for bs in parsed_budgets for b in bs if isinstance(b, str)):
+            adaptive = Budget.parse(b).value
+            if adaptive.threshold is None and not adaptive.needs_no_threshold:
+                raise InputError(
+                    f"{budget_option} {b}: an adaptive budget needs its threshold here ({b}@T); `tokensieve eval "
+                    f"--budgets {b}` fits one on the calibration split and records it in results.json (the record's "
+                    "'adaptive' entry), or fit one in Python with Sieve.calibrate"
+                )
     from .methods import get_method  # needs torch: after every check that does not
 
     configs = []
