@@ -98,8 +98,10 @@ class TinyQwenProcessor:
         return batch
 
 
-def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0):
-    """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``."""
+def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0,
+                    text_overrides: dict | None = None, vision_overrides: dict | None = None):
+    """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``. ``text_overrides`` /
+    ``vision_overrides`` change the LM / ViT config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -115,6 +117,7 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         pad_token_id=proc.ids["<pad>"], bos_token_id=proc.ids["<s>"], eos_token_id=proc.ids["</s>"],
     )
+    text.update(text_overrides or {})
     common = dict(
         image_token_id=proc.ids["<|image_pad|>"], video_token_id=proc.ids["<|video_pad|>"],
         vision_start_token_id=proc.ids["<|vision_start|>"], vision_end_token_id=proc.ids["<|vision_end|>"],
@@ -128,6 +131,7 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
         vision = dict(depth=vision_layers, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
                       window_size=32, fullatt_block_indexes=[1, vision_layers - 1])
+        vision.update(vision_overrides or {})
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
@@ -139,8 +143,10 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
     return model.eval(), proc
 
 
-def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2):
-    """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor."""
+def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2,
+                          text_overrides: dict | None = None):
+    """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor.
+    ``text_overrides`` changes the LM config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
@@ -161,11 +167,12 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
         hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
         image_size=image_size, patch_size=patch_size,
     )
-    text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
-    )
+    text = LlamaConfig(**{
+        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512),
+        **(text_overrides or {}),
+    })
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -418,3 +425,39 @@ def assert_unit_cut_equals_pick(model, inputs, layer, units, scope):
     assert [im.tokens_out for im in cut.last_report.images] == [im.tokens_out for im in pick.last_report.images]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     return cut.last_report
+
+
+def assert_vispruner_ranks_like_fastervlm(model, inputs, k, scope="image"):
+    """VisPruner's important tokens come from the same [CLS] (or CLS-free fallback) row as FasterVLM's: with
+    ``important_ratio=1.0`` it must keep exactly FasterVLM's tokens; at the default split it keeps k as well."""
+    from tokensieve import Sieve
+
+    kept = {}
+    for name, params in (("fastervlm", {}), ("vispruner", {"important_ratio": 1.0}), ("vispruner", {})):
+        sieve = Sieve(name, k, scope=scope, **params)
+        with sieve(model):
+            logits(model, inputs)
+        kept[(name, bool(params))] = [im.kept_indices for im in sieve.last_report.images]
+    assert kept[("vispruner", True)] == kept[("fastervlm", False)]
+    assert [len(x) for x in kept[("vispruner", False)]] == [len(x) for x in kept[("fastervlm", False)]]
+    assert kept[("vispruner", False)] != kept[("fastervlm", False)], "the diverse half should differ somewhere"
+
+
+def assert_adaptive_is_per_set(model, batch, singles, budget, scope="image", method="evocut"):
+    """An adaptive budget on a family: calibrated on ``batch``, each candidate set's count stays in its bounds,
+    the batch keeps what the calibration counted, and each sample alone keeps exactly what it kept in the batch."""
+    from tokensieve import Sieve
+
+    sieve = Sieve(method, budget, scope=scope)
+    cal = sieve.calibrate(model, [batch])
+    assert abs(cal.achieved_mean - cal.target_mean) < 1e-9 and len(set(cal.counts)) > 1
+    with sieve(model):
+        logits(model, batch)
+    report = sieve.last_report
+    assert sum(len(im.kept_indices) for im in report.images) == sum(cal.counts)
+    for b, single in enumerate(singles):
+        with sieve(model):
+            logits(model, single)
+        mine = [im.kept_indices for im in report.images if im.sample == b]
+        assert [im.kept_indices for im in sieve.last_report.images] == mine
+    return cal, report

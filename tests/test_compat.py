@@ -109,7 +109,41 @@ def test_text_only_calls_pass_through(tiny):
     with sieve(model), torch.inference_mode():
         assert torch.equal(model(**ids).logits, ref)
         assert torch.equal(model.generate(**ids, max_new_tokens=3, do_sample=False), ref_gen)
-    assert sieve.last_report is None
+    assert sieve.last_report is not None and not sieve.last_report.visual_input
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_last_report_follows_a_text_only_call(tiny, single, call):
+    """After an image call, a text-only call must not leave the image call's numbers in ``last_report``."""
+    model, processor = tiny
+    ids = processor.tokenizer(["what is in the picture ?"], return_tensors="pt")
+    sieve = Sieve("evocut", 8)
+    with sieve(model), torch.inference_mode():
+        model.generate(**single, max_new_tokens=2, do_sample=False)
+        assert sieve.last_report.visual_input and sieve.last_report.tokens_out == 8
+        if call == "forward":
+            model(**ids)
+        else:
+            model.generate(**ids, max_new_tokens=2, do_sample=False)
+    rep = sieve.last_report
+    assert not rep.visual_input and rep.images == [] and rep.tokens_in == rep.tokens_out == 0
+    assert rep.seq_len_in == rep.seq_len_out == ids["input_ids"].shape[1]
+    assert rep.llm_layer_tokens == [[ids["input_ids"].shape[1]] * 2] and rep.llm_visual_tokens_avg == [0.0]
+    assert "no visual input" in rep.summary()
+    assert rep.to_dict()["visual_input"] is False
+
+
+def test_own_decoding_loop_keeps_the_image_report(tiny, single):
+    """Decoding steps that continue a sieved forward's cache are part of that call, not new text-only calls."""
+    model, _ = tiny
+    sieve = Sieve("evocut", 8)
+    with sieve(model), torch.inference_mode():
+        out = model(**single, use_cache=True)
+        rep = sieve.last_report
+        step = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([rep.attention_mask, torch.ones_like(step)], dim=1)
+        model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    assert sieve.last_report is rep and rep.visual_input
 
 
 def test_report_serialises(tiny, single):

@@ -37,3 +37,40 @@ def test_answers_from_the_image_on_fixed_test_subsets():
         pred = predict(model, processor, samples, batch_size=48)
         acc = sum(a == s.answer for a, s in zip(pred.answers, samples)) / len(samples)
         assert acc > floor, (name, acc, chance)
+
+
+def test_right_padded_batch_answers_as_each_prompt_alone():
+    """The README's padding claim on a trained model: a right-padded batch's generate() gives each prompt the answer
+    it gets alone (transformers itself continues a right-padded row after its padding; the sieve re-pads the shrunk
+    prompt on the left), and forward() keeps right padding with per-sample logits equal to the single calls."""
+    import torch
+
+    from tokensieve import Sieve
+    from tokensieve.data import shapes
+    from tokensieve.train import prompt_text
+
+    model, processor = load_model()
+    samples = [shapes.sample("test", i, family=f) for i, f in enumerate(["count", "position", "relation", "smallest"])]
+    texts = [prompt_text(processor, s.question) for s in samples]
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "right"
+    try:
+        batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = side
+    assert bool((batch["attention_mask"][:, -1] == 0).any()), "the questions differ in length"
+    n_in = batch["input_ids"].shape[1]
+    from tokensieve.methods import get_method
+
+    for sieve in (Sieve("evoprune", 36), Sieve([get_method("evocut")(), get_method("fastv")(layer=1)], [36, 24])):
+        with sieve(model), torch.inference_mode():
+            together = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            answers = processor.batch_decode(together[:, n_in:], skip_special_tokens=True)
+            full = model(**batch).logits
+            mask = sieve.last_report.attention_mask.bool()
+            for s, (sample, text) in enumerate(zip(samples, texts)):
+                alone = processor(images=[sample.image], text=[text], return_tensors="pt")
+                out = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+                assert answers[s] == processor.decode(out[0, alone["input_ids"].shape[1]:], skip_special_tokens=True)
+                if sieve.llm_method is None:
+                    torch.testing.assert_close(full[s][mask[s]], model(**alone).logits[0], rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ from tokensieve.encoder_stage import run_encoder_stage
 from tokensieve.methods import get_method
 from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, keep_with_cls
 from tokensieve.methods.evoprune import EvoPrune
-from tokensieve.methods.flowcut import FlowCut, normalised_entropy
+from tokensieve.methods.flowcut import FlowCut, flowcut_scores, normalised_entropy
 
 from .conftest import N_TOKENS, batch_and_singles, prompt
 
@@ -142,7 +142,7 @@ def test_batch_equals_single_images_with_per_image_counts(tiny, sharp, images, m
     batch_logits, report, single_logits, single_reports = batch_and_singles(sharp, Sieve(method, 10), batch, singles)
     traces = [r.encoder_layer_tokens for r in single_reports]
     if method == "flowcut":  # the point of the test: intermediate counts really differ between the images
-        assert traces[0] != traces[1] and max(traces[0][1:FL]) < 65
+        assert traces[0] != traces[1] and max(traces[0][2:FL]) < 65  # the first cut is after layer 1
     mask = report.attention_mask.bool()
     for b in range(2):
         assert report.images[b].tokens_out == 10
@@ -258,9 +258,8 @@ def test_bad_cuts_and_schedules_are_clear_errors(tiny, single):
     with Sieve(Short(), 8)(model):
         with pytest.raises(ValueError, match="target is 8"):
             logits(model, single)
-    with Sieve("evoprune", 8, end_layer=5)(model):  # layer 5 runs after hidden_states[5] is produced
-        with pytest.raises(ValueError, match="must lie in"):
-            logits(model, single)
+    with pytest.raises(ValueError, match=r"end_layer=5 must be in \[0, 4\]"):  # hidden_states[5] is layer 4's output
+        Sieve("evoprune", 8, end_layer=5).apply(model)
     with pytest.raises(ValueError):
         Sieve("evoprune", 8, w_att=-1)
     with pytest.raises(ValueError):
@@ -274,7 +273,7 @@ def test_bad_cuts_and_schedules_are_clear_errors(tiny, single):
 def _flow_state(layer, n=20, target=5, sharpness=0.0, seed=0, memory=None):
     g = torch.Generator().manual_seed(seed)
     logits_ = torch.randn(1, 2, n + 1, generator=g) * sharpness
-    return EncoderState(layer=layer, num_layers=12, feature_layer=10, layout=Layout((4, 5), 1),
+    return EncoderState(layer=layer, num_layers=12, feature_layer=11, layout=Layout((4, 5), 1),
                         hidden=torch.randn(1, n + 1, 8, generator=g), sizes=torch.ones(1, n + 1),
                         positions=torch.arange(-1, n)[None], target=target, cls_attention=logits_.softmax(-1),
                         values=torch.randn(1, 2, n + 1, 4, generator=g), memory={} if memory is None else memory)
@@ -282,9 +281,9 @@ def _flow_state(layer, n=20, target=5, sharpness=0.0, seed=0, memory=None):
 
 def test_flowcut_schedule_and_adaptive_count():
     method = FlowCut()
-    assert method.plan(12, 10).layers == tuple(range(10))
+    assert method.plan(12, 11).layers == tuple(range(10))  # layer 10 produces hidden_states[11]: it runs pruned
     memory: dict = {}
-    assert method.cut(_flow_state(0, memory=memory)) is None  # rpl = 9, odd: only the running score moves
+    assert method.cut(_flow_state(0, memory=memory)) is None  # rpl = 11 - 2 - 0 = 9, odd: only the score moves
     first = memory["score"].clone()
     state = _flow_state(1, sharpness=4.0, memory=memory)  # rpl = 8: a cut
     r = float(normalised_entropy(state.cls_attention))
@@ -297,3 +296,118 @@ def test_flowcut_schedule_and_adaptive_count():
     assert float(normalised_entropy(flat.cls_attention)) > 0.99  # near-uniform attention: almost nothing goes
     final = method.cut(_flow_state(9, memory={}))  # rpl = 0: forced to the target
     assert final.keep.shape[1] - 1 == 5
+    with pytest.raises(ValueError, match="no earlier layer"):
+        method.plan(4, 1)
+
+
+def test_flowcut_cuts_on_clip_l_after_the_official_layers():
+    """CLIP-L read at hidden_states[-2] (index 23): the official loop counts the remaining layers from the layer
+    producing the features (22), so it cuts after layers 1, 3, ..., 21 and layer 22 runs on the target."""
+    method = FlowCut()
+    assert method.plan(24, 23).layers == tuple(range(22))
+    cuts = []
+    for layer in method.plan(24, 23).layers:  # whether a layer cuts depends on its place only
+        state = _flow_state(layer, n=60, target=8, sharpness=3.0, seed=layer)
+        state.num_layers, state.feature_layer = 24, 23
+        if method.cut(state) is not None:
+            cuts.append(layer)
+    assert cuts == list(range(1, 22, 2))
+
+
+def test_flowcut_on_a_24_layer_tower_cuts_after_layer_1_and_feeds_the_feature_layer_the_target(images):
+    """A CLIP tower of CLIP-L's depth (24 layers, LLaVA reads hidden_states[-2]), attention sharpened so the
+    entropy-adaptive counts are not zero: the per-layer trace shows the official schedule."""
+    from tokensieve.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(image_size=32, patch_size=4, vision_layers=24, text_layers=2)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(200.0)
+    inputs = processor(images=[images[1]], text=[prompt(processor, "x")], return_tensors="pt")
+    sieve = Sieve("flowcut", 8)
+    with sieve(model):
+        logits(model, inputs)
+    trace = sieve.last_report.encoder_layer_tokens
+    assert trace[0] == trace[1] == N_TOKENS + 1  # nothing is cut after layer 0 (rpl = 21, odd)
+    assert trace[2] < trace[1]  # the first cut is after layer 1 (rpl = 20)
+    assert all(trace[i] == trace[i + 1] for i in range(2, 22, 2))  # and then after every second layer only
+    assert trace[22] == 8 + 1 and trace[23] == 0  # layer 22 produces the features from the target; 23 is skipped
+
+
+def _official_flowcut(att, values, target, num_layers, select_layer):
+    """The official LLaVA-1.5 layer loop, written out from its description on per-layer signals of the *original*
+    tokens (``att`` [L, 1+N] head-mean CLS rows, ``values`` [L, H, 1+N, hd]); a layer sees the rows that survived.
+
+    ``rpl = select_layer - idx - 1``; while more than ``target`` patches remain the score is accumulated (0.5 EMA);
+    at even ``rpl`` the count is ``max(N - P, T)`` (``T`` at ``rpl = 0``) and the top scores survive."""
+    alive = torch.arange(att.shape[1] - 1)  # original patch ids still in the sequence
+    cum = None
+    for idx in range(num_layers):
+        rpl = select_layer - idx - 1
+        rows = torch.cat([torch.zeros(1, dtype=torch.long), alive + 1])
+        if len(alive) <= target:
+            continue
+        cls = att[idx, rows][1:]
+        v = values[idx][:, rows]
+        sem = (v[:, :1] @ v.transpose(-1, -2)).squeeze(1).softmax(-1).mean(0)[1:]
+        score = (cls / cls.sum() + sem / sem.sum()) * torch.norm(v.mean(0)[1:], p=1, dim=-1)
+        cum = score if cum is None else 0.5 * cum + 0.5 * score
+        if rpl % 2 == 0:
+            if rpl:
+                prob = cls / cls.sum()
+                ratio = -(prob * prob.log()).sum() / torch.log(torch.tensor(len(alive)))
+                drop = int(((len(alive) - target) / rpl**0.5 * (1 - ratio**2)).round())
+            else:
+                drop = len(alive)
+            keep = torch.topk(cum, max(len(alive) - drop, target)).indices.sort().values
+            alive, cum = alive[keep], cum[keep]
+    return alive.tolist()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flowcut_keeps_what_the_official_loop_keeps(seed):
+    """Same per-layer signals through FlowCut.cut and through the official loop: the same surviving patches. One
+    attention row carries almost no mass on the patches (the official plain-sum normalisation matters there)."""
+    g = torch.Generator().manual_seed(seed)
+    layers, feature, n, h, hd, target = 12, 11, 40, 2, 4, 6
+    att = (torch.randn(layers, h, n + 1, generator=g) * 3).softmax(-1)
+    att[3, :, 1:] *= 1e-14  # CLS keeps nearly all its attention at layer 3
+    att[3, :, 0] = 1 - att[3, :, 1:].sum(-1)
+    values = torch.randn(layers, h, n + 1, hd, generator=g)
+    expected = _official_flowcut(att.mean(1), values, target, layers, feature - 1)
+    method, memory, alive = FlowCut(), {}, torch.arange(n)
+    for layer in method.plan(layers, feature).layers:
+        if len(alive) == target:
+            break  # the stage stops consulting the method once the target is reached
+        rows = torch.cat([torch.zeros(1, dtype=torch.long), alive + 1])
+        state = EncoderState(layer=layer, num_layers=layers, feature_layer=feature, layout=Layout((5, 8), 1),
+                             hidden=torch.zeros(1, len(rows), 8), sizes=torch.ones(1, len(rows)),
+                             positions=torch.cat([torch.tensor([-1]), alive])[None], target=target,
+                             cls_attention=att[layer][:, rows][None], values=values[layer][:, rows][None],
+                             memory=memory)
+        cut = method.cut(state)
+        if cut is not None:
+            alive = alive[cut.keep[0, 1:] - 1]
+    assert alive.tolist() == expected
+
+
+def test_flowcut_normalises_by_the_plain_sum_and_survives_a_zero_sum():
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    values = torch.randn(1, 2, n + 1, 4, generator=g)
+    att = torch.rand(1, 2, n + 1, generator=g)
+    att[:, :, 1:] *= 1e-20  # tiny but non-zero patch mass: divided by its own sum, as the official code does
+    att[:, :, 0] = 1.0
+    v = values.float()
+    rel = (v[:, :, :1] @ v.transpose(-1, -2)).squeeze(-2).softmax(-1)[:, :, 1:].mean(1)
+    a = att[:, :, 1:].mean(1)
+    density = v[:, :, 1:].mean(1).abs().sum(-1)
+    torch.testing.assert_close(flowcut_scores(att, values), (a / a.sum() + rel / rel.sum()) * density)
+    uniform = torch.cat([torch.ones(1, 1, 1), torch.full((1, 1, n), 1e-20)], -1)
+    assert float(normalised_entropy(uniform)) == pytest.approx(1.0)  # renormalised: uniform over the patches
+    zero = att.clone()
+    zero[:, :, 1:] = 0.0  # no mass at all: that term contributes nothing, the ranking stays finite
+    scores = flowcut_scores(zero, values)
+    assert bool(torch.isfinite(scores).all())
+    torch.testing.assert_close(scores, rel / rel.sum() * density)
+    assert float(normalised_entropy(zero)) == 1.0  # no distribution: counted as uniform, no intermediate cut

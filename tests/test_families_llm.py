@@ -199,6 +199,45 @@ def test_padded_batch_equals_single_calls(family, method):
     assert counts[0][0] > counts[0][-1]
 
 
+def right_padded(batch: dict) -> dict:
+    """The same batch with every row's real tokens moved to the front (right padding), per-token inputs along."""
+    order = torch.argsort((batch["attention_mask"] == 0).long(), dim=1, stable=True)
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            out[key] = torch.gather(batch[key], 1, order)
+    return out
+
+
+def test_right_padded_batch_equals_single_calls(family):
+    """generate() on a right-padded batch answers what each prompt answers alone (the shrunk prompt is re-padded on
+    the left for generation), here with a pre-LLM and an in-LLM stage chained; forward() keeps the caller's right
+    padding and its logits match the single calls."""
+    from tokensieve.methods import get_method
+
+    _, model, make = family
+    batch = right_padded(make())
+    assert bool((batch["attention_mask"][:, -1] == 0).any()) and bool(batch["attention_mask"][:, 0].all())
+    chain = Sieve([get_method("evocut")(), get_method("fastv")(layer=1)], [0.6, 0.4])
+    with chain(model):
+        together = _generate(model, batch)
+        left = chain.last_report.attention_mask
+        answers = [_generate(model, make(i))[0, make(i)["input_ids"].shape[1]:] for i in range(2)]
+    assert bool(left[:, -1].all()), "generation ran on a left-padded shrunk batch"
+    n_in = batch["input_ids"].shape[1]
+    assert torch.equal(together[:, :n_in], batch["input_ids"]), "the caller's own prompt comes back in front"
+    for s, ans in enumerate(answers):
+        assert torch.equal(together[s, n_in:], ans)
+    sieve = Sieve("evocut", 0.6)
+    with sieve(model):
+        full = _logits(model, batch)
+        mask = sieve.last_report.attention_mask
+        refs = [_logits(model, make(i))[0] for i in range(2)]
+    assert not bool(mask[:, -1].all()), "forward keeps the caller's right padding"
+    for s, ref in enumerate(refs):
+        torch.testing.assert_close(full[s][mask[s].bool()], ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["fastv", "pdrop"])
 def test_cached_decoding_equals_no_cache_recompute(family, method):
     """Greedy generate with the KV cache == step-by-step recompute without cache, under the same pruning."""

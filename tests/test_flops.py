@@ -149,7 +149,7 @@ def test_llava15_7b_from_config_alone_matches_published_orders():
 def test_clear_errors():
     from transformers import CLIPVisionConfig
 
-    with pytest.raises(UnsupportedModelError, match="LLaVA-1.5 layout"):
+    with pytest.raises(UnsupportedModelError, match="FLOPs are implemented for model types llava, llava_next"):
         dims_from_config(CLIPVisionConfig())
     config = arch_config("tiny")
     with pytest.raises(ValueError, match="decoder layers"):

@@ -13,7 +13,7 @@ from tokensieve.methods.base import Layout, Signals
 from tokensieve.tiny import demo_image
 
 from .conftest import prompt
-from .families import assert_unit_cut_equals_pick, build_tiny_idefics3, greedy as _gen, logits as _logits, methods_for
+from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, build_tiny_idefics3, greedy as _gen, logits as _logits, methods_for
 
 METHODS = methods_for(Idefics3Adapter)
 PER_CROP = 16
@@ -70,7 +70,7 @@ def test_keep_all_equals_vanilla(idf, batch, vanilla, method):
     assert got_gen is None or torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "divprune", "pool"])
+@pytest.mark.parametrize("method", ["fastervlm", "vispruner", "divprune", "pool"])
 @pytest.mark.parametrize("budget,scope", [(3, "crop"), (7, "image"), (0.25, "image"), (7, "global"), (0.25, "global")])
 def test_kept_counts_follow_the_scope(idf, batch, method, budget, scope):
     model, _ = idf
@@ -278,6 +278,8 @@ def test_in_encoder_counts_and_refusals(idf_deep, batch, method):
         kept = [im.tokens_out for im in sieve.last_report.images]
         if scope == "crop":
             assert kept == [3] * sum(crops)
+            if method == "flowcut":  # the last layer produces the features: it runs on 3 groups of 4 patches
+                assert sieve.last_report.encoder_layer_tokens[-1] == 3 * 4
         else:
             bounds = torch.tensor([0] + crops).cumsum(0).tolist()
             assert [sum(kept[a:b]) for a, b in zip(bounds, bounds[1:])] == [7] * len(crops)
@@ -292,3 +294,20 @@ def test_in_encoder_counts_and_refusals(idf_deep, batch, method):
     with pytest.raises(UnsupportedModelError, match="padded pixels"):
         with Sieve(method, 5, scope="crop")(model):
             _logits(model, padded)
+
+
+def test_vispruner_important_tokens_use_the_cls_free_fallback(idf, batch):
+    model, _ = idf
+    assert_vispruner_ranks_like_fastervlm(model, batch, 6, scope="crop")
+
+
+def test_adaptive_budget_shared_over_crops(idf, batch):
+    from tokensieve import Adaptive
+
+    model, proc = idf
+    big, small = demo_image(64, 0).resize((60, 40)), demo_image(64, 1).resize((64, 20))
+    singles = [proc(images=[[big, small]], text=[prompt(proc, "what ?", 2)], return_tensors="pt"),
+               proc(images=[[small]], text=[prompt(proc, "what is this ?")], return_tensors="pt")]
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(0.25, 0.1, 0.6), method="divprune")
+    assert cal.sets == len(report.images)
+    assert all(2 <= c <= 10 for c in cal.counts)  # 16-token crops: round(0.1 * 16) .. round(0.6 * 16)

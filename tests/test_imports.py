@@ -1,4 +1,5 @@
-"""The torch-only core (selectors, budget, errors, signal capture, encoder stage, FLOPs) imports without transformers.
+"""The torch-only core (selectors, budget, errors, signal capture, encoder stage, FLOPs, Qwen and NeXT selection)
+imports without transformers.
 
 The vLLM integration installs tokensieve next to a different transformers version and uses only these parts; a
 top-level ``import transformers`` creeping into them would break it there while every other test stays green.
@@ -25,7 +26,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_torch_only_parts_import_without_transformers():
     res = _run(
         "import tokensieve, tokensieve.methods, tokensieve.budget, tokensieve.errors, tokensieve.capture, "
-        "tokensieve.encoder_stage, tokensieve.flops\n"
+        "tokensieve.encoder_stage, tokensieve.flops, tokensieve.merge_units, tokensieve.anyres\n"
         "from tokensieve.methods import get_method, method_names\n"
         "assert 'evocut' in method_names() and get_method('divprune').stage == 'post_projector'\n"
         "assert tokensieve.Budget.parse(64).resolve(576) == 64\n"

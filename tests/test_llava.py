@@ -11,6 +11,7 @@ from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
 from .conftest import N_TOKENS, batch_and_singles, prompt
+from .families import assert_vispruner_ranks_like_fastervlm
 
 ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
 # in-encoder methods have their own hand-written reference in test_encoder_stage.py
@@ -127,7 +128,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method", ["evocut", "visionzip", "divprune", "evoprune", "flowcut"])
+@pytest.mark.parametrize("method", ["evocut", "visionzip", "vispruner", "divprune", "evoprune", "flowcut"])
 def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_side):
     model, processor = tiny
     texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
@@ -145,12 +146,13 @@ def test_batch_with_padding_equals_single_calls(tiny, images, method, padding_si
         assert batch_report.images[b].kept_indices == single_reports[b].images[0].kept_indices
         assert batch_report.images[b].sample == b
         torch.testing.assert_close(batch_logits[b][mask[b]], single_logits[b][0], atol=1e-5, rtol=1e-4)
-    if padding_side == "left":  # generation needs left padding; answers must match the single calls
-        with sieve(model):
-            out = generate(model, batch, n=4)
-            outs = [generate(model, s, n=4) for s in singles]
-        for b in range(2):
-            assert torch.equal(out[b, -4:], outs[b][0, -4:])
+    # generation runs on a left-padded shrunk batch whatever the caller's side; answers match the single calls
+    with sieve(model):
+        out = generate(model, batch, n=4)
+        outs = [generate(model, s, n=4) for s in singles]
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    for b in range(2):
+        assert torch.equal(out[b, -4:], outs[b][0, -4:])
 
 
 def test_several_images_per_prompt_and_uneven_batch(tiny, images):
@@ -432,3 +434,10 @@ def test_sieved_generate_encodes_without_autograd(tiny, single):
     finally:
         hook.remove()
     assert seen == [False]
+
+
+def test_vispruner_important_tokens_are_fastervlms(tiny, images):
+    model, processor = tiny
+    texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?")]
+    batch = processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+    assert_vispruner_ranks_like_fastervlm(model, batch, 10)

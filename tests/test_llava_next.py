@@ -14,7 +14,7 @@ from tokensieve.tiny import demo_image
 from .conftest import prompt
 from tokensieve.adapters.llava_next import LlavaNextAdapter
 
-from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
+from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
 
@@ -69,7 +69,7 @@ def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
     assert torch.equal(got_gen, ref_gen)
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "random"])
+@pytest.mark.parametrize("method", ["fastervlm", "vispruner", "evocut", "divprune", "random"])
 @pytest.mark.parametrize("budget,scope,expected", [(4, "crop", [20, 12]), (20, "image", [20, 20]), (12, "global", [12, 12])])
 def test_selected_counts_follow_the_scope(next_model, batch, method, budget, scope, expected):
     model, _ = next_model
@@ -111,6 +111,58 @@ def test_newline_kept_only_for_rows_that_keep_tokens(next_model, batch, method):
         assert int(is_nl.sum()) == _expected_newlines(model, batch, i, im.kept_indices)
         assert feats.shape[0] == len(im.kept_indices) + int(is_nl.sum())
         assert not bool(is_nl[: 2].any())  # the base view's two tokens come first, with no newline
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "visionzip"])
+@pytest.mark.parametrize("budget,scope", [(2, "crop"), (20, "image"), (12, "global"), (0.3, "image")])
+def test_fixed_newline_policies_fix_the_count_before_selection(next_model, batch, method, budget, scope):
+    """newlines="all" keeps every row's newline, "none" none: an image's count then follows from its layout and the
+    budget alone (tokensieve.anyres.num_tokens, what the vLLM integration gives each image), whichever tokens win."""
+    from tokensieve import anyres
+
+    model, _ = next_model
+    adapter = get_adapter(model)
+    packs = adapter._packed({k: batch[k] for k in ("pixel_values", "image_sizes")})
+    for policy in ("all", "none"):
+        sieve = Sieve(method, budget, scope=scope, newlines=policy)
+        with sieve(model):
+            _gen(model, batch, n=1)
+        for pk, im in zip(packs, sieve.last_report.images):
+            want = anyres.num_tokens(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE, policy)
+            assert im.tokens_out == want == (pk.num_newlines if policy == "all" else 0) + sum(
+                anyres.image_shares(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE))
+
+
+def test_newline_policies_keep_the_same_tokens_and_differ_only_in_newlines(next_model, batch):
+    model, _ = next_model
+    adapter = get_adapter(model)
+    enc = {k: batch[k] for k in ("pixel_values", "image_sizes")}
+    newline = model.model.image_newline
+    out = {}
+    for policy in ("rows", "all", "none"):
+        adapter.newlines = policy
+        with torch.inference_mode():
+            out[policy] = adapter.encode(get_method("fastervlm")(), Budget.parse(2, "crop"), enc)
+    for i in range(2):
+        kept = {p: out[p].images[i].kept_indices for p in out}
+        assert kept["rows"] == kept["all"] == kept["none"]
+        feats = {p: out[p].features[i] for p in out}
+        tokens = {p: feats[p][~(feats[p] == newline).all(-1)] for p in out}
+        assert torch.equal(tokens["rows"], tokens["all"]) and torch.equal(tokens["rows"], tokens["none"])
+        assert int((feats["none"] == newline).all(-1).sum()) == 0
+        assert int((feats["all"] == newline).all(-1).sum()) == adapter._packed(enc)[i].num_newlines
+
+
+def test_keep_all_with_every_newline_equals_vanilla_and_bad_policies_are_refused(next_model, batch, vanilla, tiny):
+    from tokensieve.errors import UnsupportedModelError
+
+    model, _ = next_model
+    with Sieve("divprune", 1.0, newlines="all")(model):
+        torch.testing.assert_close(_logits(model, batch), vanilla[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="newlines must be one of"):
+        Sieve("divprune", 4, newlines="some")
+    with pytest.raises(UnsupportedModelError, match="LLaVA-NeXT-family"):
+        Sieve("divprune", 4, newlines="none").apply(tiny[0])
 
 
 def test_forward_equals_hand_written_reference(next_model, batch):
@@ -198,6 +250,8 @@ def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
     with sieve(model):
         _gen(model, filled, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    if method == "flowcut":  # FlowCut's schedule: the last cut is after layer 1, so layer 2 (features) runs on 5 + CLS
+        assert sieve.last_report.encoder_layer_tokens == [SIDE * SIDE + 1, SIDE * SIDE + 1, 6, 0]
     with sieve(model):
         _gen(model, batch, n=2)
     # the encoder sees whole crops: a kept patch that unpadding removes is dropped, so padded crops keep at most 5
@@ -221,3 +275,24 @@ def test_flops_trace_counts_one_encoder_pass_per_crop(next_model, batch):
     crops = [int(torch.tensor(c).prod()) + 1 for c in _crops(model, batch)]  # grid crops + the base view
     assert [im.crops for im in sieve.last_report.images] == crops
     assert trace_from_report(sieve.last_report).num_images == sum(crops)
+
+
+def test_vispruner_important_tokens_use_each_crops_cls(next_model, batch):
+    model, _ = next_model
+    assert_vispruner_ranks_like_fastervlm(model, batch, 5, scope="crop")
+
+
+@pytest.mark.parametrize("scope", ["image", "crop", "global"])
+def test_adaptive_budget_per_crop_or_per_image(next_model, batch, scope):
+    """Scope image: mean, min and max shared over an image's crops, each crop adapting on its own; crop: per crop;
+    global: one count per image ranked across its crops."""
+    from tokensieve import Adaptive
+
+    model, proc = next_model
+    images = [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64))]
+    texts = [prompt(proc, "what ?"), prompt(proc, "what is this ?")]
+    singles = [proc(images=[im], text=[t], return_tensors="pt") for im, t in zip(images, texts)]
+    budget = Adaptive(6, 2, 12) if scope == "crop" else Adaptive(20, 8, 40)
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, budget, scope)
+    assert cal.sets == (2 if scope == "global" else 8)
+    assert all(1 <= c <= (12 if scope == "crop" else 40) for c in cal.counts)

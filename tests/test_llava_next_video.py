@@ -117,6 +117,9 @@ def test_in_encoder_methods_on_images_and_videos(next_video, batch, vanilla, met
         greedy(model, batch, n=2)
     videos = [im for im in sieve.last_report.images if im.frames]
     assert [im.tokens_out for im in videos] == [2 * im.frames for im in videos]
+    if method == "flowcut":  # the layer producing the features (2 of 4) runs on the cut sequence
+        trace = sieve.last_report.encoder_layer_tokens
+        assert trace[2] < trace[1] and trace[3] == 0
     for im in videos:
         assert [sum(i // PER_FRAME == f for i in im.kept_indices) for f in range(im.frames)] == [2] * im.frames
     with pytest.raises(BudgetError, match="global"):

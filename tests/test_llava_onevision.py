@@ -12,7 +12,7 @@ from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
 
-from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_onevision, greedy, logits
+from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_onevision, greedy, logits
 
 SIDE = 4
 
@@ -74,7 +74,7 @@ def test_fastervlm_uses_mean_received_attention(onevision):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("method", ["evocut", "fastervlm", "visionzip", "pool", "divprune"])
+@pytest.mark.parametrize("method", ["evocut", "fastervlm", "vispruner", "visionzip", "pool", "divprune"])
 @pytest.mark.parametrize("budget,scope,per_video", [(2, "frame", 3 * 2), (1.0, "image", 3 * 4), (5, "global", 5)])
 def test_video_budget_per_frame_or_per_video(onevision, batch, method, budget, scope, per_video):
     model, _ = onevision
@@ -137,6 +137,8 @@ def test_in_encoder_on_the_cls_free_tower(onevision, batch, vanilla, filled_imag
     with sieve(model):
         greedy(model, filled_images, n=2)
     assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    if method == "flowcut":  # SigLIP's last layer produces the features: it already runs on the 5 kept rows
+        assert sieve.last_report.encoder_layer_tokens[-1] == 5
     video = Sieve(method, 2, scope="frame")  # 2 of the 4 pooled tokens of each frame, plus the video's newline
     with video(model):
         greedy(model, batch, n=2)
@@ -207,3 +209,23 @@ def test_virtual_cls_is_the_mean_row_and_the_mean_query_attention(onevision, fil
     torch.testing.assert_close(st.values[:, :, 0], st.values[:, :, 1:].mean(2))
     assert bool((st.cls_attention[..., 0] == 0).all())
     torch.testing.assert_close(st.cls_attention[..., 1:], want, rtol=1e-5, atol=1e-6)
+
+
+def test_vispruner_important_tokens_use_the_cls_free_fallback(onevision, batch):
+    """Images (per crop) and videos (per frame): the mean-received-attention ranking FasterVLM uses."""
+    model, _ = onevision
+    assert_vispruner_ranks_like_fastervlm(model, batch, 3, scope="crop")
+
+
+def test_adaptive_budget_on_images_and_video_frames(onevision, batch):
+    from tokensieve import Adaptive
+
+    model, make = onevision
+    images = [demo_image(64, 0).resize((32, 20)), demo_image(64, 1).resize((16, 40))]
+    frames = [demo_image(32, s) for s in range(3)]
+    singles = [make(["user : <image> what ? assistant :"], [images[0]]),
+               make(["user : <image> <video> what is this ? assistant :"], [images[1]], [frames])]
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(2, 1, 4), scope="crop",
+                                             method="vispruner")
+    video = report.images[-1]
+    assert video.frames == 3 and video.tokens_out == len(video.kept_indices) + 1  # the closing newline stays

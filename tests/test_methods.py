@@ -47,17 +47,7 @@ def make_signals(seed: int = 0, b: int = B, grid=GRID, d: int = D, num_prefix: i
 
 def image(signals: Signals, i: int) -> Signals:
     """The signals of image ``i`` alone, as a batch of one."""
-    return Signals(
-        features=signals.features[i : i + 1],
-        layout=signals.layout,
-        num_layers=signals.num_layers,
-        feature_layer=signals.feature_layer,
-        hidden_states={k: v[i : i + 1] for k, v in signals.hidden_states.items()},
-        cls_attention={k: v[i : i + 1] for k, v in signals.cls_attention.items()},
-        keys={k: v[i : i + 1] for k, v in signals.keys.items()},
-        cls_hidden=None if signals.cls_hidden is None else signals.cls_hidden[i : i + 1],
-        attention_received={k: v[i : i + 1] for k, v in signals.attention_received.items()},
-    )
+    return signals.row(i)
 
 
 def run(name: str, signals: Signals, k: int, **params) -> Selection:
@@ -83,10 +73,12 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 def test_registry_lists_every_method():
     assert method_names() == sorted(
-        ["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "evoprune", "flowcut", "hiprune",
-         "vtc_cls", "todre", "fastv", "pdrop", "dart"]
+        ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "evoprune", "flowcut",
+         "hiprune", "vtc_cls", "todre", "fastv", "pdrop", "dart"]
     )
-    assert PRE == sorted(["evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "todre", "hiprune", "vtc_cls"])
+    assert PRE == sorted(
+        ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "todre", "hiprune", "vtc_cls"]
+    )
     for name in method_names():
         cls = get_method(name)
         assert cls.name == name
@@ -292,6 +284,97 @@ def test_fastervlm_keeps_top_k_of_head_mean():
         get_method("fastervlm")(layer=-1)
 
 
+# ---------------------------------------------------------------------------------------------------- vispruner
+
+
+def official_vispruner(attention: torch.Tensor, features: torch.Tensor, k: int, ratio: float) -> list[int]:
+    """What the official ``encode_images`` keeps for one image, step by step on Python lists.
+
+    ``attention`` [H, N] is the CLS row of the feature layer, ``features`` [N, d] the vision features. Written from
+    the official code's behaviour (Theia-4869/VisPruner): top int(k * ratio) by head-mean attention, then rounds
+    that split the rest (attention order) into even / odd positions, drop the min(8, excess) even-position tokens
+    with the highest best-match cosine to the odd ones, and put the survivors (most similar first) before the odd
+    ones. The asserts mark where the official indexing would fail; callers pick inputs where it does not.
+    """
+    n = attention.shape[1]
+    score = attention.double().mean(0).tolist()
+    order = sorted(range(n), key=lambda i: -score[i])
+    important_n = int(k * ratio)
+    diverse_n = k - important_n
+    important, residual = order[:important_n], order[important_n:]
+    unit = (features.double() / features.double().norm(dim=-1, keepdim=True)).tolist()
+    while diverse_n > 0:
+        step = min(8, len(residual) - diverse_n)
+        if step <= 0:
+            break
+        assert len(residual) % 2 == 0 and step <= len(residual) // 2, "the official indexing would fail here"
+        evens, odds = residual[0::2], residual[1::2]
+        best = [max(sum(x * y for x, y in zip(unit[a], unit[b])) for b in odds) for a in evens]
+        by_similarity = sorted(range(len(evens)), key=lambda j: -best[j])
+        residual = [evens[j] for j in by_similarity[step:]] + odds
+    return sorted(important + (residual if diverse_n > 0 else []))
+
+
+def _vispruner_signals(seed: int, b: int, side: int, d: int = 12) -> Signals:
+    g = torch.Generator().manual_seed(seed)
+    n = side * side
+    return Signals(
+        features=torch.randn(b, n, d, generator=g, dtype=torch.float64).float(),
+        layout=Layout(grid=(side, side)),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        cls_attention={FEATURE_LAYER - 1: torch.softmax(torch.randn(b, HEADS, n, generator=g) * 2, dim=-1)},
+    )
+
+
+@pytest.mark.parametrize(
+    "side,k,ratio",
+    # the README's examples (576 tokens: 128 = 64 + 64, 64 = 48 + 16), other budgets the official code runs, and
+    # the default model's 144-token grid
+    [(24, 128, 0.5), (24, 64, 0.75), (24, 192, 0.5), (24, 32, 0.5), (24, 576, 0.5), (12, 36, 0.5), (12, 72, 0.5),
+     (12, 36, 0.0), (12, 20, 1.0)],
+)
+def test_vispruner_keeps_what_the_official_code_keeps(side, k, ratio):
+    signals = _vispruner_signals(side * 1000 + k, 2, side)
+    sel = get_method("vispruner")(important_ratio=ratio).select(signals, k)
+    for i in range(2):
+        expected = official_vispruner(signals.cls_attention[FEATURE_LAYER - 1][i], signals.features[i], k, ratio)
+        assert sel.indices[i].tolist() == expected
+    torch.testing.assert_close(sel.scores, signals.cls_attention[FEATURE_LAYER - 1].mean(1))
+
+
+def test_vispruner_drops_duplicates_of_the_diverse_half_by_hand():
+    # attention order 5, 2, 7, 0, 3, 6, 1, 4; k = 6 with 2 important (5, 2); residual 7, 0, 3, 6, 1, 4 must lose 2.
+    # One round: A = 7, 3, 1 and B = 0, 6, 4. 7 duplicates 6 and 1 duplicates 4, 3 is unique -> 7 and 1 go.
+    rank = [5, 2, 7, 0, 3, 6, 1, 4]
+    attention = torch.zeros(1, 1, 8)
+    for pos, token in enumerate(rank):
+        attention[0, 0, token] = 1.0 - pos / 10
+    vectors = {5: 0, 2: 1, 7: 2, 6: 2, 0: 3, 3: 4, 1: 5, 4: 5}  # token -> basis direction
+    features = torch.stack([torch.eye(8)[vectors[t]] for t in range(8)]).unsqueeze(0)
+    signals = Signals(features=features, layout=Layout(grid=(2, 4)), num_layers=NUM_LAYERS,
+                      feature_layer=FEATURE_LAYER, cls_attention={FEATURE_LAYER - 1: attention})
+    assert get_method("vispruner")(important_ratio=0.34).select(signals, 6).indices.tolist() == [[0, 2, 3, 4, 5, 6]]
+    # FasterVLM on the same attention keeps the top 6 and so both copies of the duplicated direction
+    assert get_method("fastervlm")().select(signals, 6).indices.tolist() == [[0, 2, 3, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("side,k", [(12, 18), (24, 9), (12, 3), (12, 1)])
+def test_vispruner_keeps_exactly_k_where_the_official_indexing_fails(side, k):
+    # 144 tokens, k = 18: the residual (135) is odd; 576 tokens, k = 9: the last round asks for 7 of 6 A tokens
+    signals = _vispruner_signals(7, 2, side)
+    with pytest.raises(AssertionError, match="official indexing"):
+        official_vispruner(signals.cls_attention[FEATURE_LAYER - 1][0], signals.features[0], k, 0.5)
+    sel = get_method("vispruner")().select(signals, k)
+    assert sel.indices.shape == (2, k)
+    important = int(k * 0.5)
+    for i in range(2):
+        top = signals.cls_attention[FEATURE_LAYER - 1][i].mean(0).argsort(descending=True)[:important].tolist()
+        assert set(top) <= set(sel.indices[i].tolist())
+    with pytest.raises(ValueError, match="important_ratio"):
+        get_method("vispruner")(important_ratio=1.5)
+
+
 # ---------------------------------------------------------------------------------------------------- visionzip
 
 
@@ -461,8 +544,10 @@ def test_vtc_cls_sums_cls_attention_over_its_layers():
     total = sum(signals.cls_attention[i].mean(dim=1) for i in (2, 3, 4))
     for b in range(B):
         assert sel.indices[b].tolist() == sorted(total[b].topk(7).indices.tolist())
-    # defaults: layers num_layers // 2 .. feature_layer (3..5 here)
-    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4, 5)
+    # defaults: layers num_layers // 2 .. the one producing the features (3..4 here), as the official code sums
+    # every attention map but the last (CLIP-L read at hidden_states[-2]: layers up to 22 of 0..23)
+    assert get_method("vtc_cls")().request(NUM_LAYERS, FEATURE_LAYER).cls_attention == (3, 4)
+    assert get_method("vtc_cls")(start_layer=12).request(24, 23).cls_attention == tuple(range(12, 23))
 
 
 def test_hiprune_keeps_anchors_their_neighbours_then_registers():
@@ -470,13 +555,71 @@ def test_hiprune_keeps_anchors_their_neighbours_then_registers():
     rows, cols = GRID
     obj, out = 1, 4
     signals.attention_received[out][:] = torch.linspace(0, 1, N)  # registers: the last patches first
-    for anchor, buffers in ((2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),
-                            (cols, {cols + 1, 0, 2 * cols})):  # on the left edge: no wrap to the row above
+    for anchor, buffers in (
+        (2 * cols + 3, {2 * cols + 2, 2 * cols + 4, cols + 3, 3 * cols + 3}),  # inside: the four neighbours
+        (cols, {cols - 1, cols + 1, 0, 2 * cols}),  # left edge: "left" wraps to the end of the row above
+        (cols - 1, {cols - 2, cols, 0, 2 * cols - 1}),  # top-right corner: "right" wraps, "up" is clamped to 0
+        (0, {1, cols}),  # top-left corner: "left" and "up" are clamped onto the anchor itself
+        (N - 1, {N - 2, N - 1 - cols}),  # bottom-right corner: "right" and "down" are clamped onto the anchor
+        (N - 3, {N - 4, N - 2, N - 3 - cols, N - 1}),  # bottom row: "down" is clamped to the last patch
+    ):
         signals.attention_received[obj][:] = 0.01
         signals.attention_received[obj][:, anchor] = 1.0
         # k = 10, alpha = 0.5: round(10 * 0.5 / 5) = 1 anchor
         sel = run("hiprune", signals, 10, object_layer=obj, output_layer=out, alpha=0.5)
         chosen = {anchor} | buffers
-        registers = set(range(N - (10 - len(chosen)), N))
+        rest = [i for i in range(N) if i not in chosen]
+        registers = set(rest[len(rest) - (10 - len(chosen)):])
         for b in range(B):
             assert set(sel.indices[b].tolist()) == chosen | registers
+
+
+def _official_hiprune(shallow, deep, k, alpha, width):
+    """The official LLaVA selection written out from its description, on one image's received attention [N]:
+    ``round(k * alpha / 5)`` anchors, their +-1 and +-width raster neighbours clamped to the grid, de-duplicated,
+    then the best of the rest by output-layer attention (chosen patches lowered by 1)."""
+    n = shallow.shape[0]
+    anchors = torch.topk(shallow, round(k * alpha / 5)).indices
+    near = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1).unique()
+    deep = deep - torch.zeros(n).index_fill(0, near, 1)
+    return sorted(torch.cat([near, torch.topk(deep, k - near.numel()).indices]).tolist())
+
+
+@pytest.mark.parametrize("grid", [(24, 24), (5, 7)])
+def test_hiprune_keeps_what_the_official_selection_keeps(grid):
+    """Random received attention (peaked, so anchors often sit on the border), budgets on both sides of 25 where
+    the anchor count drops to zero: the kept sets equal the official selection's."""
+    n = grid[0] * grid[1]
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        sig = make_signals(seed=seed, b=1, grid=grid)
+        shallow = (torch.randn(1, n, generator=g) * 3).softmax(-1)
+        edge = [i for i in range(n) if i % grid[1] in (0, grid[1] - 1) or i // grid[1] in (0, grid[0] - 1)]
+        shallow[0, edge[seed % len(edge)]] = 1.0  # the strongest anchor on the border
+        deep = (torch.randn(1, n, generator=g) * 2).softmax(-1)
+        sig.attention_received = {1: shallow, 4: deep}
+        for k in sorted({3, 20, 25, 26, min(64, n), min(128, n), min(192, n)}):
+            for alpha in (0.1, 0.5):  # anchors and buffers never exceed k (the official code fails then)
+                sel = run("hiprune", sig, k, object_layer=1, output_layer=4, alpha=alpha)
+                assert sel.indices[0].tolist() == _official_hiprune(shallow[0], deep[0], k, alpha, grid[1])
+
+
+def test_hiprune_overflowing_anchors_and_buffers_keep_anchors_then_the_strongest_buffers():
+    """alpha = 5 makes every slot an anchor's worth: anchors and buffers exceed k (the official code fails there);
+    the anchors stay and the rest of k goes to buffers by object-layer attention."""
+    sig = make_signals(b=1)
+    obj = torch.linspace(1, 0, N)[None]  # object-layer attention falls with the raster index
+    sig.attention_received = {1: obj, 4: torch.rand(1, N)}
+    sel = run("hiprune", sig, 3, object_layer=1, output_layer=4, alpha=5.0)  # 3 anchors: 0, 1, 2
+    assert sel.indices.tolist() == [[0, 1, 2]]
+    sel = run("hiprune", sig, 2, object_layer=1, output_layer=4, alpha=2.5)  # 1 anchor (0), buffers 1 and 6
+    assert sel.indices.tolist() == [[0, 1]]
+
+
+def test_topk_sorted_orders_close_scores_by_value_and_exact_ties_by_index():
+    from tokensieve.methods.base import topk_sorted
+
+    assert topk_sorted(torch.tensor([[1e-12, 1.5e-12]]), 1).tolist() == [[1]]  # distinct, however close
+    assert topk_sorted(torch.tensor([[2.0, 1e-13, 3e-13, 2e-13]]), 2).tolist() == [[0, 2]]
+    assert topk_sorted(torch.tensor([[0.5, 1.0, 0.5, 1.0, 0.5]]), 3).tolist() == [[0, 1, 3]]  # ties: lower index
+    assert topk_sorted(torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float16), 2).tolist() == [[0, 1]]

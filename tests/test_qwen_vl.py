@@ -13,7 +13,7 @@ from tokensieve.tiny import demo_image
 
 from tokensieve.adapters.qwen_vl import QwenVLAdapter
 
-from .families import CutUnits, assert_unit_cut_equals_pick, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
+from .families import CutUnits, assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
@@ -207,13 +207,13 @@ def test_signals_are_read_in_raster_order(qwen, batch):
     model, _ = qwen
     adapter = get_adapter(model)
     with torch.inference_mode():
-        merged, units_in, hidden, _ = adapter._run(
+        sig = adapter._run(
             batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False
         )
         embedded = model.model.visual.patch_embed(batch["pixel_values"])
-        reprojected = adapter._project(units_in.reshape(-1, 4 * units_in.shape[-1]))
-    torch.testing.assert_close(hidden[0], embedded, rtol=0, atol=0)
-    torch.testing.assert_close(reprojected, merged, rtol=0, atol=1e-5)
+        reprojected = adapter._project(sig.units_in.reshape(-1, 4 * sig.units_in.shape[-1]))
+    torch.testing.assert_close(sig.hidden[0], embedded, rtol=0, atol=0)
+    torch.testing.assert_close(reprojected, sig.merged, rtol=0, atol=1e-5)
 
 
 def test_video_only_and_text_only_calls(qwen):
@@ -224,8 +224,10 @@ def test_video_only_and_text_only_calls(qwen):
     sieve = Sieve("evocut", 3)
     with sieve(model):
         out = _gen(model, video, n=2)
+        report = sieve.last_report
         assert torch.equal(_gen(model, text), ref_text)
-    assert [im.tokens_out for im in sieve.last_report.images] == [6]
+    assert [im.tokens_out for im in report.images] == [6]
+    assert not sieve.last_report.visual_input  # the text-only call's own report
     assert out.shape[1] == video["input_ids"].shape[1] + 2
 
 
@@ -237,7 +239,9 @@ def test_every_stage_attaches_and_detaches_cleanly(qwen, batch):
     model, _ = qwen
     before = dict(model.__dict__)
     for name in method_names():
-        with Sieve(name, 0.5, **({"layer": 1} if name in ("fastv", "dart") else {})).apply(model):
+        # a 2-layer LM: in-LLM methods prune after layer 1 (pdrop's default quarters do not fit, refused at apply)
+        params = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "pdrop": {"layers": (0.5,)}}.get(name, {})
+        with Sieve(name, 0.5, **params).apply(model):
             pass
         assert model.__dict__.keys() == before.keys()
     sieve = Sieve("hiprune", 4)
@@ -272,6 +276,8 @@ def test_in_encoder_keep_all_and_counts(qwen2, batch2, method):
             out = _gen(model, batch2, n=2)
         rep = sieve.last_report
         assert [im.tokens_out for im in rep.images] == counts
+        if method == "flowcut":  # the last cut is before the last block, which produces the merger's input
+            assert rep.encoder_layer_tokens[-1] < rep.encoder_layer_tokens[-2]
         assert (rep.input_ids == model.config.image_token_id).sum() + (rep.input_ids == model.config.video_token_id).sum() == sum(counts)
         assert torch.equal(out[:, : batch2["input_ids"].shape[1]], batch2["input_ids"])
         if scope == "image":
@@ -341,3 +347,24 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
     with pytest.raises(ValueError, match="groups"):
         with Sieve(CutUnits(1, units, merge=True, tell=False), len(units), scope="frame")(model):
             _logits(model, batch2)
+
+
+def test_vispruner_important_tokens_use_the_cls_free_fallback(qwen, batch):
+    """Images and video frames: VisPruner's important half is FasterVLM's received-attention ranking."""
+    model, _ = qwen
+    assert_vispruner_ranks_like_fastervlm(model, batch, 6)
+
+
+@pytest.mark.parametrize("method", ["evocut", "vispruner", "divprune"])
+def test_adaptive_budget_per_image_and_per_frame(qwen, batch, method):
+    from tokensieve import Adaptive
+
+    model, proc = qwen
+    frames = [demo_image(64, s) for s in range(4)]
+    singles = [
+        proc(["user : <image> what is this ? assistant :"], images=[demo_image(96, 0)]),
+        proc(["user : <video> <image> what ? assistant :"], images=[demo_image(64, 1)], videos=[frames]),
+    ]
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(6, 2, 12), method=method)
+    assert cal.sets == 4  # two images and the video's two temporal patches
+    assert all(2 <= c <= 12 for c in cal.counts)

@@ -1,46 +1,51 @@
 """tokensieve: training-free visual-token compression for Hugging Face vision-language models.
 
-The selectors (``tokensieve.methods``), the budget vocabulary, the errors and the reports need torch only. The
-``Sieve`` (which hooks ``transformers`` models) is imported on first use, so that ``import tokensieve.methods``
-works in an environment whose ``transformers`` differs from the pinned one (a vLLM server: see
-``integrations/vllm``).
+Names that need torch or transformers are imported on first use: ``import tokensieve`` and the command line's
+``--help`` load neither, and ``import tokensieve.methods`` (the selectors, the budget vocabulary, the errors and the
+reports need torch only) works in an environment whose ``transformers`` differs from the pinned one (a vLLM server:
+see ``integrations/vllm``).
 """
+
+from importlib import import_module
 
 from .budget import Budget, Scope
 from .errors import (
     BudgetError,
     BudgetTypeError,
+    InputError,
     MissingSignalError,
     NonFiniteFeaturesError,
+    ParameterError,
     PlaceholderError,
     TokensieveError,
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .report import ImageReport, SieveReport
 
 __version__ = "0.1.0"
 
-_LAZY = {"Sieve", "SieveHandle", "list_methods", "MethodInfo"}
-"""Names served from ``tokensieve.session`` (which imports transformers) on first access."""
+_LAZY = {
+    "Sieve": "session", "SieveHandle": "session", "list_methods": "session", "MethodInfo": "session",
+    "SieveReport": "report", "ImageReport": "report", "load_default_model": "loading", "load_model": "loading",
+    "Adaptive": "adaptive", "Calibration": "adaptive",
+}
+
+__all__ = [
+    "Sieve", "SieveHandle", "Budget", "Scope", "Adaptive", "Calibration", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
+    "load_default_model", "load_model",
+    "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
+    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError", "InputError",
+    "ParameterError",
+]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import session
-
-        value = getattr(session, name)
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tokensieve' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY)
-
-
-__all__ = [
-    "Sieve", "SieveHandle", "Budget", "Scope", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
-    "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
-    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

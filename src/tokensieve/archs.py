@@ -65,14 +65,20 @@ def arch_config(name: str):
     return ARCHS[name]()
 
 
-def arch_parameters(name_or_config) -> int:
-    """Parameter count of an architecture (name or LLaVA config) without allocating it (built on the meta device)."""
-    from transformers import LlavaForConditionalGeneration
+def meta_model(config):
+    """The model a config describes, on the meta device: shapes and code without memory or weights."""
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
-    config = arch_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-    return sum(p.numel() for p in model.parameters())
+        if getattr(config, "model_type", None) == "llava":
+            return LlavaForConditionalGeneration(config)
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def arch_parameters(name_or_config) -> int:
+    """Parameter count of an architecture (name or config of any supported family) without allocating it."""
+    config = arch_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return sum(p.numel() for p in meta_model(config).parameters())
 
 
 def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -87,22 +93,72 @@ def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, dev
     return model
 
 
+QWEN_GRID = 24
+"""Patch rows and columns of the synthetic Qwen-VL image (336 px at patch 14: 144 LM tokens after the merger)."""
+
+
 def synthetic_inputs(model, text_tokens: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
     """One image's full placeholder run inside ``text_tokens`` random text tokens, plus random pixels.
 
-    ``model`` may be a config alone (for FLOPs-only analysis); the tensors are then fp32 on the CPU.
+    ``model`` may be a config alone (for FLOPs-only analysis); the tensors are then fp32 on the CPU. Every supported
+    family works without its processor (timing and FLOPs depend on shapes only): LLaVA-1.5 at the config's image
+    size; LLaVA-NeXT, NeXT-Video and OneVision an image of one crop's size, with the anyres crops and placeholders
+    the model's own packing gives it; Qwen-VL a 24x24-patch image (``image_grid_thw``); Idefics3 / SmolVLM one crop.
     """
     config = getattr(model, "config", model)
     vc = config.vision_config
-    n_img = (vc.image_size // vc.patch_size) ** 2
     g = torch.Generator().manual_seed(seed)
+    param = next(model.parameters()) if hasattr(model, "parameters") else torch.empty(0)
+    if param.device.type == "meta":
+        param = torch.empty(0)
+    family = getattr(config, "model_type", None)
+    if family == "llava":
+        n_img = (vc.image_size // vc.patch_size) ** 2
+        pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g)
+        visual, extra = torch.full((n_img,), config.image_token_id), {}
+    else:
+        visual, pixels, extra = _family_visual(model if hasattr(model, "parameters") else None, config, g)
     vocab = config.get_text_config().vocab_size
     low = min(100, vocab // 2)
     text = torch.randint(low, min(1000, vocab), (text_tokens,), generator=g)
-    text[text == config.image_token_id] = low - 1
-    img = torch.full((n_img,), config.image_token_id)
-    ids = torch.cat([text[:5], img, text[5:]])[None]
-    param = next(model.parameters()) if hasattr(model, "parameters") else torch.empty(0)
-    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g).to(param.dtype)
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    special = [getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                    "vision_end_token_id")]
+    text[torch.isin(text, torch.tensor([t for t in special if t is not None]))] = low - 1
+    ids = torch.cat([text[:5], visual, text[5:]])[None]
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(param.dtype), **extra)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        batch["mm_token_type_ids"] = (ids == config.image_token_id).long()
     return {k: v.to(param.device) for k, v in batch.items()}
+
+
+def _family_visual(model, config, g: torch.Generator):
+    """``(placeholder run, pixel_values, other processor outputs)`` of one synthetic image of a non-LLaVA-1.5 family."""
+    from .adapters import get_adapter
+
+    vc = config.vision_config
+    family = config.model_type
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        merge = int(vc.spatial_merge_size)
+        side = QWEN_GRID - QWEN_GRID % (2 * merge)
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        pixels = torch.randn(side * side, width, generator=g)
+        run = [config.vision_start_token_id] + [config.image_token_id] * (side * side // merge**2) + [
+            config.vision_end_token_id]
+        return torch.tensor(run), pixels, {"image_grid_thw": torch.tensor([[1, side, side]])}
+    size = vc.image_size
+    if family in ("idefics3", "smolvlm"):  # the global view alone: one crop
+        side = size // vc.patch_size // int(config.scale_factor)
+        pixels = torch.randn(1, 1, 3, size, size, generator=g)
+        mask = torch.ones(1, 1, size, size, dtype=torch.bool)
+        return torch.full((side * side,), config.image_token_id), pixels, {"pixel_attention_mask": mask}
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    crops = int(image_size_to_num_patches((size, size), config.image_grid_pinpoints, size))
+    pixels = torch.randn(1, crops, 3, size, size, generator=g)
+    extra = {"image_sizes": torch.tensor([[size, size]])}
+    if family == "llava_onevision":
+        extra["batch_num_images"] = torch.tensor([1])
+    adapter = get_adapter(model if model is not None and next(model.parameters()).device.type != "meta"
+                          else meta_model(config))
+    n = adapter.tokens_per_image(dict(pixel_values=pixels, **extra))[0]
+    return torch.full((n,), config.image_token_id), pixels, extra

@@ -11,52 +11,16 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .budget import Budget
-from .errors import BudgetError, UnknownMethodError
+from .configs import VANILLA, Config
 from .flops import Flops, analytic_trace, count_flops, dims_from_config, trace_from_report, vanilla_trace
 from .measure import Spread, measure_call
-from .methods import get_method, method_names
+from .methods import get_method
 from .methods.base import POST_PROJECTOR, PRE_PROJECTOR
-
-VANILLA = "none"
-
-
-@dataclass(frozen=True)
-class Config:
-    method: str
-    budget: int | float | None
-
-    @property
-    def label(self) -> str:
-        return VANILLA if self.method == VANILLA else f"{self.method}@{self.budget}"
-
-
-def parse_configs(methods: str, budgets: str) -> list[Config]:
-    """Vanilla first, then every method at every budget; names and budgets are checked before any model is built."""
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not names:
-        raise UnknownMethodError(f"--methods is empty; choose from {', '.join(method_names())}")
-    for name in names:
-        get_method(name)  # raises with the list of known methods
-    values = []
-    for text in (b.strip() for b in budgets.split(",") if b.strip()):
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise BudgetError(f"budget {text!r} is neither an int (tokens) nor a float (keep ratio)") from None
-        Budget.parse(value)
-        values.append(value)
-    if not values:
-        raise BudgetError("--budgets is empty")
-    return [Config(VANILLA, None)] + [Config(n, b) for n in names if n != VANILLA for b in values]
 
 
 def _flops_row(flops: Flops) -> dict:
@@ -64,17 +28,17 @@ def _flops_row(flops: Flops) -> dict:
 
 
 def run_bench(model, batch: dict, configs: list[Config], *, repeats: int = 5, warmup: int = 1,
-              new_tokens: int = 8, log=print) -> dict:
-    """Measure every configuration ``repeats`` times after ``warmup`` unrecorded rounds; return rows of results."""
-    from .session import Sieve
+              new_tokens: int = 8, log=print, params: dict | None = None, scope: str = "image") -> dict:
+    """Measure every configuration ``repeats`` times after ``warmup`` unrecorded rounds; return rows of results.
 
+    ``params`` maps a method name to its hyper-parameters, as ``--param METHOD.NAME=VALUE`` gives them."""
     samples: dict[str, list] = {c.label: [] for c in configs}
     last_reports: dict[str, object] = {}
     for rnd in range(warmup + repeats):
         shift = rnd % len(configs)
         order = configs[shift:] + configs[:shift]
         for cfg in order:
-            sieve = None if cfg.method == VANILLA else Sieve(cfg.method, cfg.budget)
+            sieve = None if cfg.is_vanilla else cfg.sieve(params, scope)
             timing, report = measure_call(model, batch, sieve, new_tokens=new_tokens)
             if rnd >= warmup:
                 samples[cfg.label].append(timing)
@@ -83,8 +47,7 @@ def run_bench(model, batch: dict, configs: list[Config], *, repeats: int = 5, wa
             log(f"round {rnd - warmup + 1}/{repeats}: " + ", ".join(
                 f"{c.label} {samples[c.label][-1].ttft_s:.3f}s" for c in configs))
     rows = []
-    vanilla_flops = count_flops(model.config, vanilla_trace(model.config, batch["input_ids"],
-                                                            batch.get("attention_mask"), new_tokens=new_tokens))
+    vanilla_flops = count_flops(model.config, vanilla_trace(model.config, **batch, new_tokens=new_tokens))
     for cfg in configs:
         report = last_reports[cfg.label]
         flops = vanilla_flops if report is None else count_flops(
@@ -92,7 +55,10 @@ def run_bench(model, batch: dict, configs: list[Config], *, repeats: int = 5, wa
         runs = samples[cfg.label]
         row = dict(
             config=cfg.label, method=cfg.method, budget=cfg.budget,
+            params={m: (params or {})[m] for m in cfg.methods if (params or {}).get(m)},
             visual_tokens=flops.trace.llm_layer_visual_tokens[0][0] if flops.trace.llm_layer_visual_tokens else 0,
+            llm_visual_tokens_avg=(sum(flops.trace.llm_layer_visual_tokens[0]) / len(flops.trace.llm_layer_visual_tokens[0])
+                                   if flops.trace.llm_layer_visual_tokens else 0),
             stage=None if report is None else report.stage,
             flops=_flops_row(flops),
         )
@@ -141,29 +107,70 @@ def machine_meta(model, repeats: int, warmup: int, new_tokens: int) -> dict:
     )
 
 
+def check_budgets(config, configs: list[Config]) -> None:
+    """Refuse, before any model is built, a budget that cannot fit a LLaVA-1.5 image; other families' budgets
+    depend on crops, frames and resolution and are checked when the sieve is applied."""
+    dims = dims_from_config(config)
+    if dims.family == "llava":
+        for cfg in configs:
+            if not cfg.is_vanilla:
+                Budget.parse(cfg.budgets[0]).resolve(dims.image_tokens, what="each image of this model")
+
+
+def model_probe(model_dir, config, image=None, prompt: str = "What is in the picture?", text_tokens: int = 40,
+                log=print, warn=None) -> dict:
+    """The batch ``bench --model`` times: the model's own processor on ``image`` (default: a generated scene) and
+    the chat-formatted ``prompt``; when the processor cannot be loaded here (LLaVA-OneVision's, NeXT-Video's and
+    Qwen-VL's need torchvision for their video part), synthetic inputs of the family's layout instead, which is
+    all timing and FLOPs depend on (``tokensieve.archs.synthetic_inputs``)."""
+    from .archs import synthetic_inputs
+    from .inputs import build_prompt
+    from .loading import load_processor
+
+    try:
+        processor = load_processor(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure to build the processor means: no processor here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if image is not None:
+            raise ValueError(f"--image needs the model's processor, which cannot be loaded here ({reason})") from None
+        log(f"the processor of {model_dir} cannot be loaded here ({reason}); timing synthetic inputs of the same "
+            f"layout (one image, {text_tokens} text tokens) instead")
+        return synthetic_inputs(config, text_tokens=text_tokens)
+    from .tiny import demo_image
+
+    text, notes = build_prompt(processor, prompt)
+    for note in notes:
+        (warn or log)(note)
+    image = demo_image() if image is None else image
+    return dict(processor(images=[image], text=[text], return_tensors="pt"))
+
+
 def flops_only(config, batch: dict, configs: list[Config], new_tokens: int = 8) -> dict:
     """FLOPs of every configuration from the config alone (no weights, no run).
 
-    Exact for pre- and post-projector methods, whose trace is fixed by the budget; in-encoder and in-LLM methods
-    shrink tokens inside the model, so their rows are left out with a note.
+    Vanilla is exact on every family. Pre- and post-projector methods are exact on the LLaVA-1.5 layout, whose
+    trace is fixed by the budget; in-encoder and in-LLM methods (and every method on families whose kept count
+    depends on crops, newlines or frames) shrink tokens inside the model, so their rows are left out with a note.
     """
     dims = dims_from_config(config)
-    base_trace = vanilla_trace(config, batch["input_ids"], batch.get("attention_mask"), new_tokens=new_tokens)
+    base_trace = vanilla_trace(config, **batch, new_tokens=new_tokens)
     n_img = base_trace.num_images
     text = base_trace.llm_layer_tokens[0][0] - base_trace.llm_layer_visual_tokens[0][0]
     rows = []
     for cfg in configs:
         row = dict(config=cfg.label, method=cfg.method, budget=cfg.budget)
-        if cfg.method == VANILLA:
+        if cfg.is_vanilla:
             trace = base_trace
         else:
-            stage = get_method(cfg.method).stage
+            stages = [get_method(m).stage for m in cfg.methods]
+            stage = "+".join(stages)
             row["stage"] = stage
-            if stage not in (PRE_PROJECTOR, POST_PROJECTOR):
-                row["note"] = f"{stage} method: its trace depends on the run; FLOPs need a measured call"
+            if any(s not in (PRE_PROJECTOR, POST_PROJECTOR) for s in stages) or dims.family != "llava":
+                what = f"{stage} method" if dims.family == "llava" else f"{stage} method on {dims.family}"
+                row["note"] = f"{what}: its trace depends on the run; FLOPs need a measured call"
                 rows.append(row)
                 continue
-            k = Budget.parse(cfg.budget).resolve(dims.image_tokens, what="each image")
+            k = Budget.parse(cfg.budgets[0]).resolve(dims.image_tokens, what="each image")
             projected = dims.image_tokens * n_img if stage == POST_PROJECTOR else k * n_img
             trace = analytic_trace(config, text_tokens=text, visual_tokens=k * n_img, projected_tokens=projected,
                                    num_images=n_img, new_tokens=new_tokens)

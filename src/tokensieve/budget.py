@@ -3,6 +3,8 @@
 A budget is either an ``int`` (visual tokens kept per unit) or a ``float`` in (0, 1] (share of tokens kept per
 unit); the *scope* says what a unit is. Methods never see the user's value, only the resolved integer ``k`` for
 the token count they are given, so "64 tokens" means the same thing for every method in a comparison table.
+An :class:`~tokensieve.adaptive.Adaptive` value (or the text ``"adaptive:64"``) fixes the *mean* per unit instead;
+it resolves to an :class:`~tokensieve.adaptive.AdaptiveTarget` that the selection step turns into a count per unit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numbers
 from dataclasses import dataclass
 from enum import Enum
 
+from .adaptive import Adaptive, AdaptiveTarget
 from .errors import BudgetError, BudgetTypeError
 
 
@@ -31,9 +34,9 @@ class Scope(str, Enum):
 
 @dataclass(frozen=True)
 class Budget:
-    """A validated budget: ``value`` is an int (tokens) or a float (keep ratio)."""
+    """A validated budget: ``value`` is an int (tokens), a float (keep ratio) or an :class:`Adaptive` mean."""
 
-    value: int | float
+    value: int | float | Adaptive
     scope: Scope = Scope.IMAGE
 
     @classmethod
@@ -41,10 +44,12 @@ class Budget:
         """Validate ``value`` early, so a typo fails before any model work is done."""
         if isinstance(value, Budget):
             return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if isinstance(value, str) and value.strip().lower().startswith("adaptive"):
+            value = Adaptive.parse(value)
+        if not isinstance(value, Adaptive) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise BudgetTypeError(
-                f"budget must be an int (tokens kept per {Scope(scope).value}) or a float in (0, 1] "
-                f"(keep ratio), got {value!r} of type {type(value).__name__}"
+                f"budget must be an int (tokens kept per {Scope(scope).value}) or a float in (0, 1] (keep ratio), "
+                f"or tokensieve.Adaptive(mean=...) / 'adaptive:MEAN', got {value!r} of type {type(value).__name__}"
             )
         try:
             scope = Scope(scope)
@@ -52,6 +57,8 @@ class Budget:
             raise BudgetError(
                 f"unknown budget scope {scope!r}; choose one of {[s.value for s in Scope]}"
             ) from None
+        if isinstance(value, Adaptive):
+            return cls(value, scope)
         if isinstance(value, numbers.Integral):
             value = int(value)
             if value <= 0:
@@ -67,10 +74,14 @@ class Budget:
 
     @property
     def is_ratio(self) -> bool:
-        return isinstance(self.value, float)
+        return isinstance(self.value, float) or (self.is_adaptive and self.value.is_ratio)
 
-    def resolve(self, n_tokens: int, what: str = "image") -> int:
-        """Tokens to keep out of ``n_tokens``.
+    @property
+    def is_adaptive(self) -> bool:
+        return isinstance(self.value, Adaptive)
+
+    def resolve(self, n_tokens: int, what: str = "image") -> int | AdaptiveTarget:
+        """Tokens to keep out of ``n_tokens`` (an :class:`AdaptiveTarget` for adaptive budgets).
 
         A ratio rounds to the nearest count and never below one token; an int larger than the count is an
         error rather than a silent keep-all, because it nearly always means the budget was written for a
@@ -78,6 +89,8 @@ class Budget:
         """
         if n_tokens <= 0:
             raise BudgetError(f"{what} has no visual tokens to select from")
+        if self.is_adaptive:
+            return self.value.target(n_tokens, what)
         if self.is_ratio:
             return max(1, min(n_tokens, int(round(self.value * n_tokens))))
         if self.value > n_tokens:
@@ -88,4 +101,6 @@ class Budget:
         return int(self.value)
 
     def __str__(self) -> str:
+        if self.is_adaptive:
+            return str(self.value)
         return f"{self.value:g}" if self.is_ratio else str(self.value)

@@ -201,3 +201,80 @@ def grid_signals(cap: Captured, request: Request, features: torch.Tensor, layout
         if request.cls_hidden
         else None,
     )
+
+
+# -- token meter ---------------------------------------------------------------------------------------------------
+
+def rows_per_sequence(args: tuple, kwargs: dict) -> list[int]:
+    """Attention segments of an encoder layer called on a [batch, tokens, d] batch: one per sequence."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return []
+    return [int(x.shape[-2])] * (int(x.numel() // (x.shape[-1] * x.shape[-2])))
+
+
+def packed_segments(args: tuple, kwargs: dict) -> list[int]:
+    """Attention segments of a block on a packed sequence, from the ``cu_seqlens`` it was called with (Qwen-VL)."""
+    cu = kwargs.get("cu_seqlens")
+    if cu is None:
+        return rows_per_sequence(args, kwargs)
+    return [int(n) for n in torch.diff(cu.long()).tolist() if n]
+
+
+@dataclass
+class TokenMeter:
+    """Counts what the vision side of one call really ran on: per encoder layer the length of every attention
+    segment, the rows entering the projector, and the rows entering a pooling head.
+
+    This is the token trace FLOPs are priced from (``tokensieve.flops``); it counts rows, never FLOPs, so it costs
+    nothing measurable. Forward hooks (registered before any selection hook of the call) see each module's final
+    inputs, after other hooks rewrote them (Qwen-VL's cut ``cu_seqlens``, a projector input replaced by the kept
+    tokens); a layer never reached (an encoder stopped after the features) records nothing.
+    """
+
+    layers: Sequence[nn.Module]
+    projectors: Sequence[nn.Module] = ()
+    head: nn.Module | None = None
+    segments_of: object = rows_per_sequence
+
+    def __post_init__(self) -> None:
+        self.segments: list[list[int]] = [[] for _ in self.layers]
+        self.projected = 0
+        self.head_tokens: list[int] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "TokenMeter":
+        def layer_hook(i):
+            def hook(mod, args, kwargs, output):
+                self.segments[i] += self.segments_of(args, kwargs)
+            return hook
+
+        def projector_hook(mod, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.projected += int(x.numel() // x.shape[-1])
+
+        def head_hook(mod, args, kwargs, output):
+            self.head_tokens += rows_per_sequence(args, kwargs)
+
+        try:
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
+            for mod in self.projectors:
+                self._handles.append(mod.register_forward_hook(projector_hook, with_kwargs=True))
+            if self.head is not None:
+                self._handles.append(self.head.register_forward_hook(head_hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def pooling_head(tower: nn.Module) -> nn.Module | None:
+    """The attention-pooling head a SigLIP tower runs after its encoder (``vision_use_head``), if any."""
+    inner = getattr(tower, "vision_model", tower)
+    return getattr(inner, "head", None) if getattr(inner, "use_head", False) else None

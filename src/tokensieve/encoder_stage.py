@@ -47,6 +47,9 @@ class StageResult:
     traces: list[list[int]]
     """Per image, per encoder layer, the sequence length entering it (0 for layers skipped)."""
     selection_s: float = 0.0
+    groups: list[torch.Tensor | None] | None = None
+    """Per image, when a cut merged (``EncoderCut.groups``): per original candidate (patch, or unit in unit mode),
+    the final patch row it ended in (-1: dropped); ``None`` for images whose cuts only kept or dropped rows."""
 
     def features(self, feature_layers: Sequence[int], rows: slice) -> torch.Tensor:
         """[B, k, d * len(feature_layers)]: the recorded ``rows`` of each feature layer, concatenated per image."""
@@ -105,7 +108,7 @@ def run_encoder_stage(
             "read; every cut must happen before the first feature layer"
         )
     groups = [slice(i, i + 1) for i in range(pixel_values.shape[0])] if plan.per_image else [slice(None)]
-    out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[])
+    out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[], groups=[])
     for grp in groups:
         _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
                    pixel_values[grp], stop_after, num_layers, out, cls_free, units)
@@ -128,6 +131,8 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
         last_planned=max(planned) if planned else -1,
         units=units,
         grouped=False,
+        owner=torch.arange(n0, device=device).expand(b, -1).clone(),  # original candidate -> current patch row
+        merged=False,
     )
     handles = []
 
@@ -181,6 +186,7 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
             x = x[:, torch.cat([torch.arange(c), units.flatten().cpu() + c]).to(x.device)]
         out.hidden[i].extend(x.unbind(0))
     out.positions.extend(st["positions"].unbind(0))
+    out.groups.extend(st["owner"].cpu().unbind(0) if st["merged"] is True else [None] * b)
     out.sizes.extend(st["sizes"].unbind(0))
     out.traces.extend([list(st["trace"]) for _ in range(b)])
 
@@ -204,7 +210,7 @@ def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_
     heads = lambda x: x.view(b, t, parts.num_heads, parts.head_dim).float()  # noqa: E731
     q, k, v = (heads(proj[x]) if x in proj else None for x in ("q", "k", "v"))
     last = layer == st["last_planned"]
-    out = []
+    out, owners = [], []
     for j in range(b):
         mean_u = lambda x: x[c:].reshape(n, u, *x.shape[1:]).mean(1)  # noqa: E731
         att = None
@@ -230,6 +236,8 @@ def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_
                 raise ValueError(f"{method.name} made no cut at its last layer {layer}; {n} groups, target {target}")
             return hs
         check_unit_cut(cut, n, target, last, layer, method.name)
+        owners.append(follow_cut(st["owner"][j : j + 1], cut.keep[:1], cut.groups, n)[0])
+        note_merge(st, cut)
         rows, sizes = cut_units(hs[j, c:].reshape(n, u, d), st["sizes"][j, 1:].cpu(), cut, method.name)
         keep = cut.keep[0].to(st["positions"].device)
         out.append((torch.cat([hs[j, :c], rows.reshape(-1, d)]), st["positions"][j][keep],
@@ -238,6 +246,7 @@ def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_
         raise ValueError(f"{method.name} kept different counts in images that run together at layer {layer}")
     st["positions"] = torch.stack([x[1] for x in out])
     st["sizes"] = torch.stack([x[2] for x in out]).to(st["sizes"].device)
+    st["owner"] = torch.stack(owners)
     return torch.stack([x[0] for x in out]).contiguous()
 
 
@@ -284,12 +293,36 @@ def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer
     if left < target or (layer == st["last_planned"] and left != target):
         raise ValueError(f"{method.name} left {left} patches after layer {layer}; the target is {target}")
     keep = cut.keep
+    st["owner"] = follow_cut(st["owner"], keep, cut.groups, t - 1)
+    note_merge(st, cut)
     st["positions"] = torch.gather(st["positions"], 1, keep)
     st["sizes"] = cut.sizes.float() if cut.sizes is not None else torch.gather(st["sizes"], 1, keep)
     new = cut.hidden.to(hs.dtype) if cut.hidden is not None else gather_tokens(hs, keep)
     if cls_free:
         new = new[:, 1:]  # the virtual CLS never enters the encoder
     return new.contiguous()
+
+
+def follow_cut(owner: torch.Tensor, keep: torch.Tensor, groups: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Compose one cut into ``owner`` [B, N0] (original candidate -> current patch row, -1 dropped).
+
+    ``keep`` [B, 1 + k] are the kept rows (CLS first), ``groups`` [B, n] the merge map of the ``n`` current patch
+    rows onto the k kept ones (``EncoderCut.groups``); without it a dropped row's candidates are dropped."""
+    if groups is not None:
+        slot = groups.to(device=owner.device, dtype=torch.long)
+    else:
+        rows = (keep[:, 1:] - 1).to(owner.device)
+        slot = torch.full((owner.shape[0], n), -1, dtype=torch.long, device=owner.device)
+        slot.scatter_(1, rows, torch.arange(rows.shape[1], device=owner.device).expand_as(rows).contiguous())
+    return torch.where(owner >= 0, torch.gather(slot, 1, owner.clamp(min=0)), -1)
+
+
+def note_merge(st: dict, cut: EncoderCut) -> None:
+    """Record whether the cuts so far merged with a known map (groups reportable) or without one (not)."""
+    if cut.groups is not None and st["merged"] is not None:
+        st["merged"] = True
+    elif cut.hidden is not None and cut.groups is None:
+        st["merged"] = None  # merged rows, but where each went is unknown: no groups to report
 
 
 def cut_units(rows: torch.Tensor, sizes: torch.Tensor, cut: EncoderCut, name: str) -> tuple[torch.Tensor, torch.Tensor]:

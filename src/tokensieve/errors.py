@@ -42,3 +42,11 @@ class MissingSignalError(TokensieveError, ValueError):
 
 class StageError(TokensieveError, ValueError):
     """Methods were combined in a way the stages cannot run (two in-LLM methods, wrong order, missing budgets)."""
+
+
+class InputError(TokensieveError, ValueError):
+    """A file, path, prompt or option value given to a command cannot be used (the message says how to fix it)."""
+
+
+class ParameterError(TokensieveError, ValueError):
+    """A method's hyper-parameter does not fit this model (for example a layer its encoder or LM does not have)."""

@@ -337,9 +337,13 @@ class LLMStage:
                     if layer == i:
                         k = min(k, kept) if kept is not None else None
                 ks.append(k)
-            signals = LLMSignals(hidden=hs[s, slots], segments=segments, layer=i, num_layers=self.num_layers)
+            real = self.base.valid[s].cumsum(0) - 1  # position of each prefill slot among the sample's real tokens
+            signals = LLMSignals(hidden=hs[s, slots], segments=segments, layer=i, num_layers=self.num_layers,
+                                 positions=real[lay.orig[s, slots]].cpu())
             if slots.numel():
                 self._signals(signals, s, slots, src, hs)
+                if method.final_norm:
+                    self._final_norm(signals)
                 kept = method.select_llm(signals, ks)
             else:
                 kept = [torch.empty(0, dtype=torch.long) for _ in segments]
@@ -383,6 +387,7 @@ class LLMStage:
                 signals.keys = flat[slots]
                 signals.text_keys = flat[text]
                 signals.text_hidden = hs_now[s][text]  # entering the boundary layer, like ``hidden``
+                signals.text_positions = (self.base.valid[s].cumsum(0) - 1)[lay.orig[s, text]].cpu()
             if method.query is None:
                 return
             rows = self._query_rows(lay, s)
@@ -399,6 +404,14 @@ class LLMStage:
             visible = valid[None, :] & (orig[None, :] <= orig[rows][:, None])
             probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
             signals.attention = probs[:, :, slots]
+
+    def _final_norm(self, signals: LLMSignals) -> None:
+        """Hidden states as the LM's final norm would see them (DART's cosine space), computed on the few rows read."""
+        norm = self.adapter.final_norm()
+        with torch.no_grad():
+            signals.hidden = norm(signals.hidden[None])[0]
+            if signals.text_hidden is not None and signals.text_hidden.shape[0]:
+                signals.text_hidden = norm(signals.text_hidden[None])[0]
 
     def _query_rows(self, lay: _Layout, s: int) -> torch.Tensor:
         valid = lay.valid[s]

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnsupportedModelError
 from .methods.base import IN_ENCODER, PRE_PROJECTOR
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -82,15 +81,11 @@ def _elapsed(a, b) -> float:
 
 
 def vision_modules(model):
-    """(vision tower, projector) of a LLaVA-layout model, whose forward calls bound the vision time."""
-    base = getattr(model, "model", model)
-    tower, projector = getattr(base, "vision_tower", None), getattr(base, "multi_modal_projector", None)
-    if tower is None or projector is None:
-        raise UnsupportedModelError(
-            f"timing the vision stage needs a LLaVA-style model (vision_tower + multi_modal_projector); "
-            f"{type(model).__name__} has none"
-        )
-    return tower, projector
+    """(vision tower, projector) of a supported model, whose forward calls bound the vision time (the family's
+    adapter names them: Qwen-VL's merger MLP and Idefics3's connector projection are its projector)."""
+    from .adapters import get_adapter
+
+    return get_adapter(model).vision_modules()
 
 
 @contextmanager

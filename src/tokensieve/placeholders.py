@@ -84,6 +84,7 @@ def shrink_placeholders(
     attention_mask: torch.Tensor | None,
     spans: Sequence[ImageSpan],
     kept_counts: Sequence[int | torch.Tensor],
+    left: bool | None = None,
 ) -> Compaction:
     """Keep the first ``kept_counts[i]`` placeholders of image i and drop the rest, then re-pad the batch.
 
@@ -91,7 +92,8 @@ def shrink_placeholders(
     families whose visual tokens keep their own positions.
 
     Samples can lose different numbers of tokens (different image counts), so the result is re-padded on the side
-    the input was padded on (left when it had no padding, as generation needs).
+    the input was padded on (left when it had no padding, as generation needs), or on the left when ``left`` is
+    true: generation appends after the last slot, so a right-padded prompt would be continued after its padding.
     """
     bsz, length = input_ids.shape
     keep = torch.ones_like(input_ids, dtype=torch.bool)
@@ -102,11 +104,12 @@ def shrink_placeholders(
             keep[span.sample, span.positions[drop]] = False
         else:
             keep[span.sample, span.positions[k:]] = False
-    left = True
-    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) and not bool(
-        (attention_mask[:, 0] == 0).any()
-    ):
-        left = False
+    right_padded = attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) and not bool(
+        (attention_mask[:, 0] == 0).any())
+    if left is None:
+        left = not right_padded
+    elif left and right_padded:
+        keep &= attention_mask.bool()  # the caller's right padding moves to the left with the new padding
     lengths = keep.sum(dim=1)
     new_len = int(lengths.max())
     index = torch.full((bsz, new_len), -1, dtype=torch.long, device=input_ids.device)

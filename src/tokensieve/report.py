@@ -7,6 +7,39 @@ from dataclasses import dataclass, field
 import torch
 
 
+
+class MergeGroups:
+    """Builds ``ImageReport.groups`` of an entry made of several candidate sets (crops, frames, a whole grid).
+
+    Per grid cell of the entry's report grid: an id of the output token the cell went into (cells with one id went
+    into one token; ids are unique within the entry), -1 if dropped. ``None`` when no set merged, so methods that
+    only keep or drop report no groups.
+    """
+
+    def __init__(self, cells: int) -> None:
+        self.ids = torch.full((cells,), -1, dtype=torch.long)
+        self.offset = 0
+        self.merged = False
+
+    def add(self, cells: torch.Tensor, kept: torch.Tensor | None, groups: torch.Tensor | None, count: int) -> None:
+        """One set: ``cells`` [n] the grid cell of each candidate; ``groups`` [n] the set's output token of each
+        candidate (a method's ``Selection.groups`` row, -1 dropped) or ``None``, then ``kept`` [k] candidates stay
+        as themselves; ``count`` ids are reserved for the set's outputs."""
+        cells = cells.cpu().long()
+        if groups is not None:
+            g = groups.cpu().long()
+            hit = g >= 0
+            self.ids[cells[hit]] = self.offset + g[hit]
+            self.merged = True
+        elif kept is not None:
+            kept = kept.cpu().long()
+            self.ids[cells[kept]] = self.offset + torch.arange(kept.numel())
+        self.offset += int(count)
+
+    def result(self) -> list[int] | None:
+        return self.ids.tolist() if self.merged else None
+
+
 @dataclass
 class ImageReport:
     """One image of one call.
@@ -70,8 +103,16 @@ class SieveReport:
     images before videos) each visual slot belongs to, -1 for text and padding. Image and video placeholders may
     interleave in the prompt, so the in-LLM stage reads ownership from here rather than from token ids."""
     encoder_layer_tokens: list[int] = field(default_factory=list)
-    """Per vision-encoder layer (layer 0 first), the sequence length one image had entering it, CLS included.
-    The token trace FLOPs are computed from; in-encoder methods make it shrink with depth."""
+    """Per vision-encoder layer (layer 0 first), the sequence length one image had entering it, CLS included
+    (the mean over the call's encoder passes); in-encoder methods make it shrink with depth."""
+    encoder_layer_segments: list[list[int]] = field(default_factory=list)
+    """Per vision-encoder layer, the length of every attention segment it ran on in this call (one per image, crop
+    or video frame; Qwen-VL: per temporal patch or window), counted while the call ran: the trace FLOPs are priced
+    from (empty for a layer that did not run)."""
+    projected_tokens: int | None = None
+    """Rows the projector (Qwen-VL: the merger's MLP; Idefics3: the connector's projection) ran on in this call."""
+    encoder_head_tokens: list[int] = field(default_factory=list)
+    """Rows entering a SigLIP attention-pooling head, one entry per encoder pass that ran it."""
     llm_layer_tokens: list[list[int]] = field(default_factory=list)
     """Per sample, per decoder layer (layer 0 first), the real (unpadded) tokens that layer processed in prefill."""
     llm_layer_visual_tokens: list[list[int]] = field(default_factory=list)
@@ -81,6 +122,9 @@ class SieveReport:
     llm_kept_positions: list[torch.Tensor] = field(default_factory=list)
     """With an in-LLM stage: per sample, the positions of ``input_ids`` behind the last decoder layer's slots
     (-1 for alignment slots). ``forward()`` logits are aligned with these."""
+    visual_input: bool = True
+    """False for a call without images or videos: it ran uncompressed, and the report says so (it never keeps
+    the numbers of an earlier call)."""
 
     @property
     def llm_visual_tokens_avg(self) -> list[float]:
@@ -96,6 +140,11 @@ class SieveReport:
         return sum(im.tokens_out for im in self.images)
 
     def summary(self) -> str:
+        if not self.visual_input:
+            return (
+                f"{self.method} (budget {self.budget} per {self.scope}): no visual input in this call (text only), "
+                f"nothing compressed; sequence {self.seq_len_in}"
+            )
         n = len(self.images)
         ratio = self.tokens_out / self.tokens_in if self.tokens_in else 1.0
         return (
@@ -116,11 +165,15 @@ class SieveReport:
             "budget": self.budget,
             "scope": self.scope,
             "stage": self.stage,
+            "visual_input": self.visual_input,
             "encode_s": self.encode_s,
             "selection_s": self.selection_s,
             "seq_len_in": self.seq_len_in,
             "seq_len_out": self.seq_len_out,
             "encoder_layer_tokens": list(self.encoder_layer_tokens),
+            "encoder_layer_segments": [list(s) for s in self.encoder_layer_segments],
+            "projected_tokens": self.projected_tokens,
+            "encoder_head_tokens": list(self.encoder_head_tokens),
             "llm_layer_tokens": [list(t) for t in self.llm_layer_tokens],
             "llm_layer_visual_tokens": [list(t) for t in self.llm_layer_visual_tokens],
             "llm_budget": self.llm_budget,

@@ -19,11 +19,13 @@ from typing import Any, Iterator
 import torch
 
 from .adapters import get_adapter
+from .adaptive import Calibration, fit, llm_counts, lm_input_features, recording
+from .anyres import check_newlines
 from .budget import Budget, Scope
-from .errors import StageError, TokensieveError, UnsupportedModelError
+from .errors import BudgetError, StageError, TokensieveError, UnsupportedModelError
 from .llm_stage import KeepAll, LLMStage
 from .methods import get_method, method_names
-from .methods.base import IN_LLM, Method
+from .methods.base import IN_ENCODER, IN_LLM, Method
 from .report import SieveReport
 
 _SIEVED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -41,9 +43,12 @@ class Sieve:
     tokens per image into the LM (pre-LLM budgets count tokens entering the LM) and FastV brings the average over
     decoder layers to 128 (in-LLM budgets count layer-averaged visual tokens). At most one pre-LLM and one in-LLM
     method, in that order; ToDRE brings its own in-LLM rule and takes only its pre-LLM budget.
+
+    ``newlines`` (LLaVA-NeXT-family images): which ``image_newline`` tokens follow selection: ``"rows"`` (default, the
+    newline of each row that keeps a token), ``"all"`` or ``"none"`` (see ``tokensieve.anyres``).
     """
 
-    def __init__(self, method, budget, *, scope: str | Scope = "image", **params):
+    def __init__(self, method, budget, *, scope: str | Scope = "image", newlines: str = "rows", **params):
         methods = list(method) if isinstance(method, (list, tuple)) else [method]
         if not methods:
             raise StageError("give at least one method")
@@ -65,15 +70,50 @@ class Sieve:
         if len(budgets) != len(instances):
             raise StageError(f"got {len(budgets)} budget(s) for {len(instances)} method(s); give one per method")
         parsed = [Budget.parse(b, scope) for b in budgets]
+        self.newlines = check_newlines(newlines)
         self.methods = instances
         self.pre_method, self.pre_budget, self.llm_method, self.llm_budget = _plan_stages(instances, parsed)
         self.method = instances[0]
         self.budget = parsed[0]
         self.last_report: SieveReport | None = None
+        self.calibration: Calibration | None = None
 
     @property
     def name(self) -> str:
         return "+".join(m.name for m in self.methods)
+
+    def calibrate(self, model, batches) -> Calibration:
+        """Fit an adaptive budget's per-image rule on ``batches`` (processor outputs) so its mean holds there.
+
+        Runs the model's vision side only (encoder, signals, the criterion), never the LM, and does not attach
+        anything to ``model``. Afterwards every image's count depends on that image alone; the fitted threshold is
+        in ``self.budget`` (``Adaptive(..., threshold=...)``, reusable) and the fit in ``self.calibration``.
+        """
+        in_llm = self.llm_budget is not None and self.llm_budget.is_adaptive
+        budget = self.llm_budget if in_llm else self.pre_budget
+        if not budget.is_adaptive:
+            raise BudgetError(f"calibrate() fits adaptive budgets; this sieve's budget is {self.pre_budget}")
+        adapter = get_adapter(model)
+        for method in (self.pre_method, self.llm_method) if in_llm else (self.pre_method,):
+            adapter.check_stage(method)
+        adapter.check_budget(budget)
+        with recording() as records, torch.no_grad():
+            for batch in batches:
+                if not adapter.is_visual(batch):
+                    continue
+                kwargs, report = adapter.prepare(dict(batch), self.pre_method, self.pre_budget, self.name)
+                if in_llm:  # the in-LLM targets are read off the tokens entering the LM
+                    llm_counts(budget, report.images, lm_input_features(kwargs))
+        calibration = fit(records)
+        fitted = Budget(budget.value.calibrated(calibration.threshold), budget.scope)
+        if self.budget is budget:
+            self.budget = fitted
+        if in_llm:
+            self.llm_budget = fitted
+        else:
+            self.pre_budget = fitted
+        self.calibration = calibration
+        return calibration
 
     def apply(self, model) -> "SieveHandle":
         """Attach to ``model`` until ``handle.remove()``; prefer ``with sieve(model):``."""
@@ -135,11 +175,27 @@ def _plan_stages(methods: list[Method], budgets: list[Budget]):
         llm = companion
     if llm is not None and not llm.budgeted:
         llm_budget = None
+    if llm_budget is not None and llm_budget.is_adaptive and pre_budget is not None and pre_budget.is_adaptive:
+        raise StageError(
+            "one adaptive budget per sieve (calibrate() fits one threshold): make either the pre-LLM or the in-LLM "
+            "budget an int or a ratio"
+        )
+    if pre is not None and pre_budget.is_adaptive and pre.stage == IN_ENCODER:
+        raise StageError(
+            f"{pre.name!r} cuts inside the vision encoder on a schedule fixed before the encoder runs, while an "
+            "adaptive count is read off the features the encoder produces; use an int or a ratio budget, or a "
+            "method that selects after the encoder"
+        )
+    if pre is not None and pre_budget.is_adaptive and not pre.any_count:
+        raise StageError(
+            f"{pre.name!r} cannot keep an arbitrary number of tokens (its count must fit a pooled grid), so it "
+            "cannot follow an adaptive budget; use an int or a ratio"
+        )
     if pre is None:
         pre, pre_budget = KeepAll(), Budget.parse(1.0, budgets[0].scope)
     if (
-        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio
-        and llm_budget.value > pre_budget.value
+        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio and not pre_budget.is_adaptive
+        and not llm_budget.is_adaptive and llm_budget.value > pre_budget.value
     ):
         raise StageError(
             f"the in-LLM budget ({llm_budget.value} layer-averaged visual tokens) exceeds the {pre_budget.value} "
@@ -180,9 +236,26 @@ class SieveHandle:
                     f"{exc}. {sieve.pre_method.name!r} adds that in-LLM stage itself; switch it off with the method's "
                     "option (todre: relevance=False) to run its first stage alone"
                 ) from None
+        if sieve.newlines != "rows":
+            if not hasattr(adapter, "newlines"):
+                raise UnsupportedModelError(
+                    f"newlines={sieve.newlines!r} is about LLaVA-NeXT-family images (their image_newline tokens); "
+                    f"{type(model).__name__} has none"
+                )
+            adapter.newlines = sieve.newlines
         adapter.check_budget(sieve.pre_budget)
         if sieve.llm_budget is not None:
             adapter.check_budget(sieve.llm_budget)
+        for budget in (sieve.pre_budget, sieve.llm_budget):
+            if budget is not None and budget.is_adaptive and not budget.value.needs_no_threshold and (
+                budget.value.threshold is None
+            ):
+                raise BudgetError(
+                    f"the adaptive budget {budget} has no threshold yet: call sieve.calibrate(model, batches) on a few "
+                    "representative batches first (the mean is fitted on them; each image's count then depends on "
+                    "that image alone), or give an earlier calibration's threshold (Adaptive(..., threshold=t), or "
+                    "the text adaptive:MEAN@t)"
+                )
         if model in _SIEVED:
             raise TokensieveError(
                 f"this {type(model).__name__} already has a sieve applied; remove it first (one sieve per model)"
@@ -201,6 +274,7 @@ class SieveHandle:
             return self.generate(*args, **kwargs)
 
         self._instance_generate = generate
+        self._generating = 0  # > 0 while this handle's generate() runs: its forwards are not new calls
         model.generate = generate
         _SIEVED.add(model)
         self.active = True
@@ -209,13 +283,13 @@ class SieveHandle:
     def last_report(self) -> SieveReport | None:
         return self.sieve.last_report
 
-    def _prepare(self, kwargs: dict[str, Any]):
+    def _prepare(self, kwargs: dict[str, Any], left_pad: bool = False):
         sieve = self.sieve
         if sieve.llm_method is not None and kwargs.get("labels") is not None and kwargs.get("pixel_values") is not None:
             raise StageError(
                 "labels cannot be used with an in-LLM stage: the LM's output no longer covers every input position"
             )
-        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
+        new_kwargs, report = self.adapter.prepare(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name, left_pad)
         stage = None
         if report is not None:
             if sieve.llm_method is not None:
@@ -231,7 +305,11 @@ class SieveHandle:
         targets: list[list[int]] | None = None
         if sieve.llm_budget is not None and sieve.llm_method.budgeted:
             targets = [[] for _ in range(ids.shape[0])]
-            for im, k in zip(report.images, self.adapter.llm_targets(sieve.llm_budget, report.images)):
+            if sieve.llm_budget.is_adaptive:
+                flat = llm_counts(sieve.llm_budget, report.images, lm_input_features(kwargs))
+            else:
+                flat = self.adapter.llm_targets(sieve.llm_budget, report.images)
+            for im, k in zip(report.images, flat):
                 targets[im.sample].append(k)
         for im in report.images:
             counts[im.sample].append(im.tokens_out)
@@ -244,10 +322,13 @@ class SieveHandle:
         return stage
 
     def _pre_forward(self, module, args, kwargs):
-        if not args and not self.adapter.is_visual(kwargs):
-            return None  # the common decoding-step case, without binding the signature each token
+        if self._generating:
+            if not args and not self.adapter.is_visual(kwargs):
+                return None  # the common decoding-step case, without binding the signature each token
         merged = _bind(type(module).forward.__get__(module), args, kwargs)
         if not self.adapter.is_visual(merged):
+            if not self._generating and not _continues_cache(merged.get("past_key_values")):
+                self._note_text_only(merged)  # a new text-only call: the report must not keep the last image's
             return None  # text-only call, or a decoding step of a sieved generate()
         new_kwargs, report, stage = self._prepare(merged)
         if stage is not None:
@@ -272,21 +353,35 @@ class SieveHandle:
                     raise TypeError("generate() got both `inputs` and `input_ids`")
                 merged["input_ids"] = inputs
         if not self.adapter.is_visual(merged):
-            return self._generate(**merged)
+            self._note_text_only(merged)
+            return self._run_generate(merged)
         original_ids = merged["input_ids"]
-        # generate() itself runs without autograd; encoding and selection happen before it, so they must too
+        # generate() itself runs without autograd; encoding and selection happen before it, so they must too.
+        # The shrunk prompt is re-padded on the left whatever the caller's side: generation continues each row
+        # after its last slot, and the caller's own prompt is put back in front of the new tokens afterwards.
         with torch.no_grad():
-            new_kwargs, report, stage = self._prepare(merged)
+            new_kwargs, report, stage = self._prepare(merged, left_pad=True)
         if stage is None:
-            out = self._generate(**new_kwargs)
+            out = self._run_generate(new_kwargs)
         else:
             stage.install()
             try:
-                out = self._generate(**new_kwargs)
+                out = self._run_generate(new_kwargs)
             finally:
                 stage.remove()
             stage.fill(report)
         return _restore_prompt(out, original_ids, report.seq_len_out)
+
+    def _run_generate(self, kwargs: dict[str, Any]):
+        self._generating += 1
+        try:
+            return self._generate(**kwargs)
+        finally:
+            self._generating -= 1
+
+    def _note_text_only(self, kwargs: dict[str, Any]) -> None:
+        sieve = self.sieve
+        self.sieve.last_report = self.adapter.text_report(kwargs, sieve.pre_method, sieve.pre_budget, sieve.name)
 
     def remove(self) -> None:
         """Detach; safe to call twice."""
@@ -309,6 +404,16 @@ class SieveHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _continues_cache(cache) -> bool:
+    """Whether a forward call continues from a filled KV cache (a decoding step of the caller's own loop)."""
+    if cache is None:
+        return False
+    try:
+        return int(cache.get_seq_length()) > 0
+    except (AttributeError, TypeError):
+        return bool(cache)
 
 
 def _restore_prompt(out, original_ids: torch.Tensor, compressed_len: int):

@@ -62,13 +62,21 @@ def image_batch(model, image: Image.Image, image_processor=None) -> dict[str, to
     return batch
 
 
-def panels_for(model, batch: dict, methods: list[str], budget) -> list[Panel]:
-    """Run each method once (one greedy token) and collect what its report says about the first image."""
-    from .session import Sieve
+def panels_for(model, batch: dict, configs: list, budget=None, *, params: dict | None = None,
+               scope: str = "image") -> list[Panel]:
+    """Run each configuration once (one greedy token) and collect what its report says about the first image.
+
+    ``configs`` are :class:`~tokensieve.configs.Config` objects, or method names that all take ``budget``. An in-LLM
+    stage drops tokens inside the LM, after what is drawn: the panel shows the tokens entering the LM.
+    """
+    from .configs import Config, format_budget
 
     panels = []
-    for name in methods:
-        sieve = Sieve(name, budget)
+    for config in configs:
+        if isinstance(config, str):
+            config = Config.single(config, budget)
+        sieve = config.sieve(params, scope)
+        name = f"{config.method} @ {format_budget(config.budgets)}"
         with torch.inference_mode(), sieve(model):
             model.generate(**batch, max_new_tokens=1, do_sample=False)
         im = sieve.last_report.images[0]
@@ -80,7 +88,9 @@ def panels_for(model, batch: dict, methods: list[str], budget) -> list[Panel]:
             for slot in im.groups:
                 sizes[slot] = sizes.get(slot, 0) + 1
             kept = [c for c in kept if sizes.get(im.groups[c], 0) == 1]
-        panels.append(Panel(f"{name} @ {budget}: {im.tokens_out} of {im.tokens_in} tokens{merged}", tuple(im.grid),
+        if sieve.llm_method is not None:
+            merged += ", in-LLM stage not drawn"
+        panels.append(Panel(f"{name}: {im.tokens_out} of {im.tokens_in} tokens{merged}", tuple(im.grid),
                             kept, im.groups, im.tokens_out))
     return panels
 

@@ -29,3 +29,35 @@ def reference(ref_dir) -> dict:
 def stock(reference, ref_dir, tmp_path_factory) -> list[dict]:
     """Stock vLLM on the same cases (stock architecture, renamed-weights copy), computed once per run."""
     return stock_outputs(stock_copy(tmp_path_factory.mktemp("stock_model")), ref_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qwen")
+
+
+@pytest.fixture(scope="session")
+def qwen_reference(qwen_dir) -> dict:
+    """A tiny Qwen2.5-VL saved to ``qwen_dir/model`` and the Sieve path on it (core environment)."""
+    return sieve_reference(qwen_dir, "reference_qwen.py")
+
+
+@pytest.fixture(scope="session")
+def qwen_stock(qwen_reference, qwen_dir) -> list[dict]:
+    return stock_outputs(qwen_dir / "model", qwen_dir, "qwen")
+
+
+@pytest.fixture(scope="session")
+def next_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llava_next")
+
+
+@pytest.fixture(scope="session")
+def next_reference(next_dir) -> dict:
+    """A tiny LLaVA-NeXT saved to ``next_dir/model`` and the Sieve path on it (core environment)."""
+    return sieve_reference(next_dir, "reference_next.py")
+
+
+@pytest.fixture(scope="session")
+def next_stock(next_reference, next_dir) -> list[dict]:
+    return stock_outputs(stock_copy(next_dir / "stock_model", next_dir / "model"), next_dir)

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from tokensieve import Sieve
 from tokensieve.data.shapes import dataset
 from tokensieve.evaluate import load_model, prompt_text
+
+from reference_common import answer
 
 NUM_IMAGES = 3
 MAX_NEW_TOKENS = 6
@@ -27,16 +27,7 @@ CASES = {  # method -> budgets (of 144 tokens per image on the default model)
 
 
 def run(model, processor, image, prompt, sieve=None) -> dict:
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-    with torch.inference_mode():
-        if sieve is None:
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            return {"ids": inputs["input_ids"][0].tolist(), "tokens": out[0, inputs["input_ids"].shape[1]:].tolist()}
-        with sieve(model):
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        report = sieve.last_report
-        return {"ids": report.input_ids[0].tolist(), "kept": report.images[0].kept_indices,
-                "tokens": out[0, inputs["input_ids"].shape[1]:].tolist()}
+    return answer(model, processor(images=[image], text=[prompt], return_tensors="pt"), MAX_NEW_TOKENS, sieve)
 
 
 def main(out_dir: str) -> None:

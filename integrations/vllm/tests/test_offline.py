@@ -6,41 +6,26 @@ to a trace file (``TOKENSIEVE_VLLM_TRACE``): that is where the kept patch indice
 """
 
 import json
-import os
 
 import pytest
 from PIL import Image
 
-from helpers import ARCH, DEFAULT_MODEL, ENGINE, IMAGE_TOKEN, TOKENS
+import helpers
+from helpers import ARCH, DEFAULT_MODEL, IMAGE_TOKEN, TOKENS
 
 SERVER_DEFAULT = {"method": "evocut", "budget": 36}
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, reference):
-    from vllm import LLM, SamplingParams
-
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
-    os.environ["TOKENSIEVE_VLLM_TRACE"] = str(trace)
-    try:
-        llm = LLM(model=str(DEFAULT_MODEL), hf_overrides={"architectures": [ARCH], "tokensieve": SERVER_DEFAULT},
-                  **ENGINE)
-    finally:
-        del os.environ["TOKENSIEVE_VLLM_TRACE"]
-    params = SamplingParams(max_tokens=reference["max_new_tokens"], temperature=0.0)
-    yield llm, params, trace
+    llm, params = helpers.offline_engine(DEFAULT_MODEL, ARCH, trace, reference["max_new_tokens"],
+                                         tokensieve=SERVER_DEFAULT)
+    yield from helpers.held([llm, params, trace])
 
 
 def ask(engine, ref_dir, case, **settings):
-    """One request; returns (prompt ids, answer ids, trace lines this request added)."""
-    llm, params, trace = engine
-    before = trace.read_text().splitlines() if trace.exists() else []
-    prompt = {"prompt": case["prompt"], "multi_modal_data": {"image": Image.open(ref_dir / case["image"]).convert("RGB")}}
-    if settings:
-        prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
-    out = llm.generate(prompt, params, use_tqdm=False)[0]
-    after = trace.read_text().splitlines() if trace.exists() else []
-    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
+    return helpers.ask(*engine, ref_dir, case, **settings)
 
 
 @pytest.mark.parametrize("settings", [

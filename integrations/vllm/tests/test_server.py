@@ -136,7 +136,7 @@ def test_chat_completion_with_per_request_budget(server, reference, ref_dir):
     ({"tokensieve_budget": 2.5}, "keep ratio"),
     ({"tokensieve_method": "fastv"}, "in-LLM"),
     ({"tokensieve_method": "todre"}, "relevance"),
-    ({"tokensieve_params": {"layer": 99}, "tokensieve_method": "fastervlm"}, "layer must be in"),
+    ({"tokensieve_params": {"layer": 99}, "tokensieve_method": "fastervlm"}, "fastervlm layer=99 must be in"),
 ])
 def test_bad_settings_are_400_and_the_server_keeps_serving(server, reference, ref_dir, kwargs, match):
     url, proc = server

@@ -16,8 +16,8 @@ class Config:
 
 def test_every_pre_llm_method_runs_and_every_in_llm_method_is_refused():
     runnable = set(runnable_methods(LLAVA))
-    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "pool", "random", "hiprune", "vtc_cls",
-                        "evoprune", "flowcut"}
+    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "hiprune",
+                        "vtc_cls", "evoprune", "flowcut"}
     for name in ("fastv", "pdrop", "dart"):
         with pytest.raises(SettingsError, match="in-LLM.*KV cache") as err:
             resolve({"method": name, "budget": 64}, LLAVA)
@@ -46,7 +46,7 @@ def test_budget_int_or_ratio(budget, k):
 @pytest.mark.parametrize("budget, match", [
     (0, "at least one token"), (-3, "at least one token"), (145, "exceeds the 144 visual tokens"),
     ("64", "must be an int"), (12.5, "keep ratio"), (True, "must be an int"), (None, "needs a budget"),
-    ([64], "must be an int"),
+    ([64], "must be an int"), ("adaptive:64", "not available under vLLM"),
 ])
 def test_bad_budgets_are_refused_clearly(budget, match):
     with pytest.raises(SettingsError, match=match) as err:
@@ -66,7 +66,7 @@ def test_unknown_method_params_and_keys():
     with pytest.raises(SettingsError, match="bad tokensieve_params for method 'evocut'"):
         resolve({"method": "evocut", "budget": 8, "params": {"bogus": 1}}, LLAVA)
     # layer parameters are checked against the real depth before any engine work
-    with pytest.raises(SettingsError, match="layer must be in"):
+    with pytest.raises(SettingsError, match="fastervlm layer=30 must be in"):
         resolve({"method": "fastervlm", "budget": 8, "params": {"layer": 30}}, LLAVA)
     with pytest.raises(SettingsError, match="unknown tokensieve setting 'tokensieve_k'"):
         split_kwargs({"tokensieve_k": 3})
@@ -106,7 +106,50 @@ def test_other_families_and_towers_refused_at_start_up():
 
     fam = llava_family(LlavaConfig(vision_config=CLIPVisionConfig(image_size=96, patch_size=8, num_hidden_layers=8)))
     assert (fam.tokens, fam.feature_layers, fam.num_layers) == (144, (7,), 8)
-    with pytest.raises(ValueError, match="'llava_next', which tokensieve-vllm does not support yet"):
+    with pytest.raises(ValueError, match="'llava_next', served by TokenSieveLlavaNextForConditionalGeneration"):
         llava_family(LlavaNextConfig())
+    with pytest.raises(ValueError, match="'mllama', which tokensieve-vllm does not support yet"):
+        llava_family(type("Config", (), {"model_type": "mllama"})())
     with pytest.raises(ValueError, match="CLIP vision tower"):
         llava_family(LlavaConfig(vision_config=SiglipVisionConfig()))
+
+
+def test_qwen_family_budgets_per_image_and_refusals():
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from tokensieve_vllm.qwen_vl import qwen_family
+
+    fam = qwen_family(Qwen2_5_VLConfig(vision_config={"depth": 4}), 36)
+    assert (fam.num_layers, fam.feature_layer, fam.tokens) == (4, 4, 36)
+    # in-encoder methods are refused on vLLM's Qwen ViT; in-LLM ones everywhere
+    assert set(runnable_methods(fam)) == set(runnable_methods(LLAVA)) - {"evoprune", "flowcut"}
+    with pytest.raises(SettingsError, match="in-encoder.*not ported to vLLM"):
+        resolve({"method": "flowcut", "budget": 9}, fam)
+    # an image's count depends on its size: the budget is resolved against that image
+    assert resolve({"method": "divprune", "budget": 0.5}, fam, 18).k == 9
+    assert resolve({"method": "divprune", "budget": 18}, fam, 18).k == 18
+    with pytest.raises(SettingsError, match="exceeds the 18 visual tokens of this image"):
+        resolve({"method": "divprune", "budget": 19}, fam, 18)
+    with pytest.raises(SettingsError, match="scope 'frame'"):
+        resolve({"method": "divprune", "budget": 9, "scope": "frame"}, fam, 18)
+    with pytest.raises(ValueError, match="'qwen2_vl', which tokensieve-vllm does not support yet"):
+        qwen_family(Qwen2VLConfig(), 36)
+
+
+def test_next_family_fixed_newline_policies_and_refusals():
+    from transformers import CLIPVisionConfig, LlavaNextConfig
+
+    from tokensieve_vllm.llava_next import next_family
+
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=16, patch_size=4, num_hidden_layers=4),
+                             image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-2)
+    fam = next_family(config)
+    assert (fam.tokens, fam.feature_layers, fam.newlines) == (80, (3,), ("all", "none"))  # 5 crops of 16 patches
+    assert resolve({"method": "divprune", "budget": 20}, fam).newlines == "all"
+    assert resolve({"method": "divprune", "budget": 20, "newlines": "none"}, fam).newlines == "none"
+    with pytest.raises(SettingsError, match="newlines 'rows' is not supported on LLaVA-NeXT"):
+        resolve({"method": "divprune", "budget": 20, "newlines": "rows"}, fam)
+    with pytest.raises(SettingsError, match="in-encoder.*only known after the encoder"):
+        resolve({"method": "flowcut", "budget": 20}, fam)
+    with pytest.raises(SettingsError, match="no newline tokens"):
+        resolve({"method": "divprune", "budget": 20, "newlines": "all"}, LLAVA)

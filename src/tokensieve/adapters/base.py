@@ -16,10 +16,11 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
-from ..errors import BudgetError, PlaceholderError, UnsupportedModelError
+from ..capture import TokenMeter
+from ..errors import BudgetError, ParameterError, PlaceholderError, StageError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
-from ..report import ImageReport, SieveReport
+from ..report import ImageReport, MergeGroups, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
 _PER_TOKEN_INPUTS = {"labels": -100, "position_ids": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -41,6 +42,8 @@ class Encoded:
     (M-RoPE) name the kept placeholders so each feature keeps its own position."""
     num_images: int | None = None
     """How many leading ``features`` are images; the rest are videos. ``None``: all are images."""
+
+
 
 
 class Adapter(ABC):
@@ -119,13 +122,52 @@ class Adapter(ABC):
                 f"{self.family} models yet (supported stages: {', '.join(self.stages)}); pick a method of those stages"
             )
 
-        # which kinds of signal a method reads does not depend on the depth; a nominal one is enough to ask
-        request = method.request(24, 23)
+        self.check_layers(method)
+        num_layers, feature_layer = self.encoder_depth(method)
+        request = method.request(num_layers, feature_layer) if method.stage != IN_LLM else method.request(24, 23)
         missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
         if missing:
             raise UnsupportedModelError(
                 f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not provide yet"
             )
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the vision encoder."""
+        raise NotImplementedError
+
+    def vision_modules(self) -> tuple:
+        """``(vision tower, projector)``: the first forward of one and the last of the other bound a call's vision
+        time (``tokensieve.measure``)."""
+        raise NotImplementedError
+
+    def meter_parts(self) -> tuple:
+        """``(encoder layers, projector modules, pooling head or None, segment reader)`` for the call's
+        :class:`~tokensieve.capture.TokenMeter` (the token trace FLOPs are priced from)."""
+        raise NotImplementedError
+
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        """``(encoder layers, hidden_states index of the features)`` that ``method`` is planned against, with the
+        model's defaults; families whose connector reads the last layer (Qwen-VL, Idefics3) use the depth for both."""
+        return self.num_layers, self.num_layers
+
+    def check_layers(self, method: Method) -> None:
+        """Fail at ``apply()`` when a layer the method's parameters name does not exist on this model: encoder
+        layers against the real vision encoder, decoder layers (in-LLM methods) against the real LM."""
+        if method.stage == IN_LLM:
+            depth = len(self.decoder_layers())
+            args, where = (depth, None), f"its language model has {depth} decoder layers"
+        else:
+            args = self.encoder_depth(method)
+            n, fl = args
+            where = (f"its vision encoder has {n} layers (0..{n - 1}) and the features are hidden_states[{fl}], the "
+                     f"output of layer {fl - 1}")
+        try:
+            method.check_depth(*args)
+        except ValueError as exc:
+            raise ParameterError(
+                f"Sieve({method.name!r}) does not fit this {type(self.model).__name__}: {exc} ({where})"
+            ) from None
 
     def check_budget(self, budget: Budget) -> None:
         """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""
@@ -161,6 +203,14 @@ class Adapter(ABC):
         """How to score with one decoder layer; families whose layers differ from Llama's override this."""
         return llama_style_parts(layer)
 
+    def final_norm(self):
+        """The language model's final norm (applied after its last decoder layer), for in-LLM methods that compare
+        hidden states in that space (DART); Llama- and Qwen2-style LMs call it ``norm``."""
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None:
+            raise StageError(f"cannot find the final norm of the {self.family} language model (no `norm` module)")
+        return norm
+
     @abstractmethod
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         """Placeholders each image occupies in the uncompressed prompt."""
@@ -190,8 +240,34 @@ class Adapter(ABC):
             if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(input_ids.shape):
                 kwargs[name] = comp.apply(t, pad)
 
-    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str):
-        """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls."""
+    def text_report(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str) -> SieveReport:
+        """The report of a call without visual input: nothing was compressed, the LM saw every token."""
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        shape = tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (
+            tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3 else None)
+        if shape is None:
+            real, length = [], 0
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == shape:
+            real, length = [int(n) for n in mask.sum(dim=1).tolist()], shape[1]
+        else:
+            real, length = [shape[1]] * shape[0], shape[1]
+        layers = int(self.model.config.get_text_config().num_hidden_layers)
+        return SieveReport(
+            method=method_name, budget=str(budget), scope=budget.scope.value, stage=method.stage, visual_input=False,
+            seq_len_in=length, seq_len_out=length, kept_positions=[torch.arange(length) for _ in real],
+            input_ids=ids if isinstance(ids, torch.Tensor) else None,
+            attention_mask=mask if isinstance(mask, torch.Tensor) else None,
+            llm_layer_tokens=[[n] * layers for n in real], llm_layer_visual_tokens=[[0] * layers for _ in real],
+        )
+
+    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str,
+                left_pad: bool = False):
+        """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls.
+
+        ``left_pad``: re-pad the shrunk batch on the left whatever the caller's padding side (``generate()``, which
+        continues every row after its last slot); otherwise on the caller's side, so ``forward()`` logits keep it.
+        """
         encoder_kwargs = {k: kwargs.pop(k) for k in self.encoder_inputs if k in kwargs}
         if not self.is_visual(encoder_kwargs):
             kwargs.update({k: v for k, v in encoder_kwargs.items() if v is not None and k not in self.visual_inputs})
@@ -208,11 +284,12 @@ class Adapter(ABC):
                 f"{tuple(attention_mask.shape)}"
             )
         spans = self.find_spans(input_ids, encoder_kwargs)
-        encoded = self.encode(method, budget, encoder_kwargs)
+        with TokenMeter(*self.meter_parts()) as meter:
+            encoded = self.encode(method, budget, encoder_kwargs)
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
         kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]
-        comp = shrink_placeholders(input_ids, attention_mask, spans, kept)
+        comp = shrink_placeholders(input_ids, attention_mask, spans, kept, left=True if left_pad else None)
         pad_id = self.pad_token_id(input_ids, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -246,6 +323,9 @@ class Adapter(ABC):
             attention_mask=new_mask,
             visual_index=comp.apply(owner, -1),
             encoder_layer_tokens=list(encoded.encoder_layer_tokens),
+            encoder_layer_segments=meter.segments,
+            projected_tokens=meter.projected,
+            encoder_head_tokens=meter.head_tokens,
             llm_layer_tokens=[[int(n)] * num_llm_layers for n in real],
             llm_layer_visual_tokens=[[int(n)] * num_llm_layers for n in visual],
         )

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
+from ..capture import capture_encoder, rows_per_sequence
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
 from ..encoder_stage import run_encoder_stage
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Selection, Signals
@@ -111,6 +112,12 @@ class Idefics3Adapter(Adapter):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def vision_modules(self) -> tuple:
+        return self.base.vision_model, self.base.connector.modality_projection
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.connector.modality_projection], None, rows_per_sequence
+
     # SigLIP attention exposes the same projections and head geometry as CLIP's
     _attention_parts = staticmethod(LlavaAdapter._attention_parts)
 
@@ -171,6 +178,9 @@ class Idefics3Adapter(Adapter):
             crops = [i for i, g in enumerate(images) if g == img]
             total = budget.resolve(self.per_crop * len(crops), what="each image")
             c = len(crops)
+            if budget.is_adaptive:  # mean, min and max shared over the crops, each crop adapting on its own
+                out += [t.clamp(self.per_crop) for t in total.split(c)]
+                continue
             if total < c:
                 raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {c} crops of image {img}")
             out += [total // c + (1 if j < total % c else 0) for j in range(c)]
@@ -275,7 +285,7 @@ class Idefics3Adapter(Adapter):
                 k = shares[crops[0]] if len(crops) == 1 and budget.scope != Scope.GLOBAL else budget.resolve(
                     signals.num_tokens, what=f"the {len(crops)} crops of an image together"
                 )
-                sel = method.select(signals, k)
+                sel = select_each(method, signals, k)[0]
                 tokens = sel.output(signals.features).to(features.dtype)[0]
                 for c, part, tok in _split_selection(sel, tokens, len(crops), self.per_crop):
                     sels[crops[c]], out[crops[c]] = part, tok
@@ -392,6 +402,7 @@ class Idefics3Adapter(Adapter):
                     sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept[j].numel()),
                     kept_indices=kept[j].tolist(), grid=self.grid, merged=int((res.sizes[j][1:] > 1).sum()),
                     selection_s=res.selection_s / len(run),
+                    groups=None if res.groups[j] is None else res.groups[j].tolist(),
                 )
         trace = [round(sum(t[i] for t in traces) / max(len(traces), 1)) for i in range(self.num_layers)]
         return Encoded(features, reports, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals
+from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals, pooling_head, rows_per_sequence
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
@@ -61,6 +62,17 @@ class LlavaAdapter(Adapter):
         spec = self._feature_layer(enc)
         return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
 
+    def vision_modules(self) -> tuple:
+        return self.base.vision_tower, self.base.multi_modal_projector
+
+    def meter_parts(self) -> tuple:
+        return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
+
+    def encoder_depth(self, method: Method) -> tuple[int, int]:
+        # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)
+        layers = self.feature_layers({})
+        return self.num_layers, min(layers) if method.stage == IN_ENCODER else layers[-1]
+
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
 
@@ -100,11 +112,13 @@ class LlavaAdapter(Adapter):
             check_finite(features)
             t0 = now()
             signals = grid_signals(cap, request, features, layout, self.num_layers, fl, feature_layers, tok)
-            sel = method.select(signals, k)
-            out = sel.output(features).to(features.dtype)
+            sels = select_each(method, signals, k)
+            outs = [sel.output(features[i : i + 1])[0].to(features.dtype) for i, sel in enumerate(sels)]
+            # adaptive budgets give images different counts: pad to the longest and trim after the projector
+            out = torch.nn.utils.rnn.pad_sequence(outs, batch_first=True)
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
-            state["selection"], state["time"] = sel, now() - t0
+            state["selection"], state["lengths"], state["time"] = sels, [o.shape[0] for o in outs], now() - t0
             return out
 
         call = dict(
@@ -127,11 +141,11 @@ class LlavaAdapter(Adapter):
                 finally:
                     hook.remove()
                 features = list(out.pooler_output)
-        sel = state["selection"]
+        features = [f[:n] for f, n in zip(features, state["lengths"])]
         per_image = state["time"] / n_img
         images = []
-        for i in range(n_img):
-            idx = sel.indices[i] - prefix
+        for i, sel in enumerate(state["selection"]):
+            idx = sel.indices[0] - prefix
             images.append(
                 ImageReport(
                     sample=-1,
@@ -142,7 +156,7 @@ class LlavaAdapter(Adapter):
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
-                    groups=None if sel.groups is None else sel.groups[i, prefix:].tolist(),
+                    groups=None if sel.groups is None else sel.groups[0, prefix:].tolist(),
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
@@ -182,11 +196,13 @@ class LlavaAdapter(Adapter):
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):
-            pos, size = res.positions[i][1:], res.sizes[i][1:]
+            pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
                 ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
                             kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
-                            selection_s=res.selection_s / n_img)
+                            selection_s=res.selection_s / n_img,
+                            # a patch row's output token: after the CLS token under the "full" strategy
+                            groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist())
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
         trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]

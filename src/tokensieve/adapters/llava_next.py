@@ -4,7 +4,8 @@ Choices:
 
 * **Where the packed tokens come from is read off the model itself**: the model's own ``pack_image_features`` is run
   on crop-patch *ids* instead of features, so the unpadding and newline layout of any checkpoint, pinpoint list or
-  image size is followed exactly, with no copy of the layout arithmetic here.
+  image size is followed exactly, with no copy of the layout arithmetic here. Layout, budgets per crop, selection
+  and packing live in :mod:`tokensieve.anyres` (torch-only), shared with the vLLM integration.
 * **Candidates of a crop are its patches that survive unpadding** (a rectangle of the crop's grid, so grid-based
   methods such as pool still see a grid); the base view keeps all its patches. Signals (CLS attention, keys, hidden
   states) are the crop's own, from CLIP run on that crop.
@@ -12,9 +13,11 @@ Choices:
   equally over its crops (the literature's 640/320/160 of 2880 are 128/64/32 per crop of a 5-crop image); a ratio is
   the same ratio in every crop. ``global``: k for the whole image, ranked across all its crops together. A crop that
   unpadding left with fewer patches than its share keeps all of them.
-* **Newline policy.** The newline that ends a grid row is kept when that row keeps at least one token and dropped
-  otherwise, so the LM still sees row breaks where rows remain and keep-all equals the uncompressed model. Newlines
-  are structural and do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
+* **Newline policy.** By default the newline that ends a grid row is kept when that row keeps at least one token and
+  dropped otherwise, so the LM still sees row breaks where rows remain and keep-all equals the uncompressed model.
+  ``Sieve(..., newlines="all")`` keeps every newline (FasterVLM's official code), ``"none"`` drops them all
+  (FlowCut's); both fix an image's count before selection (see ``tokensieve.anyres``). Newlines are structural and
+  do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
   That rule is about what enters the LM. In-LLM methods see the packed sequence the LM sees, where newlines sit on
   image placeholders: there they are visual tokens, scored and dropped like any other.
 * **Placement.** Kept tokens stay where they were in the packed order (base view first, then grid rows). A created
@@ -24,29 +27,20 @@ Choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .. import anyres
+from ..anyres import Packed as _Packed
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Signals
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
+from .base import Adapter, Encoded, MergeGroups, now
 from .llava import LlavaAdapter
-
-
-@dataclass
-class _Packed:
-    """The packed layout of one image: per packed position, its crop (of this image) and patch, or a newline."""
-
-    crop: torch.Tensor  # [L] crop index within the image, -1 for a newline
-    patch: torch.Tensor  # [L] patch index within the crop (raster), -1 for a newline
-    row: torch.Tensor  # [L] grid row a token belongs to / a newline closes; -1 for base-view tokens without one
-    num_crops: int
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -60,6 +54,8 @@ class LlavaNextAdapter(LlavaAdapter):
 
     cls_offset = 1
     """Encoder rows before the patches (the CLS token); the projector sees patches only."""
+    newlines = "rows"
+    """Which ``image_newline`` tokens follow selection (``tokensieve.anyres``): set by ``Sieve(..., newlines=)``."""
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -111,39 +107,15 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _packed(self, encoder_kwargs: dict[str, Any]) -> list[_Packed]:
         counts = self._num_crops(encoder_kwargs)
-        ids = []
-        for n in counts:
-            crop = torch.arange(n, dtype=torch.float64).view(n, 1, 1).expand(n, self.per_crop, 1)
-            patch = torch.arange(self.per_crop, dtype=torch.float64).view(1, -1, 1).expand(n, -1, 1)
-            ids.append(crop * self.per_crop + patch)
-        packed = self._pack(ids, encoder_kwargs)
-        out = []
-        for flat, n in zip(packed, counts):
-            flat = flat.view(-1).long()
-            is_nl = flat < 0
-            crop = torch.where(is_nl, -1, flat // self.per_crop)
-            patch = torch.where(is_nl, -1, flat % self.per_crop)
-            row = torch.cumsum(is_nl.long(), 0) - is_nl.long()  # newlines seen before (a newline closes its row)
-            if n > 1:
-                row = torch.where(crop == 0, -1, row)  # the base view of a multi-crop image has no newlines
-            out.append(_Packed(crop, patch, row, n))
-        return out
+        packed = self._pack([anyres.crop_ids(n, self.per_crop) for n in counts], encoder_kwargs)
+        return [anyres.layout(flat, n, self.per_crop) for flat, n in zip(packed, counts)]
 
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         return [int(p.crop.numel()) for p in self._packed(encoder_kwargs)]
 
     # -- encode + select ---------------------------------------------------------------------------------------
     def _shares(self, budget: Budget, sizes: list[int]) -> list[int]:
-        """Tokens per candidate set of one image (one set per crop, or one for the whole image)."""
-        if budget.scope == Scope.GLOBAL:
-            return [budget.resolve(sum(sizes), what="each image")]
-        if budget.is_ratio or budget.scope == Scope.CROP:
-            if budget.is_ratio:
-                return [budget.resolve(n, what="each crop") for n in sizes]
-            return [min(int(budget.value), n) for n in sizes]
-        total = budget.resolve(self.per_crop * len(sizes), what="each image")
-        c = len(sizes)
-        return [min(n, total // c + (1 if i < total % c else 0)) for i, n in enumerate(sizes)]
+        return anyres.shares(budget, sizes, self.per_crop)
 
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
         if method.stage == IN_ENCODER:
@@ -175,7 +147,7 @@ class LlavaNextAdapter(LlavaAdapter):
             crop0 = 0
             for i, (pk, packed) in enumerate(zip(packs, packed_feats)):
                 t0 = now()
-                feats, kept, merged = self._select_image(
+                feats, kept, merged, groups = self._select_image(
                     method, budget, request, cap, feature_layers, pre, crop0, pk, packed
                 )
                 crop0 += pk.num_crops
@@ -186,8 +158,7 @@ class LlavaNextAdapter(LlavaAdapter):
                     ImageReport(
                         sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(feats.shape[0]),
                         kept_indices=kept, grid=(pk.num_crops * self.side, self.side), merged=merged,
-                        selection_s=secs,
-                        crops=pk.num_crops,
+                        selection_s=secs, crops=pk.num_crops, groups=groups,
                     )
                 )
         trace = [self.per_crop + 1] * self.num_layers
@@ -240,7 +211,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 feats = torch.cat([res.hidden[f][j][self.cls_offset:] for f in feature_layers], dim=-1)
                 if not bool(torch.isfinite(feats).all()):
                     raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
-                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:])
+                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:],
+                           res.groups[j])
         newline = self.base.image_newline
         dtype = next(self.base.multi_modal_projector.parameters()).dtype
         features, images, crop0 = [], [], 0
@@ -248,26 +220,36 @@ class LlavaNextAdapter(LlavaAdapter):
             where = {(int(c), int(p)): q for q, (c, p) in enumerate(zip(pk.crop.tolist(), pk.patch.tolist())) if c >= 0}
             placed: dict[int, torch.Tensor] = {}
             kept_ids, merged = [], 0
+            groups = MergeGroups(pk.num_crops * self.per_crop)
             for c in range(pk.num_crops):
                 if crop0 + c not in rows:
                     continue
-                feats, patch, size = rows[crop0 + c]
+                feats, patch, size, owner = rows[crop0 + c]
+                placed_rows = []
                 for r, (p, n) in enumerate(zip(patch.tolist(), size.tolist())):
                     q = where.get((c, int(p)))
                     if q is None:
                         continue  # unpadding removes this patch
                     placed[q] = feats[r]
+                    placed_rows.append(r)
                     kept_ids.append(c * self.per_crop + int(p))
                     merged += int(n > 1)
+                if owner is not None:  # a row that unpadding removed took its merged patches with it
+                    live = torch.isin(owner, torch.tensor(placed_rows, dtype=owner.dtype))
+                    groups.add(c * self.per_crop + torch.arange(self.per_crop), None, torch.where(live, owner, -1),
+                               self.per_crop)
+                else:
+                    cells = c * self.per_crop + patch[torch.tensor(placed_rows, dtype=torch.long)].long().cpu()
+                    groups.add(cells, torch.arange(len(placed_rows)), None, self.per_crop)
             crop0 += pk.num_crops
-            out = (self._assemble(pk, placed, [], lambda q: newline.to(dtype)) if placed
+            out = (anyres.assemble(pk, placed, [], lambda q: newline.to(dtype), self.newlines) if placed
                    else torch.zeros(0, newline.shape[-1], dtype=dtype, device=newline.device))
             features.append(out)
             images.append(
                 ImageReport(
                     sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(out.shape[0]),
                     kept_indices=sorted(kept_ids), grid=(pk.num_crops * self.side, self.side), merged=merged,
-                    selection_s=selection_s / len(packs), crops=pk.num_crops,
+                    selection_s=selection_s / len(packs), crops=pk.num_crops, groups=groups.result(),
                 )
             )
         # per crop sequence lengths; crops may differ under per-crop targets, so the trace is their mean
@@ -275,87 +257,11 @@ class LlavaNextAdapter(LlavaAdapter):
         return Encoded(features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)
 
     def _candidate_sets(self, pk: _Packed, scope: Scope):
-        """Per candidate set: (crop, packed positions, patch ids, grid) of the surviving patches, raster order."""
-        sets = []
-        for c in range(pk.num_crops):
-            where = (pk.crop == c).nonzero().flatten()
-            patch = pk.patch[where]
-            order = patch.argsort()
-            where, patch = where[order], patch[order]
-            rows = torch.unique(patch // self.side).numel()
-            cols = torch.unique(patch % self.side).numel()
-            if rows * cols != patch.numel():  # not a rectangle: describe it as one row
-                rows, cols = 1, patch.numel()
-            sets.append((c, where, patch, (rows, cols)))
-        if scope != Scope.GLOBAL:
-            return sets
-        crops = torch.cat([torch.full_like(s[2], s[0]) for s in sets])
-        return [(crops, torch.cat([s[1] for s in sets]), torch.cat([s[2] for s in sets]), (1, int(crops.numel())))]
+        return anyres.candidate_sets(pk, scope, self.side)
 
     def _select_image(self, method, budget, request, cap, feature_layers, pre, crop0, pk, packed):
-        fl = feature_layers[-1]
-        sets = self._candidate_sets(pk, budget.scope)
-        shares = self._shares(budget, [int(s[2].numel()) for s in sets])
-        placed: dict[int, torch.Tensor] = {}  # packed position -> token
-        tail: list[torch.Tensor] = []
-        kept_ids: list[int] = []
-        merged = 0
-        for (crop, where, patch, grid), k in zip(sets, shares):
-            if k == 0:
-                continue
-            crop_g = crop + crop0 if isinstance(crop, torch.Tensor) else torch.full_like(patch, crop + crop0)
-            tok = patch + self.cls_offset
-
-            def rows(t):  # [crops, T, ...] -> [1, n, ...] for this set's candidates
-                return t[crop_g, tok].unsqueeze(0)
-
-            if method.stage == POST_PROJECTOR:
-                cand = packed[where].unsqueeze(0)
-            else:
-                cand = pre[crop_g, patch].unsqueeze(0)
-            signals = Signals(
-                features=cand,
-                layout=Layout(grid, 0),
-                num_layers=self.num_layers,
-                feature_layer=fl,
-                hidden_states={i: rows(cap.hidden_states[i]) for i in request.hidden_states},
-                cls_attention={
-                    i: self._attention(cap, i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0)
-                    for i in request.cls_attention
-                },
-                keys={i: cap.key_heads(i)[crop_g, :, tok].transpose(0, 1).unsqueeze(0) for i in request.keys},
-                attention_received={i: cap.attention_received(i)[crop_g, tok].unsqueeze(0) for i in request.attention_received},
-                cls_hidden=torch.cat([cap.hidden_states[i][crop_g[0], 0] for i in feature_layers], dim=-1)[None]
-                if request.cls_hidden and self.cls_offset
-                else None,
-            )
-            sel = method.select(signals, k)
-            out = sel.output(cand)[0]
-            if method.stage != POST_PROJECTOR:
-                out = self.base.multi_modal_projector(out.to(pre.dtype))
-            merged += sel.num_merged
-            if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
-                anchors = sel.indices[0]
-            else:
-                anchors = sel.anchors[0] if sel.anchors is not None else torch.full((out.shape[0],), -1)
-            for j, a in enumerate(anchors.tolist()):
-                if a < 0:
-                    tail.append(out[j])
-                else:
-                    placed[int(where[a])] = out[j]
-            kept_ids += (crop_g[sel.indices[0]] - crop0).mul(self.per_crop).add(patch[sel.indices[0]]).tolist()
-        feats = self._assemble(pk, placed, tail, lambda p: packed[p]).to(packed.dtype)
-        return feats, sorted(kept_ids), merged
-
-    @staticmethod
-    def _assemble(pk: _Packed, placed: dict[int, torch.Tensor], tail: list[torch.Tensor], newline) -> torch.Tensor:
-        """Walk the packed order: kept tokens in place, the newline (``newline(p)``) of rows that keep something,
-        then tokens without a grid position."""
-        rows_kept = {int(pk.row[p]) for p in placed if int(pk.row[p]) >= 0}
-        seq = []
-        for p in range(pk.crop.numel()):
-            if p in placed:
-                seq.append(placed[p])
-            elif int(pk.crop[p]) < 0 and int(pk.row[p]) in rows_kept:
-                seq.append(newline(p))
-        return torch.stack(seq + tail)
+        return anyres.select_image(
+            method, budget, request, cap, feature_layers, pre, crop0, pk, packed, side=self.side,
+            cls_offset=self.cls_offset, num_layers=self.num_layers, attention=self._attention,
+            project=self.base.multi_modal_projector, newlines=self.newlines,
+        )

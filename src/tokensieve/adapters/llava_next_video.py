@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..capture import capture_encoder
 from ..encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, EncoderMethod, Layout, Method, Signals
 from ..report import ImageReport
-from .base import Encoded, now
+from .base import Encoded, MergeGroups, now
 from .llava_next import LlavaNextAdapter
 
 
@@ -138,19 +139,21 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         newline = self.base.image_newline[None].to(tokens.dtype) if self.video_newline else tokens.new_zeros(0, tokens.shape[-1])
         for v in range(videos):
             picked, idx, merged = [], [], 0
+            groups = MergeGroups(frames * n)
             for f in range(frames):
                 j = v * frames + f
                 order = kept[j].argsort()
                 picked.append(tokens[j, kept[j][order].to(tokens.device)])
                 idx += (f * n + kept[j][order]).tolist()
                 merged += int((res.sizes[j][1:] > 1).sum())
+                groups.add(f * n + torch.arange(n), torch.arange(n)[kept[j]], res.groups[j], n)
             feats = torch.cat(picked + [newline])
             encoded.features.append(feats)
             encoded.images.append(
                 ImageReport(
                     sample=-1, image=len(encoded.images), tokens_in=frames * n + int(self.video_newline),
                     tokens_out=int(feats.shape[0]), kept_indices=idx, grid=(frames * g, g), merged=merged,
-                    selection_s=res.selection_s / videos, frames=frames,
+                    selection_s=res.selection_s / videos, frames=frames, groups=groups.result(),
                 )
             )
         encoded.selection_s += res.selection_s
@@ -205,24 +208,31 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 },
             )
             k = budget.resolve(per, what="each video" if whole else "each video frame")
-            sel = method.select(signals, k)
-            chosen = sel.output(signals.features)
-            if sel.tokens is not None and sel.anchors is not None:  # created tokens go where they stand
-                order = sel.anchors.argsort(dim=1, stable=True)
-                chosen = torch.gather(chosen, 1, order.unsqueeze(-1).expand_as(chosen))
+            chosen, idx, merged = [], [], []  # per set (a frame, or a whole video); counts may differ when adaptive
+            sels = select_each(method, signals, k)
+            for j, sel in enumerate(sels):
+                out = sel.output(signals.features[j : j + 1])[0]
+                if sel.tokens is not None and sel.anchors is not None:  # created tokens go where they stand
+                    out = out[sel.anchors[0].argsort(stable=True)]
+                chosen.append(out)
+                idx.append(sel.indices[0] + (0 if whole else (j % frames) * n))  # frame-local -> video-wide
+                merged.append(sel.num_merged)
             secs = now() - t0
-        kept = chosen.reshape(videos, -1, chosen.shape[-1])
-        idx = sel.indices.reshape(videos, -1)
-        if not whole:  # frame-local indices -> video-wide
-            idx = idx + (torch.arange(frames, device=idx.device) * n).repeat_interleave(sel.indices.shape[1])
+        per_video = sets // videos
         for v in range(videos):
-            encoded.features.append(torch.cat([kept[v], tokens[v, frames * n :]]).to(tokens.dtype))
+            mine = slice(v * per_video, (v + 1) * per_video)
+            groups = MergeGroups(frames * n)
+            for j, sel in enumerate(sels[mine]):
+                groups.add(j * per + torch.arange(per), sel.indices[0], None if sel.groups is None else sel.groups[0],
+                           sel.num_out)
+            kept = torch.cat(chosen[mine])
+            encoded.features.append(torch.cat([kept, tokens[v, frames * n :]]).to(tokens.dtype))
             encoded.images.append(
                 ImageReport(
                     sample=-1, image=len(encoded.images), tokens_in=int(tokens.shape[1]),
-                    tokens_out=int(kept.shape[1]) + int(self.video_newline), kept_indices=idx[v].tolist(), grid=(frames * g, g),
-                    merged=sel.num_merged * (sets // videos), selection_s=secs / videos,
-                    frames=frames,
+                    tokens_out=int(kept.shape[0]) + int(self.video_newline), kept_indices=torch.cat(idx[mine]).tolist(),
+                    grid=(frames * g, g), merged=sum(merged[mine]), selection_s=secs / videos, frames=frames,
+                    groups=groups.result(),
                 )
             )
         encoded.selection_s += secs

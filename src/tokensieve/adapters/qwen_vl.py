@@ -6,7 +6,8 @@ Choices, each forced by the architecture:
   so a token can only be kept or dropped as a whole unit. Pre-projector methods select on the merger's input units
   (the 4 patch vectors concatenated, [n, 4*d]); kept and created units (pool, VisionZip merges) are averaged in
   that space and then projected by the model's own merger, as LLaVA's methods merge before its projector.
-  Post-projector methods (DivPrune) select on the merger's output.
+  Post-projector methods (DivPrune) select on the merger's output. The selection itself lives in
+  :mod:`tokensieve.merge_units` (torch-only), so the vLLM integration runs the same code on vLLM's ViT.
 * **Encoder signals are per patch, pooled per unit** (mean over the 4 patches): hidden states, keys, attention.
   For attention-based scores (FasterVLM, VisionZip) this equals pooling the patch scores. EvoCut scores the
   movement of a unit's mean hidden state.
@@ -33,24 +34,13 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
-from ..encoder_stage import check_unit_cut, cut_units, unit_state
-from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError
-from ..methods.base import (
-    IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Layout, Method,
-    Request, Signals,
-)
+from ..capture import capture_encoder, packed_segments
+from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
+from ..errors import NonFiniteFeaturesError, PlaceholderError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Method, Request
+from ..merge_units import UnitSignals, rotate, select_units
 from ..report import ImageReport
-from .base import Adapter, Encoded, now
-
-_QUERY_CHUNK = 512
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(-2) + turned * sin.unsqueeze(-2)
-
+from .base import Adapter, Encoded, MergeGroups, now
 
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -76,6 +66,12 @@ class QwenVLAdapter(Adapter):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    def vision_modules(self) -> tuple:
+        return self.visual, self.merger.mlp  # pre-projector methods re-run the merger's MLP on the kept units
+
+    def meter_parts(self) -> tuple:
+        return self.blocks, [self.merger.mlp], None, packed_segments
+
     def _counts(self, grid) -> list[int]:
         return [] if grid is None else (grid.prod(-1) // self.unit).tolist()
 
@@ -86,7 +82,7 @@ class QwenVLAdapter(Adapter):
         return self._counts(encoder_kwargs.get("video_grid_thw"))
 
     # -- positions ---------------------------------------------------------------------------------------------
-    def prepare(self, kwargs, method, budget, method_name):
+    def prepare(self, kwargs, method, budget, method_name, left_pad=False):
         ids = kwargs.get("input_ids")
         if self.is_visual(kwargs) and ids is not None:
             if kwargs.get("position_ids") is not None:
@@ -109,7 +105,7 @@ class QwenVLAdapter(Adapter):
                 video_grid_thw=kwargs.get("video_grid_thw"),
                 attention_mask=mask,
             )
-        return super().prepare(kwargs, method, budget, method_name)
+        return super().prepare(kwargs, method, budget, method_name, left_pad)
 
     def carry_inputs(self, kwargs, comp, input_ids) -> None:
         super().carry_inputs(kwargs, comp, input_ids)
@@ -170,22 +166,12 @@ class QwenVLAdapter(Adapter):
             p = hs.shape[0]
             q, k, _ = attn.qkv(hs).view(p, 3, attn.num_heads, -1).unbind(1)  # [P, H, hd]
             qk[layer] = (
-                raster(_rotate(q.float(), cos.float(), sin.float())),
-                raster(_rotate(k.float(), cos.float(), sin.float())),
+                raster(rotate(q.float(), cos.float(), sin.float())),
+                raster(rotate(k.float(), cos.float(), sin.float())),
                 raster(k),
                 float(attn.scaling),
             )
-        return merged, raster(state["units_in"]), hidden, qk
-
-    @staticmethod
-    def _received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Mean softmax attention each key receives over all queries of one segment: [H, P]."""
-        qh, kh = q.transpose(0, 1), k.transpose(0, 1)  # [H, P, hd]
-        total = torch.zeros(kh.shape[0], kh.shape[1], dtype=torch.float32, device=k.device)
-        for start in range(0, qh.shape[1], _QUERY_CHUNK):
-            logits = qh[:, start : start + _QUERY_CHUNK] @ kh.transpose(1, 2) * scale
-            total += logits.softmax(dim=-1).sum(dim=1)
-        return total / qh.shape[1]
+        return UnitSignals(raster(state["units_in"]), merged, hidden, qk)
 
     def _project(self, units: torch.Tensor) -> torch.Tensor:
         """The merger applied to already-gathered units [n, 4*d] (ln per patch, then the MLP)."""
@@ -220,31 +206,34 @@ class QwenVLAdapter(Adapter):
         patches_total = 0
         num_images = 0
         for video, pv_key, pixel, grid in self._visual_batches(encoder_kwargs):
-            merged, units_in, hidden, qk = self._run(pixel, grid, request, attn_layers, video)
-            if not bool(torch.isfinite(merged).all()):
+            sig = self._run(pixel, grid, request, attn_layers, video)
+            if not bool(torch.isfinite(sig.merged).all()):
                 raise NonFiniteFeaturesError(
                     f"vision features of the {'videos' if video else 'images'} contain NaN or Inf; check "
                     f"{pv_key} and the model dtype"
                 )
             patch_off = 0
             for t, h, w in grid.tolist():
-                n_patch = t * h * w
-                seg = slice(patch_off, patch_off + n_patch)
-                useg = slice(patch_off // self.unit, (patch_off + n_patch) // self.unit)
-                patch_off += n_patch
-                patches_total += n_patch
-                feats, secs, kept, merged_n = self._select_item(
-                    method, budget, request, video, (t, h, w), seg, useg, merged, units_in, hidden, qk
+                hu, wu = h // self.merge, w // self.merge
+                frames = t if (video and budget.scope != Scope.GLOBAL) else 1
+                what = "each video frame" if frames > 1 else ("each video" if video else "each image")
+                k = budget.resolve(t * hu * wu // frames, what=what)
+                t0 = now()
+                feats, kept, merged_n, groups = select_units(
+                    method, k, request, sig, thw=(t, h, w), patch_offset=patch_off, merge=self.merge, frames=frames,
+                    num_layers=self.num_layers, project=self._project,
                 )
+                secs = now() - t0
                 selection_s += secs
+                patch_off += t * h * w
+                patches_total += t * h * w
                 features.append(feats)
                 slots.append(kept)
-                hu, wu = h // self.merge, w // self.merge
                 images.append(
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
-                        frames=t if video else 0,
+                        frames=t if video else 0, groups=groups,
                     )
                 )
             if not video:
@@ -254,77 +243,6 @@ class QwenVLAdapter(Adapter):
             features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
             num_images=num_images,
         )
-
-    def _select_item(self, method, budget, request, video, thw, seg, useg, merged, units_in, hidden, qk):
-        t, h, w = thw
-        hu, wu = h // self.merge, w // self.merge
-        per_frame = hu * wu
-        frames = t if (video and budget.scope != Scope.GLOBAL) else 1
-        n = t * per_frame // frames
-        layout = Layout((n // wu, wu), 0)
-        what = "each video frame" if frames > 1 else ("each video" if video else "each image")
-        k = budget.resolve(n, what=what)
-
-        def units(x: torch.Tensor) -> torch.Tensor:  # per-patch rows of this item -> [frames, n, ..] unit means
-            x = x[seg]
-            return x.reshape(frames, n, self.unit, *x.shape[1:]).float().mean(dim=2)
-
-        if method.stage == POST_PROJECTOR:
-            cand = merged[useg].reshape(frames, n, -1)
-        else:
-            cand = units_in[seg].reshape(frames, n, -1)
-        t0 = now()
-        cls_attention, keys, received = {}, {}, {}
-        for layer, (q, k_rot, k_raw, scale) in qk.items():
-            if layer in request.cls_attention or layer in request.attention_received:
-                # attention segments of the ViT: the image, or each temporal patch of a video
-                q, k_rot = q[seg], k_rot[seg]
-                span = h * w
-                rec = torch.cat(
-                    [self._received(q[i : i + span], k_rot[i : i + span], scale) for i in range(0, t * span, span)],
-                    dim=1,
-                )  # [H, t*h*w]
-                heads = rec.shape[0]
-                per_unit = rec.reshape(heads, frames, n, self.unit).mean(-1).transpose(0, 1)  # [frames, H, n]
-                if layer in request.cls_attention:
-                    cls_attention[layer] = per_unit
-                if layer in request.attention_received:  # HiPrune's signal itself: received attention, head mean
-                    received[layer] = per_unit.mean(1)
-            if layer in request.keys:
-                kr = units(k_raw)  # [frames, n, H, hd]
-                keys[layer] = kr.transpose(1, 2)
-        signals = Signals(
-            features=cand,
-            layout=layout,
-            num_layers=self.num_layers,
-            feature_layer=self.num_layers,
-            hidden_states={i: units(hidden[i]) for i in request.hidden_states},
-            cls_attention=cls_attention,
-            keys=keys,
-            attention_received=received,
-            cls_hidden=None,
-        )
-        sel = method.select(signals, k)
-        out = sel.output(cand)
-        if sel.tokens is None or sel.indices.shape[1] == out.shape[1]:
-            where = sel.indices
-        elif sel.anchors is not None and bool((sel.anchors >= 0).all()):
-            where = sel.anchors
-        else:
-            raise BudgetError(
-                f"{method.name} created tokens without a grid position; Qwen-VL needs one position per token"
-            )
-        where = where + torch.arange(frames, device=where.device).unsqueeze(1) * n  # item-level unit index
-        where = where.flatten()
-        out = out.reshape(-1, out.shape[-1])
-        order = where.argsort()
-        where, out = where[order], out[order]
-        if bool((where[1:] == where[:-1]).any()):
-            raise BudgetError(f"{method.name} placed two tokens at one position; Qwen-VL needs distinct positions")
-        if method.stage != POST_PROJECTOR:
-            out = self._project(out.to(units_in.dtype))
-        secs = now() - t0
-        return out.to(merged.dtype), secs, where, sel.num_merged * frames
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -354,6 +272,11 @@ class QwenVLAdapter(Adapter):
             for item, (t, h, w) in enumerate(grid.tolist()):
                 mine = [c for c in cutter.sets if c.item == item]
                 kept = torch.cat([c.offset + c.units.sort().values for c in mine])
+                groups = MergeGroups(t * (h // self.merge) * (w // self.merge))
+                for c in mine:
+                    n_set = len(c.owner)
+                    groups.add(c.offset + torch.arange(n_set), c.units.sort().values,
+                               c.owner if c.merged else None, n_set)
                 feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
@@ -363,7 +286,7 @@ class QwenVLAdapter(Adapter):
                     ImageReport(
                         sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
                         kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
-                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0,
+                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0, groups=groups.result(),
                     )
                 )
             if not video:
@@ -388,6 +311,8 @@ class _UnitSet:
         self.units = slots.argsort()  # units in sequence order: raster on Qwen2-VL, window order on Qwen2.5-VL
         self.sizes = torch.ones(len(slots))
         self.memory: dict = {}
+        self.owner = self.units.argsort()  # set-local unit -> its current row (in sequence order), -1 dropped
+        self.merged = False
 
 
 class _UnitCutter:
@@ -509,10 +434,12 @@ class _UnitCutter:
         a, u = self.a, self.a.unit
         attn = a.blocks[layer].attn
         r = hs.shape[0]
-        q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
-        cos, sin = pe
-        qr = _rotate(q.float(), cos.float(), sin.float())
-        kr = _rotate(k.float(), cos.float(), sin.float())
+        signals = self.plan.cls_attention or self.plan.keys or self.plan.values
+        if signals:  # this block's own q/k/v, recomputed only when the method reads them
+            q, k, v = attn.qkv(normed).view(r, 3, attn.num_heads, -1).unbind(1)  # [R, H, hd]
+            cos, sin = pe
+            qr = rotate(q.float(), cos.float(), sin.float())
+            kr = rotate(k.float(), cos.float(), sin.float())
         last = layer == max(self.planned)
         pieces, start = [], 0
         for s in self.sets:
@@ -524,14 +451,16 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
-            # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
-            gq = qr[sl].mean(0)  # [H, hd]
-            probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-            state = unit_state(
-                self.plan, layer, a.num_layers, s.grid, unit_mean(rows), probs.view(-1, n, u).sum(-1),
-                unit_mean(k[sl]).transpose(0, 1), unit_mean(v[sl]).transpose(0, 1),  # keys before RoPE: content
-                s.sizes, s.units, s.target, s.memory,
-            )
+            if signals:
+                # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
+                gq = qr[sl].mean(0)  # [H, hd]
+                probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
+                att, keys, values = probs.view(-1, n, u).sum(-1), unit_mean(k[sl]).transpose(0, 1), \
+                    unit_mean(v[sl]).transpose(0, 1)  # keys before RoPE: content
+            else:
+                att, keys, values = torch.zeros(1, n), torch.zeros(1, n, 1), torch.zeros(1, n, 1)
+            state = unit_state(self.plan, layer, a.num_layers, s.grid, unit_mean(rows), att, keys, values, s.sizes,
+                               s.units, s.target, s.memory)
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
                 if last:
@@ -539,6 +468,8 @@ class _UnitCutter:
                 pieces.append(rows)
                 continue
             check_unit_cut(cut, n, s.target, last, layer, self.method.name)
+            s.owner = follow_cut(s.owner[None], cut.keep[:1], None if cut.groups is None else cut.groups[:1], n)[0]
+            s.merged = s.merged or cut.groups is not None
             kept = cut.keep[0, 1:] - 1
             new_rows, s.sizes = cut_units(rows.reshape(n, u, -1), s.sizes, cut, self.method.name)
             s.units = s.units[kept.cpu()]

@@ -34,7 +34,11 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 
-from ..evaluate import EMBEDDED_MODELS  # names ``pretrained=`` accepts besides a directory: the shipped models
+from ..loading import EMBEDDED_MODELS as _EMBEDDED
+
+EMBEDDED_MODELS = {name: entry.path for name, entry in _EMBEDDED.items() if entry.path is not None}
+"""Names ``pretrained=`` accepts besides a directory: the models shipped inside the package (one table for the
+command line and lmms-eval: :data:`tokensieve.loading.EMBEDDED_MODELS`)."""
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -421,7 +425,12 @@ def _flops_dims(config):
     from ..flops import dims_from_config
 
     try:
-        return dims_from_config(config)
+        dims = dims_from_config(config)
     except UnsupportedModelError as exc:
         eval_logger.info(f"tokensieve: no FLOPs in the results for this model ({exc})")
         return None
+    if dims.family != "llava":
+        # per-question vanilla traces need each question's own image sizes / grids out of a batched processor call
+        eval_logger.info(f"tokensieve: per-question FLOPs are priced for LLaVA-1.5 only; none for {dims.family}")
+        return None
+    return dims

@@ -30,7 +30,7 @@ def method_names() -> list[str]:
 
 
 # Import for registration side effects; order is the order of `list_methods()`.
-from . import evocut, divprune, visionzip, fastervlm, pool, random, todre  # noqa: E402,F401
+from . import evocut, divprune, visionzip, fastervlm, vispruner, pool, random, todre  # noqa: E402,F401
 from . import evoprune, flowcut, hiprune, vtc_cls  # noqa: E402,F401
 from . import fastv, pdrop, dart  # noqa: E402,F401
 

@@ -89,6 +89,21 @@ class Signals:
     def num_tokens(self) -> int:
         return self.features.shape[1]
 
+    def row(self, i: int) -> "Signals":
+        """Candidate set ``i`` alone, as a batch of one (views, no copies)."""
+        one = slice(i, i + 1)
+        return Signals(
+            features=self.features[one],
+            layout=self.layout,
+            num_layers=self.num_layers,
+            feature_layer=self.feature_layer,
+            hidden_states={k: v[one] for k, v in self.hidden_states.items()},
+            cls_attention={k: v[one] for k, v in self.cls_attention.items()},
+            keys={k: v[one] for k, v in self.keys.items()},
+            cls_hidden=None if self.cls_hidden is None else self.cls_hidden[one],
+            attention_received={k: v[one] for k, v in self.attention_received.items()},
+        )
+
 
 @dataclass
 class Selection:
@@ -121,6 +136,13 @@ class Selection:
     def num_out(self) -> int:
         return self.tokens.shape[1] if self.tokens is not None else self.indices.shape[1]
 
+    def row(self, i: int) -> "Selection":
+        """The selection of candidate set ``i`` alone, as a batch of one."""
+        one = slice(i, i + 1)
+        pick = lambda t: None if t is None else t[one]  # noqa: E731
+        return Selection(indices=self.indices[one], tokens=pick(self.tokens), num_merged=self.num_merged,
+                         scores=pick(self.scores), groups=pick(self.groups), anchors=pick(self.anchors))
+
 
 class Method:
     """Base class of every selector. Subclasses set the class attributes and implement :meth:`select`.
@@ -134,10 +156,22 @@ class Method:
     stage: ClassVar[str] = PRE_PROJECTOR
     signals: ClassVar[tuple[str, ...]] = ()
     """Human-readable names of the signals used, for ``list_methods()``."""
+    any_count: ClassVar[bool] = True
+    """The method can keep any k in [1, N]; adaptive budgets (a count per image) need that."""
+    param_help: ClassVar[dict[str, str]] = {}
+    """One line per constructor argument: what it changes (``tokensieve methods NAME`` prints it beside the default;
+    a test requires every argument to have one)."""
 
     def request(self, num_layers: int, feature_layer: int) -> Request:
         """Signals needed, given the encoder depth and the hidden_states index the LM consumes."""
         return Request()
+
+    def check_depth(self, num_layers: int, feature_layer: int) -> None:
+        """Raise ``ValueError`` (naming the parameter, its value and the valid range) when a layer this method's
+        parameters name does not exist on an encoder of ``num_layers`` layers whose features are
+        ``hidden_states[feature_layer]``. Called at ``apply()`` with the model's real depth, so a bad layer fails
+        before any call; by default, asking for the signals is the check."""
+        self.request(num_layers, feature_layer)
 
     def select(self, signals: Signals, k: int) -> Selection:
         raise NotImplementedError
@@ -159,12 +193,10 @@ def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, returned in ascending (raster) order.
 
-    Ties are broken towards the lower index so that results do not depend on the top-k kernel.
+    Exact ties go to the lower index (a stable sort keeps equal scores in index order), so results do not depend
+    on the top-k kernel; distinct scores, however close, are never reordered.
     """
-    n = scores.shape[-1]
-    # a tiny, strictly decreasing offset makes the order total without changing any strict comparison
-    tie = torch.arange(n, device=scores.device, dtype=torch.float64) * (-1e-12)
-    order = torch.argsort(scores.double() + tie, dim=-1, descending=True, stable=True)[..., :k]
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :k]
     return order.sort(dim=-1).values
 
 
@@ -249,6 +281,9 @@ class EncoderMethod(Method):
     def plan(self, num_layers: int, feature_layer: int) -> EncoderPlan:
         raise NotImplementedError
 
+    def check_depth(self, num_layers: int, feature_layer: int) -> None:
+        self.plan(num_layers, feature_layer)
+
     def cut(self, state: EncoderState) -> EncoderCut | None:
         raise NotImplementedError
 
@@ -290,7 +325,12 @@ class LLMSignals:
                  ``attention_from`` (not renormalised: ``attention.sum(-1)`` is each row's mass on visual keys).
     keys:        [n, H_kv * head_dim] post-RoPE keys of the visual tokens at the layer before the stage.
     text_keys / text_hidden: the same for the sample's real non-visual tokens (DART's text pivots).
+    positions / text_positions: [n] / [m] where the visual / text tokens sit in the sample's sequence as the LM
+                 received it, counting real tokens only (padding excluded). ``None``: visual tokens are taken as
+                 consecutive from 0 and text tokens as following them.
     layer:       the decoder layer that will be the first to run without the dropped tokens; num_layers: LM depth.
+
+    With ``LLMMethod.final_norm`` set, ``hidden`` and ``text_hidden`` have been through the LM's final norm.
     """
 
     hidden: torch.Tensor
@@ -301,6 +341,8 @@ class LLMSignals:
     keys: torch.Tensor | None = None
     text_keys: torch.Tensor | None = None
     text_hidden: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    text_positions: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -325,6 +367,8 @@ class LLMMethod(Method):
     """``previous``: attention of the layer before the boundary (FastV). ``current``: the boundary layer's own q/k on
     the hidden states entering it (PyramidDrop)."""
     needs_keys: ClassVar[bool] = False
+    final_norm: ClassVar[bool] = False
+    """True: the hidden states in :class:`LLMSignals` pass through the LM's final norm first (DART compares them so)."""
     budgeted: ClassVar[bool] = True
     """False for rules that decide counts themselves (ToDRE's relevance check); such stages take no budget."""
 
@@ -339,6 +383,14 @@ class LLMMethod(Method):
     def select_llm(self, signals: LLMSignals, ks: list[int | None]) -> list[torch.Tensor]:
         """Per image, ascending indices into that image's current visual tokens to keep (``ks[i]`` of them)."""
         raise NotImplementedError
+
+    def check_depth(self, num_layers: int, feature_layer: int | None = None) -> None:
+        """In-LLM methods name decoder layers: ``num_layers`` is the LM's depth. A schedule that keeps everything
+        must exist at any budget; when it does not, a layer parameter does not fit this LM."""
+        for layer, _ in self.schedule(1, num_layers, 1 if self.budgeted else None):
+            if not 1 <= layer < num_layers:
+                raise ValueError(f"{self.name} plans a boundary at decoder layer {layer}; it must lie in "
+                                 f"1..{num_layers - 1} for a {num_layers}-layer LM")
 
 
 def averaged_tokens(n: int, num_layers: int, plan: list[tuple[int, int]]) -> float:

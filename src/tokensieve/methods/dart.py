@@ -1,14 +1,38 @@
 """DART: after decoder layer K, keep visual tokens that duplicate a few pivots least. Attention-free.
 
-Pivots are the ``pivots_image`` visual and ``pivots_text`` text tokens with the largest L1 norm of their keys at
-layer K-1 (post-RoPE, heads concatenated, as the KV cache holds them). Each pivot then claims, in turn, the
-remaining visual tokens least similar to it (cosine on the hidden states entering layer K), and a claimed token
-leaves the pool. Kept: the visual pivots plus the claimed tokens, in sequence order.
+Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More" (DART).
+Follows ``get_retained_image_token`` in ``llava/model/language_model/modeling_llama_self.py`` of the official code
+(read in the xqy1111111/DART fork @ d6a5af6f; its Qwen2-VL / Qwen2.5-VL files use the same rule); on the same
+inputs it keeps the same tokens, apart from the differences listed at the end.
 
-Counts (our reading): the reference code keeps about k + 4 tokens (``k // 8`` per pivot plus the 4 visual pivots);
-here exactly k are kept, the k - pivots_image picks spread over the pivots in turn, so budgets compare exactly
-with other methods. Budget mapping as FastV (one boundary at K=2; LLaVA-1.5-7B 192/128/64 -> 166/98/30 from
-layer 2 on). Text pivots come from the whole prompt (system and question tokens).
+* Pivots: the ``pivots_image`` visual tokens and the ``pivots_text`` text tokens *after the image* (the question
+  and the assistant prefix; nothing before the image) with the largest L1 norm of their keys at layer K-1
+  (post-RoPE, heads concatenated).
+* Each pivot then claims, in turn, the free visual tokens least similar to it: cosine similarity of the hidden
+  states entering layer K *after the LM's final norm* (the official code normalises them before comparing), and
+  a claimed token leaves the pool. Image pivots are never claimable. Kept: the visual pivots plus the claimed
+  tokens, in sequence order.
+* Walk order: the official code walks a Python ``set`` of the pivots' sequence positions (built from the image
+  pivots, then the text pivots, each in descending key norm). For integer positions that order is fixed for a
+  given set (CPython's hash table order, not sorted order) and it decides which pivot claims a token both would
+  want; it is reproduced here by building the same set from the same positions (counted among the sample's real
+  tokens, so padding does not move them).
+
+Budget mapping as FastV (one boundary at K=2; LLaVA-1.5-7B 192/128/64 -> 166/98/30 from layer 2 on). Several
+images in one prompt are selected one by one, each with its own pivots; text pivots come from the text after that
+image.
+
+Deliberate differences from the official code, and why:
+
+* Counts: the official code gives every pivot ``max_num_trunction // (pivots_image + pivots_text)`` claims, so it
+  keeps about k + 4 tokens (132 for its default 128). Here exactly k are kept: the ``k - pivots_image`` claims are
+  spread over the pivots in walk order (the first ``(k - p) % P`` pivots claim one more), so budgets compare
+  exactly with other methods. When ``k - pivots_image`` is a multiple of the pivot count the kept set is the
+  official one (e.g. k = 132 against ``max_num_trunction`` = 128).
+* Fewer than ``pivots_text`` text tokens after the image (or none) give that many text pivots; the official code
+  fails there.
+* Keys are read as the KV cache holds them, one copy per KV head; the official code sums the per-query-head copies
+  (grouped-query LMs), the same ranking up to float rounding. Exact ties in the claims go to the lower index.
 """
 
 from __future__ import annotations
@@ -16,16 +40,26 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import LLMMethod, LLMSignals
+from .base import LLMMethod, LLMSignals, topk_sorted
 from .fastv import single_boundary
+
+
+def _l1(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.float(), ord=1, dim=-1)
 
 
 @register
 class DART(LLMMethod):
     name = "dart"
     description = "in-LLM: key-norm pivots, keep visual tokens least duplicated by them (attention-free)"
-    signals = ("keys (layer K-1)", "hidden states (layer K)")
+    signals = ("keys (layer K-1)", "final-normed hidden states (layer K)")
+    param_help = {
+        "layer": "K: the first decoder layer run without the pruned tokens",
+        "pivots_image": "visual pivot tokens (largest key L1 norm), always kept",
+        "pivots_text": "text pivot tokens whose duplicates are also avoided",
+    }
     needs_keys = True
+    final_norm = True
 
     def __init__(self, layer: int = 2, pivots_image: int = 4, pivots_text: int = 4) -> None:
         if not isinstance(layer, int) or layer < 1:
@@ -40,28 +74,37 @@ class DART(LLMMethod):
         return single_boundary(n, num_layers, target, self.layer, self.name)
 
     def select_llm(self, signals: LLMSignals, ks):
+        n_all = signals.hidden.shape[0]
+        positions = signals.positions if signals.positions is not None else torch.arange(n_all)
+        text_keys = signals.text_keys if signals.text_keys is not None else torch.empty(0, 1)
+        text_hidden = signals.text_hidden if signals.text_hidden is not None else torch.empty(0, signals.hidden.shape[-1])
+        text_pos = signals.text_positions
+        if text_pos is None:
+            text_pos = torch.arange(n_all, n_all + text_keys.shape[0])
         out = []
-        keys = signals.split(signals.keys.float(), dim=0)
-        hidden = signals.split(signals.hidden.float(), dim=0)
-        text_piv = torch.empty(0, signals.hidden.shape[1])
-        if self.pivots_text and signals.text_keys is not None and signals.text_keys.shape[0]:
-            t = min(self.pivots_text, signals.text_keys.shape[0])
-            idx = signals.text_keys.float().abs().sum(-1).topk(t).indices
-            text_piv = signals.text_hidden.float()[idx]
-        for key, hid, k in zip(keys, hidden, ks):
+        parts = zip(signals.split(signals.keys, 0), signals.split(signals.hidden.float(), 0),
+                    signals.split(positions, 0), ks)
+        for key, hid, pos, k in parts:
             n = hid.shape[0]
             p = min(self.pivots_image, k)
-            piv = key.abs().sum(-1).topk(p).indices
-            pivots = torch.cat([hid[piv], text_piv.to(hid)], dim=0)
-            sim = torch.nn.functional.normalize(pivots, dim=-1) @ torch.nn.functional.normalize(hid, dim=-1).T
+            piv = _l1(key).topk(p).indices
+            vectors = {int(pos[i]): hid[i] for i in piv.tolist()}
+            order = [int(pos[i]) for i in piv.tolist()]
+            after = (text_pos > int(pos.max())).nonzero().flatten() if n else text_pos[:0]
+            t = min(self.pivots_text, int(after.numel()))
+            if t:
+                for i in after[_l1(text_keys[after]).topk(t).indices].tolist():
+                    vectors[int(text_pos[i])] = text_hidden[i].float()
+                    order.append(int(text_pos[i]))
+            walk = list(set(order))  # the official order: a set of integer positions, as CPython iterates it
             taken = torch.zeros(n, dtype=torch.bool)
-            taken[piv] = True
+            taken[piv.cpu()] = True
             picks = k - p
-            for j in range(pivots.shape[0]):  # pivot j claims its share of the least similar free tokens
-                share = picks // pivots.shape[0] + (1 if j < picks % pivots.shape[0] else 0)
+            for j, q in enumerate(walk):  # pivot j claims its share of the least similar free tokens
+                share = picks // len(walk) + (1 if j < picks % len(walk) else 0)
                 if share == 0:
                     continue
-                s = sim[j].masked_fill(taken, float("inf"))
-                taken[s.topk(share, largest=False).indices] = True
+                unlike = -torch.nn.functional.cosine_similarity(vectors[q][None].to(hid), hid, dim=-1).cpu()
+                taken[topk_sorted(unlike.masked_fill(taken, float("-inf")), share)] = True
             out.append(taken.nonzero().flatten())
         return out

@@ -1,20 +1,25 @@
 """DivPrune: keep a maximally diverse subset of the projected image tokens.
 
 Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR 2025 (arXiv
-2503.02175). The selection is the greedy max-min (farthest-point) heuristic on cosine distance.
+2503.02175). Follows ``DivPrune`` in ``LLaVA/llava/model/llava_arch.py`` of the official code (vbdi/divprune @
+799e2d95): greedy max-min (farthest-point) selection on cosine distance over the LM input embeddings of the image,
+kept in sequence order. On the same inputs and the same k it keeps the same tokens.
 
 Choices:
 
-* Works after the projector, on the LM input embeddings, as the paper does.
-* The first pick is the most isolated token (largest distance to its nearest *other* token); with a single
+* Works after the projector, on the LM input embeddings, as the paper and the code do.
+* The first pick is the most isolated token (largest distance to its nearest *other* token; the official code
+  takes the second-smallest distance of each column, the smallest being the token itself); with a single
   candidate it is that candidate.
 * A running minimum distance to the selected set makes the greedy loop O(N * k) after the O(N^2 d) matrix,
-  instead of re-reducing over the whole selected set each step as the released code does.
+  instead of re-reducing over the whole selected set each step as the released code does (the same minimum).
 * Picked tokens are masked explicitly instead of relying on their zero self-distance, so exact duplicates of a
   picked token (distance 0 as well) can still be chosen once everything else is exhausted and k == N returns
-  every index. Ties go to the lowest index.
-"""
+  every index. Ties go to the lowest index (``argmax``'s first maximum, as in the official code).
 
+Deliberate difference from the official code: the budget is k tokens; the official code takes a ratio
+(``SUBSET_RATIO``) and keeps ``round(ratio * N)``.
+"""
 from __future__ import annotations
 
 import torch

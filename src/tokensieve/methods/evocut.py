@@ -104,6 +104,14 @@ class EvoCut(Method):
     description = "Keep patches whose hidden-state movement deviates from the shared group directions (EMA over layers)."
     stage = PRE_PROJECTOR
     signals = ("hidden states (start_layer-1 .. end_layer)",)
+    param_help = {
+        "start_layer": "first hidden state whose move is scored (hidden_states index); None: half the encoder depth",
+        "end_layer": "last hidden state scored; None: the final encoder layer (the paper's reading)",
+        "num_groups": "M, spherical K-means groups of move directions per transition",
+        "iterations": "K-means iterations per transition",
+        "alpha": "EMA factor of the deviation over transitions, in [0, 1)",
+        "eps": "moves shorter than this count as no move (deviation 1)",
+    }
 
     def __init__(
         self,
@@ -136,9 +144,10 @@ class EvoCut(Method):
         start = self.start_layer if self.start_layer is not None else num_layers // 2
         end = self.end_layer if self.end_layer is not None else num_layers
         if not 1 <= start <= end <= num_layers:
+            given = lambda v: "" if v is not None else " (default)"  # noqa: E731
             raise ValueError(
-                f"evocut needs 1 <= start_layer <= end_layer <= num_layers, got start_layer={start}, "
-                f"end_layer={end}, num_layers={num_layers}"
+                f"evocut needs 1 <= start_layer <= end_layer <= {num_layers} (the encoder's depth), got "
+                f"start_layer={start}{given(self.start_layer)}, end_layer={end}{given(self.end_layer)}"
             )
         return start, end
 

@@ -57,6 +57,15 @@ class EvoPrune(EncoderMethod):
     name = "evoprune"
     description = "EvoPrune-style: merge low attention+diversity patches into similar ones on a skip schedule."
     signals = ("CLS attention (scheduled layers)", "keys (scheduled layers)")
+    param_help = {
+        "start_layer": "first encoder layer (0-based) that prunes; None: a quarter of the encoder depth",
+        "end_layer": "last pruning layer; None: the layer producing the LM's features",
+        "step": "prune every STEP-th layer from start_layer to end_layer",
+        "w_att": "weight of the CLS-attention importance in the score",
+        "w_div": "weight of the key diversity (1 - max similarity) in the score",
+        "merge": "merge dropped patches into their most similar kept one (False: just drop them)",
+        "skip_unused_layers": "stop the encoder after the layer the LM reads (no output changes; saves compute)",
+    }
 
     def __init__(self, start_layer: int | None = None, end_layer: int | None = None, step: int = 2,
                  w_att: float = 0.5, w_div: float = 0.5, merge: bool = True, skip_unused_layers: bool = True):
@@ -76,9 +85,14 @@ class EvoPrune(EncoderMethod):
         self.skip_unused_layers = bool(skip_unused_layers)
 
     def layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
-        end = feature_layer - 1 if self.end_layer is None else self.end_layer
-        start = num_layers // 4 if self.start_layer is None else self.start_layer
-        start = min(start, end)
+        last = feature_layer - 1  # the layer producing the features: the last one whose output may be cut
+        end = last if self.end_layer is None else self.end_layer
+        if not 0 <= end <= last:
+            raise ValueError(f"evoprune end_layer={end} must be in [0, {last}] (no cut after the layer producing the "
+                             "features)")
+        if self.start_layer is not None and self.start_layer > end:
+            raise ValueError(f"evoprune start_layer={self.start_layer} must be in [0, {end}] (end_layer={end})")
+        start = min(num_layers // 4, end) if self.start_layer is None else self.start_layer
         return check_plan_layers(range(start, end + 1, self.step), num_layers, feature_layer, self.name)
 
     def plan(self, num_layers: int, feature_layer: int) -> EncoderPlan:

@@ -1,19 +1,33 @@
 """HiPrune: anchors from a middle "object" layer, their neighbours, and registers from the output layer.
 
-Liu et al., HiPrune (Danielement321/HiPrune), LLaVA-1.5 path as summarised in the reference notes (section 8).
-The statistic is the attention each patch *receives*, averaged over heads and over every query row of the layer
-(not the CLS row), computed from that layer's q/k in query chunks; the encoder itself stays on SDPA.
+Liu et al., HiPrune (Danielement321/HiPrune @ 6e83a124); follows ``LLaVA/llava/model/llava_arch.py::encode_images``
+(the Qwen2.5-VL file applies the same rule on merge units), and on the same inputs keeps the same patches, apart
+from the differences listed at the end. The statistic is the attention each patch *receives*, averaged over heads
+and over every query row of the layer (CLS included; not the CLS row), computed from that layer's q/k in query
+chunks; the encoder itself stays on SDPA.
 
-* Anchors: the top ``max(1, round(k * alpha / 5))`` patches at the object layer (``alpha`` = 0.1).
-* Buffers: the 4-neighbours (left, right, up, down) of every anchor. Unlike the reference code we do not wrap
-  across row ends: a left/right neighbour must be on the same grid row (our reading of "neighbour").
+* Anchors: the top ``round(k * alpha / 5)`` patches at the object layer (``alpha`` = 0.1; Python rounding, half to
+  even, so ``k <= 25`` gives no anchor and every slot goes to registers, as in the official code).
+* Buffers: for every anchor ``a``, the patches ``a - 1``, ``a + 1``, ``a - W``, ``a + W`` (``W`` the grid width),
+  by raster index as the official code takes them: a left or right neighbour at a row end is the last patch of
+  the row above or the first of the row below (it wraps), and an index outside the grid is clamped to the first
+  or last patch (an anchor in the top row brings patch 0, one in the bottom row the last patch). Anchors and
+  buffers are one de-duplicated set.
 * Registers: the remaining ``k - |anchors + buffers|`` slots go to the top patches by output-layer attention among
-  those not yet chosen. If anchors and buffers alone exceed ``k`` (tiny budgets), anchors come first, then
-  buffers by object-layer attention.
+  those not yet chosen. Kept patches are in raster order.
 
-Layers: the object layer defaults to 0-based module 8 of a 24-layer CLIP (the paper's 1-indexed layer 9), scaled
-by depth for other encoders (``round(9 / 24 * L) - 1``); the output layer is the one producing the features
-(``feature_layer - 1``). Both are arguments. Kept patches are in raster order.
+Layers: the object layer defaults to 0-based module 8 of a 24-layer CLIP (the paper's and the official LLaVA
+script's 1-indexed layer 9), scaled by depth for other encoders (``round(9 / 24 * L) - 1``); the output layer is
+the one producing the features (``feature_layer - 1``, the official ``mm_vision_select_layer``). Both are
+arguments.
+
+Deliberate differences from the official code, and why:
+
+* When anchors and buffers alone exceed ``k`` (only with ``alpha`` far above its default) the official code fails
+  (a negative top-k); here anchors come first, then buffers by object-layer attention, so every budget works.
+* Exact ties go to the lower index (the official ``torch.topk`` leaves their order to the kernel).
+* The object layer of other encoders is scaled from CLIP-L's; the official Qwen2.5-VL script sets 16 of 32
+  (1-indexed) by hand, where the scaling gives module 11: pass ``object_layer=15`` to match it there.
 """
 
 from __future__ import annotations
@@ -36,6 +50,11 @@ class HiPrune(Method):
     description = "Anchors (object-layer attention) + their 4-neighbours + registers (output-layer attention)."
     stage = PRE_PROJECTOR
     signals = ("attention received (object layer)", "attention received (output layer)")
+    param_help = {
+        "object_layer": "encoder layer (0-based) whose received attention picks anchors; None: 9/24 of the depth",
+        "output_layer": "encoder layer whose received attention picks registers; None: the layer producing the features",
+        "alpha": "anchor share: max(1, round(k * alpha / 5)) anchors, in [0, 5]",
+    }
 
     def __init__(self, object_layer: int | None = None, output_layer: int | None = None, alpha: float = 0.1):
         _layer_arg("object_layer", object_layer)
@@ -65,20 +84,22 @@ class HiPrune(Method):
                 raise MissingSignalError(f"hiprune needs the attention received at encoder layer {layer}")
         if signals.layout.num_prefix:
             raise MissingSignalError("hiprune works on patch candidates only (use the 'default' feature strategy)")
-        rows, cols = signals.layout.grid
+        cols = signals.layout.grid[1]
         obj_att = signals.attention_received[obj].float()
         out_att = signals.attention_received[out].float()
-        n_anchor = min(k, max(1, round(k * self.alpha / 5)))
+        n_anchor = min(k, round(k * self.alpha / 5))  # the official count: no floor of one
         anchors = topk_sorted(obj_att, n_anchor)  # [B, a]
-        r, c = anchors // cols, anchors % cols
-        neigh = torch.stack([anchors - 1, anchors + 1, anchors - cols, anchors + cols], dim=-1)
-        valid = torch.stack([c > 0, c < cols - 1, r > 0, r < rows - 1], dim=-1)
-        b = obj_att.shape[0]
-        chosen_buf = torch.zeros(b, n, dtype=torch.bool, device=obj_att.device)
-        chosen_buf.scatter_(1, torch.where(valid, neigh, anchors.unsqueeze(-1)).flatten(1), True)
-        is_anchor = torch.zeros_like(chosen_buf).scatter_(1, anchors, True)
-        # one ordering does every case: anchors, then buffers (by object attention), then registers (output)
-        rank = torch.where(is_anchor, 4.0, torch.where(chosen_buf, 2.0 + obj_att / obj_att.amax(-1, keepdim=True)
-                                                       .clamp_min(1e-12) * 0.5, out_att / out_att.amax(
-                                                           -1, keepdim=True).clamp_min(1e-12)))
-        return Selection(indices=topk_sorted(rank, k), scores=rank)
+        neigh = torch.stack([anchors - 1, anchors + 1, anchors - cols, anchors + cols], dim=-1).clamp(0, n - 1)
+        chosen = torch.zeros(obj_att.shape, dtype=torch.bool, device=obj_att.device)
+        chosen.scatter_(1, anchors, True).scatter_(1, neigh.flatten(1), True)
+        kept = []
+        for b in range(obj_att.shape[0]):
+            extra = k - int(chosen[b].sum())
+            if extra >= 0:  # registers: the best output-layer attention among the patches not chosen yet
+                rest = topk_sorted(out_att[b].masked_fill(chosen[b], float("-inf")), extra)
+                kept.append(torch.cat([chosen[b].nonzero().flatten(), rest]).sort().values)
+            else:  # anchors and buffers overflow k (not reachable in the official code): anchors, then buffers
+                buffers = topk_sorted(obj_att[b].masked_fill(~chosen[b], float("-inf")).scatter(
+                    0, anchors[b], float("-inf")), k - n_anchor)
+                kept.append(torch.cat([anchors[b], buffers]).sort().values)
+        return Selection(indices=torch.stack(kept), scores=out_att)

@@ -64,6 +64,7 @@ class Pool(Method):
     name = "pool"
     description = "2-D average pooling of the patch grid down to k tokens (content-agnostic baseline)."
     stage = PRE_PROJECTOR
+    any_count = False  # k must factor into a grid that fits
     signals = ()
 
     def select(self, signals: Signals, k: int) -> Selection:

@@ -21,6 +21,7 @@ class RandomSelect(Method):
     description = "Keep a uniformly random subset of the tokens (seeded, same subset for every image)."
     stage = PRE_PROJECTOR
     signals = ()
+    param_help = {"seed": "seed of the random subset (the same positions for every image)"}
 
     def __init__(self, seed: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, int):

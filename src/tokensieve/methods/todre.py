@@ -1,5 +1,9 @@
 """ToDRE: diverse tokens before the LM, then all visual tokens leave the LM once the text stops looking at them.
 
+Li et al., "Effective Visual Token Pruning via Token Diversity and Task Relevance" (ToDRE), arXiv 2505.18757 v2.
+No official code was found (reference notes, section 20); this follows the paper's text and its Algorithm 1, with
+the readings below.
+
 Stage 1 (after the projector, in the LM embedding space): the pivot is the token with the highest head-mean [CLS]
 attention of the vision encoder's last layer; then greedy max-sum diversification adds, k-1 times, the token whose
 summed cosine similarity to the chosen set is lowest (O(n*k*d), no n x n matrix). ``objective="max_min"`` gives
@@ -64,6 +68,12 @@ class ToDRE(Method):
     description = "max-sum diversity after the projector (CLS pivot) + in-LLM removal of all visual tokens below tau"
     stage = POST_PROJECTOR
     signals = ("projected tokens", "[CLS] attention (last encoder layer)", "text-query attention (7/8 depth)")
+    param_help = {
+        "objective": "'max_sum' (v2: lowest summed similarity) or 'max_min' (v1: greedy k-center)",
+        "relevance": "run the in-LLM stage that drops every visual token once text stops attending to them",
+        "tau": "in-LLM stage: drop all visual tokens when the text-to-visual attention share is below tau",
+        "check_layers": "in-LLM stage: depth fractions of the LM where the share is checked",
+    }
 
     def __init__(self, objective: str = "max_sum", relevance: bool = True, tau: float = 0.10,
                  check_layers: tuple[float, ...] = (7 / 8,)) -> None:

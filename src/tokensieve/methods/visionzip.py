@@ -1,7 +1,10 @@
 """VisionZip: a few dominant tokens by [CLS] attention, plus contextual tokens that merge the rest.
 
-Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025. Behaviour
-follows the paper and the official repository's description; the code here is our own.
+Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025. Follows the
+LLaVA-1.5 path of the official code (dvlab-research/VisionZip @ 3151f6df: ``visionzip/clip_encoder.py``, the
+head-mean keys of ``visionzip/utils.py``, and ``main.py``, which counts the CLS among the dominant tokens): on the
+same inputs it keeps the same dominant patches and builds the same contextual tokens (to float rounding). The code
+here is our own.
 
 Choices:
 
@@ -18,6 +21,11 @@ Choices:
   raster order; each other remaining candidate joins the target with the most similar key; a contextual token is
   the target's feature *plus* the mean of its members' features (the target alone when it has none).
 * k >= N leaves nothing to merge, so the result is the identity (all candidates, no created token).
+
+Deliberate differences from the official code: it takes the dominant and contextual counts as two arguments, here
+they come from one budget (above); with a contextual count of 0 it divides by zero, here k >= 2 always gets at
+least one contextual token; exact ties go to the lower index. Towers without a CLS and CLS candidates are cases
+the official code does not cover.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ class VisionZip(Method):
     description = "Dominant tokens by [CLS] attention plus contextual tokens merging the rest by key similarity."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (feature layer)", "keys (feature layer)", "CLS hidden state")
+    param_help = {
+        "contextual": "contextual (merged) tokens out of the budget; None: round(k * 5 / 32), the paper's split",
+        "include_cls": "keep the CLS hidden state as the first dominant token",
+    }
 
     def __init__(self, contextual: int | None = None, include_cls: bool = True):
         if contextual is not None and (

@@ -1,15 +1,17 @@
 """VTC-CLS: FasterVLM's CLS-attention score, summed over many encoder layers.
 
-Wang et al., "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs" (THU-MIG/VTC-CLS), as
-summarised in the reference notes (section 16): the head-mean CLS attention to each patch, summed over encoder
-layers ``start_layer .. end_layer``, top-k in raster order.
+Wang et al., "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs". Follows
+``cls_token_only`` (``llava/model/multimodal_encoder/clip_encoder.py``) and ``encode_images`` of the official code
+(THU-MIG/VTC-CLS @ e41ac9b4): the head-mean CLS attention to each patch, summed over encoder layers
+``start_layer .. end_layer``, top-k in raster order. On the same inputs it keeps the same patches.
 
-The reference code sums layers ``start .. L - 2`` with ``start`` a command-line argument; our defaults are
-``start_layer = L // 2`` (our choice; the paper sweeps it) and ``end_layer = feature_layer`` clamped to the last
-layer, i.e. module 22 of CLIP-L when LLaVA reads ``hidden_states[-2]`` (L - 2). Each row is computed from that
-layer's q/k only (the CLS query row), so the encoder stays on SDPA.
+The official code sums layers ``start .. L - 2`` (every attention map but the last), i.e. up to the layer that
+produces LLaVA's ``hidden_states[-2]``; ``end_layer`` defaults to that layer, ``feature_layer - 1``, for any
+feature layer. Each row is computed from that layer's q/k only (the CLS query row), so the encoder stays on SDPA.
+
+Deliberate difference: ``start_layer`` is a required command-line argument of the official scripts (the paper
+sweeps it); here it defaults to ``L // 2`` (or the end layer, when the features come from an earlier layer). Exact ties go to the lower index.
 """
-
 from __future__ import annotations
 
 from ..errors import BudgetError, MissingSignalError
@@ -23,6 +25,10 @@ class VtcCls(Method):
     description = "Keep the top-k patches by [CLS] attention (head mean) summed over a range of encoder layers."
     stage = PRE_PROJECTOR
     signals = ("CLS attention (layer range)",)
+    param_help = {
+        "start_layer": "first encoder layer (0-based) whose CLS attention is summed; None: half the depth",
+        "end_layer": "last layer summed; None: the feature layer, clamped to the last layer",
+    }
 
     def __init__(self, start_layer: int | None = None, end_layer: int | None = None):
         for name, v in (("start_layer", start_layer), ("end_layer", end_layer)):
@@ -31,10 +37,14 @@ class VtcCls(Method):
         self.start_layer, self.end_layer = start_layer, end_layer
 
     def _layers(self, num_layers: int, feature_layer: int) -> tuple[int, ...]:
-        end = min(feature_layer, num_layers - 1) if self.end_layer is None else self.end_layer
-        start = num_layers // 2 if self.start_layer is None else self.start_layer
+        end = feature_layer - 1 if self.end_layer is None else self.end_layer
+        start = min(num_layers // 2, end) if self.start_layer is None else self.start_layer
         if not 0 <= start <= end < num_layers:
-            raise ValueError(f"need 0 <= start_layer <= end_layer < {num_layers}, got {start}..{end}")
+            given = lambda v: "" if v is not None else " (default)"  # noqa: E731
+            raise ValueError(
+                f"vtc_cls needs 0 <= start_layer <= end_layer <= {num_layers - 1} (the encoder's layers), got "
+                f"start_layer={start}{given(self.start_layer)}, end_layer={end}{given(self.end_layer)}"
+            )
         return tuple(range(start, end + 1))
 
     def request(self, num_layers: int, feature_layer: int) -> Request:

@@ -17,20 +17,18 @@ CLIP), because EvoCut reads the last one; every call runs only as deep as its me
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from transformers import CLIPVisionConfig
 
-from .compat import allow_llava_without_torchvision
+from .compat import allow_without_torchvision
 
-allow_llava_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
+allow_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
 
 from vllm.config import VllmConfig  # noqa: E402
-from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.clip import CLIPEncoderLayer, CLIPVisionTransformer
 from vllm.model_executor.models.llava import (
@@ -49,22 +47,16 @@ from tokensieve.capture import AttentionParts, capture_encoder, check_finite, gr
 from tokensieve.encoder_stage import run_encoder_stage
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
 
-from .settings import PREFIX, Family, SettingsError, SieveSpec, merge, resolve, server_settings, split_kwargs
-
-FIELD = "tokensieve"
-"""The per-image processor output that carries the resolved setting (JSON bytes) to the engine."""
-TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
-"""When set, the engine appends one JSON line per image (method, k, kept patch indices) to this file."""
+from .common import (
+    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, check_model_type, decode_spec, encode_specs, item_spec,
+    record, request_settings, resolve_or_400,
+)
+from .settings import Family, SieveSpec, split_kwargs
 
 
 def llava_family(config) -> Family:
     """The vision facts settings are checked against; refuses families, towers and strategies this plugin cannot cut."""
-    if getattr(config, "model_type", None) != "llava":
-        raise ValueError(
-            f"TokenSieveLlavaForConditionalGeneration serves LLaVA-1.5 (model_type 'llava'); this model is "
-            f"{getattr(config, 'model_type', type(config).__name__)!r}, which tokensieve-vllm does not support yet. "
-            "Serve it under its stock architecture (drop the hf_overrides architecture)"
-        )
+    check_model_type("TokenSieveLlavaForConditionalGeneration", config)
     vc = config.vision_config
     if not isinstance(vc, CLIPVisionConfig):
         raise ValueError(
@@ -83,57 +75,22 @@ def llava_family(config) -> Family:
                   stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER))
 
 
-def _bad_request(exc: SettingsError) -> VLLMValidationError:
-    return VLLMValidationError(f"tokensieve: {exc}", parameter=f"mm_processor_kwargs.{exc.parameter or FIELD}")
-
-
-def encode_spec(spec: SieveSpec | None) -> torch.Tensor:
-    return torch.tensor(list((spec.to_json() if spec else "null").encode()), dtype=torch.uint8)
-
-
-def decode_spec(row: torch.Tensor) -> SieveSpec | None:
-    text = bytes(row.tolist()).decode()
-    return None if text == "null" else SieveSpec.from_json(text)
-
-
-class _WithoutTokensieve:
-    """The HF processor, called without the ``tokensieve_*`` keys that vLLM merges in from the server's kwargs."""
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-
-    def __call__(self, **kwargs):
-        return self.processor(**{k: v for k, v in kwargs.items() if not k.startswith(PREFIX)})
-
-
 class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
     def family(self) -> Family:
         return llava_family(self.get_hf_config())
 
     def spec(self, request_kwargs: Mapping[str, object]) -> SieveSpec | None:
         """The checked setting of one request (server default + its ``mm_processor_kwargs``)."""
-        mm_config = self.ctx.model_config.get_multimodal_config()
-        try:
-            ours, _ = split_kwargs(request_kwargs)
-            server = server_settings(self.get_hf_config(), mm_config.mm_processor_kwargs)
-            return resolve(merge(server, ours), self.family())
-        except SettingsError as exc:
-            raise _bad_request(exc) from None
+        return resolve_or_400(request_settings(self, request_kwargs), self.family())
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         # the full grid, whatever the server default: a request may ask for every token
         return {"image": self.get_max_image_tokens()}
 
 
-class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        spec = self.info.spec(hf_kwargs)
-        _, rest = split_kwargs(hf_kwargs)
-        out = self.info.ctx.call_hf_processor(_WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
-        pixels = out.get("pixel_values")
-        if pixels is not None:
-            out[FIELD] = encode_spec(spec).expand(len(pixels), -1).clone()
-        return out
+class KPlaceholders:
+    """Processor half shared by LLaVA-1.5 and LLaVA-NeXT: the setting field travels with each image, and an image
+    gets its setting's ``k`` placeholders (the stock count without one)."""
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
         return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
@@ -153,46 +110,56 @@ class TokenSieveLlavaMultiModalProcessor(LlavaMultiModalProcessor):
                 return [image_token_id] * images.get_feature_size(item_idx)
             size = images.get_image_size(item_idx)
             n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-            item = out_mm_kwargs["image"][item_idx] if "image" in out_mm_kwargs else None
-            elem = item.get(FIELD) if item is not None else None
-            spec = decode_spec(elem.data) if elem is not None else None
+            spec = item_spec(out_mm_kwargs, "image", item_idx)
             return [image_token_id] * (spec.k if spec is not None else n)
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    TokenSieveLlavaMultiModalProcessor,
-    info=TokenSieveLlavaProcessingInfo,
-    dummy_inputs=LlavaDummyInputsBuilder,
-)
-class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
+class TokenSieveLlavaMultiModalProcessor(KPlaceholders, LlavaMultiModalProcessor):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        spec = self.info.spec(hf_kwargs)
+        _, rest = split_kwargs(hf_kwargs)
+        out = self.info.ctx.call_hf_processor(WithoutTokensieve(self.info.get_hf_processor(**rest)), hf_data, rest)
+        pixels = out.get("pixel_values")
+        if pixels is not None:
+            out[FIELD] = encode_specs([spec] * len(pixels))
+        return out
 
-    # transformers 5.2x saves the CLIP tower without the `vision_model.` level vLLM's CLIP module has; map the
-    # names at load time (checkpoints that have the level are left alone) instead of rewriting anyone's files
-    hf_to_vllm_mapper = WeightsMapper(
-        orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
-    ) | LlavaForConditionalGeneration.hf_to_vllm_mapper
+CLIP_NAMES = WeightsMapper(
+    orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
+)
+"""transformers 5.2x saves the CLIP tower without the ``vision_model.`` level vLLM's CLIP module has; the names are
+mapped at load time (checkpoints that have the level are left alone) instead of rewriting anyone's files."""
+
+
+class ClipTower:
+    """vLLM's CLIP tower as tokensieve runs it (LLaVA-1.5 and LLaVA-NeXT): every layer built, run layer by layer.
+
+    vLLM builds the tower only up to the feature layer; :meth:`_complete_tower` adds the rest (EvoCut reads the
+    last one), so the tower's own forward would now run too deep and every call goes through :meth:`_run_tower`.
+    ``family_of(hf_config)`` (set by the model class) checks the model at start-up.
+    """
+
+    family_of: Callable[[object], Family]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        family = llava_family(config)
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp != 1:
-            raise ValueError(
-                f"tokensieve-vllm runs with tensor_parallel_size=1 only (got {tp}): attention-based methods would "
-                "read only the heads of one shard"
-            )
-        mm_config = vllm_config.model_config.get_multimodal_config()
-        try:  # a bad server default stops the server at start-up, not at its first image
-            resolve(server_settings(config, mm_config.mm_processor_kwargs), family)
-        except SettingsError as exc:
-            raise ValueError(f"tokensieve: bad server default: {exc}") from None
+        family = self.family_of(vllm_config.model_config.hf_config)
+        check_engine(vllm_config, family)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._family = family
         self._trace = os.environ.get(TRACE_ENV)
         self._complete_tower(vllm_config, prefix)
+
+    def _setting_input(self, kwargs: dict):
+        """``(image input, each image's setting)`` of one ``embed_multimodal`` call; settings ``None`` for
+        precomputed embeddings (they pass through untouched), image input ``None`` when there is nothing."""
+        raw = kwargs.pop(FIELD, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None or image_input["type"] != "pixel_values":
+            return image_input, None
+        n = len(image_input["pixel_values"])
+        return image_input, [decode_spec(row) for row in raw] if raw is not None else [None] * n
 
     def _complete_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Add the CLIP layers vLLM leaves out (those after the feature layer), so EvoCut can read the last one."""
@@ -207,26 +174,6 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 prefix=maybe_prefix(prefix, f"vision_tower.vision_model.encoder.layers.{i}"),
             ))
 
-    # -- engine side -----------------------------------------------------------------------------------------
-    def embed_multimodal(self, **kwargs: object):
-        raw = kwargs.pop(FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)  # precomputed embeddings pass through untouched
-        pixel_values = image_input["pixel_values"]
-        specs = [decode_spec(row) for row in raw] if raw is not None else [None] * len(pixel_values)
-        groups: dict[str | None, list[int]] = {}
-        for i, spec in enumerate(specs):  # images with the same setting run as one batch
-            groups.setdefault(spec.to_json() if spec else None, []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(specs)
-        for key, idx in groups.items():
-            embeds = self._sieve(pixel_values[idx], specs[idx[0]])
-            for j, i in enumerate(idx):
-                out[i] = embeds[j]
-        return out
-
     def _run_tower(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
         """vLLM's CLIP forward, stopped after ``depth`` layers (capture hooks read the states on the way)."""
         vm = self.vision_tower.vision_model
@@ -240,6 +187,45 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         attn = layer.self_attn
         return AttentionParts(None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale),
                               qkv_proj=attn.qkv_proj)
+
+    def _full_trace(self, depth: int) -> list[int]:
+        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
+        vc = self.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + 1
+        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
+
+    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
+        record(self._trace, spec, kept, encoder)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenSieveLlavaMultiModalProcessor,
+    info=TokenSieveLlavaProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGeneration):
+    """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
+
+    hf_to_vllm_mapper = CLIP_NAMES | LlavaForConditionalGeneration.hf_to_vllm_mapper
+    family_of = staticmethod(llava_family)
+
+    # -- engine side -----------------------------------------------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        image_input, specs = self._setting_input(kwargs)
+        if image_input is None:
+            return []
+        if specs is None:
+            return self._process_image_input(image_input)
+        pixel_values = image_input["pixel_values"]
+        groups: dict[str | None, list[int]] = {}
+        for i, spec in enumerate(specs):  # images with the same setting run as one batch
+            groups.setdefault(spec.to_json() if spec else None, []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(specs)
+        for key, idx in groups.items():
+            embeds = self._sieve(pixel_values[idx], specs[idx[0]])
+            for j, i in enumerate(idx):
+                out[i] = embeds[j]
+        return out
 
     def _sieve(self, pixel_values: torch.Tensor, spec: SieveSpec | None) -> torch.Tensor:
         """[B, k, d] LM embeddings of a batch of images that share one setting."""
@@ -289,21 +275,3 @@ class TokenSieveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")
         self._record(spec, kept, encoder)
         return embeds
-
-    def _full_trace(self, depth: int) -> list[int]:
-        """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
-        vc = self.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2 + 1
-        return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
-
-    def _record(self, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
-        """One trace line per image: method, k, kept patch indices (raster, CLS excluded) and the tokens entering
-        each encoder layer (what tokensieve.flops prices); ``encoder`` is one list for all images or one each."""
-        if not self._trace:
-            return
-        per_image = encoder if encoder and isinstance(encoder[0], list) else [encoder] * len(kept)
-        with open(self._trace, "a", encoding="utf-8") as f:
-            for row, layers in zip(kept, per_image):
-                f.write(json.dumps({"method": spec.method if spec else None, "k": spec.k if spec else len(row),
-                                    "params": spec.params if spec else {}, "kept": row,
-                                    "encoder_layer_tokens": layers}) + "\n")

@@ -1,7 +1,7 @@
 """Which method and budget an image runs under: the server default, overridden per request.
 
-Settings are four keys. Server-wide they come from ``hf_overrides={"tokensieve": {"method": ..., "budget": ...,
-"params": {...}, "scope": ...}}`` and/or ``--mm-processor-kwargs '{"tokensieve_method": ..., ...}'`` (the latter
+Settings are four keys (five on LLaVA-NeXT, whose ``newlines`` policy is "all" or "none"). Server-wide they come
+from ``hf_overrides={"tokensieve": {"method": ..., "budget": ..., "params": {...}, "scope": ...}}`` and/or ``--mm-processor-kwargs '{"tokensieve_method": ..., ...}'`` (the latter
 wins); per request from the request's ``mm_processor_kwargs`` with the same ``tokensieve_*`` names (the server needs
 ``--trust-request-mm-kwargs``). A request that names a different method than the server default starts from that
 method's own defaults (the server's ``params`` belong to the server's method). ``tokensieve_method: "none"``
@@ -27,7 +27,7 @@ from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Method
 
 PREFIX = "tokensieve_"
-FIELDS = ("method", "budget", "params", "scope")
+FIELDS = ("method", "budget", "params", "scope", "newlines")
 OFF = "none"
 
 
@@ -48,11 +48,16 @@ class Family:
     feature_layers: tuple[int, ...]
     """hidden_states indices (non-negative) whose patch rows make the features, concatenated in this order."""
     tokens: int
-    """Visual tokens per image before selection (the candidates)."""
+    """Visual tokens per image before selection (the candidates); the most an image can have where the count
+    depends on the image (Qwen-VL), whose requests are checked again per image."""
     num_prefix: int = 0
     """Leading candidates that are not patches (CLS under LLaVA's ``full`` strategy)."""
     scopes: tuple[str, ...] = (Scope.IMAGE.value,)
     stages: tuple[str, ...] = (PRE_PROJECTOR, POST_PROJECTOR)
+    newlines: tuple[str, ...] = ()
+    """Newline policies (``tokensieve.anyres``) the family takes, the default first; empty: no newline tokens."""
+    stage_notes: dict[str, str] = field(default_factory=dict)
+    """Why a stage is missing, by stage name, for the refusal message."""
 
     @property
     def feature_layer(self) -> int:
@@ -68,15 +73,20 @@ class SieveSpec:
     k: int
     tokens: int
     params: dict[str, Any] = field(default_factory=dict)
+    budget: int | float | None = None
+    """The budget as given (LLaVA-NeXT splits it over an image's crops itself); ``k`` is what the image keeps."""
+    scope: str = Scope.IMAGE.value
+    newlines: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"method": self.method, "k": self.k, "tokens": self.tokens, "params": self.params},
-                          sort_keys=True)
+        return json.dumps({"method": self.method, "k": self.k, "tokens": self.tokens, "params": self.params,
+                           "budget": self.budget, "scope": self.scope, "newlines": self.newlines}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "SieveSpec":
         d = json.loads(text)
-        return cls(d["method"], int(d["k"]), int(d["tokens"]), d["params"])
+        return cls(d["method"], int(d["k"]), int(d["tokens"]), d["params"], d.get("budget"),
+                   d.get("scope", Scope.IMAGE.value), d.get("newlines"))
 
     def build(self) -> Method:
         return _build(self.method, json.dumps(self.params, sort_keys=True))
@@ -150,9 +160,10 @@ def refusal(method: Method, family: Family, suggest: bool = True) -> str | None:
             "first (pre-LLM) stage alone"
         )
     if method.stage not in family.stages:
+        why = family.stage_notes.get(method.stage)
         return (
             f"method {name!r} runs {method.stage.replace('_', '-')}, which tokensieve-vllm does not support on "
-            f"{family.name} (supported stages: {', '.join(family.stages)})"
+            f"{family.name} (supported stages: {', '.join(family.stages)})" + (f": {why}" if why else "")
         )
     return None
 
@@ -170,8 +181,11 @@ def runnable_methods(family: Family) -> list[str]:
     return out
 
 
-def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
-    """Check merged settings against ``family``; ``None`` when no method is set (the stock model's tokens)."""
+def resolve(settings: Mapping[str, object], family: Family, tokens: int | None = None) -> SieveSpec | None:
+    """Check merged settings against ``family``; ``None`` when no method is set (the stock model's tokens).
+
+    ``tokens``: this image's candidate count, where it depends on the image (default: ``family.tokens``).
+    """
     name = settings.get("method")
     if name is None or _norm(name) == OFF:
         return None
@@ -203,9 +217,25 @@ def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
             f"budget scope {scope!r} is not supported on {family.name} under vLLM; use one of {list(family.scopes)} "
             "(a budget there is a fixed count per image, or a keep ratio of the image's tokens)", PREFIX + "scope"
         )
+    newlines = settings.get("newlines")
+    if newlines is not None and newlines not in family.newlines:
+        raise SettingsError(
+            f"tokensieve_newlines {newlines!r} is not supported on {family.name}; "
+            + (f"use one of {list(family.newlines)}" if family.newlines else "it has no newline tokens"),
+            PREFIX + "newlines",
+        )
+    newlines = newlines or (family.newlines[0] if family.newlines else None)
+    n = family.tokens if tokens is None else tokens
+    what = f"each image of this {family.name} model" if tokens is None else f"this image ({family.name})"
     try:
         budget = Budget.parse(settings["budget"], scope)
-        k = budget.resolve(family.tokens, what=f"each image of this {family.name} model")
+        if budget.is_adaptive:
+            raise SettingsError(
+                "adaptive budgets are not available under vLLM: the front end must know each image's token count "
+                "before the encoder runs, and an adaptive count is read off the encoder's features; give an int or "
+                "a keep ratio", PREFIX + "budget"
+            )
+        k = budget.resolve(n, what=what)
     except TokensieveError as exc:
         raise SettingsError(str(exc), PREFIX + "budget") from None
     try:  # layer parameters are checked against the real depth here, not inside the engine
@@ -217,7 +247,7 @@ def resolve(settings: Mapping[str, object], family: Family) -> SieveSpec | None:
             method.request(family.num_layers, family.feature_layer)
     except ValueError as exc:
         raise SettingsError(f"bad tokensieve_params for method {cls.name!r}: {exc}", PREFIX + "params") from None
-    return SieveSpec(cls.name, k, family.tokens, dict(params))
+    return SieveSpec(cls.name, k, n, dict(params), budget.value, budget.scope.value, newlines)
 
 
 __all__ = ["SettingsError", "Family", "SieveSpec", "split_kwargs", "server_settings", "merge", "resolve",
