@@ -338,3 +338,74 @@ def test_a_student_started_from_its_teacher_has_zero_distillation_loss(tmp_path)
     assert target.shape == (3, 1 + 8 * 8, TOY["vision_width"])
     grid = target[:, 1:].reshape(3, 8, 8, -1)
     torch.testing.assert_close(grid[:, 0, 0], grid[:, 1, 1])  # each teacher patch fills a 2 x 2 block
+
+
+def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
+    """The word loss is a cross-entropy of projector outputs against the tied embedding rows of the target words:
+    a projected patch equal to the embedding of "red" + "top" + "left" is named red, top and left."""
+    from tokensieve.train import AUX_COLOURS, TARGET_ROWS, WORD_TARGETS, PatchProbe, build_model
+
+    cfg = TrainConfig(**TOY, aux_weight=1.0, aux_quadrant=1, aux_words=1.0)
+    model, processor = build_model(cfg)
+    probe = PatchProbe(model, cfg, processor.tokenizer)
+    assert not any(p is model.get_input_embeddings().weight for p in probe.parameters())  # not trained twice
+    table = model.get_input_embeddings().weight.detach()
+    tok = processor.tokenizer
+    row = lambda w: table[tok.convert_tokens_to_ids(w)]
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    targets = torch.zeros(1, 7, patches, dtype=torch.long)
+    targets[0, TARGET_ROWS["quadrant"]] = 1  # every patch "top left"
+    targets[0, TARGET_ROWS["colour"], 0] = AUX_COLOURS.index("red") + 1  # patch 0 shows a red object
+    targets[0, TARGET_ROWS["shape"]] = -100  # no shape known
+    torch.manual_seed(0)
+    probe.projected = torch.randn(1, patches, table.shape[1])
+    f = probe.projected[0]
+    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(f[:1] @ table[ids(AUX_COLOURS)].T, torch.tensor([AUX_COLOURS.index("red")]))
+                + ce(f @ table[ids(["top", "bottom"])].T, torch.zeros(patches, dtype=torch.long))
+                + ce(f @ table[ids(["left", "right"])].T, torch.zeros(patches, dtype=torch.long))) / 3
+    torch.testing.assert_close(probe.word_loss(targets), expected)  # shape: no known patch, no term
+    assert set(WORD_TARGETS) == {"colour", "shape", "row", "column"}
+    aligned = row("red") + row("top") + row("left")
+    probe.projected = (50 * aligned / aligned.norm()).expand(1, patches, -1).clone()
+    good = probe.word_loss(targets)
+    probe.projected = -probe.projected
+    assert good < probe.word_loss(targets)
+    probe.remove()
+    with pytest.raises(ValueError, match="tokenizer"):
+        PatchProbe(model, cfg)
+
+
+def test_word_loss_trains_and_leaves_no_hook_on_the_projector():
+    before = torch.get_num_threads()
+    model, _, history = train(TrainConfig(**{**TOY, "aux_weight": 1.0, "aux_words": 1.0, "steps": 8}),
+                              log=lambda m: None)
+    torch.set_num_threads(before)
+    words = [h["word_loss"] for h in history]
+    assert words[-1] < words[0]
+    assert not model.model.multi_modal_projector._forward_hooks
+    with pytest.raises(ValueError, match="aux_words needs the probe"):
+        train(TrainConfig(**{**TOY, "aux_words": 1.0, "steps": 1}), log=lambda m: None)
+
+
+def test_question_first_template_puts_the_question_before_the_image_in_eval_and_training():
+    from PIL import Image
+
+    from tokensieve.train import build_model, prompt_text
+
+    cfg = TrainConfig(**TOY, question_first=1)
+    _, processor = build_model(cfg)
+    assert prompt_text(processor, "how many shapes are there?") == "user : how many shapes are there? <image> assistant : "
+    # whatever the order of the content list, the text comes first
+    messages = [{"role": "user", "content": [{"type": "text", "text": "q ?"}, {"type": "image"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "user : q ? <image> assistant : "
+    batch = make_batch(processor, [Image.new("RGB", (32, 32))], [["how many shapes are there?", "what digit is written?"]],
+                       [["2", "7"]])
+    words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    first_image = words.index("<image>")
+    assert words[:first_image] == ["user", ":", "how", "many", "shapes", "are", "there", "?"]
+    # later turns follow the image as before
+    assert words[-11:] == ["user", ":", "what", "digit", "is", "written", "?", "assistant", ":", "7", "</s>"]
+    _, plain = build_model(TrainConfig(**TOY))
+    assert prompt_text(plain, "q ?") == "user : <image> q ? assistant : "

@@ -559,6 +559,25 @@ def _recipe_lines(cfg: dict) -> str:
                      + (". Each head's loss averages the patches that show something and those that show\n  nothing "
                         "separately, so a digit on 3 of 144 patches weighs as much as the background" if cfg.get("aux_balance") else "")
                      + ". The probe is training-only and not part of the saved model.")
+    if cfg.get("aux_weight") and (cfg.get("aux_pooled") or cfg.get("aux_mask")):
+        extra = (["per object and per digit, the colour / shape / digit logits averaged over the instance's patches"]
+                 if cfg.get("aux_pooled") else [])
+        extra += ["which sub-cells of each patch are drawn"] if cfg.get("aux_mask") else []
+        lines.append("- The probe also learns " + "; and ".join(extra) + ".")
+    if cfg.get("vision_steps") or cfg.get("sheets"):
+        lines.append(f"- {cfg.get('vision_steps', 0)} steps before the main schedule train the vision tower and probe alone"
+                     + (" against the teacher's features, on training images" if cfg.get("distill_from") else
+                        " on training sheets (3-8 digits and 3-8 shapes anywhere on a scene background)")
+                     + (f"; every main step adds {cfg['sheets']} sheets for the probe" if cfg.get("sheets") else "")
+                     + ".")
+    if cfg.get("aux_words"):
+        lines.append(f"- A word-alignment loss (weight {cfg['aux_words']}): each patch's projector output, scored "
+                     "against the LM's own embeddings of the colour,\n  shape, row (top / bottom) and column "
+                     "(left / right) words, names what the patch shows and where it is. Training-only.")
+    if cfg.get("question_first"):
+        lines.append("- The chat template puts the question before the image (`user : QUESTION <image> assistant : `),"
+                     " so the visual\n  tokens read the question; `processor.apply_chat_template` writes this order "
+                     "whatever the order of the content list.")
     drill = []
     if cfg.get("where_questions"):
         drill.append('"where is the <colour> shape?" for every object')
@@ -573,6 +592,9 @@ def _recipe_lines(cfg: dict) -> str:
         lines.append(f"- Weights start from `{cfg['init_from']}` (tensors of equal shape copied; CLIP's position table "
                      "resampled to the new grid and the patch kernel resized, as when a ViT moves to a higher "
                      "resolution), not from random values.")
+    if cfg.get("distill_from"):
+        lines.append(f"- The vision tower also learns to reproduce the feature layer of `{cfg['distill_from']}` "
+                     f"(its grid resized to this one's; weight {cfg.get('distill_weight', 1.0)}) on every image it sees.")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .data import easyvqa, shapes
-from .tiny import CHAT_TEMPLATE, SPECIALS, _WORDS, build_processor, build_tokenizer
+from .tiny import CHAT_TEMPLATE, QUESTION_FIRST_TEMPLATE, SPECIALS, _WORDS, build_processor, build_tokenizer
 
 CHAT_WORDS = ["user", "assistant", ":"]
 
@@ -66,6 +66,23 @@ class TrainConfig:
     aux_quadrant: int = 0
     """1: a fourth probe head names each patch's quadrant, so the feature layer states where it is in words the LM
     can read."""
+    question_first: int = 0
+    """1: the chat template puts the question before the image (:data:`tiny.QUESTION_FIRST_TEMPLATE`). Each visual
+    token can then compare what it shows with what is asked (causal attention reads earlier tokens only), so "is the
+    red shape left of the blue one?" becomes a local match plus a fixed read-out; with the image first the answer
+    position must find the asked-for patches by a question-dependent attention, which where / relation / existence
+    questions never learned (training/runs/final144.md)."""
+    aux_words: float = 0.0
+    """Weight of a word-alignment loss: each patch's projector output, scored against the LM's own (tied) embeddings
+    of the colour, shape, row ("top" / "bottom") and column ("left" / "right") words, names what the patch shows and
+    where it is. A question's colour word and the patches of that colour then start out alike in the LM's space, so
+    "where is the red shape?" is a match the LM's attention can find; without it the LM must learn the cross-modal
+    match from yes/no answers alone, and where / relation questions stayed at chance (training/runs/final144.md)."""
+    lead_families: str = ""
+    """Comma-separated shapes families (and ``where``): each shapes conversation then opens with a question drawn
+    from them, its other turns following. Only the first turn has the evaluation prompt's layout (with
+    ``question_first``, the only one whose visual tokens read the question), so this is where the families that
+    need the question's words at the visual tokens are trained."""
     where_questions: int = 0
     """1: shapes conversations also ask "where is the <colour> shape?" for every object (training-only)."""
     extra_relations: int = 0
@@ -103,7 +120,8 @@ def build_model(cfg: TrainConfig):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = build_tokenizer(vocabulary())
-    processor = build_processor(tokenizer, cfg.image_size, cfg.patch_size)
+    processor = build_processor(tokenizer, cfg.image_size, cfg.patch_size,
+                                chat_template=QUESTION_FIRST_TEMPLATE if cfg.question_first else CHAT_TEMPLATE)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
@@ -242,6 +260,18 @@ class Mixture:
             targets.append(target)
         return images, torch.stack(targets)
 
+    def _lead(self, index: int, scene) -> tuple[str, str]:
+        """The opening turn for ``lead_families``: a family picked by the data stream, asked from its own seeded
+        stream (so the conversation after it, and the test set, are unchanged)."""
+        fams = [f for f in self.cfg.lead_families.split(",")
+                if f and (len(scene.objects) >= 2 or f not in shapes.NEEDS_TWO)]
+        fam = fams[int(torch.randint(len(fams), (1,), generator=self.gen))]
+        rng = np.random.default_rng([shapes.SPLIT_SEEDS["train"], index, 2718281])
+        if fam == "where":
+            o = scene.objects[int(rng.integers(len(scene.objects)))]
+            return f"where is the {o.colour} shape?", shapes.quadrant(o)
+        return shapes.ask(scene, fam, rng)
+
     def _pick(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.gen).tolist()
 
@@ -275,7 +305,10 @@ class Mixture:
                 target = scene_targets(scene, patch, size)
                 self.next_scene += 1
                 described = turns[-1:] if desc else []
-                turns = turns[: len(turns) - len(described)][: cfg.turns]
+                turns = turns[: len(turns) - len(described)]
+                if cfg.lead_families:
+                    turns = [self._lead(index, scene)] + turns
+                turns = turns[: cfg.turns]
                 turns += shapes.drill("train", index, scene, where=bool(cfg.where_questions),
                                       relations=cfg.extra_relations, exists=cfg.extra_exists) + described
             images.append(image)
@@ -297,6 +330,8 @@ sub-cell (:func:`mask_side`)."""
 POOLED = {"colour": "object", "shape": "object", "digit": "digit_instance"}
 """Heads the pooled loss reads per instance, and the row that says which patches make one instance."""
 IGNORE = -100
+WORD_TARGETS = {"colour": AUX_COLOURS, "shape": AUX_SHAPES, "row": ("top", "bottom"), "column": ("left", "right")}
+"""The words :meth:`PatchProbe.word_loss` scores patches against, in target-class order (``aux_words``)."""
 
 
 def aux_heads(cfg: TrainConfig) -> dict[str, int]:
@@ -421,7 +456,7 @@ class PatchProbe(nn.Module):
     training. With ``aux_balance`` each head weighs the patches that show something as much as the background.
     """
 
-    def __init__(self, model, cfg: TrainConfig):
+    def __init__(self, model, cfg: TrainConfig, tokenizer=None):
         super().__init__()
         self.heads = aux_heads(cfg)
         self.balance = bool(cfg.aux_balance)
@@ -433,6 +468,19 @@ class PatchProbe(nn.Module):
         index = len(layers) + model.config.vision_feature_layer  # hidden_states[-2] is the output of layer L-2
         self.states = None
         self.handle = layers[index].register_forward_hook(self._grab)
+        self.words = None
+        self.projected = None
+        self.word_handle = None
+        if cfg.aux_words > 0:
+            if tokenizer is None:
+                raise ValueError("aux_words needs the tokenizer (the words' embeddings are the classifier)")
+            self._embeddings = [model.get_input_embeddings()]  # a list: the LM's table is not the probe's parameter
+            self.words = {name: torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
+                          for name, words in WORD_TARGETS.items()}
+            self.word_handle = model.model.multi_modal_projector.register_forward_hook(self._grab_projected)
+
+    def _grab_projected(self, module, args, output):
+        self.projected = output
 
     def _grab(self, module, args, output):
         self.states = output[0] if isinstance(output, tuple) else output
@@ -477,6 +525,23 @@ class PatchProbe(nn.Module):
                                                              ignore_index=IGNORE))
         return sum(terms) / len(terms)
 
+    def word_loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the last projector output's patches read through the LM's word embeddings: colour and
+        shape words where a patch shows an object (``targets`` as in :meth:`loss`), row and column words
+        everywhere."""
+        feats = self.projected.reshape(targets.shape[0], targets.shape[-1], -1)  # [B, P, D]
+        table = self._embeddings[0].weight
+        quadrant = targets[:, TARGET_ROWS["quadrant"]] - 1  # 0-3 in shapes.QUADRANTS order
+        labels = {"colour": targets[:, TARGET_ROWS["colour"]] - 1, "shape": targets[:, TARGET_ROWS["shape"]] - 1,
+                  "row": quadrant // 2, "column": quadrant % 2}
+        terms = []
+        for name, ids in self.words.items():
+            label = labels[name]
+            on = label >= 0  # colour / shape: patches that show an object whose colour / shape is known
+            if on.any():
+                terms.append(nn.functional.cross_entropy(feats[on] @ table[ids].T, label[on]))
+        return sum(terms) / len(terms)
+
     @staticmethod
     def _mask_parts(part: torch.Tensor, targets: torch.Tensor):
         t = targets[:, TARGET_ROWS["mask"]: TARGET_ROWS["mask"] + part.shape[-1]].transpose(1, 2).float()
@@ -514,6 +579,8 @@ class PatchProbe(nn.Module):
 
     def remove(self) -> None:
         self.handle.remove()
+        if self.word_handle is not None:
+            self.word_handle.remove()
 
 
 def warm_start(model, source: str | Path) -> list[str]:
@@ -643,7 +710,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
         resized = warm_start(model, cfg.init_from)
         log(f"started from {cfg.init_from}" + (f" (resized: {', '.join(resized)})" if resized else ""))
     model.train()
-    probe = PatchProbe(model, cfg) if cfg.aux_weight > 0 else None
+    probe = PatchProbe(model, cfg, processor.tokenizer) if cfg.aux_weight > 0 else None
+    if cfg.aux_words > 0 and probe is None:
+        raise ValueError("aux_words needs the probe (aux_weight > 0): its hook reads the projector")
     params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe is not None else [])
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
@@ -732,12 +801,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                 sheet_aux = sheet_loss(cfg.sheets) if cfg.sheets and probe is not None else None
                 loss = model(**batch).loss  # the answer loss; logged and smoothed on its own
                 aux = probe.loss(targets) if probe is not None else None
+                words = probe.word_loss(targets) if cfg.aux_words > 0 else None
                 if teacher is not None:
                     aux = aux + cfg.distill_weight * teacher.loss(drawn[0], probe.states)
                 if sheet_aux is not None:
                     aux = (aux + sheet_aux) / 2
                 opt.zero_grad(set_to_none=True)
-                (loss + cfg.aux_weight * aux if aux is not None else loss).backward()
+                total = loss + cfg.aux_weight * aux if aux is not None else loss
+                (total + cfg.aux_words * words if words is not None else total).backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
             opt.step()
             if main >= 0:
@@ -751,12 +822,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                     record.update(phase="vision", step=step, probe_acc=probe.accuracy(targets))
                 elif aux is not None:
                     record["aux_loss"] = round(aux.item(), 4)
+                    if words is not None:
+                        record["word_loss"] = round(words.item(), 4)
                     if cfg.aux_balance:
                         record["probe_acc"] = probe.accuracy(targets)  # the scenes: the last forward
                 history.append(record)
                 log(("vision " if main < 0 else "") + f"step {record['step']:5d}  loss {loss.item():.4f}  "
                     + (f"smoothed {running:.4f}  " if main >= 0 else "")
                     + (f"aux {aux.item():.4f}  " if aux is not None and main >= 0 else "")
+                    + (f"words {words.item():.4f}  " if main >= 0 and words is not None else "")
                     + (f"probe {record['probe_acc']}  " if "probe_acc" in record else "")
                     + f"lr {lr:.2e}  {elapsed:7.1f} s")
             if checkpoint is not None and checkpoint_every and main > 0 and main % checkpoint_every == 0:
