@@ -41,6 +41,9 @@ class TrainConfig:
     text_heads: int = 4
     text_kv_heads: int = 4
     text_mlp: int = 256
+    rope_theta: float = 10000.0
+    """The LM's RoPE base. With 32-dim heads only a few rotary pairs turn slowly enough to match content across the
+    ~150 positions between a question and the visual tokens; a larger base keeps more of them stable."""
     steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
@@ -131,6 +134,7 @@ def build_model(cfg: TrainConfig):
         num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
     )
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
