@@ -118,3 +118,15 @@ def test_unknown_split_or_family_is_refused():
         shapes.sample("test", 0, family="ocr")
     with pytest.raises(ValueError, match="unknown dataset"):
         load("coco")
+
+
+def test_the_published_test_split_is_unchanged():
+    """Tables published against the shapes test set stay comparable: its 2,004 images, questions and answers hash
+    to the value they had when the first tables were made (training-side additions must not move it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in shapes.dataset("test"):
+        h.update(s.image.tobytes())
+        h.update(f"{s.question}|{s.answer}|{s.family}|{s.index}".encode())
+    assert h.hexdigest() == "55e266dd507e5c49d0138d34018f388c62225db1838dcd354cdd11c1d0a8800d"

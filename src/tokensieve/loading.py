@@ -34,6 +34,12 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         "Using the embedded default model: a small LLaVA trained from scratch on tokensieve's shapes benchmark and "
         "easy-VQA. It answers one-word questions about simple synthetic scenes, nothing else.",
     ),
+    "default-576": EmbeddedModel(
+        "default-576", PACKAGE_DIR / "default_model_576",
+        "Using the embedded default-576 model: a small LLaVA at 336 px with 14-px patches (576 visual tokens, the "
+        "LLaVA-1.5 grid), trained from scratch on tokensieve's shapes benchmark and easy-VQA. It answers one-word "
+        "questions about simple synthetic scenes, nothing else.",
+    ),
     "tiny": EmbeddedModel(
         "tiny", None,
         "NOTE: a TINY RANDOM-WEIGHT LLaVA built from a config. Its answers are meaningless; the run shows the "

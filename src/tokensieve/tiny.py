@@ -21,6 +21,15 @@ CHAT_TEMPLATE = (
     "{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
 )
 
+QUESTION_FIRST_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : "
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image> {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
+"""The default model's template: a message's text before its images, whatever their order in the content list, so
+the visual tokens (causal attention) can read the question (see ``TrainConfig.question_first``)."""
+
 
 def build_tokenizer(words: list[str] | tuple[str, ...] = _WORDS):
     """A word-level tokenizer over ``words`` (lower-cased; punctuation split off) with the LLaVA specials."""
@@ -42,7 +51,8 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = _WORDS):
     )
 
 
-def build_processor(tokenizer, image_size: int, patch_size: int, vision_feature_select_strategy: str = "default"):
+def build_processor(tokenizer, image_size: int, patch_size: int, vision_feature_select_strategy: str = "default",
+                    chat_template: str = CHAT_TEMPLATE):
     """A LLaVA-1.5-style processor (CLIP preprocessing, CLS counted, chat template) around ``tokenizer``."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -56,7 +66,7 @@ def build_processor(tokenizer, image_size: int, patch_size: int, vision_feature_
         patch_size=patch_size,
         vision_feature_select_strategy=vision_feature_select_strategy,
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -144,8 +144,8 @@ def _background(scene: Scene) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def _paint(draw: ImageDraw.ImageDraw, scene: Scene, object_fill, digit_fill) -> None:
-    for k, o in enumerate(scene.objects):
+def _paint_objects(draw: ImageDraw.ImageDraw, objects, object_fill) -> None:
+    for k, o in enumerate(objects):
         fill = object_fill(k, o)
         x0, y0, x1, y1 = o.box
         if o.shape == "square":
@@ -154,10 +154,18 @@ def _paint(draw: ImageDraw.ImageDraw, scene: Scene, object_fill, digit_fill) -> 
             draw.ellipse(o.box, fill=fill)
         else:
             draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    dx, dy = scene.digit_pos
-    for seg in DIGIT_SEGMENTS[scene.digit]:
+
+
+def _paint_digit(draw: ImageDraw.ImageDraw, digit: int, pos: tuple[int, int], fill) -> None:
+    dx, dy = pos
+    for seg in DIGIT_SEGMENTS[digit]:
         sx0, sy0, sx1, sy1 = SEGMENTS[seg]
-        draw.rectangle((dx + sx0, dy + sy0, dx + sx1, dy + sy1), fill=digit_fill)
+        draw.rectangle((dx + sx0, dy + sy0, dx + sx1, dy + sy1), fill=fill)
+
+
+def _paint(draw: ImageDraw.ImageDraw, scene: Scene, object_fill, digit_fill) -> None:
+    _paint_objects(draw, scene.objects, object_fill)
+    _paint_digit(draw, scene.digit, scene.digit_pos, digit_fill)
 
 
 def render(scene: Scene) -> Image.Image:
@@ -276,6 +284,94 @@ def conversation(split: str, index: int, describe: bool = False, with_scene: boo
     if describe:
         turns.append((DESCRIBE, describe_scene(scene)))
     return (scene.image, turns, scene) if with_scene else (scene.image, turns)
+
+
+@dataclass
+class Sheet:
+    """A training-only picture for the vision tower: many digits and shapes anywhere on the scenes' background.
+
+    One scene shows one digit, so a tower learns to read digits from few examples per image; a sheet shows many
+    (and shapes of every size), each labelled per pixel by :func:`sheet_labels`. Sheets are never asked about.
+    """
+
+    objects: list[Obj]
+    digits: list[tuple[int, str, tuple[int, int]]]  # (digit, ink, top-left corner)
+    texture_seed: int
+    stripe: tuple[int, int, int]
+    image: Image.Image = field(repr=False, default=None)
+
+
+SHEET_DIGIT = 100  # label of digit j in sheet_labels: SHEET_DIGIT + j
+
+
+def sheet(split: str, index: int) -> Sheet:
+    """Sheet ``index`` of ``split`` (seeded): 3-8 shapes (tiny or large, colours may repeat) and 3-8 digits."""
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 32452843])
+    boxes, objects, digits = [], [], []
+
+    def place(w: int, h: int) -> tuple[int, int] | None:
+        for _ in range(200):
+            x, y = int(rng.integers(1, IMAGE_SIZE - w)), int(rng.integers(1, IMAGE_SIZE - h))
+            box = (x, y, x + w - 1, y + h - 1)
+            if not any(_overlaps(box, b) for b in boxes):
+                boxes.append(box)
+                return x, y
+        return None
+
+    for _ in range(int(rng.integers(3, 9))):
+        lo, hi = TINY if rng.random() < 0.3 else LARGE
+        size = int(rng.integers(lo, hi + 1))
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        if (at := place(size, size)) is not None:
+            objects.append(Obj(shape, colour, (at[0], at[1], at[0] + size - 1, at[1] + size - 1)))
+    for _ in range(int(rng.integers(3, 9))):
+        digit, ink = int(rng.integers(10)), str(rng.choice(list(INK)))
+        if (at := place(DIGIT_W, DIGIT_H)) is not None:
+            digits.append((digit, ink, at))
+    out = Sheet(objects, digits, int(rng.integers(2**31)),
+                (int(rng.integers(6, 14)), int(rng.integers(4)), int(rng.integers(20))))
+    img = Image.fromarray(_background(out), "RGB")
+    draw = ImageDraw.Draw(img)
+    _paint_objects(draw, objects, lambda k, o: COLOURS[o.colour])
+    for digit, ink, at in digits:
+        _paint_digit(draw, digit, at, INK[ink])
+    out.image = img
+    return out
+
+
+def sheet_labels(s: Sheet) -> np.ndarray:
+    """Which thing each pixel of a sheet shows: 0 background, ``k + 1`` object ``k``, ``SHEET_DIGIT + j`` digit
+    ``j``."""
+    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(img)
+    _paint_objects(draw, s.objects, lambda k, o: k + 1)
+    for j, (digit, _, at) in enumerate(s.digits):
+        _paint_digit(draw, digit, at, SHEET_DIGIT + j)
+    return np.asarray(img)
+
+
+TRAINING_WORDS = ("where",)
+"""Words that only training-side questions use (:func:`drill`); the test set never asks them."""
+
+
+def drill(split: str, index: int, scene: Scene, where: bool = False, relations: int = 0,
+          exists: int = 0) -> list[tuple[str, str]]:
+    """Extra training-only turns about a :func:`conversation` scene, from their own seeded stream.
+
+    ``where`` asks "where is the <colour> shape?" (answer: its quadrant) for every object: the colour-to-position
+    look-up that relation questions hinge on (with two objects in different columns, "is A left of B?" is "is A in
+    the left column?"), supervised on its own. ``relations`` / ``exists`` add that many more questions of those
+    yes/no families (other pairs, other colour-shape pairs). The stream is separate from the conversation's, so the
+    conversation itself, and the test set, are the same with or without drill turns.
+    """
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index, 15485863])
+    turns = []
+    if where:
+        turns += [(f"where is the {o.colour} shape?", quadrant(o)) for o in scene.objects]
+    if len(scene.objects) >= 2:
+        turns += [ask(scene, "relation", rng) for _ in range(relations)]
+    turns += [ask(scene, "exist", rng) for _ in range(exists)]
+    return [turns[k] for k in rng.permutation(len(turns))]
 
 
 def dataset(split: str = "test", limit: int | None = None, start: int = 0) -> list[Sample]:
