@@ -409,3 +409,19 @@ def test_question_first_template_puts_the_question_before_the_image_in_eval_and_
     assert words[-11:] == ["user", ":", "what", "digit", "is", "written", "?", "assistant", ":", "7", "</s>"]
     _, plain = build_model(TrainConfig(**TOY))
     assert prompt_text(plain, "q ?") == "user : <image> q ? assistant : "
+
+
+def test_lead_families_open_every_shapes_conversation_and_skip_scenes_they_do_not_fit():
+    from tokensieve.data import shapes
+
+    cfg = TrainConfig(**TOY, lead_families="relation", turns=2, easyvqa_share=0.0, describe_share=0.0)
+    data = Mixture(cfg)
+    _, questions, answers = data.draw(12)
+    for index, (qs, ans) in enumerate(zip(questions, answers)):
+        _, turns, scene = shapes.conversation("train", index, with_scene=True)
+        if len(scene.objects) >= 2:
+            assert " of the " in qs[0] or " above " in qs[0] or " below " in qs[0], qs[0]
+            assert ans[0] in ("yes", "no")
+            assert list(zip(qs[1:], ans[1:])) == turns[:1]
+        else:  # a one-shape scene has no relation to open with: its conversation is unchanged
+            assert list(zip(qs, ans)) == turns[:2]

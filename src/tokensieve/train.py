@@ -70,17 +70,17 @@ class TrainConfig:
     """1: a fourth probe head names each patch's quadrant, so the feature layer states where it is in words the LM
     can read."""
     question_first: int = 0
-    """1: the chat template puts the question before the image (:data:`tiny.QUESTION_FIRST_TEMPLATE`). Each visual
-    token can then compare what it shows with what is asked (causal attention reads earlier tokens only), so "is the
-    red shape left of the blue one?" becomes a local match plus a fixed read-out; with the image first the answer
-    position must find the asked-for patches by a question-dependent attention, which where / relation / existence
-    questions never learned (training/runs/final144.md)."""
+    """1: the chat template puts the question before the image (:data:`tiny.QUESTION_FIRST_TEMPLATE`), so each
+    visual token can compare what it shows with what is asked (causal attention reads earlier tokens only) instead of
+    the answer position having to find the asked-for patches. Measured: it helps where-only pilots (about 50%
+    against chance) but a whole run with it scored below final144 (training/runs/pilots-2026-12-02.md); off by
+    default."""
     aux_words: float = 0.0
     """Weight of a word-alignment loss: each patch's projector output, scored against the LM's own (tied) embeddings
     of the colour, shape, row ("top" / "bottom") and column ("left" / "right") words, names what the patch shows and
-    where it is. A question's colour word and the patches of that colour then start out alike in the LM's space, so
-    "where is the red shape?" is a match the LM's attention can find; without it the LM must learn the cross-modal
-    match from yes/no answers alone, and where / relation questions stayed at chance (training/runs/final144.md)."""
+    where it is, so a question's colour word and the patches of that colour start out alike in the LM's space.
+    Measured: where-only pilots go from chance to about 65% with it, but it did not lift relations in a whole run
+    (training/runs/pilots-2026-12-02.md)."""
     lead_families: str = ""
     """Comma-separated shapes families (and ``where``): each shapes conversation then opens with a question drawn
     from them, its other turns following. Only the first turn has the evaluation prompt's layout (with
@@ -264,17 +264,19 @@ class Mixture:
             targets.append(target)
         return images, torch.stack(targets)
 
-    def _lead(self, index: int, scene) -> tuple[str, str]:
-        """The opening turn for ``lead_families``: a family picked by the data stream, asked from its own seeded
-        stream (so the conversation after it, and the test set, are unchanged)."""
+    def _lead(self, index: int, scene) -> list[tuple[str, str]]:
+        """The opening turn for ``lead_families`` (none when no listed family fits a one-shape scene): a family
+        picked by the data stream, asked from its own seeded stream (so the conversation after it, and the test
+        set, are unchanged)."""
         fams = [f for f in self.cfg.lead_families.split(",")
                 if f and (len(scene.objects) >= 2 or f not in shapes.NEEDS_TWO)]
+        if not fams:
+            return []
         fam = fams[int(torch.randint(len(fams), (1,), generator=self.gen))]
         rng = np.random.default_rng([shapes.SPLIT_SEEDS["train"], index, 2718281])
         if fam == "where":
-            o = scene.objects[int(rng.integers(len(scene.objects)))]
-            return f"where is the {o.colour} shape?", shapes.quadrant(o)
-        return shapes.ask(scene, fam, rng)
+            return [shapes.where_turn(scene.objects[int(rng.integers(len(scene.objects)))])]
+        return [shapes.ask(scene, fam, rng)]
 
     def _pick(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.gen).tolist()
@@ -311,7 +313,7 @@ class Mixture:
                 described = turns[-1:] if desc else []
                 turns = turns[: len(turns) - len(described)]
                 if cfg.lead_families:
-                    turns = [self._lead(index, scene)] + turns
+                    turns = self._lead(index, scene) + turns
                 turns = turns[: cfg.turns]
                 turns += shapes.drill("train", index, scene, where=bool(cfg.where_questions),
                                       relations=cfg.extra_relations, exists=cfg.extra_exists) + described

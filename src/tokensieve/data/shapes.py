@@ -354,6 +354,11 @@ TRAINING_WORDS = ("where",)
 """Words that only training-side questions use (:func:`drill`); the test set never asks them."""
 
 
+def where_turn(obj: Obj) -> tuple[str, str]:
+    """The training-only turn "where is the <colour> shape?" about ``obj`` and its answer (its quadrant)."""
+    return f"where is the {obj.colour} shape?", quadrant(obj)
+
+
 def drill(split: str, index: int, scene: Scene, where: bool = False, relations: int = 0,
           exists: int = 0) -> list[tuple[str, str]]:
     """Extra training-only turns about a :func:`conversation` scene, from their own seeded stream.
@@ -367,7 +372,7 @@ def drill(split: str, index: int, scene: Scene, where: bool = False, relations: 
     rng = np.random.default_rng([SPLIT_SEEDS[split], index, 15485863])
     turns = []
     if where:
-        turns += [(f"where is the {o.colour} shape?", quadrant(o)) for o in scene.objects]
+        turns += [where_turn(o) for o in scene.objects]
     if len(scene.objects) >= 2:
         turns += [ask(scene, "relation", rng) for _ in range(relations)]
     turns += [ask(scene, "exist", rng) for _ in range(exists)]
