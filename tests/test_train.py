@@ -425,3 +425,103 @@ def test_lead_families_open_every_shapes_conversation_and_skip_scenes_they_do_no
             assert list(zip(qs[1:], ans[1:])) == turns[:1]
         else:  # a one-shape scene has no relation to open with: its conversation is unchanged
             assert list(zip(qs, ans)) == turns[:2]
+
+
+@pytest.mark.parametrize("at", ["word", "answer", "route"])
+def test_attention_guide_supervises_what_the_question_names_and_matches_eager_attention(at):
+    """The guide's mass for each supervised query equals what eager attention gives that layer / head / position
+    over the named patches, and the named patches are those the scene's targets give the question's words."""
+    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, TARGET_ROWS, AttentionGuide, build_model
+
+    cfg = TrainConfig(**{**TOY, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2}, easyvqa_share=0.0,
+                      where_questions=1, describe_share=0.0)
+    model, processor = build_model(cfg)
+    model.set_attn_implementation("eager")
+    *drawn, targets = Mixture(cfg).draw_with_targets(4)
+    batch = make_batch(processor, *drawn)
+    guide = AttentionGuide(model, processor.tokenizer, at=at, layer=1)
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+        loss = guide.loss(batch, targets)
+    items = guide.items(batch["input_ids"], batch["labels"], batch["attention_mask"], targets)
+    tok = processor.tokenizer
+    word = lambda b, p: tok.convert_ids_to_tokens(int(batch["input_ids"][b, p]))
+    image_pos = (batch["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(4, -1)
+    patches = lambda b, keys: torch.isin(image_pos[b], keys)
+    colour_of = lambda b, named: {AUX_COLOURS[int(c) - 1] for c in targets[b, TARGET_ROWS["colour"], named]}
+    expected, seen = [], set()
+    for b, p, layer, head, keys in items:
+        named = patches(b, keys)
+        w = word(b, p)
+        if at == "word":
+            assert batch["labels"][b, p] == -100  # a question word, never an answer
+        if at == "word" and w in AUX_COLOURS:
+            assert (layer, head) == (0, 0)
+            assert torch.equal(named, targets[b, TARGET_ROWS["colour"]] == AUX_COLOURS.index(w) + 1)
+        if at == "word" and w in ("left", "right"):
+            assert layer == 1 and (targets[b, TARGET_ROWS["object"], named] > 0).all()
+        if at == "answer":
+            # a position that predicts an answer word (a question's last token, or "top" of "top left")
+            assert batch["labels"][b, p + 1] not in (-100, tok.eos_token_id) and layer == 1
+            # "where is the <colour> shape?": head 0 looks at that object, whose quadrant is the answer
+            question = [word(b, i) for i in range(p - 8, p)]
+            if "where" in question and head == 0 and at == "answer":
+                asked = question[question.index("where") + 3]
+                assert colour_of(b, named) == {asked}
+                seen.add("where")
+        seen.add(w)
+        if at == "route":  # heads 2 / 3 read the question's word for what heads 0 / 1 of "answer" read
+            assert head in (2, 3) and len(keys) == 1 and keys[0] < p and not named.any()
+            w_key = word(b, int(keys[0]))
+            assert w_key in AUX_COLOURS or w_key in ("left", "right", "digit") or w_key in AUX_SHAPES
+            seen.add("route")
+        expected.append(-out.attentions[layer][b, head, p, keys].sum().log())
+    assert {"word": lambda: {"left", "right"} & seen and set(AUX_COLOURS) & seen,
+            "answer": lambda: "where" in seen, "route": lambda: "route" in seen}[at]()
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    ids = {h.id for h in guide.handles}
+    assert ids <= {i for layer in model.model.language_model.layers for i in layer.self_attn._forward_hooks}
+    guide.remove()
+    assert not ids & {i for layer in model.model.language_model.layers for i in layer.self_attn._forward_hooks}
+
+
+def test_attention_guide_raises_the_mass_it_supervises_and_needs_the_layers_it_guides():
+    before = torch.get_num_threads()
+    cfg = {**TOY, "text_layers": 2, "text_heads": 4, "steps": 15, "aux_attention": 10.0, "where_questions": 1}
+    model, _, history = train(TrainConfig(**cfg), log=lambda m: None)
+    torch.set_num_threads(before)
+    masses = [h["attention_mass"] for h in history]
+    assert sum(masses[-3:]) > sum(masses[:3])
+    assert not any(layer.self_attn._forward_hooks for layer in model.model.language_model.layers)
+    with pytest.raises(ValueError, match="needs LM layer 1"):
+        train(TrainConfig(**{**cfg, "text_layers": 1, "steps": 1}), log=lambda m: None)
+
+
+def test_model_card_names_the_attention_guide_and_the_opening_families():
+    from tokensieve.evaluate import _recipe_lines
+
+    card = _recipe_lines({"aux_attention": 1.0, "attention_at": "word,route", "attention_layer": 2,
+                          "lead_families": "relation,exist,where"})
+    assert "attention guide (weight 1.0" in card and "layer 2" in card and "layers 0-1" in card
+    assert "opens with a question drawn from: relation, exist, where" in card
+    assert _recipe_lines({}) == ""
+
+
+def test_rewriting_a_model_card_keeps_its_reproduce_section_and_skips_steps_not_run(tmp_path, monkeypatch):
+    """``--card-only`` re-measures a model; the hand-written "how the weights it started from were made" part stays,
+    and a warm-started run without vision-only or curriculum steps does not claim "0 steps" of them."""
+    import tokensieve.data as datasets
+    from tokensieve.data import shapes
+    from tokensieve.evaluate import REPRODUCE, write_model_card
+
+    cfg = TrainConfig(**{**TOY, "steps": 1, "sheets": 2, "aux_weight": 1.0})
+    before = torch.get_num_threads()
+    model, processor, history = train(cfg, log=lambda m: None)
+    torch.set_num_threads(before)
+    save(model, processor, tmp_path, cfg, history, "old card\n\n" + REPRODUCE + "\nStage one: run X first.\n")
+    monkeypatch.setattr(datasets, "load", lambda data, split: [shapes.sample("test", i) for i in range(4)])
+    card = write_model_card(tmp_path, batch_size=4)
+    assert "old card" not in card and card.count(REPRODUCE) == 1 and card.endswith("Stage one: run X first.\n")
+    assert "Every step adds 2 training sheets" in card
+    assert "0 steps" not in card
+    assert write_model_card(tmp_path, batch_size=4) == card  # stable on a second rewrite

@@ -564,12 +564,15 @@ def _recipe_lines(cfg: dict) -> str:
                  if cfg.get("aux_pooled") else [])
         extra += ["which sub-cells of each patch are drawn"] if cfg.get("aux_mask") else []
         lines.append("- The probe also learns " + "; and ".join(extra) + ".")
-    if cfg.get("vision_steps") or cfg.get("sheets"):
-        lines.append(f"- {cfg.get('vision_steps', 0)} steps before the main schedule train the vision tower and probe alone"
+    sheets = "training sheets (3-8 digits and 3-8 shapes anywhere on a scene background)"
+    if cfg.get("vision_steps"):
+        lines.append(f"- {cfg['vision_steps']} steps before the main schedule train the vision tower and probe alone"
                      + (" against the teacher's features, on training images" if cfg.get("distill_from") else
-                        " on training sheets (3-8 digits and 3-8 shapes anywhere on a scene background)")
+                        f" on {sheets}")
                      + (f"; every main step adds {cfg['sheets']} sheets for the probe" if cfg.get("sheets") else "")
                      + ".")
+    elif cfg.get("sheets"):
+        lines.append(f"- Every step adds {cfg['sheets']} {sheets} for the probe.")
     if cfg.get("aux_words"):
         lines.append(f"- A word-alignment loss (weight {cfg['aux_words']}): each patch's projector output, scored "
                      "against the LM's own embeddings of the colour,\n  shape, row (top / bottom) and column "
@@ -588,6 +591,20 @@ def _recipe_lines(cfg: dict) -> str:
     if drill:
         lines.append("- Shapes conversations also carry training-only drill turns after the family questions: "
                      + ", ".join(drill) + ".")
+    if cfg.get("lead_families"):
+        lines.append("- Each shapes conversation opens with a question drawn from: "
+                     + ", ".join(f for f in cfg["lead_families"].split(",") if f)
+                     + " (the evaluation prompt's place); its other turns follow.")
+    if cfg.get("aux_attention"):
+        at = [a for a in cfg.get("attention_at", "word").split(",") if a]
+        what = {"word": "in LM layers 0-1, a question's colour / shape / digit / quadrant words attend to the "
+                        "patches they name",
+                "answer": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
+                          "word attends to the patches the question names",
+                "route": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
+                         "word attends to the question words that name what is asked about"}
+        lines.append(f"- An attention guide (weight {cfg['aux_attention']}, loss `-log` of the attention mass on "
+                     "the named keys, training-only): " + "; ".join(what[a] for a in at) + ".")
     if cfg.get("init_from"):
         lines.append(f"- Weights start from `{cfg['init_from']}` (tensors of equal shape copied; CLIP's position table "
                      "resampled to the new grid and the patch kernel resized, as when a ViT moves to a higher "
@@ -622,6 +639,8 @@ def write_model_card(model_dir: str | Path, batch_size: int = 64, name: str = "d
     load = (f" The machine was shared: mean 1-minute load average {notes['mean_load']} on its {notes.get('cores', '?')} "
             "cores while it trained, so an idle machine is faster." if notes.get("mean_load") else "")
     command = f"\n\n    {notes['command']}\n" if notes.get("command") else ""
+    curriculum = (f"- The first {cfg['curriculum_steps']} steps use easy-VQA images only.\n"
+                  if cfg.get("curriculum_steps") else "")
     card = f"""# tokensieve {name}
 
 A small LLaVA-1.5-layout VLM trained on CPU by `training/train_default.py` as one of tokensieve's embedded
@@ -637,8 +656,7 @@ Not a general model: it answers one-word questions about the two datasets below,
 - easy-VQA train split (PyPI `easy-vqa`, MIT, 38,575 questions on 4,000 images), {100 * cfg['easyvqa_share']:.0f}% of samples.
 - Each training image carries up to {cfg.get('turns', 1)} of its questions as a conversation (shapes: one per
   family; easy-VQA: the image's own questions); the first turn is exactly the evaluation prompt.
-- The first {cfg.get('curriculum_steps', 0)} steps use easy-VQA images only.
-- {100 * cfg.get('describe_share', 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
+{curriculum}- {100 * cfg.get('describe_share', 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
   size, colour, shape), the count and the digit (for easy-VQA: colour and shape, from the image's own answers).
   The test sets contain only the question families; the shapes test split is never trained on.
 {_recipe_lines(cfg)}
@@ -654,5 +672,13 @@ torch {notes.get('torch', '?')}).{load} Loss and probe accuracy history in `trai
 |---|---|---|---|
 {chr(10).join(rows)}
 """
-    (model_dir / "README.md").write_text(card)
+    old = model_dir / "README.md"
+    kept = old.read_text().partition(REPRODUCE)[2] if old.is_file() else ""
+    if kept:  # a hand-written section (how the weights it started from were made) survives re-measuring
+        card = card.rstrip("\n") + "\n\n" + REPRODUCE + kept
+    old.write_text(card)
     return card
+
+
+REPRODUCE = "## Reproduce\n"
+"""A model card section that :func:`write_model_card` keeps when it rewrites the card."""

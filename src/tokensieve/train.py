@@ -81,6 +81,16 @@ class TrainConfig:
     where it is, so a question's colour word and the patches of that colour start out alike in the LM's space.
     Measured: where-only pilots go from chance to about 65% with it, but it did not lift relations in a whole run
     (training/runs/pilots-2026-12-02.md)."""
+    aux_attention: float = 0.0
+    """Weight of :class:`AttentionGuide`'s loss (0: off): question-driven attention supervised onto what the
+    question names."""
+    attention_at: str = "word"
+    """Where :class:`AttentionGuide` supervises: ``word``, ``answer``, ``route``, comma-separated. Measured
+    (training/runs/pilots-2026-12-02.md): ``word`` alone lifts easy-VQA's yes/no but not where-questions, because
+    the answer position never reads the word that found the object; ``word,route`` adds that second hop and is the
+    one that moved where / relation / existence."""
+    attention_layer: int = 2
+    """The LM layer whose heads ``answer`` / ``route`` supervise (after layer 1, where the quadrant words look)."""
     lead_families: str = ""
     """Comma-separated shapes families (and ``where``): each shapes conversation then opens with a question drawn
     from them, its other turns following. Only the first turn has the evaluation prompt's layout (with
@@ -589,6 +599,176 @@ class PatchProbe(nn.Module):
             self.word_handle.remove()
 
 
+class AttentionGuide:
+    """Training-only: teaches a few LM heads to look where a question points (``aux_attention``).
+
+    Run final144 reads digits and counts but answers "where is the red shape?" at chance: its LM never learned to
+    attend to the patches a question picks out, although its feature layer names every patch's colour and quadrant
+    (training/runs/pilots-2026-12-02.md). The answer loss alone teaches that look-up slowly, so this loss supervises
+    it directly. Placements (``attention_at``, comma-separated):
+
+    - ``word``: in layer 0 a colour word's head 0, a shape word's head 1 and the word "digit"'s head 2 attend to the
+      patches showing that colour / shape / the digit; in layer 1 the second word of a quadrant ("top left"), head
+      0, attends to the object in that quadrant (by layer 1 it has read the word before it).
+    - ``answer``: every position that predicts an answer word, in layer ``attention_layer``, head 0 attends to the
+      patches of the first thing the question names (the object in its quadrant, else its first colour, else the
+      digit, else its shape) and head 1 to the second (a relation's second colour, an existence question's shape).
+    - ``route``: the same positions, in layer ``attention_layer``, heads 2 and 3 attend to the question's words for
+      those two things instead. With ``word`` these words have already read their object, so this is the second
+      hop of a two-step look-up (answer -> word -> patches).
+
+    The loss is ``-log`` of the attention mass on the named keys (any spread over them is fine); words that name
+    nothing in the image (a colour the scene lacks) are skipped. Only the rows and heads it needs are computed, from
+    the layer's own q / k projections and rotary embeddings, so the model keeps SDPA.
+    """
+
+    PLACEMENTS = ("word", "answer", "route")
+
+    def __init__(self, model, tokenizer, at: str = "word", layer: int = 2):
+        self.at = {a.strip() for a in at.split(",") if a.strip()}
+        if not self.at or self.at - set(self.PLACEMENTS):
+            raise ValueError(f"attention_at must list some of {self.PLACEMENTS}, not {at!r}")
+        lm = model.model.language_model
+        self.answer_layer = layer
+        layers = sorted(({0, 1} if "word" in self.at else set()) | ({layer} if self.at - {"word"} else set()))
+        if max(layers) >= len(lm.layers):
+            raise ValueError(f"attention guide needs LM layer {max(layers)}; the model has {len(lm.layers)}")
+        self.image_id = model.config.image_token_id
+        self.attn = {i: lm.layers[i].self_attn for i in layers}
+        self.inputs: dict[int, tuple] = {}
+        self.handles = [self.attn[i].register_forward_hook(self._grabber(i), with_kwargs=True) for i in layers]
+        ids = tokenizer.convert_tokens_to_ids
+        self.colours = {ids(w): k + 1 for k, w in enumerate(AUX_COLOURS)}
+        self.shapes = {ids(w): k + 1 for k, w in enumerate(AUX_SHAPES)}
+        self.digit = ids("digit")
+        self.eos = tokenizer.eos_token_id
+        self.rows = {ids("top"): 0, ids("bottom"): 1}
+        self.columns = {ids("left"): 0, ids("right"): 1}
+        self.last_mass = float("nan")
+
+    def _grabber(self, layer: int):
+        def grab(module, args, kwargs, output):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[layer] = (hidden, kwargs["position_embeddings"])
+        return grab
+
+    def items(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+              targets: torch.Tensor) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """``(row, position, layer, head, keys)`` for every supervised query; ``keys`` are the sequence positions
+        it should attend to (``targets`` as in :meth:`PatchProbe.loss`)."""
+        out = []
+        colour, shape = targets[:, TARGET_ROWS["colour"]], targets[:, TARGET_ROWS["shape"]]
+        digit, obj = targets[:, TARGET_ROWS["digit_instance"]], targets[:, TARGET_ROWS["object"]]
+        quadrant = targets[:, TARGET_ROWS["quadrant"]]
+        asked = (labels == IGNORE) & attention_mask.bool() & (input_ids != self.image_id)
+        answered = labels != IGNORE
+        length = input_ids.shape[1]
+        for b in range(len(input_ids)):
+            image_pos = (input_ids[b] == self.image_id).nonzero().flatten()
+            named: list[tuple[str, torch.Tensor, int]] = []  # what the current question names, in order
+            for pos in range(length):
+                if pos and asked[b, pos] and answered[b, pos - 1]:
+                    named = []  # a new question starts
+                if pos + 1 < length and answered[b, pos + 1] and input_ids[b, pos + 1] != self.eos:
+                    # every position that predicts an answer word ("top" and "left" of "top left"), not the EOS
+                    for h, entry in enumerate(self._answer_targets(named)):
+                        if entry is None:
+                            continue
+                        if "answer" in self.at and entry[1].any():
+                            out.append((b, pos, self.answer_layer, h, image_pos[entry[1]]))
+                        if "route" in self.at and entry[1].any():
+                            out.append((b, pos, self.answer_layer, 2 + h, torch.tensor([entry[2]])))
+                if not asked[b, pos]:
+                    continue
+                t = int(input_ids[b, pos])
+                item = None
+                if t in self.colours:
+                    item, kind = (0, 0, colour[b] == self.colours[t]), "colour"
+                elif t in self.shapes:
+                    item, kind = (0, 1, shape[b] == self.shapes[t]), "shape"
+                elif t == self.digit:
+                    item, kind = (0, 2, digit[b] > 0), "digit"
+                elif t in self.columns and pos > 0 and int(input_ids[b, pos - 1]) in self.rows:
+                    q = 1 + self.columns[t] + 2 * self.rows[int(input_ids[b, pos - 1])]
+                    item, kind = (1, 0, (obj[b] > 0) & (quadrant[b] == q)), "quadrant"
+                if item is not None:
+                    named.append((kind, item[2], pos))
+                    if "word" in self.at and item[2].any():
+                        out.append((b, pos, item[0], item[1], image_pos[item[2]]))
+        return out
+
+    @staticmethod
+    def _answer_targets(named: list[tuple]) -> list:
+        """Head 0's and head 1's entries for a question that named ``named`` ((kind, patches, position), in
+        order)."""
+        kinds = [n[0] for n in named]
+        pick = lambda kind, nth=0: [n for n in named if n[0] == kind][nth]
+        if "quadrant" in kinds:
+            first = pick("quadrant")
+        elif "colour" in kinds:
+            first = pick("colour")
+        elif "digit" in kinds:
+            first = pick("digit")
+        elif "shape" in kinds:
+            return [pick("shape"), None]
+        else:
+            return []
+        if kinds.count("colour") >= 2:
+            second = pick("colour", 1)
+        elif "shape" in kinds and "quadrant" not in kinds:
+            second = pick("shape")
+        else:
+            second = None
+        return [first, second]
+
+    def loss(self, batch: dict, targets: torch.Tensor) -> torch.Tensor | None:
+        """Mean ``-log`` attention mass on the named keys over the last forward's supervised queries (None if
+        the batch has none)."""
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        items = self.items(input_ids, batch["labels"], mask, targets)
+        if not items:
+            return None
+        terms, masses = [], []
+        length = input_ids.shape[1]
+        for layer in self.attn:
+            group = [it for it in items if it[2] == layer]
+            if not group:
+                continue
+            attn = self.attn[layer]
+            hidden, (cos, sin) = self.inputs[layer]
+            cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in (cos, sin))  # [1, L, d] when shared
+            rows = torch.tensor([it[0] for it in group])
+            pos = torch.tensor([it[1] for it in group])
+            heads = torch.tensor([it[3] for it in group])
+            d = attn.head_dim
+            q = attn.q_proj(hidden[rows, pos]).view(len(group), -1, d)[torch.arange(len(group)), heads]
+            q = q * cos[rows, pos] + _rotate_half(q) * sin[rows, pos]
+            k = attn.k_proj(hidden).view(*hidden.shape[:2], -1, d)
+            kv = heads // attn.num_key_value_groups
+            k = k[rows, :, kv]  # [n, L, d]
+            k = k * cos[rows] + _rotate_half(k) * sin[rows]
+            scores = torch.einsum("nd,nld->nl", q, k) * attn.scaling
+            valid = mask[rows].bool() & (torch.arange(length)[None] <= pos[:, None])
+            logp = scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
+            named = torch.zeros(len(group), length, dtype=torch.bool)
+            for i, it in enumerate(group):
+                named[i, it[4]] = True
+            mass = logp.masked_fill(~named, float("-inf")).logsumexp(-1)
+            terms.append(-mass)
+            masses.append(mass.detach().exp())
+        self.last_mass = torch.cat(masses).mean().item()
+        return torch.cat(terms).mean()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
 def warm_start(model, source: str | Path) -> list[str]:
     """Copy a saved model's weights into ``model``; returns the names that had to be resized.
 
@@ -717,6 +897,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
         log(f"started from {cfg.init_from}" + (f" (resized: {', '.join(resized)})" if resized else ""))
     model.train()
     probe = PatchProbe(model, cfg, processor.tokenizer) if cfg.aux_weight > 0 else None
+    if cfg.aux_attention > 0 and cfg.text_heads < 4:
+        raise ValueError(f"aux_attention needs an LM with at least 4 heads (it supervises heads 0-3), "
+                         f"not {cfg.text_heads}")
+    guide = (AttentionGuide(model, processor.tokenizer, cfg.attention_at, cfg.attention_layer)
+             if cfg.aux_attention > 0 else None)
     if cfg.aux_words > 0 and probe is None:
         raise ValueError("aux_words needs the probe (aux_weight > 0): its hook reads the projector")
     params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe is not None else [])
@@ -808,13 +993,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                 loss = model(**batch).loss  # the answer loss; logged and smoothed on its own
                 aux = probe.loss(targets) if probe is not None else None
                 words = probe.word_loss(targets) if cfg.aux_words > 0 else None
+                guided = guide.loss(batch, targets) if guide is not None else None
                 if teacher is not None:
                     aux = aux + cfg.distill_weight * teacher.loss(drawn[0], probe.states)
                 if sheet_aux is not None:
                     aux = (aux + sheet_aux) / 2
                 opt.zero_grad(set_to_none=True)
                 total = loss + cfg.aux_weight * aux if aux is not None else loss
-                (total + cfg.aux_words * words if words is not None else total).backward()
+                if words is not None:
+                    total = total + cfg.aux_words * words
+                if guided is not None:
+                    total = total + cfg.aux_attention * guided
+                total.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
             opt.step()
             if main >= 0:
@@ -830,6 +1020,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                     record["aux_loss"] = round(aux.item(), 4)
                     if words is not None:
                         record["word_loss"] = round(words.item(), 4)
+                if main >= 0 and guide is not None:
+                    record["attention_mass"] = round(guide.last_mass, 3)
                     if cfg.aux_balance:
                         record["probe_acc"] = probe.accuracy(targets)  # the scenes: the last forward
                 history.append(record)
@@ -837,6 +1029,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                     + (f"smoothed {running:.4f}  " if main >= 0 else "")
                     + (f"aux {aux.item():.4f}  " if aux is not None and main >= 0 else "")
                     + (f"words {words.item():.4f}  " if main >= 0 and words is not None else "")
+                    + (f"mass {record['attention_mass']}  " if "attention_mass" in record else "")
                     + (f"probe {record['probe_acc']}  " if "probe_acc" in record else "")
                     + f"lr {lr:.2e}  {elapsed:7.1f} s")
             if checkpoint is not None and checkpoint_every and main > 0 and main % checkpoint_every == 0:
@@ -855,6 +1048,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     finally:
         if probe is not None:
             probe.remove()
+        if guide is not None:
+            guide.remove()
     model.eval()
     return model, processor, history
 
