@@ -154,6 +154,23 @@ def test_preflight_calibrates_adaptive_budgets_and_names_the_one_that_cannot_run
                           progress=False)
 
 
+def test_preflight_also_runs_an_adaptive_budget_at_its_smallest_count(default, monkeypatch):
+    """Whether some test image gets an adaptive budget's smallest count depends on the model and the images, so the
+    preflight runs that count itself: with ``adaptive:72`` every image keeps 72 // 4 = 18 tokens there."""
+    model, processor = default
+    floor = evaluate._at_floor(Config.single("divprune", "adaptive:72"))
+    assert floor.budgets == ("adaptive:72@1e+30",) and not floor.needs_calibration
+    samples = load("shapes", "test", 2)
+    pred = evaluate.predict(model, processor, samples, sieve=floor.sieve(), batch_size=2, max_new_tokens=1)
+    assert pred.kept_per_question == [18, 18]
+    seen = []
+    real = evaluate.predict
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: (seen.append(k["sieve"]), real(*a, **k))[1])
+    fixed = [Config.single("divprune", 36), Config.single("divprune", "adaptive:72@0.5")]
+    evaluate.preflight(model, processor, samples, fixed, {}, "image")
+    assert len(seen) == 3  # the fixed budget once, the adaptive one as given and at its floor
+
+
 def test_table_and_plot_put_adaptive_next_to_fixed(monkeypatch, tmp_path):
     import matplotlib.axes
 

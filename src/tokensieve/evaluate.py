@@ -198,20 +198,37 @@ def preflight(model, processor, samples, configs: Sequence[Config], params: dict
               calibration: CalibrationSet | None = None) -> None:
     """Run every configuration once on the first question, so one that cannot work on this model (an unreachable
     in-LLM budget, a layer beyond the encoder, an unsupported stage) fails before any evaluation starts. An adaptive
-    budget without a threshold is first calibrated on the first calibration image only (the real fit comes later)."""
+    budget without a threshold is first calibrated on the first calibration image only (the real fit comes later),
+    and is also run at its smallest per-image count: some image of the test set may get it, and whether one does
+    depends on the model and the images, so the one calibration image alone would not say."""
     first = samples[:1]
     one = None if calibration is None else CalibrationSet(calibration.data, calibration.split, calibration.samples[:1])
     failures = []
     for config in configs:
+        where = ""
         try:
             sieve = config.sieve(params, scope)
             calibrate(sieve, config, model, processor, one, batch_size=1)
             predict(model, processor, first, sieve=sieve, batch_size=1, max_new_tokens=1)
+            if config.adaptive is not None:
+                where = " at its smallest per-image count"
+                predict(model, processor, first, sieve=_at_floor(config).sieve(params, scope), batch_size=1,
+                        max_new_tokens=1)
         except Exception as exc:  # every failure is reported, with the configuration it belongs to
-            failures.append(f"{config.label}: {' '.join(str(exc).split()) or type(exc).__name__}")
+            failures.append(f"{config.label}{where}: {' '.join(str(exc).split()) or type(exc).__name__}")
     if failures:
         raise InputError(f"{len(failures)} of {len(configs)} configuration(s) cannot run on this model, so nothing "
                          f"was evaluated: {'; '.join(failures)}")
+
+
+FLOOR_THRESHOLD = 1e30
+"""A threshold every residual curve meets at once, so an adaptive budget gives each image its smallest count."""
+
+
+def _at_floor(config: Config) -> Config:
+    """``config`` with its adaptive budget pinned to the smallest count of its range on every image."""
+    return Config(config.methods, tuple(f"{b.partition('@')[0]}@{FLOOR_THRESHOLD:g}" if isinstance(b, str) else b
+                                        for b in config.budgets))
 
 
 def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, params: dict | None = None,
