@@ -18,25 +18,27 @@ def test_loads_offline_as_a_stock_llava_with_a_cls_tower():
     assert size < 25 * 2**20
 
 
-def test_answers_from_the_image_on_fixed_test_subsets():
-    """Above 85% on fixed test subsets (the issue's bar), far above what an image-blind model gets.
+def test_answers_every_family_on_fixed_test_subsets():
+    """Floors on fixed subsets, a few points under what the shipped checkpoint scores there, far above chance.
 
-    The shipped checkpoint measures (model card) easy-VQA 97.1% on the whole test split, shapes 67.0%: counting and
-    the smallest shape's colour at 99.4%, digits and relations at chance. So the shapes subset here is the families
-    the model has learned, and a broken checkpoint, processor or loading path fails here.
+    The model card measures the whole test sets: easy-VQA 100.0%, shapes 94.9% (count 99.7, digit 99.7, exist 89.2,
+    position 80.5, relation 100.0, smallest 100.0). On these subsets the checkpoint scores easy-VQA 100%, and on 48
+    questions per shapes family 100% except exist 93.8% and position 85.4%. A broken checkpoint, processor or
+    loading path fails here, and so does a retrained model that loses a family (issue 20's bar: 80% each).
     """
     from tokensieve.data import shapes
 
     model, processor = load_model()
-    mixed = load("easyvqa", "test", 200)  # evenly spaced over the split: every family
-    shape = [s for s in load("easyvqa", "test", 600) if s.family == "shape"][:48]
-    learned = [shapes.sample("test", i, family=f) for i in range(48) for f in ("count", "smallest")]
-    for name, samples, floor, chance in (("easy-VQA, 200 of the test split", mixed, 0.85, None),
-                                         ("easy-VQA shape", shape, 0.85, 1 / 3),
-                                         ("shapes count + smallest-shape colour", learned, 0.85, 1 / 5)):
-        pred = predict(model, processor, samples, batch_size=48)
+    cases = [("easy-VQA, 200 of the test split", load("easyvqa", "test", 200), 0.95, None)]
+    floors = {"count": 0.9, "digit": 0.9, "exist": 0.8, "position": 0.75, "relation": 0.9, "smallest": 0.9}
+    chance = {"count": 1 / 4, "digit": 1 / 10, "exist": 1 / 2, "position": 1 / 5, "relation": 1 / 2, "smallest": 1 / 5}
+    for family, floor in floors.items():
+        cases.append((f"shapes {family}", [shapes.sample("test", i, family=family) for i in range(48)], floor,
+                      chance[family]))
+    for name, samples, floor, base in cases:
+        pred = predict(model, processor, samples, batch_size=50)
         acc = sum(a == s.answer for a, s in zip(pred.answers, samples)) / len(samples)
-        assert acc > floor, (name, acc, chance)
+        assert acc > floor, (name, acc, base)
 
 
 def test_right_padded_batch_answers_as_each_prompt_alone():
