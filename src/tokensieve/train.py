@@ -660,16 +660,19 @@ class AttentionGuide:
         colour, shape = targets[:, TARGET_ROWS["colour"]], targets[:, TARGET_ROWS["shape"]]
         digit, obj = targets[:, TARGET_ROWS["digit_instance"]], targets[:, TARGET_ROWS["object"]]
         quadrant = targets[:, TARGET_ROWS["quadrant"]]
-        asked = (labels == IGNORE) & attention_mask.bool() & (input_ids != self.image_id)
-        answered = labels != IGNORE
+        # plain lists: this walks every token of the batch on each training step
+        asked = ((labels == IGNORE) & attention_mask.bool() & (input_ids != self.image_id)).tolist()
+        answered = (labels != IGNORE).tolist()
+        tokens = input_ids.tolist()
         length = input_ids.shape[1]
         for b in range(len(input_ids)):
             image_pos = (input_ids[b] == self.image_id).nonzero().flatten()
             named: list[tuple[str, torch.Tensor, int]] = []  # what the current question names, in order
+            ids, ask, ans = tokens[b], asked[b], answered[b]
             for pos in range(length):
-                if pos and asked[b, pos] and answered[b, pos - 1]:
+                if pos and ask[pos] and ans[pos - 1]:
                     named = []  # a new question starts
-                if pos + 1 < length and answered[b, pos + 1] and input_ids[b, pos + 1] != self.eos:
+                if pos + 1 < length and ans[pos + 1] and ids[pos + 1] != self.eos:
                     # every position that predicts an answer word ("top" and "left" of "top left"), not the EOS
                     for h, entry in enumerate(self._answer_targets(named)):
                         if entry is None:
@@ -678,9 +681,9 @@ class AttentionGuide:
                             out.append((b, pos, self.answer_layer, h, image_pos[entry[1]]))
                         if "route" in self.at and entry[1].any():
                             out.append((b, pos, self.answer_layer, 2 + h, torch.tensor([entry[2]])))
-                if not asked[b, pos]:
+                if not ask[pos]:
                     continue
-                t = int(input_ids[b, pos])
+                t = ids[pos]
                 item = None
                 if t in self.colours:
                     item, kind = (0, 0, colour[b] == self.colours[t]), "colour"
@@ -688,8 +691,8 @@ class AttentionGuide:
                     item, kind = (0, 1, shape[b] == self.shapes[t]), "shape"
                 elif t == self.digit:
                     item, kind = (0, 2, digit[b] > 0), "digit"
-                elif t in self.columns and pos > 0 and int(input_ids[b, pos - 1]) in self.rows:
-                    q = 1 + self.columns[t] + 2 * self.rows[int(input_ids[b, pos - 1])]
+                elif t in self.columns and pos > 0 and ids[pos - 1] in self.rows:
+                    q = 1 + self.columns[t] + 2 * self.rows[ids[pos - 1]]
                     item, kind = (1, 0, (obj[b] > 0) & (quadrant[b] == q)), "quadrant"
                 if item is not None:
                     named.append((kind, item[2], pos))
@@ -724,6 +727,8 @@ class AttentionGuide:
     def loss(self, batch: dict, targets: torch.Tensor) -> torch.Tensor | None:
         """Mean ``-log`` attention mass on the named keys over the last forward's supervised queries (None if
         the batch has none)."""
+        from transformers.models.llama.modeling_llama import rotate_half  # the LM's own rotary helper
+
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         items = self.items(input_ids, batch["labels"], mask, targets)
         if not items:
@@ -742,11 +747,11 @@ class AttentionGuide:
             heads = torch.tensor([it[3] for it in group])
             d = attn.head_dim
             q = attn.q_proj(hidden[rows, pos]).view(len(group), -1, d)[torch.arange(len(group)), heads]
-            q = q * cos[rows, pos] + _rotate_half(q) * sin[rows, pos]
+            q = q * cos[rows, pos] + rotate_half(q) * sin[rows, pos]
             k = attn.k_proj(hidden).view(*hidden.shape[:2], -1, d)
             kv = heads // attn.num_key_value_groups
             k = k[rows, :, kv]  # [n, L, d]
-            k = k * cos[rows] + _rotate_half(k) * sin[rows]
+            k = k * cos[rows] + rotate_half(k) * sin[rows]
             scores = torch.einsum("nd,nld->nl", q, k) * attn.scaling
             valid = mask[rows].bool() & (torch.arange(length)[None] <= pos[:, None])
             logp = scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
@@ -762,11 +767,6 @@ class AttentionGuide:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
 def warm_start(model, source: str | Path) -> list[str]:
