@@ -10,8 +10,13 @@ import torch
 
 
 def machine(threads: int, repeats: int, **extra) -> dict:
-    return dict(cpu=platform.processor() or platform.machine(), threads=threads, torch=torch.__version__,
-                repeats=repeats, **extra)
+    return dict(
+        cpu=platform.processor() or platform.machine(),
+        threads=threads,
+        torch=torch.__version__,
+        repeats=repeats,
+        **extra,
+    )
 
 
 def write(out_dir: str, name: str, meta: dict, rows: list[dict], table: list[str]) -> None:

@@ -20,13 +20,12 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from _results import machine, write
 
 from tokensieve import Adaptive, Sieve
 from tokensieve.adaptive import coverage_residuals
 from tokensieve.data import calibration_samples, load, question_batches, shapes
-from tokensieve.evaluate import load_model, predict
-
-from _results import machine, write
+from tokensieve.tools.evaluate import load_model, predict
 
 METHODS = ("evocut", "divprune", "vispruner", "fastervlm")
 
@@ -82,27 +81,47 @@ def analysis(model, processor, n: int, means: list[int], methods: list[str]) -> 
             vision.append(h)
             projected.append(model.model.multi_modal_projector(h))
     spaces = {"vision features": torch.cat(vision), "projected tokens": torch.cat(projected)}
-    curves = {(space, crit): coverage_residuals(x, max(means), "mean" if crit == "coverage" else "max").numpy()
-              for space, x in spaces.items() for crit in ("coverage", "radius")}
-    rows, table = [], ["", "#### Does the criterion read the scene? (shapes test, first "
-                           f"{n} questions; Spearman rho of r(k = mean) with the number of objects)", "",
-                       "| criterion | space | " + " | ".join(f"mean {m}" for m in means) + " |",
-                       "|---|---|" + "---|" * len(means)]
+    curves = {
+        (space, crit): coverage_residuals(x, max(means), "mean" if crit == "coverage" else "max").numpy()
+        for space, x in spaces.items()
+        for crit in ("coverage", "radius")
+    }
+    rows, table = (
+        [],
+        [
+            "",
+            "#### Does the criterion read the scene? (shapes test, first "
+            f"{n} questions; Spearman rho of r(k = mean) with the number of objects)",
+            "",
+            "| criterion | space | " + " | ".join(f"mean {m}" for m in means) + " |",
+            "|---|---|" + "---|" * len(means),
+        ],
+    )
     for (space, crit), r in curves.items():
         rhos = [spearman(r[:, m - 1], objects) for m in means]
         rows.append(dict(part="scene", criterion=crit, space=space, rho=rhos))
         table.append(f"| {crit} | {space} | " + " | ".join(f"{x:.2f}" for x in rhos) + " |")
     budgets = sorted({4, 9, 18, 36, 72} | set(means))
-    table += ["", "#### Does it predict which questions a fixed budget breaks? AUC of r(k) for \"right with every "
-              "token, wrong at k\" (0.5 = no better than chance); oracle: each question gets the smallest of "
-              f"{budgets} tokens it answers right with (at least {budgets[0]}), at the same mean", "",
-              "| method | k | fixed accuracy | broken | AUC coverage | AUC radius | oracle accuracy at mean k |",
-              "|---|---|---|---|---|---|---|"]
+    table += [
+        "",
+        '#### Does it predict which questions a fixed budget breaks? AUC of r(k) for "right with every '
+        'token, wrong at k" (0.5 = no better than chance); oracle: each question gets the smallest of '
+        f"{budgets} tokens it answers right with (at least {budgets[0]}), at the same mean",
+        "",
+        "| method | k | fixed accuracy | broken | AUC coverage | AUC radius | oracle accuracy at mean k |",
+        "|---|---|---|---|---|---|---|",
+    ]
     full = np.array([a == s.answer for a, s in zip(predict(model, processor, samples).answers, samples)])
     for method in methods:
-        right = {k: np.array([a == s.answer for a, s in zip(predict(model, processor, samples,
-                                                                       sieve=Sieve(method, k)).answers, samples)])
-                 for k in budgets}
+        right = {
+            k: np.array(
+                [
+                    a == s.answer
+                    for a, s in zip(predict(model, processor, samples, sieve=Sieve(method, k)).answers, samples)
+                ]
+            )
+            for k in budgets
+        }
         need = [next((k for k in budgets if right[k][j]), None) for j in range(n)]
         for m in means:
             broken = full & ~right[m]
@@ -111,10 +130,21 @@ def analysis(model, processor, n: int, means: list[int], methods: list[str]) -> 
             for k in sorted(k for k in need if k is not None):
                 if spent + k - budgets[0] <= m * n:
                     spent, solved = spent + k - budgets[0], solved + 1
-            rows.append(dict(part="predict", method=method, k=m, fixed=float(right[m].mean()),
-                             broken=int(broken.sum()), auc=aucs, oracle=solved / n))
-            table.append(f"| {method} | {m} | {100 * right[m].mean():.1f} | {int(broken.sum())} | {aucs[0]:.2f} | "
-                         f"{aucs[1]:.2f} | {100 * solved / n:.1f} |")
+            rows.append(
+                dict(
+                    part="predict",
+                    method=method,
+                    k=m,
+                    fixed=float(right[m].mean()),
+                    broken=int(broken.sum()),
+                    auc=aucs,
+                    oracle=solved / n,
+                )
+            )
+            table.append(
+                f"| {method} | {m} | {100 * right[m].mean():.1f} | {int(broken.sum())} | {aucs[0]:.2f} | "
+                f"{aucs[1]:.2f} | {100 * solved / n:.1f} |"
+            )
     return rows, table
 
 
@@ -160,15 +190,31 @@ def main() -> None:
                             continue
                     pred = predict(model, processor, samples, sieve=sieve)
                     acc, fam = accuracy(pred.answers, samples)
-                    rows.append(dict(part="end to end", data=data, method=method, mean=mean, budget=label,
-                                     accuracy=acc, families=fam, test_mean=pred.kept_tokens,
-                                     calibration_mean=None if cal is None else cal.achieved_mean,
-                                     threshold=None if cal is None else cal.threshold))
-                    print(f"{data} {method} {mean} {label}: {100 * acc:.1f}% at {pred.kept_tokens:.2f} tokens "
-                          f"({time.time() - start:.0f} s)", flush=True)
-    table = ["#### Accuracy % (mean visual tokens per test question) at the same mean: fixed against adaptive", "",
-             "| data | method | mean | fixed | " + " | ".join(f"adaptive, {c}" for c in labels) + " |",
-             "|---|---|---|---|" + "---|" * len(labels)]
+                    rows.append(
+                        dict(
+                            part="end to end",
+                            data=data,
+                            method=method,
+                            mean=mean,
+                            budget=label,
+                            accuracy=acc,
+                            families=fam,
+                            test_mean=pred.kept_tokens,
+                            calibration_mean=None if cal is None else cal.achieved_mean,
+                            threshold=None if cal is None else cal.threshold,
+                        )
+                    )
+                    print(
+                        f"{data} {method} {mean} {label}: {100 * acc:.1f}% at {pred.kept_tokens:.2f} tokens "
+                        f"({time.time() - start:.0f} s)",
+                        flush=True,
+                    )
+    table = [
+        "#### Accuracy % (mean visual tokens per test question) at the same mean: fixed against adaptive",
+        "",
+        "| data | method | mean | fixed | " + " | ".join(f"adaptive, {c}" for c in labels) + " |",
+        "|---|---|---|---|" + "---|" * len(labels),
+    ]
     keyed = {(r["data"], r["method"], r["mean"], r["budget"]): r for r in rows}
     for data in datasets:
         for method in methods:
@@ -178,9 +224,12 @@ def main() -> None:
                     r = keyed.get((data, method, mean, label))
                     cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} ({r['test_mean']:.1f})")
                 table.append(f"| {data} | {method} | {mean} | " + " | ".join(cells) + " |")
-    table += ["", f"{args.limit} test questions per data set (shapes: the first, easy-VQA: evenly spaced), thresholds "
-              f"fitted on {args.calibration} calibration images per data set; bounds min = mean // D, max = M x mean "
-              f"(D:M = {args.spans}); `-`: the method has no scores."]
+    table += [
+        "",
+        f"{args.limit} test questions per data set (shapes: the first, easy-VQA: evenly spaced), thresholds "
+        f"fitted on {args.calibration} calibration images per data set; bounds min = mean // D, max = M x mean "
+        f"(D:M = {args.spans}); `-`: the method has no scores.",
+    ]
     if args.analysis:
         extra_rows, extra_table = analysis(model, processor, args.analysis, means, methods)
         rows += extra_rows

@@ -1,6 +1,6 @@
 """In-encoder methods on the CPU reference model: time to first token, vision-encoder time and vision FLOPs.
 
-Model: LLaVA-1.5 layout with random weights (``tokensieve.archs.build_arch("llava15-cpu")``: CLIP-L/14-336, 24
+Model: LLaVA-1.5 layout with random weights (``tokensieve.models.archs.build_arch("llava15-cpu")``: CLIP-L/14-336, 24
 layers, 577 tokens, + a Qwen2-0.5B-sized LM), fp32, one image of 576 placeholders + 40 text tokens.
 
 Two effects are kept apart so that speed-ups stay honest:
@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from _results import machine, write
 
 from tokensieve import Sieve
-from tokensieve.archs import build_arch, synthetic_inputs
+from tokensieve.models.archs import build_arch, synthetic_inputs
 
 
 def vision_flops(trace: list[int], d: int, m: int) -> float:
@@ -65,8 +64,7 @@ def main() -> None:
     vc = model.config.vision_config
     d, m = vc.hidden_size, vc.intermediate_size
     n_layers = vc.num_hidden_layers
-    cfgs = configs([int(b) for b in args.budgets.split(",")],
-                   [int(b) for b in args.no_skip_budgets.split(",") if b])
+    cfgs = configs([int(b) for b in args.budgets.split(",")], [int(b) for b in args.no_skip_budgets.split(",") if b])
     ttft = {c[0]: [] for c in cfgs}
     vision = {c[0]: [] for c in cfgs}
     traces: dict[str, list[int]] = {"none": [577] * n_layers}
@@ -77,8 +75,11 @@ def main() -> None:
             for label, method, k, params in cfgs:
                 if method is None:
                     t = time.perf_counter()
-                    model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
-                                                   vision_feature_select_strategy="default")
+                    model.model.get_image_features(
+                        pixel_values=batch["pixel_values"],
+                        vision_feature_layer=-2,
+                        vision_feature_select_strategy="default",
+                    )
                     enc = time.perf_counter() - t
                     t = time.perf_counter()
                     model.generate(**batch, **gen)
@@ -94,28 +95,46 @@ def main() -> None:
                 if rep:
                     ttft[label].append(elapsed)
                     vision[label].append(enc)
-            print(f"repeat {rep}: " + ", ".join(f"{c[0]} {ttft[c[0]][-1]:.2f}s" for c in cfgs if ttft[c[0]]),
-                  flush=True)
+            print(
+                f"repeat {rep}: " + ", ".join(f"{c[0]} {ttft[c[0]][-1]:.2f}s" for c in cfgs if ttft[c[0]]), flush=True
+            )
     base, base_vis = statistics.median(ttft["none"]), statistics.median(vision["none"])
     base_flops = vision_flops(traces["none"], d, m)
     rows = []
     for label, method, k, params in cfgs:
         med, vis = statistics.median(ttft[label]), statistics.median(vision[label])
         fl = vision_flops(traces[label], d, m)
-        rows.append(dict(config=label, method=method or "none", visual_tokens=k,
-                         skip_unused_layers=params.get("skip_unused_layers", method not in (None, "evocut")),
-                         ttft_s=med, min_s=min(ttft[label]), max_s=max(ttft[label]), speedup=base / med,
-                         vision_s=vis, vision_speedup=base_vis / vis, vision_gflops=fl / 1e9,
-                         vision_flops_ratio=fl / base_flops, encoder_layer_tokens=traces[label]))
+        rows.append(
+            dict(
+                config=label,
+                method=method or "none",
+                visual_tokens=k,
+                skip_unused_layers=params.get("skip_unused_layers", method not in (None, "evocut")),
+                ttft_s=med,
+                min_s=min(ttft[label]),
+                max_s=max(ttft[label]),
+                speedup=base / med,
+                vision_s=vis,
+                vision_speedup=base_vis / vis,
+                vision_gflops=fl / 1e9,
+                vision_flops_ratio=fl / base_flops,
+                encoder_layer_tokens=traces[label],
+            )
+        )
     meta = machine(args.threads, args.repeats, model="CLIP-L/14-336 + Qwen2-0.5B-sized LM, random weights, fp32")
-    lines = [f"TTFT (generate, 1 new token) and vision encoder, fp32, {args.threads} threads, median of "
-             f"{args.repeats}; vision GFLOPs analytic from the per-layer token trace (24 CLIP layers).", "",
-             "| config | tokens | TTFT s (min-max) | TTFT speed-up | vision s | vision speed-up | vision GFLOPs "
-             "(share) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"TTFT (generate, 1 new token) and vision encoder, fp32, {args.threads} threads, median of "
+        f"{args.repeats}; vision GFLOPs analytic from the per-layer token trace (24 CLIP layers).",
+        "",
+        "| config | tokens | TTFT s (min-max) | TTFT speed-up | vision s | vision speed-up | vision GFLOPs (share) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['visual_tokens']} | {r['ttft_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "
-                     f"| {r['speedup']:.2f}x | {r['vision_s']:.2f} | {r['vision_speedup']:.2f}x "
-                     f"| {r['vision_gflops']:.0f} ({100 * r['vision_flops_ratio']:.0f}%) |")
+        lines.append(
+            f"| {r['config']} | {r['visual_tokens']} | {r['ttft_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) "
+            f"| {r['speedup']:.2f}x | {r['vision_s']:.2f} | {r['vision_speedup']:.2f}x "
+            f"| {r['vision_gflops']:.0f} ({100 * r['vision_flops_ratio']:.0f}%) |"
+        )
     write(args.out, "encoder_stage", meta, rows, lines)
 
 

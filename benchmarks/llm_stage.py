@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from _results import machine, write
 
 from tokensieve import Sieve
-from tokensieve.archs import build_arch, synthetic_inputs
+from tokensieve.models.archs import build_arch, synthetic_inputs
 
 METHODS = ("evocut", "fastv", "pdrop", "dart", "todre")
 
@@ -69,12 +68,14 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     t0 = time.perf_counter()
     if args.tiny:
-        from tokensieve.tiny import build_tiny_llava, demo_image
+        from tokensieve.models.tiny import build_tiny_llava, demo_image
 
         model, processor = build_tiny_llava(image_size=64, patch_size=4, text_layers=24)
         text = processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture ?"}]}],
-            add_generation_prompt=True, tokenize=False)
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         batch = dict(processor(images=[demo_image(96)], text=[text], return_tensors="pt"))
         budgets = [b * 256 // 576 for b in budgets]  # same shares of a 16 x 16 grid
     else:
@@ -90,7 +91,7 @@ def main() -> None:
     with torch.inference_mode():
         model.generate(**batch, **gen)  # warm-up
         for rep in range(args.repeats + 1):  # the first round warms each method up and is dropped
-            for key, run in runs.items():
+            for run in runs.values():
                 name, budget = run["cfg"]
                 timer.times.clear()
                 if name == "none":
@@ -109,7 +110,9 @@ def main() -> None:
                     run["ttft"].append(elapsed)
                     run["prefill"].append(timer.times[0])
                     run["report"] = report
-            print(f"repeat {rep}: " + ", ".join(f"{k} {v['prefill'][-1]:.2f}s" for k, v in runs.items() if v["prefill"]))
+            print(
+                f"repeat {rep}: " + ", ".join(f"{k} {v['prefill'][-1]:.2f}s" for k, v in runs.items() if v["prefill"])
+            )
     n_layers = model.config.get_text_config().num_hidden_layers
     seq = int(batch["input_ids"].shape[1])
     n_vis = int((batch["input_ids"] == model.config.image_token_id).sum())
@@ -117,33 +120,54 @@ def main() -> None:
     # other jobs share this machine: the fastest repeat is the one least disturbed, so speed-ups use minima
     base_prefill = min(runs["none"]["prefill"])
     rows = []
-    for key, run in runs.items():
+    for run in runs.values():
         rep = run["report"]
         tokens = rep.llm_layer_tokens[0] if rep is not None else [seq] * n_layers
         visual = rep.llm_layer_visual_tokens[0] if rep is not None else [n_vis] * n_layers
         flops = lm_flops(model.config, tokens)
         pre = statistics.median(run["prefill"])
-        rows.append(dict(
-            method=run["cfg"][0], budget=run["cfg"][1], entering=visual[0], layer_avg=sum(visual) / n_layers,
-            visual_per_layer=visual, prefill_s=pre, prefill_min=min(run["prefill"]), prefill_max=max(run["prefill"]),
-            ttft_s=statistics.median(run["ttft"]), ttft_min=min(run["ttft"]), lm_gflops=flops / 1e9, flops_share=flops / base_flops,
-            prefill_speedup=base_prefill / min(run["prefill"]),
-            selection_s=rep.selection_s if rep is not None else 0.0,
-        ))
-    meta = machine(args.threads, args.repeats, model="tiny" if args.tiny else
-                   "CLIP-L/14-336 + Qwen2-0.5B-sized LM (24 layers), random weights, fp32",
-                   prompt_tokens=seq, visual_tokens=n_vis, decoder_layers=n_layers)
-    lines = [f"LM prefill inside generate(max_new_tokens=1), fp32, {args.threads} threads, {args.repeats} repeats; "
-             f"{seq} prompt tokens of which {n_vis} visual; {n_layers} decoder layers. Prefill: fastest repeat "
-             "(median, max); speed-up between fastest repeats; TTFT: fastest repeat.", "",
-             "| method | budget | visual tokens entering LM | layer-averaged visual | prefill s min (median, max) "
-             "| prefill speed-up | LM GFLOPs (share) | TTFT s |",
-             "|---|---|---|---|---|---|---|---|"]
+        rows.append(
+            dict(
+                method=run["cfg"][0],
+                budget=run["cfg"][1],
+                entering=visual[0],
+                layer_avg=sum(visual) / n_layers,
+                visual_per_layer=visual,
+                prefill_s=pre,
+                prefill_min=min(run["prefill"]),
+                prefill_max=max(run["prefill"]),
+                ttft_s=statistics.median(run["ttft"]),
+                ttft_min=min(run["ttft"]),
+                lm_gflops=flops / 1e9,
+                flops_share=flops / base_flops,
+                prefill_speedup=base_prefill / min(run["prefill"]),
+                selection_s=rep.selection_s if rep is not None else 0.0,
+            )
+        )
+    meta = machine(
+        args.threads,
+        args.repeats,
+        model="tiny" if args.tiny else "CLIP-L/14-336 + Qwen2-0.5B-sized LM (24 layers), random weights, fp32",
+        prompt_tokens=seq,
+        visual_tokens=n_vis,
+        decoder_layers=n_layers,
+    )
+    lines = [
+        f"LM prefill inside generate(max_new_tokens=1), fp32, {args.threads} threads, {args.repeats} repeats; "
+        f"{seq} prompt tokens of which {n_vis} visual; {n_layers} decoder layers. Prefill: fastest repeat "
+        "(median, max); speed-up between fastest repeats; TTFT: fastest repeat.",
+        "",
+        "| method | budget | visual tokens entering LM | layer-averaged visual | prefill s min (median, max) "
+        "| prefill speed-up | LM GFLOPs (share) | TTFT s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | {r['entering']} | {r['layer_avg']:.1f} "
+            f"| {r['method']} | {r['budget'] if r['budget'] is not None else '-'} | {r['entering']} "
+            f"| {r['layer_avg']:.1f} "
             f"| {r['prefill_min']:.2f} ({r['prefill_s']:.2f}, {r['prefill_max']:.2f}) | {r['prefill_speedup']:.2f}x "
-            f"| {r['lm_gflops']:.1f} ({100 * r['flops_share']:.0f}%) | {r['ttft_min']:.2f} |")
+            f"| {r['lm_gflops']:.1f} ({100 * r['flops_share']:.0f}%) | {r['ttft_min']:.2f} |"
+        )
     write(args.out, "llm_stage" + ("_tiny" if args.tiny else ""), meta, rows, lines)
 
 

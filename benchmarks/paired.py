@@ -35,8 +35,10 @@ def main() -> None:
         c = sum(y and not x for x, y in zip(right_a, right_f))
         z = (b - c) / math.sqrt(b + c) if b + c else 0.0
         diff = 100 * (sum(right_a) - sum(right_f)) / len(truth)
-        print(f"{method:10s} {budget:14s} vs {fixed['budget']!s:4s}: {diff:+5.1f} points, z {z:+.1f} "
-              f"(only adaptive right {b}, only fixed right {c})")
+        print(
+            f"{method:10s} {budget:14s} vs {fixed['budget']!s:4s}: {diff:+5.1f} points, z {z:+.1f} "
+            f"(only adaptive right {b}, only fixed right {c})"
+        )
 
 
 if __name__ == "__main__":

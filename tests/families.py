@@ -12,9 +12,18 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tokensieve.tiny import _WORDS
+from tokensieve.models.tiny import _WORDS
 
-QWEN_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 PATCH, MERGE = 8, 2
 
 
@@ -35,7 +44,11 @@ def qwen_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         padding_side="left",
     )
 
@@ -46,7 +59,10 @@ class TinyQwenProcessor:
 
         self.tokenizer = qwen_tokenizer()
         self.image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=(2 * PATCH * MERGE) ** 2, max_pixels=(side * 2) ** 2, patch_size=PATCH, merge_size=MERGE,
+            min_pixels=(2 * PATCH * MERGE) ** 2,
+            max_pixels=(side * 2) ** 2,
+            patch_size=PATCH,
+            merge_size=MERGE,
             temporal_patch_size=2,
         )
         self.ids = {t: self.tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
@@ -69,7 +85,7 @@ class TinyQwenProcessor:
                 pv.append(p)
                 grids.append(torch.tensor([len(frames) // 2, int(g[0, 1]), int(g[0, 2])]))
             batch["pixel_values_videos"], batch["video_grid_thw"] = torch.cat(pv), torch.stack(grids)
-        rows, types = [], []
+        rows = []
         it_img, it_vid = iter(batch.get("image_grid_thw", [])), iter(batch.get("video_grid_thw", []))
         for text in texts:
             ids, tt = [self.ids["<s>"]], [0]
@@ -98,8 +114,15 @@ class TinyQwenProcessor:
         return batch
 
 
-def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_layers: int = 2, seed: int = 0,
-                    text_overrides: dict | None = None, vision_overrides: dict | None = None):
+def build_tiny_qwen(
+    kind: str = "qwen2_vl",
+    *,
+    vision_layers: int = 4,
+    text_layers: int = 2,
+    seed: int = 0,
+    text_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
+):
     """``kind`` is ``qwen2_vl`` or ``qwen2_5_vl``; returns ``(model, processor)``. ``text_overrides`` /
     ``vision_overrides`` change the LM / ViT config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
     from transformers import (
@@ -112,25 +135,53 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
     proc = TinyQwenProcessor()
     tok = proc.tokenizer
     text = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        pad_token_id=proc.ids["<pad>"], bos_token_id=proc.ids["<s>"], eos_token_id=proc.ids["</s>"],
+        pad_token_id=proc.ids["<pad>"],
+        bos_token_id=proc.ids["<s>"],
+        eos_token_id=proc.ids["</s>"],
     )
     text.update(text_overrides or {})
     common = dict(
-        image_token_id=proc.ids["<|image_pad|>"], video_token_id=proc.ids["<|video_pad|>"],
-        vision_start_token_id=proc.ids["<|vision_start|>"], vision_end_token_id=proc.ids["<|vision_end|>"],
+        image_token_id=proc.ids["<|image_pad|>"],
+        video_token_id=proc.ids["<|video_pad|>"],
+        vision_start_token_id=proc.ids["<|vision_start|>"],
+        vision_end_token_id=proc.ids["<|vision_end|>"],
     )
     if kind == "qwen2_vl":
-        vision = dict(depth=vision_layers, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=PATCH,
-                      spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3)
+        vision = dict(
+            depth=vision_layers,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
         config, cls = Qwen2VLConfig(vision_config=vision, text_config=text, **common), Qwen2VLForConditionalGeneration
     elif kind == "qwen2_5_vl":
         # window 32 px = 2x2 merge units per window; blocks 1 and 3 attend globally
-        vision = dict(depth=vision_layers, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
-                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3,
-                      window_size=32, fullatt_block_indexes=[1, vision_layers - 1])
+        vision = dict(
+            depth=vision_layers,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=2,
+            in_channels=3,
+            window_size=32,
+            fullatt_block_indexes=[1, vision_layers - 1],
+        )
         vision.update(vision_overrides or {})
         config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
         cls = Qwen2_5_VLForConditionalGeneration
@@ -143,39 +194,75 @@ def build_tiny_qwen(kind: str = "qwen2_vl", *, vision_layers: int = 4, text_laye
     return model.eval(), proc
 
 
-def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2,
-                          text_overrides: dict | None = None):
+def build_tiny_llava_next(
+    *,
+    image_size: int = 16,
+    patch_size: int = 4,
+    vision_layers: int = 4,
+    seed: int = 0,
+    text_layers: int = 2,
+    text_overrides: dict | None = None,
+):
     """Tiny LLaVA-NeXT (CLIP tower, anyres with unpadding and image_newline) and its real processor.
     ``text_overrides`` changes the LM config (the vLLM tests need head sizes vLLM's CPU attention supports)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-    from transformers import LlavaNextProcessor
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from tokensieve.tiny import CHAT_TEMPLATE, build_tokenizer
+    from tokensieve.models.tiny import CHAT_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer()
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
-    text = LlamaConfig(**{
-        **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512),
-        **(text_overrides or {}),
-    })
+    text = LlamaConfig(
+        **{
+            **dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=text_layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                max_position_embeddings=512,
+            ),
+            **(text_overrides or {}),
+        }
+    )
     config = LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -184,19 +271,26 @@ def build_tiny_llava_next(*, image_size: int = 16, patch_size: int = 4, vision_l
     return model.eval(), processor
 
 
-def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2):
+def build_tiny_onevision(
+    *, image_size: int = 16, patch_size: int = 4, vision_layers: int = 4, seed: int = 0, text_layers: int = 2
+):
     """Tiny LLaVA-OneVision (SigLIP tower, anyres_max_9) and an input builder.
 
     LlavaOnevisionProcessor cannot be built here (its video processor needs torchvision); the real image processor
     makes the pixels, and each ``<image>`` marker is expanded to as many placeholders as the model's own
     ``get_image_features`` yields for that image, which is what the processor's count must equal.
     """
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
-    from tokensieve.tiny import build_tokenizer
+    from tokensieve.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<video>"], special_tokens=True)
@@ -205,18 +299,33 @@ def build_tiny_onevision(*, image_size: int = 16, patch_size: int = 4, vision_la
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
     )
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     text = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=512,
     )
     config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -231,28 +340,45 @@ def build_tiny_llava_next_video(*, image_size: int = 16, patch_size: int = 4, se
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from tokensieve.tiny import build_tokenizer
+    from tokensieve.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<video>"], special_tokens=True)
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_grid_pinpoints=pinpoints,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=image_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
         patch_size=patch_size,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=512,
     )
     config = LlavaNextVideoConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", spatial_pool_mode="average",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode="average",
         spatial_pool_stride=2,
     )
     with torch.random.fork_rng():
@@ -280,11 +406,16 @@ def _placeholder_builder(model, tokenizer, image_processor):
             with torch.inference_mode():
                 counts = [
                     f.shape[0]
-                    for f in model.model.get_image_features(pix["pixel_values"], pix["image_sizes"], **extra).pooler_output
+                    for f in model.model.get_image_features(
+                        pix["pixel_values"], pix["image_sizes"], **extra
+                    ).pooler_output
                 ]
         if videos:
             pix["pixel_values_videos"] = torch.stack(
-                [torch.cat([image_processor(images=[f], return_tensors="pt")["pixel_values"][:, 0] for f in v]) for v in videos]
+                [
+                    torch.cat([image_processor(images=[f], return_tensors="pt")["pixel_values"][:, 0] for f in v])
+                    for v in videos
+                ]
             )
             with torch.inference_mode():
                 out = model.model.get_video_features(pix["pixel_values_videos"]).pooler_output
@@ -305,8 +436,8 @@ def _placeholder_builder(model, tokenizer, image_processor):
         input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
         mask = torch.zeros_like(input_ids)
         for b, ids in enumerate(rows):
-            input_ids[b, length - len(ids):] = torch.tensor(ids)
-            mask[b, length - len(ids):] = 1
+            input_ids[b, length - len(ids) :] = torch.tensor(ids)
+            mask[b, length - len(ids) :] = 1
         return dict(input_ids=input_ids, attention_mask=mask, **pix)
 
     return make_inputs
@@ -324,7 +455,11 @@ def methods_for(adapter_cls, *, in_llm: bool = False) -> list[str]:
         stages = {method.stage} | ({IN_LLM} if method.llm_companion() is not None else set())
         request = method.request(24, 23)
         kinds = {f for f in vars(request) if getattr(request, f)}
-        if stages <= set(adapter_cls.stages) and kinds <= set(adapter_cls.signal_kinds) and (in_llm or IN_LLM not in stages):
+        if (
+            stages <= set(adapter_cls.stages)
+            and kinds <= set(adapter_cls.signal_kinds)
+            and (in_llm or IN_LLM not in stages)
+        ):
             out.append(name)
     return out
 
@@ -337,32 +472,57 @@ def build_tiny_idefics3(*, vision_layers: int = 2, seed: int = 0, text_layers: i
     32 px crops (16 tokens each)."""
     import os
 
-    from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers import (
+        AutoProcessor,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+    )
 
     d = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "smolvlm-256m-instruct-config")
     d = d if os.path.isdir(d) else SMOLVLM_DIR
-    proc = AutoProcessor.from_pretrained(d, image_seq_len=16, size={"longest_edge": 64},
-                                         max_image_size={"longest_edge": 32})
+    proc = AutoProcessor.from_pretrained(
+        d, image_seq_len=16, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
     proc.tokenizer.padding_side = "left"
     real = Idefics3Config.from_pretrained(d)
     vocab = len(proc.tokenizer)
     config_cls, model_cls = (
-        (SmolVLMConfig, SmolVLMForConditionalGeneration) if smolvlm else (Idefics3Config, Idefics3ForConditionalGeneration)
+        (SmolVLMConfig, SmolVLMForConditionalGeneration)
+        if smolvlm
+        else (Idefics3Config, Idefics3ForConditionalGeneration)
     )
     config = config_cls(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-                           num_attention_heads=4, image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         pad_token_id=real.text_config.pad_token_id, max_position_embeddings=1024),
-        scale_factor=2, image_token_id=real.image_token_id, tie_word_embeddings=False,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=vocab,
+            pad_token_id=real.text_config.pad_token_id,
+            max_position_embeddings=1024,
+        ),
+        scale_factor=2,
+        image_token_id=real.image_token_id,
+        tie_word_embeddings=False,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(config)
     model.generation_config.pad_token_id = real.text_config.pad_token_id
     return model.eval(), proc
+
 
 # -- in-encoder equivalence helpers (shared by the family tests) -------------------------------------------------
 from tokensieve import Sieve  # noqa: E402
@@ -394,10 +554,18 @@ class CutUnits(EncoderMethod):
         slot[rows] = torch.arange(len(rows))
         sizes = state.sizes[0, 1:]
         mass = torch.zeros(len(self.units)).scatter_add_(0, slot, sizes)
-        hidden = torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
-            0, slot, state.hidden[0, 1:] * sizes[:, None]) / mass[:, None]
-        return EncoderCut(keep, hidden=torch.cat([state.hidden[:, :1], hidden[None]], 1),
-                          sizes=torch.cat([torch.ones(1), mass])[None], groups=slot[None] if self.tell else None)
+        hidden = (
+            torch.zeros(len(self.units), state.hidden.shape[-1]).index_add_(
+                0, slot, state.hidden[0, 1:] * sizes[:, None]
+            )
+            / mass[:, None]
+        )
+        return EncoderCut(
+            keep,
+            hidden=torch.cat([state.hidden[:, :1], hidden[None]], 1),
+            sizes=torch.cat([torch.ones(1), mass])[None],
+            groups=slot[None] if self.tell else None,
+        )
 
 
 class PickUnits(Method):

@@ -13,7 +13,7 @@ from tokensieve.budget import Budget
 from tokensieve.errors import BudgetError, BudgetTypeError, StageError
 from tokensieve.methods import IN_LLM, get_method, method_names
 from tokensieve.methods.base import IN_ENCODER
-from tokensieve.tiny import build_tiny_llava, demo_image
+from tokensieve.models.tiny import build_tiny_llava, demo_image
 
 from .conftest import N_TOKENS, TINY, batch_and_singles, prompt
 
@@ -118,15 +118,19 @@ def test_fit_hits_the_mean_exactly_and_the_rule_reproduces_its_counts():
 def calib(tiny):
     _, processor = tiny
     pics = [demo_image(size=96, seed=10 + s) for s in range(8)]
-    return processor(images=pics, text=[prompt(processor, "what is in the picture ?")] * len(pics),
-                     return_tensors="pt", padding=True)
+    return processor(
+        images=pics, text=[prompt(processor, "what is in the picture ?")] * len(pics), return_tensors="pt", padding=True
+    )
 
 
 @pytest.fixture(scope="module")
 def trio(tiny, images):
     _, processor = tiny
-    texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are on the couch ?"),
-             prompt(processor, "what ?")]
+    texts = [
+        prompt(processor, "what is in the picture ?"),
+        prompt(processor, "how many cats are on the couch ?"),
+        prompt(processor, "what ?"),
+    ]
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     singles = [processor(images=[images[i]], text=[texts[i]], return_tensors="pt") for i in range(3)]
     return batch, singles
@@ -225,8 +229,9 @@ def test_in_llm_adaptive_targets_are_per_image_and_calibrated(images, method):
     schedule reaches the target (FastV after layer 2 of 8: from 64 tokens every target in 16..64 is reachable)."""
     model, processor = build_tiny_llava(**dict(TINY, text_layers=8))
     pics = [demo_image(size=96, seed=10 + s) for s in range(8)]
-    calib = processor(images=pics, text=[prompt(processor, "what is in the picture ?")] * 8, return_tensors="pt",
-                      padding=True)
+    calib = processor(
+        images=pics, text=[prompt(processor, "what is in the picture ?")] * 8, return_tensors="pt", padding=True
+    )
     sieve = Sieve(method, Adaptive(28, 20, 48))
     cal = sieve.calibrate(model, [calib])
     assert cal.achieved_mean == 28 and len(set(cal.counts)) > 1

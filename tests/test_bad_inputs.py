@@ -23,20 +23,37 @@ def bad(tmp_path_factory):
     from transformers import BertConfig, LlamaConfig
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
-        d / "llama")
+        d / "llama"
+    )
     BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
-        d / "bert")
+        d / "bert"
+    )
     (d / "no_config").mkdir()
     return d
 
 
-IMAGES = [("notes.txt", "not an image file"), ("empty.png", "empty (0-byte)"), ("truncated.png", "truncated"),
-          ("folder", "is a folder"), ("missing.png", "no such file")]
-MODELS = [("llama", "not a vision-language model; tokensieve supports LlavaForConditionalGeneration"),
-          ("bert", "not a vision-language model"), ("no_config", "has no config.json"),
-          ("file", "is a file; give the model's folder"), ("missing", "no such folder")]
-BUDGETS = [("0", "at least one token"), ("-3", "at least one token"), ("2.5", "(0, 1]"), ("abc", "neither an int"),
-           ("", "give one or more budgets"), ("64+32", "1 stage(s) but")]
+IMAGES = [
+    ("notes.txt", "not an image file"),
+    ("empty.png", "empty (0-byte)"),
+    ("truncated.png", "truncated"),
+    ("folder", "is a folder"),
+    ("missing.png", "no such file"),
+]
+MODELS = [
+    ("llama", "not a vision-language model; tokensieve supports LlavaForConditionalGeneration"),
+    ("bert", "not a vision-language model"),
+    ("no_config", "has no config.json"),
+    ("file", "is a file; give the model's folder"),
+    ("missing", "no such folder"),
+]
+BUDGETS = [
+    ("0", "at least one token"),
+    ("-3", "at least one token"),
+    ("2.5", "(0, 1]"),
+    ("abc", "neither an int"),
+    ("", "give one or more budgets"),
+    ("64+32", "1 stage(s) but"),
+]
 
 CASES = (
     [(["run", "--image", "{bad}/" + f], m) for f, m in IMAGES]
@@ -61,8 +78,7 @@ CASES = (
         (["bench", "--arch", "tiny", "--methods", "evocut,nope", "--out", "{tmp}/b"], "unknown method 'nope'"),
         (["bench", "--arch", "nope", "--out", "{tmp}/b"], "unknown architecture 'nope'; known:"),
         (["run", "--method", "fastv", "--budget", "72"], "--param fastv.layer=1"),
-        (["eval", "--methods", "evocut,fastv", "--budgets", "72", "--out", "{tmp}/ev2"],
-         "--param fastv.layer=1"),
+        (["eval", "--methods", "evocut,fastv", "--budgets", "72", "--out", "{tmp}/ev2"], "--param fastv.layer=1"),
         (["run", "--param", "alpha=3.0"], "alpha"),
         (["run", "--param", "evocut.nope=1"], "evocut has no parameter 'nope'"),
         (["run", "--scope", "crops"], "invalid choice: 'crops'"),
@@ -90,8 +106,10 @@ CASES = (
 )
 
 
-CASES = [(argv + ["--limit", "2"] if argv[0] == "eval" and "--limit" not in argv and "--from" not in argv else argv, m)
-         for argv, m in CASES]
+CASES = [
+    (argv + ["--limit", "2"] if argv[0] == "eval" and "--limit" not in argv and "--from" not in argv else argv, m)
+    for argv, m in CASES
+]
 
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0][:3]) for c in CASES])

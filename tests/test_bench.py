@@ -8,8 +8,8 @@ from PIL import Image
 
 from tokensieve import Sieve
 from tokensieve.cli import main
-from tokensieve.measure import cache_bytes, measure_call
-from tokensieve.show import image_batch, panels_for
+from tokensieve.tools.measure import cache_bytes, measure_call
+from tokensieve.tools.show import image_batch, panels_for
 
 
 def test_measure_call_splits_the_call_and_sizes_the_cache(tiny, single):
@@ -31,8 +31,25 @@ def test_measure_call_splits_the_call_and_sizes_the_cache(tiny, single):
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = main(["bench", "--arch", "tiny", "--methods", "evocut,pool", "--budgets", "16,0.25", "--repeats", "2",
-                 "--warmup", "0", "--new-tokens", "2", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--arch",
+            "tiny",
+            "--methods",
+            "evocut,pool",
+            "--budgets",
+            "16,0.25",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}
@@ -55,8 +72,28 @@ def test_bench_on_a_saved_model_directory(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     assert main(["make-tiny", str(model_dir)]) == 0
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(model_dir), "--methods", "fastervlm", "--budgets", "9", "--repeats", "1",
-                 "--warmup", "0", "--new-tokens", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(model_dir),
+                "--methods",
+                "fastervlm",
+                "--budgets",
+                "9",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--new-tokens",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [r["visual_tokens"] for r in rows] == [144, 9]
     assert rows[1]["decode_ms_per_token"] is None and rows[1]["ttft_s"]["n"] == 1
@@ -83,17 +120,38 @@ def _save_family(name, model_dir):
     return model
 
 
-@pytest.mark.parametrize("name", ["llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-                                  "idefics3", "smolvlm"])
+@pytest.mark.parametrize(
+    "name", ["llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
+)
 def test_bench_runs_on_every_family(name, tmp_path, capsys):
     """``bench --model DIR`` times and prices every family; where the processor needs torchvision (video processors)
     it falls back to synthetic inputs of the family's layout and says so. FLOPs come from each call's trace."""
-    from tokensieve.flops import count_flops, vanilla_trace
+    from tokensieve.tools.flops import count_flops, vanilla_trace
 
     model = _save_family(name, tmp_path / "model")
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(tmp_path / "model"), "--methods", "random,evoprune", "--budgets", "0.5",
-                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tmp_path / "model"),
+                "--methods",
+                "random,evoprune",
+                "--budgets",
+                "0.5",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--new-tokens",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()  # results on stdout, notes on stderr
     text = " ".join((captured.out + captured.err).split())
     assert ("cannot be loaded here" in text) == (name not in ("llava_next", "idefics3", "smolvlm"))
@@ -104,20 +162,52 @@ def test_bench_runs_on_every_family(name, tmp_path, capsys):
     assert rows["random@0.5"]["visual_tokens"] < rows["none"]["visual_tokens"]
     assert all(r["ttft_s"]["n"] == 1 for r in rows.values())
     if name in ("qwen2_vl", "llava_onevision"):  # the vanilla row is the synthetic batch's exact trace
-        from tokensieve.archs import synthetic_inputs
+        from tokensieve.models.archs import synthetic_inputs
 
         flops = count_flops(model.config, vanilla_trace(model.config, **synthetic_inputs(model.config), new_tokens=2))
         assert none["total"] == flops.total
-        assert main(["bench", "--model", str(tmp_path / "model"), "--methods", "random", "--budgets", "0.5",
-                     "--new-tokens", "2", "--flops-only", "--out", str(tmp_path / "f")]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "--model",
+                    str(tmp_path / "model"),
+                    "--methods",
+                    "random",
+                    "--budgets",
+                    "0.5",
+                    "--new-tokens",
+                    "2",
+                    "--flops-only",
+                    "--out",
+                    str(tmp_path / "f"),
+                ]
+            )
+            == 0
+        )
         only = json.loads((tmp_path / "f" / "bench.json").read_text())["rows"]
         assert only[0]["flops"]["total"] == flops.total and "measured call" in only[1]["note"]
 
 
 def test_bench_on_a_model_too_big_here_writes_the_flops_table_only(tmp_path, capsys):
     out = tmp_path / "b7"
-    assert main(["bench", "--arch", "llava15-7b", "--methods", "evocut,divprune", "--budgets", "64",
-                 "--flops-only", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--arch",
+                "llava15-7b",
+                "--methods",
+                "evocut,divprune",
+                "--budgets",
+                "64",
+                "--flops-only",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "FLOPs only" in " ".join(capsys.readouterr().out.split())
     result = json.loads((out / "bench.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}

@@ -34,7 +34,7 @@ def test_methods_lists_every_method_one_row_each_even_in_a_pipe(capsys):
 
 
 def test_methods_name_explains_every_parameter_with_its_default(capsys):
-    from tokensieve.configs import method_parameters
+    from tokensieve.tools.configs import method_parameters
 
     for name in method_names():
         cls = get_method(name)
@@ -63,7 +63,9 @@ def test_every_option_has_help_and_its_default_is_shown():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
             if action.default not in (None, False, [], "==SUPPRESS=="):
                 assert f"default: {action.default}" in " ".join(text.split()) or "default" in action.help.lower(), (
-                    name, action.dest)
+                    name,
+                    action.dest,
+                )
 
 
 def test_version_python_m_and_a_fast_start_without_torch(tmp_path):
@@ -83,8 +85,9 @@ def test_version_python_m_and_a_fast_start_without_torch(tmp_path):
 
 
 def test_run_on_the_tiny_demo_reports_counts(capsys):
-    code, out, _ = cli(["run", "--tiny", "--method", "evocut", "--budget", "64", "--json", "--max-new-tokens", "3"],
-                       capsys)
+    code, out, _ = cli(
+        ["run", "--tiny", "--method", "evocut", "--budget", "64", "--json", "--max-new-tokens", "3"], capsys
+    )
     assert code == 0
     result = last_json(out)
     assert result["model"] == "tiny-random-llava"
@@ -94,8 +97,9 @@ def test_run_on_the_tiny_demo_reports_counts(capsys):
 
 
 def test_run_says_plainly_that_the_demo_model_is_random(capsys):
-    code, out, err = cli(["run", "--model", "tiny", "--method", "pool", "--budget", "0.25", "--max-new-tokens", "2"],
-                         capsys)
+    code, out, err = cli(
+        ["run", "--model", "tiny", "--method", "pool", "--budget", "0.25", "--max-new-tokens", "2"], capsys
+    )
     assert code == 0
     err = " ".join(err.split())
     assert "RANDOM-WEIGHT" in err and "meaningless" in err
@@ -106,8 +110,23 @@ def test_saved_model_directory_loads_offline(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     assert main(["make-tiny", str(model_dir)]) == 0
     capsys.readouterr()
-    code, out, _ = cli(["run", "--model", str(model_dir), "--method", "fastervlm", "--budget", "16",
-                        "--param", "layer=3", "--json", "--max-new-tokens", "2"], capsys)
+    code, out, _ = cli(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--method",
+            "fastervlm",
+            "--budget",
+            "16",
+            "--param",
+            "layer=3",
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0
     result = last_json(out)
     assert result["model"] == str(model_dir) and result["visual_tokens_out"] == 16
@@ -149,8 +168,9 @@ def test_run_defaults_to_the_embedded_model_on_a_benchmark_scene(capsys):
 
 
 def test_run_chains_a_pre_llm_and_an_in_llm_method(capsys):
-    code, out, _ = cli(["run", "--tiny", "--method", "evocut+fastv", "--budget", "64+40", "--json",
-                        "--max-new-tokens", "2"], capsys)
+    code, out, _ = cli(
+        ["run", "--tiny", "--method", "evocut+fastv", "--budget", "64+40", "--json", "--max-new-tokens", "2"], capsys
+    )
     assert code == 0
     result = last_json(out)
     assert result["method"] == "evocut+fastv" and result["visual_tokens_out"] == 64 and result["budget"] == [64, 40]
@@ -159,21 +179,34 @@ def test_run_chains_a_pre_llm_and_an_in_llm_method(capsys):
 
 def test_prompt_handling(capsys, tmp_path):
     # the placeholder is inserted for the user, and the help says so
-    assert "image placeholder" in " ".join(build_parser()._subparsers._group_actions[0].choices["run"]
-                                           .format_help().split())
+    assert "image placeholder" in " ".join(
+        build_parser()._subparsers._group_actions[0].choices["run"].format_help().split()
+    )
     code, out, err = cli(["run", "--prompt", "how many shapes are there ?", "--json", "--max-new-tokens", "2"], capsys)
     assert code == 0 and err.count("warning") == 0
     plain = last_json(out)
     # a prompt that already holds the placeholder is sent as written: the default model's own template gives the
     # same answer, and the user is told
-    code, out, err = cli(["run", "--prompt", "user : <image> how many shapes are there ? assistant : ", "--json",
-                          "--max-new-tokens", "2"], capsys)
+    code, out, err = cli(
+        [
+            "run",
+            "--prompt",
+            "user : <image> how many shapes are there ? assistant : ",
+            "--json",
+            "--max-new-tokens",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0 and last_json(out)["answer"] == plain["answer"] and "sent as written" in err
     # unknown words are named on the word-level default model
     code, out, err = cli(["run", "--prompt", "how many zebras are there ?", "--json", "--max-new-tokens", "2"], capsys)
     assert code == 0 and "'zebras'" in err and "<unk>" in err
-    for bad, message in (("", "--prompt is empty"), ("   ", "--prompt is empty"),
-                         ("<image> <image> what ?", "2 image placeholders")):
+    for bad, message in (
+        ("", "--prompt is empty"),
+        ("   ", "--prompt is empty"),
+        ("<image> <image> what ?", "2 image placeholders"),
+    ):
         code, _, err = cli(["run", "--prompt", bad], capsys)
         assert code == 2 and message in err
 
@@ -187,32 +220,97 @@ def test_one_grammar_for_configurations_on_every_command(tmp_path, capsys):
     assert code == 2 and "joined by '+'" in err and "--budget 192+128" in err and "budget=[" not in err
     # show and bench take the same '+' chains in their ',' lists
     out_png = tmp_path / "s.png"
-    code, out, _ = cli(["show", "--model", "tiny", "--methods", "pool,evocut+fastv", "--budgets", "36,64+40",
-                        "--out", str(out_png)], capsys)
+    code, out, _ = cli(
+        ["show", "--model", "tiny", "--methods", "pool,evocut+fastv", "--budgets", "36,64+40", "--out", str(out_png)],
+        capsys,
+    )
     assert code == 2  # pool is one stage: it cannot take 64+40
-    code, out, _ = cli(["show", "--model", "tiny", "--methods", "evocut+fastv", "--budgets", "64+40,36+20",
-                        "--out", str(out_png)], capsys)
+    code, out, _ = cli(
+        ["show", "--model", "tiny", "--methods", "evocut+fastv", "--budgets", "64+40,36+20", "--out", str(out_png)],
+        capsys,
+    )
     assert code == 0 and "evocut+fastv @ 64+40: 64 of 144 tokens" in out and "evocut+fastv @ 36+20" in out
-    code, _, _ = cli(["bench", "--arch", "tiny", "--methods", "pool,evocut+fastv", "--budgets", "36",
-                      "--flops-only", "--out", str(tmp_path / "b")], capsys)
+    code, _, _ = cli(
+        [
+            "bench",
+            "--arch",
+            "tiny",
+            "--methods",
+            "pool,evocut+fastv",
+            "--budgets",
+            "36",
+            "--flops-only",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
     assert code == 2
-    code, _, _ = cli(["bench", "--arch", "tiny", "--method", "evocut+fastv", "--budget", "64+40", "--repeats", "1",
-                      "--warmup", "0", "--new-tokens", "1", "--out", str(tmp_path / "b")], capsys)
+    code, _, _ = cli(
+        [
+            "bench",
+            "--arch",
+            "tiny",
+            "--method",
+            "evocut+fastv",
+            "--budget",
+            "64+40",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--new-tokens",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capsys,
+    )
     rows = {r["config"]: r for r in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
     assert code == 0 and set(rows) == {"none", "evocut+fastv@64+40"}
     assert rows["evocut+fastv@64+40"]["visual_tokens"] == 64
 
 
 def test_param_on_show_and_bench(tmp_path, capsys):
-    """FastV at 40 layer-averaged tokens is out of reach from layer 2 of the 4-layer tiny LM and reached from layer 1."""
+    """FastV at 40 layer-averaged tokens is out of reach from layer 2 of the 4-layer tiny LM and reached from
+    layer 1."""
     png = tmp_path / "s.png"
     code, _, err = cli(["show", "--model", "tiny", "--methods", "fastv", "--budgets", "40", "--out", str(png)], capsys)
     assert code == 2 and "--param fastv.layer=1" in err and not png.exists()
-    code, out, _ = cli(["show", "--model", "tiny", "--methods", "fastv", "--budgets", "40", "--param",
-                        "fastv.layer=1", "--out", str(png)], capsys)
+    code, out, _ = cli(
+        [
+            "show",
+            "--model",
+            "tiny",
+            "--methods",
+            "fastv",
+            "--budgets",
+            "40",
+            "--param",
+            "fastv.layer=1",
+            "--out",
+            str(png),
+        ],
+        capsys,
+    )
     assert code == 0 and png.exists()
-    base = ["bench", "--arch", "tiny", "--methods", "fastv", "--budgets", "40", "--repeats", "1", "--warmup", "0",
-            "--new-tokens", "1", "--out", str(tmp_path / "b")]
+    base = [
+        "bench",
+        "--arch",
+        "tiny",
+        "--methods",
+        "fastv",
+        "--budgets",
+        "40",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "1",
+        "--out",
+        str(tmp_path / "b"),
+    ]
     code, _, err = cli(base, capsys)
     assert code == 2 and "--param fastv.layer=1" in err
     code, _, _ = cli(base + ["--param", "layer=1"], capsys)
@@ -232,5 +330,20 @@ def test_errors_say_how_to_fix_them(capsys):
     assert "do not fit" not in err
     # the suggested fix works
     assert main(["run", "--method", "evocut+pdrop", "--budget", "60+30", "--json", "--max-new-tokens", "1"]) == 0
-    assert main(["run", "--method", "fastv", "--budget", "72", "--param", "fastv.layer=1", "--json",
-                 "--max-new-tokens", "1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--method",
+                "fastv",
+                "--budget",
+                "72",
+                "--param",
+                "fastv.layer=1",
+                "--json",
+                "--max-new-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )

@@ -5,7 +5,7 @@ import torch
 from transformers import pipeline
 
 from tokensieve import Sieve
-from tokensieve.tiny import build_tiny_llava, demo_image
+from tokensieve.models.tiny import build_tiny_llava, demo_image
 
 from .conftest import N_TOKENS, TINY, prompt
 
@@ -13,8 +13,12 @@ from .conftest import N_TOKENS, TINY, prompt
 def test_image_text_to_text_pipeline(tiny):
     model, processor = tiny
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
-    messages = [{"role": "user", "content": [{"type": "image", "image": demo_image(96)},
-                                             {"type": "text", "text": "what is this ?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": demo_image(96)}, {"type": "text", "text": "what is this ?"}],
+        }
+    ]
     sieve = Sieve("evocut", 8)
     with sieve(model):
         out = pipe(text=messages, max_new_tokens=3, do_sample=False)
@@ -27,10 +31,17 @@ def test_generate_dict_output_and_beams(tiny, single):
     model, _ = tiny
     n_prompt = single["input_ids"].shape[1]
     with Sieve("divprune", 10)(model), torch.inference_mode():
-        out = model.generate(**single, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                             return_dict_in_generate=True, output_scores=True)
-        beams = model.generate(**single, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                               num_beams=2, num_return_sequences=2)
+        out = model.generate(
+            **single,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        beams = model.generate(
+            **single, max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2
+        )
     assert out.sequences.shape == (1, n_prompt + 3) and len(out.scores) == 3
     assert torch.equal(out.sequences[:, :n_prompt], single["input_ids"])
     assert beams.shape == (2, n_prompt + 3)
@@ -160,8 +171,8 @@ def test_report_serialises(tiny, single):
 
 
 def test_unknown_arch_is_refused_with_the_known_names():
-    from tokensieve.archs import arch_config
     from tokensieve.errors import UnsupportedModelError
+    from tokensieve.models.archs import arch_config
 
     with pytest.raises(UnsupportedModelError, match="llava15-cpu"):
         arch_config("llava15-70b")

@@ -3,7 +3,7 @@
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from tokensieve.data import load
-from tokensieve.evaluate import DEFAULT_MODEL_DIR, EMBEDDED_MODELS, load_model, predict
+from tokensieve.tools.evaluate import DEFAULT_MODEL_DIR, EMBEDDED_MODELS, load_model, predict
 
 
 def test_loads_offline_as_a_stock_llava_with_a_cls_tower():
@@ -33,8 +33,9 @@ def test_answers_every_family_on_fixed_test_subsets():
     floors = {"count": 0.9, "digit": 0.9, "exist": 0.8, "position": 0.75, "relation": 0.9, "smallest": 0.9}
     chance = {"count": 1 / 4, "digit": 1 / 10, "exist": 1 / 2, "position": 1 / 5, "relation": 1 / 2, "smallest": 1 / 5}
     for family, floor in floors.items():
-        cases.append((f"shapes {family}", [shapes.sample("test", i, family=family) for i in range(48)], floor,
-                      chance[family]))
+        cases.append(
+            (f"shapes {family}", [shapes.sample("test", i, family=family) for i in range(48)], floor, chance[family])
+        )
     for name, samples, floor, base in cases:
         pred = predict(model, processor, samples, batch_size=50)
         acc = sum(a == s.answer for a, s in zip(pred.answers, samples)) / len(samples)
@@ -49,7 +50,7 @@ def test_right_padded_batch_answers_as_each_prompt_alone():
 
     from tokensieve import Sieve
     from tokensieve.data import shapes
-    from tokensieve.train import prompt_text
+    from tokensieve.trainer import prompt_text
 
     model, processor = load_model()
     samples = [shapes.sample("test", i, family=f) for i, f in enumerate(["count", "position", "relation", "smallest"])]
@@ -73,7 +74,7 @@ def test_right_padded_batch_answers_as_each_prompt_alone():
             for s, (sample, text) in enumerate(zip(samples, texts)):
                 alone = processor(images=[sample.image], text=[text], return_tensors="pt")
                 out = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-                assert answers[s] == processor.decode(out[0, alone["input_ids"].shape[1]:], skip_special_tokens=True)
+                assert answers[s] == processor.decode(out[0, alone["input_ids"].shape[1] :], skip_special_tokens=True)
                 if sieve.llm_method is None:
                     torch.testing.assert_close(full[s][mask[s]], model(**alone).logits[0], rtol=1e-4, atol=1e-4)
 
@@ -100,8 +101,10 @@ def test_the_576_token_variant_answers_from_the_image_on_fixed_test_subsets():
     mixed = load("easyvqa", "test", 150)
     families = ("count", "digit", "smallest")
     learned = [shapes.sample("test", i, family=f) for i in range(32) for f in families]
-    for name, samples, floor in (("easy-VQA, 150 of the test split", mixed, 0.85),
-                                 ("shapes count + digit + smallest-shape colour", learned, 0.85)):
+    for name, samples, floor in (
+        ("easy-VQA, 150 of the test split", mixed, 0.85),
+        ("shapes count + digit + smallest-shape colour", learned, 0.85),
+    ):
         pred = predict(model, processor, samples, batch_size=48)
         acc = sum(a == s.answer for a, s in zip(pred.answers, samples)) / len(samples)
         assert acc > floor, (name, acc)

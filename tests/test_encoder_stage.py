@@ -11,7 +11,7 @@ import torch
 
 from tokensieve import Budget, Sieve
 from tokensieve.adapters import get_adapter
-from tokensieve.encoder_stage import run_encoder_stage
+from tokensieve.engine.encoder_stage import run_encoder_stage
 from tokensieve.methods import get_method
 from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, keep_with_cls
 from tokensieve.methods.evoprune import EvoPrune
@@ -70,15 +70,29 @@ def reference_encode(model, method: EncoderMethod, pixel_values, target):
             h = h + a
             h = h + layer.mlp(layer.layer_norm2(h))
             if i in plan.layers and h.shape[1] - 1 > target:
-                state = EncoderState(layer=i, num_layers=len(layers), feature_layer=FL, layout=Layout((8, 8), 1),
-                                     hidden=h, sizes=sizes, positions=positions, target=target,
-                                     cls_attention=probs[:, :, 0], keys=k, values=v, memory=memory)
+                state = EncoderState(
+                    layer=i,
+                    num_layers=len(layers),
+                    feature_layer=FL,
+                    layout=Layout((8, 8), 1),
+                    hidden=h,
+                    sizes=sizes,
+                    positions=positions,
+                    target=target,
+                    cls_attention=probs[:, :, 0],
+                    keys=k,
+                    values=v,
+                    memory=memory,
+                )
                 cut = method.cut(state)
                 if cut is not None:
                     positions = torch.gather(positions, 1, cut.keep)
                     sizes = cut.sizes if cut.sizes is not None else torch.gather(sizes, 1, cut.keep)
-                    h = cut.hidden if cut.hidden is not None else torch.gather(
-                        h, 1, cut.keep[..., None].expand(-1, -1, h.shape[-1]))
+                    h = (
+                        cut.hidden
+                        if cut.hidden is not None
+                        else torch.gather(h, 1, cut.keep[..., None].expand(-1, -1, h.shape[-1]))
+                    )
         feats = model.model.multi_modal_projector(h[:, 1:])
     return feats, positions[:, 1:], sizes[:, 1:], trace
 
@@ -128,8 +142,11 @@ def test_sieved_logits_are_the_reference_features_through_the_lm(tiny, single, m
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     with torch.inference_mode():
-        ref = model(input_ids=report.input_ids, attention_mask=report.attention_mask,
-                    mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats[0]])}).logits
+        ref = model(
+            input_ids=report.input_ids,
+            attention_mask=report.attention_mask,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats[0]])},
+        ).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -162,7 +179,8 @@ def test_final_count_equals_budget(sharp, tiny, images, method, k):
     for im in enc.images:
         assert len(im.kept_indices) == k and im.kept_indices == sorted(set(im.kept_indices))
     assert enc.encoder_layer_tokens[FL - 1] >= k + 1 and enc.encoder_layer_tokens == sorted(
-        enc.encoder_layer_tokens[:FL], reverse=True) + [0]
+        enc.encoder_layer_tokens[:FL], reverse=True
+    ) + [0]
 
 
 def test_merging_conserves_mass(tiny, images):
@@ -173,9 +191,18 @@ def test_merging_conserves_mass(tiny, images):
     plan = method.plan(6, FL)
     assert plan.layers == (0, 1, 2, 3, 4)
     with torch.inference_mode():
-        res = run_encoder_stage(adapter.layers, adapter._attention_parts, method, plan, Layout((8, 8), 1), 6,
-                                feature_layer=FL, record=[FL],
-                                run=lambda x: model.model.vision_tower(x, return_dict=True), pixel_values=pv)
+        res = run_encoder_stage(
+            adapter.layers,
+            adapter._attention_parts,
+            method,
+            plan,
+            Layout((8, 8), 1),
+            6,
+            feature_layer=FL,
+            record=[FL],
+            run=lambda x: model.model.vision_tower(x, return_dict=True),
+            pixel_values=pv,
+        )
     for sizes, pos in zip(res.sizes, res.positions):
         assert sizes.shape == (7,) and float(sizes.sum()) == N_TOKENS + 1 and float(sizes[0]) == 1
         assert int(pos[0]) == -1 and bool((pos[1:] >= 0).all())
@@ -187,10 +214,18 @@ def test_merge_is_size_weighted_mean():
     b, n, d, h, hd = 2, 12, 8, 2, 4
     hidden = torch.randn(b, n + 1, d, generator=g)
     sizes = torch.cat([torch.ones(b, 1), torch.randint(1, 4, (b, n), generator=g).float()], dim=1)
-    state = EncoderState(layer=3, num_layers=6, feature_layer=5, layout=Layout((3, 4), 1), hidden=hidden,
-                         sizes=sizes, positions=torch.arange(-1, n).expand(b, -1), target=4,
-                         cls_attention=torch.softmax(torch.randn(b, h, n + 1, generator=g), -1),
-                         keys=torch.randn(b, h, n + 1, hd, generator=g))
+    state = EncoderState(
+        layer=3,
+        num_layers=6,
+        feature_layer=5,
+        layout=Layout((3, 4), 1),
+        hidden=hidden,
+        sizes=sizes,
+        positions=torch.arange(-1, n).expand(b, -1),
+        target=4,
+        cls_attention=torch.softmax(torch.randn(b, h, n + 1, generator=g), -1),
+        keys=torch.randn(b, h, n + 1, hd, generator=g),
+    )
     cut = EvoPrune(start_layer=3, end_layer=3).cut(state)  # the only event: straight to the target
     assert cut.keep.shape == (b, 5) and bool((cut.keep[:, 0] == 0).all())
     torch.testing.assert_close(cut.sizes.sum(1), sizes.sum(1))
@@ -273,10 +308,19 @@ def test_bad_cuts_and_schedules_are_clear_errors(tiny, single):
 def _flow_state(layer, n=20, target=5, sharpness=0.0, seed=0, memory=None):
     g = torch.Generator().manual_seed(seed)
     logits_ = torch.randn(1, 2, n + 1, generator=g) * sharpness
-    return EncoderState(layer=layer, num_layers=12, feature_layer=11, layout=Layout((4, 5), 1),
-                        hidden=torch.randn(1, n + 1, 8, generator=g), sizes=torch.ones(1, n + 1),
-                        positions=torch.arange(-1, n)[None], target=target, cls_attention=logits_.softmax(-1),
-                        values=torch.randn(1, 2, n + 1, 4, generator=g), memory={} if memory is None else memory)
+    return EncoderState(
+        layer=layer,
+        num_layers=12,
+        feature_layer=11,
+        layout=Layout((4, 5), 1),
+        hidden=torch.randn(1, n + 1, 8, generator=g),
+        sizes=torch.ones(1, n + 1),
+        positions=torch.arange(-1, n)[None],
+        target=target,
+        cls_attention=logits_.softmax(-1),
+        values=torch.randn(1, 2, n + 1, 4, generator=g),
+        memory={} if memory is None else memory,
+    )
 
 
 def test_flowcut_schedule_and_adaptive_count():
@@ -317,7 +361,7 @@ def test_flowcut_cuts_on_clip_l_after_the_official_layers():
 def test_flowcut_on_a_24_layer_tower_cuts_after_layer_1_and_feeds_the_feature_layer_the_target(images):
     """A CLIP tower of CLIP-L's depth (24 layers, LLaVA reads hidden_states[-2]), attention sharpened so the
     entropy-adaptive counts are not zero: the per-layer trace shows the official schedule."""
-    from tokensieve.tiny import build_tiny_llava
+    from tokensieve.models.tiny import build_tiny_llava
 
     model, processor = build_tiny_llava(image_size=32, patch_size=4, vision_layers=24, text_layers=2)
     with torch.no_grad():
@@ -380,11 +424,19 @@ def test_flowcut_keeps_what_the_official_loop_keeps(seed):
         if len(alive) == target:
             break  # the stage stops consulting the method once the target is reached
         rows = torch.cat([torch.zeros(1, dtype=torch.long), alive + 1])
-        state = EncoderState(layer=layer, num_layers=layers, feature_layer=feature, layout=Layout((5, 8), 1),
-                             hidden=torch.zeros(1, len(rows), 8), sizes=torch.ones(1, len(rows)),
-                             positions=torch.cat([torch.tensor([-1]), alive])[None], target=target,
-                             cls_attention=att[layer][:, rows][None], values=values[layer][:, rows][None],
-                             memory=memory)
+        state = EncoderState(
+            layer=layer,
+            num_layers=layers,
+            feature_layer=feature,
+            layout=Layout((5, 8), 1),
+            hidden=torch.zeros(1, len(rows), 8),
+            sizes=torch.ones(1, len(rows)),
+            positions=torch.cat([torch.tensor([-1]), alive])[None],
+            target=target,
+            cls_attention=att[layer][:, rows][None],
+            values=values[layer][:, rows][None],
+            memory=memory,
+        )
         cut = method.cut(state)
         if cut is not None:
             alive = alive[cut.keep[0, 1:] - 1]

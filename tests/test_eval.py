@@ -6,9 +6,9 @@ import json
 import pytest
 
 import tokensieve
-from tokensieve import evaluate
 from tokensieve.cli import build_parser, main
 from tokensieve.data import shapes
+from tokensieve.tools import evaluate
 
 SMALL = ["--data", "shapes", "--limit", "6", "--batch-size", "6"]
 
@@ -19,18 +19,44 @@ def results(out):
 
 def test_eval_writes_json_table_and_plot(tmp_path, capsys):
     out = tmp_path / "ev"
-    code = main(["eval", "--data", "shapes", "--methods", "random,pool", "--budgets", "0.25,16", "--limit", "12",
-                 "--batch-size", "6", "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "--data",
+            "shapes",
+            "--methods",
+            "random,pool",
+            "--budgets",
+            "0.25,16",
+            "--limit",
+            "12",
+            "--batch-size",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     records = results(out)["records"]
     assert [(r["method"], r["budget"]) for r in records] == [
-        ("none", None), ("random", 0.25), ("random", 16), ("pool", 0.25), ("pool", 16)]
+        ("none", None),
+        ("random", 0.25),
+        ("random", 16),
+        ("pool", 0.25),
+        ("pool", 16),
+    ]
     vanilla = records[0]
     assert vanilla["kept_tokens"] == 144 and vanilla["loyalty"] == 1.0 and vanilla["relative"] == 1.0
     assert [r["kept_tokens"] for r in records[1:]] == [36, 16, 36, 16]
     for r in records:
-        assert r["questions"] == 12 and set(r["families"]) == {"count", "exist", "position", "relation",
-                                                               "smallest", "digit"}
+        assert r["questions"] == 12 and set(r["families"]) == {
+            "count",
+            "exist",
+            "position",
+            "relation",
+            "smallest",
+            "digit",
+        }
         assr = r["accuracy"]
         assert abs(r["relative"] - assr / vanilla["accuracy"]) < 1e-9
         # per-family accuracies (two questions each here) average to the overall accuracy
@@ -68,13 +94,17 @@ def test_eval_passes_method_scoped_params_and_refuses_unscoped_ones(tmp_path, ca
     # FastV's default layer 2 cannot reach 72 layer-averaged tokens on the 4-layer default LM (at least 73); layer 1 can
     assert main(["eval", *SMALL, "--methods", "fastv", "--budgets", "72", "--out", str(out)]) == 2
     assert "--param fastv.layer=1" in capsys.readouterr().err
-    assert main(["eval", *SMALL, "--methods", "fastv", "--budgets", "72", "--param", "fastv.layer=1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["eval", *SMALL, "--methods", "fastv", "--budgets", "72", "--param", "fastv.layer=1", "--out", str(out)])
+        == 0
+    )
     records = results(out)["records"]
     assert records[1]["params"] == {"fastv": {"layer": 1}} and abs(records[1]["kept_tokens"] - 72) < 1.5
     capsys.readouterr()
-    assert main(["eval", *SMALL, "--methods", "fastv,pool", "--budgets", "72", "--param", "layer=1",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["eval", *SMALL, "--methods", "fastv,pool", "--budgets", "72", "--param", "layer=1", "--out", str(out)])
+        == 2
+    )
     assert "--param fastv.layer=1" in capsys.readouterr().err
 
 
@@ -141,12 +171,31 @@ def test_an_interrupted_eval_keeps_finished_work_and_resumes(tmp_path, capsys, m
     assert results(fresh)["records"] == resumed
     # a different evaluation is not mixed into these results; --fresh replaces them
     capsys.readouterr()
-    assert main(["eval", "--data", "easyvqa", "--limit", "6", "--methods", "pool", "--budgets", "36",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["eval", "--data", "easyvqa", "--limit", "6", "--methods", "pool", "--budgets", "36", "--out", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "another evaluation" in err and "data: 'shapes' vs 'easyvqa'" in err and "--fresh" in err
-    assert main(["eval", "--data", "easyvqa", "--limit", "6", "--methods", "pool", "--budgets", "36",
-                 "--out", str(out), "--fresh"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--data",
+                "easyvqa",
+                "--limit",
+                "6",
+                "--methods",
+                "pool",
+                "--budgets",
+                "36",
+                "--out",
+                str(out),
+                "--fresh",
+            ]
+        )
+        == 0
+    )
     assert results(out)["meta"]["data"] == "easyvqa"
 
 
@@ -157,7 +206,12 @@ def test_from_replots_and_merges_earlier_results(tmp_path, capsys):
     assert main(["eval", "--from", str(a), "--from", str(b / "results.json"), "--out", str(merged)]) == 0
     records = results(merged)["records"]
     assert [(r["method"], r["budget"]) for r in records] == [
-        ("none", None), ("pool", 36), ("random", 36), ("random", 18), ("pool", 18)]
+        ("none", None),
+        ("pool", 36),
+        ("random", 36),
+        ("random", 18),
+        ("pool", 18),
+    ]
     assert records[1] == results(a)["records"][1]
     table = (merged / "results.md").read_text()
     assert table.startswith("### shapes test (6 questions), default model") and table.count("\n| ") == 6
@@ -169,8 +223,10 @@ def test_from_replots_and_merges_earlier_results(tmp_path, capsys):
     assert main(["eval", "--from", str(legacy), "--out", str(tmp_path / "replot")]) == 0
     capsys.readouterr()
     other = tmp_path / "other"
-    assert main(["eval", "--data", "easyvqa", "--limit", "6", "--methods", "pool", "--budgets", "36",
-                 "--out", str(other)]) == 0
+    assert (
+        main(["eval", "--data", "easyvqa", "--limit", "6", "--methods", "pool", "--budgets", "36", "--out", str(other)])
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", "--from", str(a), "--from", str(other), "--out", str(tmp_path / "x")]) == 2
     assert "different evaluations" in capsys.readouterr().err
@@ -186,18 +242,23 @@ def test_limit_help_matches_what_it_does():
     assert "shapes takes its first N" in text and "easy-VQA N evenly spaced" in text
     full = easyvqa.questions("test")
     subset = load("easyvqa", "test", 4)
-    assert [s.question for s in subset] == [full[i * len(full) // 4][0] for i in range(4)] != [q for q, _, _ in full[:4]]
+    assert (
+        [s.question for s in subset] == [full[i * len(full) // 4][0] for i in range(4)] != [q for q, _, _ in full[:4]]
+    )
     assert [s.index for s in load("shapes", "test", 3)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
-    (["--limit", "-5"], "argument --limit: must be >= 1, got -5"),
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["--calibration", "0"], "argument --calibration: must be >= 1, got 0"),
-    (["--budgets", ""], "--budgets '': give one or more budgets"),
-    (["--methods", ""], "--methods '': give one or more method names"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--limit", "0"], "argument --limit: must be >= 1, got 0"),
+        (["--limit", "-5"], "argument --limit: must be >= 1, got -5"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--calibration", "0"], "argument --calibration: must be >= 1, got 0"),
+        (["--budgets", ""], "--budgets '': give one or more budgets"),
+        (["--methods", ""], "--methods '': give one or more method names"),
+    ],
+)
 def test_eval_refuses_nonsense_counts_and_empty_lists(argv, message, tmp_path, capsys):
     out = tmp_path / "ev"
     small = [] if "--limit" in argv else ["--limit", "2"]
@@ -210,7 +271,7 @@ def test_the_same_model_elsewhere_is_the_same_evaluation(tmp_path, capsys):
     do not."""
     import shutil
 
-    from tokensieve.loading import EMBEDDED_MODELS
+    from tokensieve.models.loading import EMBEDDED_MODELS
 
     copy = tmp_path / "copy"
     shutil.copytree(EMBEDDED_MODELS["default"].path, copy)

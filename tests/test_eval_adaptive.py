@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from tokensieve import Sieve, evaluate
+from tokensieve import Sieve
 from tokensieve.cli import main
-from tokensieve.configs import Config
 from tokensieve.data import calibration_samples, load, question_batches
+from tokensieve.tools import evaluate
+from tokensieve.tools.configs import Config
 
 LIMIT, CALIB = 6, 8
 SMALL = ["--data", "shapes", "--limit", str(LIMIT), "--batch-size", "6", "--calibration", str(CALIB)]
@@ -58,7 +59,10 @@ def test_adaptive_records_carry_the_calibration_and_the_measured_mean(tmp_path, 
     records = data["records"]
     # an adaptive and a fixed budget of the same mean are two records
     assert [(r["method"], r["budget"]) for r in records] == [
-        ("none", None), ("divprune", 36), ("divprune", "adaptive:36")]
+        ("none", None),
+        ("divprune", 36),
+        ("divprune", "adaptive:36"),
+    ]
     assert "adaptive" not in records[1] and records[1]["kept_tokens"] == 36
     adaptive = records[2]["adaptive"]
 
@@ -69,8 +73,14 @@ def test_adaptive_records_carry_the_calibration_and_the_measured_mean(tmp_path, 
     assert on_test.threshold != reference.threshold  # the check below can tell the two splits apart
     assert adaptive["threshold"] == reference.threshold
     assert adaptive["budget"] == f"adaptive:36@{reference.threshold!r}"
-    assert adaptive["calibration"] == {"data": "shapes", "split": "val", "images": CALIB, "sets": CALIB,
-                                       "target_mean": 36.0, "mean": round(reference.achieved_mean, 4)}
+    assert adaptive["calibration"] == {
+        "data": "shapes",
+        "split": "val",
+        "images": CALIB,
+        "sets": CALIB,
+        "target_mean": 36.0,
+        "mean": round(reference.achieved_mean, 4),
+    }
     assert data["meta"]["calibration"]["split"] == "val" and data["meta"]["calibration"]["images"] == CALIB
     # preflight fits on the first calibration image, then the real fit on all of them; no test image is ever seen
     test_pixels = pixels(processor, load("shapes", "test", LIMIT))
@@ -110,7 +120,11 @@ def test_an_adaptive_record_is_reused_on_resume_and_refitted_for_another_calibra
     assert "2 finished result(s) reused, 1 to run" in capsys.readouterr().err
     records = results(out)["records"]
     assert [(r["budget"], (r.get("adaptive") or {}).get("calibration", {}).get("images")) for r in records] == [
-        (None, None), ("adaptive:36", 4), (36, None), ("adaptive:36", CALIB)]
+        (None, None),
+        ("adaptive:36", 4),
+        (36, None),
+        ("adaptive:36", CALIB),
+    ]
     assert records[1]["adaptive"]["threshold"] != first[1]["adaptive"]["threshold"]
 
 
@@ -134,8 +148,9 @@ def test_a_given_threshold_runs_as_is_and_reproduces_the_calibrated_run(tmp_path
     assert [r["budget"] for r in results(merged)["records"]] == [None, "adaptive:36", spelled]
 
 
-def test_preflight_calibrates_adaptive_budgets_and_names_the_one_that_cannot_run(tmp_path, default, calibrations,
-                                                                                capsys, monkeypatch):
+def test_preflight_calibrates_adaptive_budgets_and_names_the_one_that_cannot_run(
+    tmp_path, default, calibrations, capsys, monkeypatch
+):
     out = tmp_path / "ev"
     calls = []
     real = evaluate.predict
@@ -150,8 +165,9 @@ def test_preflight_calibrates_adaptive_budgets_and_names_the_one_that_cannot_run
     model, processor = default
 
     with pytest.raises(ValueError, match="has no threshold yet and no calibration set"):
-        evaluate.evaluate(model, processor, load("shapes", "test", 2), [Config.single("divprune", "adaptive:36")],
-                          progress=False)
+        evaluate.evaluate(
+            model, processor, load("shapes", "test", 2), [Config.single("divprune", "adaptive:36")], progress=False
+        )
 
 
 def test_preflight_also_runs_an_adaptive_budget_at_its_smallest_count(default, monkeypatch):
@@ -175,23 +191,53 @@ def test_table_and_plot_put_adaptive_next_to_fixed(monkeypatch, tmp_path):
     import matplotlib.axes
 
     def rec(method, budget, kept, acc, **extra):
-        return {"method": method, "budget": budget, "scope": "image", "params": {}, "kept_tokens": kept,
-                "accuracy": acc, "relative": 1.0, "loyalty": 1.0, "families": {"a": acc}, "questions": 10, **extra}
+        return {
+            "method": method,
+            "budget": budget,
+            "scope": "image",
+            "params": {},
+            "kept_tokens": kept,
+            "accuracy": acc,
+            "relative": 1.0,
+            "loyalty": 1.0,
+            "families": {"a": acc},
+            "questions": 10,
+            **extra,
+        }
 
     def adaptive(budget, kept, acc):
-        return rec("evocut", budget, kept, acc, adaptive={
-            "budget": budget + "@0.1", "criterion": "coverage", "min": None, "max": None, "threshold": 0.1,
-            "kept_range": [4, 50], "calibration": {"data": "shapes", "split": "val", "images": 16, "mean": 18.0}})
+        return rec(
+            "evocut",
+            budget,
+            kept,
+            acc,
+            adaptive={
+                "budget": budget + "@0.1",
+                "criterion": "coverage",
+                "min": None,
+                "max": None,
+                "threshold": 0.1,
+                "kept_range": [4, 50],
+                "calibration": {"data": "shapes", "split": "val", "images": 16, "mean": 18.0},
+            },
+        )
 
-    records = [rec("none", None, 144, 0.9), rec("evocut", 36, 36, 0.8), rec("evocut", 18, 18, 0.6),
-               adaptive("adaptive:36", 37.25, 0.7), adaptive("adaptive:18", 17.5, 0.65), rec("divprune", 36, 36, 0.5)]
+    records = [
+        rec("none", None, 144, 0.9),
+        rec("evocut", 36, 36, 0.8),
+        rec("evocut", 18, 18, 0.6),
+        adaptive("adaptive:36", 37.25, 0.7),
+        adaptive("adaptive:18", 17.5, 0.65),
+        rec("divprune", 36, 36, 0.5),
+    ]
     table = evaluate.markdown_table(records).splitlines()
     rows = [line.split(" | ")[1] for line in table if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["-", "36", "adaptive:36", "18", "adaptive:18", "36"]
     assert "| evocut | adaptive:18 | 17.5 (4-50) | 65.0 |" in "\n".join(table)
     lines = {}
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
-                        lambda self, x, y, **k: lines.setdefault(k.get("label"), (list(x), list(y), k)))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "plot", lambda self, x, y, **k: lines.setdefault(k.get("label"), (list(x), list(y), k))
+    )
     evaluate.plot(records, tmp_path / "p.png")
     assert set(lines) >= {"evocut", "evocut adaptive", "divprune"}
     fixed, adapt = lines["evocut"], lines["evocut adaptive"]

@@ -13,11 +13,14 @@ from tokensieve import Sieve
 from tokensieve.errors import BudgetError
 from tokensieve.methods.base import LLMMethod
 from tokensieve.methods.todre import ToDRERelevance
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
-from .conftest import prompt
 from . import families as F
-from .test_llm_stage import Replay as _Replay, generate as _generate, layer_hooks as _hooks, logits as _logits
+from .conftest import prompt
+from .test_llm_stage import Replay as _Replay
+from .test_llm_stage import generate as _generate
+from .test_llm_stage import layer_hooks as _hooks
+from .test_llm_stage import logits as _logits
 
 LAYERS = 4
 IN_LLM = ["fastv", "pdrop", "dart"]
@@ -34,7 +37,9 @@ def _build(name):
         model, proc = F.build_tiny_llava_next(text_layers=LAYERS)
         imgs = [[demo_image(64, 0).resize((64, 40))], [demo_image(64, 1).resize((30, 64)), demo_image(32, 2)]]
         texts = [prompt(proc, "what ?"), "user : <image> , <image> what is this ? assistant :"]
-        make = lambda idx: proc(images=[im for i in idx for im in imgs[i]], text=[texts[i] for i in idx], return_tensors="pt", padding=True)  # noqa: E731
+        make = lambda idx: proc(  # noqa: E731
+            images=[im for i in idx for im in imgs[i]], text=[texts[i] for i in idx], return_tensors="pt", padding=True
+        )  # noqa: E731
     elif name in ("llava_next_video", "llava_onevision"):
         builder = F.build_tiny_llava_next_video if name == "llava_next_video" else F.build_tiny_onevision
         model, inputs = builder(text_layers=LAYERS)
@@ -55,7 +60,9 @@ def _build(name):
         model, proc = F.build_tiny_idefics3(text_layers=LAYERS)
         big, small = demo_image(64, 0).resize((60, 40)), demo_image(64, 1).resize((64, 20))
         imgs, texts = [[small], [big, small]], [prompt(proc, "what ?"), prompt(proc, "what is this ?", 2)]
-        make = lambda idx: proc(images=[imgs[i] for i in idx], text=[texts[i] for i in idx], return_tensors="pt", padding=True)  # noqa: E731
+        make = lambda idx: proc(  # noqa: E731
+            images=[imgs[i] for i in idx], text=[texts[i] for i in idx], return_tensors="pt", padding=True
+        )  # noqa: E731
     else:
         raise ValueError(name)
     return model, lambda i=None: make([0, 1] if i is None else [i])
@@ -69,7 +76,9 @@ def family(request):
 
 def _visual_runs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Maximal runs of one visual token id in a 1-D prompt: each image, crop or video, told apart independently."""
-    vis_ids = [model.config.image_token_id] + ([model.config.video_token_id] if getattr(model.config, "video_token_id", None) is not None else [])
+    vis_ids = [model.config.image_token_id] + (
+        [model.config.video_token_id] if getattr(model.config, "video_token_id", None) is not None else []
+    )
     runs, cur, prev = [], [], None
     for p, t in enumerate(ids.tolist()):
         if t in vis_ids and (t == prev or not cur):
@@ -174,7 +183,10 @@ def test_forward_equals_a_hand_written_layer_loop(family):
         got = _logits(model, one)[0]
     rep = sieve.last_report
     assert torch.equal(rep.llm_kept_positions[0], kept)
-    assert rep.llm_layer_visual_tokens[0] == [sum(r.numel() for r in runs)] * 2 + [sum((r.numel() + 1) // 2 for r in runs)] * 2
+    assert (
+        rep.llm_layer_visual_tokens[0]
+        == [sum(r.numel() for r in runs)] * 2 + [sum((r.numel() + 1) // 2 for r in runs)] * 2
+    )
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -190,7 +202,7 @@ def test_padded_batch_equals_single_calls(family, method):
         singles = []
         for i in range(2):
             alone = make(i)
-            singles.append((_generate(model, alone)[0, alone["input_ids"].shape[1]:], sieve.last_report))
+            singles.append((_generate(model, alone)[0, alone["input_ids"].shape[1] :], sieve.last_report))
     n_in = batch["input_ids"].shape[1]
     for s, (ans, rep) in enumerate(singles):
         assert torch.equal(together[s, n_in:], ans)
@@ -222,7 +234,7 @@ def test_right_padded_batch_equals_single_calls(family):
     with chain(model):
         together = _generate(model, batch)
         left = chain.last_report.attention_mask
-        answers = [_generate(model, make(i))[0, make(i)["input_ids"].shape[1]:] for i in range(2)]
+        answers = [_generate(model, make(i))[0, make(i)["input_ids"].shape[1] :] for i in range(2)]
     assert bool(left[:, -1].all()), "generation ran on a left-padded shrunk batch"
     n_in = batch["input_ids"].shape[1]
     assert torch.equal(together[:, :n_in], batch["input_ids"]), "the caller's own prompt comes back in front"
@@ -257,7 +269,9 @@ def test_cached_decoding_equals_no_cache_recompute(family, method):
             extra = {}
             if "mm_token_type_ids" in one:  # Qwen's processor output: generated tokens are text (type 0)
                 extra["mm_token_type_ids"] = torch.nn.functional.pad(one["mm_token_type_ids"], (0, t))
-            step = _logits(model, dict(one, input_ids=ids, attention_mask=torch.ones_like(ids), **extra), use_cache=False)
+            step = _logits(
+                model, dict(one, input_ids=ids, attention_mask=torch.ones_like(ids), **extra), use_cache=False
+            )
             torch.testing.assert_close(step[:, -1], out.logits[t], rtol=1e-4, atol=1e-4)
 
 

@@ -5,9 +5,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tokensieve import Sieve
-from tokensieve.archs import arch_config, synthetic_inputs
 from tokensieve.errors import UnsupportedModelError
-from tokensieve.flops import (
+from tokensieve.models.archs import arch_config, synthetic_inputs
+from tokensieve.tools.flops import (
     LMDims,
     TokenTrace,
     analytic_trace,
@@ -28,8 +28,11 @@ def _cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs):
 
 def counter():
     """FlopCounterMode with the CPU SDPA kernel counted (torch 2.13 has no formula for it and would skip attention)."""
-    return FlopCounterMode(display=False, depth=None,
-                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa})
+    return FlopCounterMode(
+        display=False,
+        depth=None,
+        custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa},
+    )
 
 
 def by_module(fc, suffix: str) -> int:
@@ -43,8 +46,9 @@ def test_vanilla_generate_matches_the_counter_exactly(tiny, single, new_tokens):
     model, _ = tiny
     with torch.inference_mode(), counter() as fc:
         model.generate(**single, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    flops = count_flops(model.config, vanilla_trace(model.config, single["input_ids"], single["attention_mask"],
-                                                    new_tokens=new_tokens))
+    flops = count_flops(
+        model.config, vanilla_trace(model.config, single["input_ids"], single["attention_mask"], new_tokens=new_tokens)
+    )
     assert flops.total == fc.get_total_flops()
     assert (flops.decode > 0) == (new_tokens > 1)
     assert flops.macs == flops.total // 2
@@ -84,15 +88,23 @@ def test_each_layer_of_a_shrinking_trace_costs_what_the_counter_says_at_that_len
         with torch.inference_mode(), counter() as fc:
             vis_layer(torch.randn(1, n + 1, dims.vision.hidden), None)
         measured_vis[n + 1] = fc.get_total_flops()
-    trace = TokenTrace(encoder_layer_tokens=[65, 65, 65, 51, 18, 18], num_images=1, projected_tokens=17,
-                       llm_layer_tokens=[[50, 17]], llm_layer_visual_tokens=[[40, 7]])
+    trace = TokenTrace(
+        encoder_layer_tokens=[65, 65, 65, 51, 18, 18],
+        num_images=1,
+        projected_tokens=17,
+        llm_layer_tokens=[[50, 17]],
+        llm_layer_visual_tokens=[[40, 7]],
+    )
     flops = count_flops(model.config, trace)
     assert flops.prefill_layers == [measured_lm[50], measured_lm[17]]
     assert vision_layer_flops(dims.vision, 51) == measured_vis[51]
     assert vision_layer_flops(dims.vision, 18) == measured_vis[18]
     full = count_flops(model.config, TokenTrace([65] * 6, 1, 17, [[50, 50]], [[40, 40]]))
-    assert full.vision - flops.vision == (vision_layer_flops(dims.vision, 65) * 3
-                                          - vision_layer_flops(dims.vision, 51) - 2 * vision_layer_flops(dims.vision, 18))
+    assert full.vision - flops.vision == (
+        vision_layer_flops(dims.vision, 65) * 3
+        - vision_layer_flops(dims.vision, 51)
+        - 2 * vision_layer_flops(dims.vision, 18)
+    )
 
 
 def test_analytic_trace_equals_the_measured_one_for_a_pre_projector_method(tiny):
@@ -120,8 +132,9 @@ def test_padded_batch_counts_real_tokens_per_sample(tiny, images):
 
 
 def _lm(kv_heads=8, gated=True):
-    return LMDims(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=kv_heads, head_dim=64, vocab=1000,
-                  gated=gated)
+    return LMDims(
+        hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=kv_heads, head_dim=64, vocab=1000, gated=gated
+    )
 
 
 @pytest.mark.parametrize("n", [1, 77, 616])
@@ -182,7 +195,9 @@ def test_per_sample_traces_add_up_to_the_batch_and_equal_a_call_on_their_own(tin
         parts = [count_flops(model.config, trace_from_report(report, sample=i)).to_first_token for i in range(2)]
         own = []
         for text, imgs in zip(texts, groups):
-            model.generate(**processor(images=imgs, text=[text], return_tensors="pt"), max_new_tokens=1, do_sample=False)
+            model.generate(
+                **processor(images=imgs, text=[text], return_tensors="pt"), max_new_tokens=1, do_sample=False
+            )
             own.append(count_flops(model.config, trace_from_report(sieve.last_report)).to_first_token)
     assert sum(parts) == whole
     assert parts == own

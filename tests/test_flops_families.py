@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tokensieve import Sieve
-from tokensieve.flops import count_flops, dims_from_config, trace_from_report, vanilla_trace
 from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, LLMMethod, keep_with_cls
 from tokensieve.methods.fastv import single_boundary
+from tokensieve.tools.flops import count_flops, dims_from_config, trace_from_report, vanilla_trace
 
 from .test_families_llm import FAMILIES, _build
 from .test_flops import counter
@@ -94,7 +94,7 @@ def test_sieved_generate_matches_the_counter_exactly(family, method):
 def test_qwen_images_are_priced_at_their_own_grid():
     """Two images of different resolutions: the vision cost follows each one's image_grid_thw, not the config."""
     from tests import families as F
-    from tokensieve.tiny import demo_image
+    from tokensieve.models.tiny import demo_image
 
     model, proc = F.build_tiny_qwen("qwen2_vl")
     small = proc(["user : <image> what ? assistant :"], images=[demo_image(32, 0)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokensieve import Sieve
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
 from . import families as F
 from .conftest import prompt
@@ -24,7 +24,7 @@ def _build(name):
     """``(model, inputs)``: one prompt with an image, and a video where the family takes videos."""
     img = demo_image(64, 0)
     if name == "llava15":
-        from tokensieve.tiny import build_tiny_llava
+        from tokensieve.models.tiny import build_tiny_llava
 
         model, proc = build_tiny_llava(image_size=32, patch_size=4, vision_layers=6, text_layers=2)
         return model, proc(images=[img], text=[prompt(proc, "what ?")], return_tensors="pt")
@@ -38,8 +38,9 @@ def _build(name):
         return model, make(["user : <video> <image> what ? assistant :"], [img.resize((32, 20))], [frames])
     if name.startswith("qwen"):
         model, proc = F.build_tiny_qwen(name)
-        return model, proc(["user : <video> <image> what ? assistant :"], images=[img],
-                           videos=[[demo_image(64, s) for s in range(4)]])
+        return model, proc(
+            ["user : <video> <image> what ? assistant :"], images=[img], videos=[[demo_image(64, s) for s in range(4)]]
+        )
     model, proc = F.build_tiny_idefics3()
     return model, proc(images=[[img]], text=[prompt(proc, "what ?")], return_tensors="pt")
 

@@ -10,10 +10,22 @@ from tokensieve.budget import Budget
 from tokensieve.errors import BudgetError, PlaceholderError, UnsupportedModelError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import Layout, Signals
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
 from .conftest import prompt
-from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, build_tiny_idefics3, greedy as _gen, logits as _logits, methods_for
+from .families import (
+    assert_adaptive_is_per_set,
+    assert_unit_cut_equals_pick,
+    assert_vispruner_ranks_like_fastervlm,
+    build_tiny_idefics3,
+    methods_for,
+)
+from .families import (
+    greedy as _gen,
+)
+from .families import (
+    logits as _logits,
+)
 
 METHODS = methods_for(Idefics3Adapter)
 PER_CROP = 16
@@ -30,8 +42,10 @@ def batch(idf):
     _, proc = idf
     big, small = demo_image(64, 0).resize((60, 40)), demo_image(64, 1).resize((64, 20))
     return proc(
-        images=[[big, small], [small]], text=[prompt(proc, "what ?", 2), prompt(proc, "what is this ?")],
-        return_tensors="pt", padding=True,
+        images=[[big, small], [small]],
+        text=[prompt(proc, "what ?", 2), prompt(proc, "what is this ?")],
+        return_tensors="pt",
+        padding=True,
     )
 
 
@@ -154,9 +168,15 @@ def test_global_scope_ranks_the_crops_of_an_image_together(idf, batch, vanilla):
     start = 0
     for c in crops:
         cat = feats[start : start + c].reshape(1, c * PER_CROP, -1)
-        want = get_method("divprune")().select(Signals(features=cat, layout=Layout((4 * c, 4), 0), num_layers=2, feature_layer=2), 9)
-        got = torch.cat([torch.tensor(im.kept_indices, dtype=torch.long) + j * PER_CROP
-                         for j, im in enumerate(rep.images[start : start + c])])
+        want = get_method("divprune")().select(
+            Signals(features=cat, layout=Layout((4 * c, 4), 0), num_layers=2, feature_layer=2), 9
+        )
+        got = torch.cat(
+            [
+                torch.tensor(im.kept_indices, dtype=torch.long) + j * PER_CROP
+                for j, im in enumerate(rep.images[start : start + c])
+            ]
+        )
         assert torch.equal(got, want.indices[0].cpu())
         start += c
     assert len({im.tokens_out for im in rep.images}) > 1  # crops keep unequal shares
@@ -175,7 +195,6 @@ def test_cached_decoding_equals_recompute(idf, batch):
     sieve = Sieve("divprune", 6, scope="crop")
     with sieve(model):
         out = _gen(model, batch, n=3)
-        ids, mask = sieve.last_report.input_ids, sieve.last_report.attention_mask
     enc = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")}
     with sieve(model):
         step_ids = batch["input_ids"]
@@ -209,8 +228,13 @@ def test_fastervlm_fallback_matches_eager_attention_with_padded_crops(idf):
     # this processor resizes every crop to a full square, but the model accepts crops with padded pixels (the
     # Idefics2-style processors make them): pad the right 12 px of sample 1's crop by hand
     images = [[demo_image(64, 2)], [demo_image(64, 3)]]
-    batch = proc(images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is it ?")], return_tensors="pt",
-                 padding=True, do_image_splitting=False)
+    batch = proc(
+        images=images,
+        text=[prompt(proc, "what ?"), prompt(proc, "what is it ?")],
+        return_tensors="pt",
+        padding=True,
+        do_image_splitting=False,
+    )
     batch["pixel_values"][1, 0, :, :, 20:] = 0.0
     batch["pixel_attention_mask"][1, 0, :, 20:] = 0
     sieve = Sieve("fastervlm", 3, scope="crop")
@@ -306,8 +330,10 @@ def test_adaptive_budget_shared_over_crops(idf, batch):
 
     model, proc = idf
     big, small = demo_image(64, 0).resize((60, 40)), demo_image(64, 1).resize((64, 20))
-    singles = [proc(images=[[big, small]], text=[prompt(proc, "what ?", 2)], return_tensors="pt"),
-               proc(images=[[small]], text=[prompt(proc, "what is this ?")], return_tensors="pt")]
+    singles = [
+        proc(images=[[big, small]], text=[prompt(proc, "what ?", 2)], return_tensors="pt"),
+        proc(images=[[small]], text=[prompt(proc, "what is this ?")], return_tensors="pt"),
+    ]
     cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(0.25, 0.1, 0.6), method="divprune")
     assert cal.sets == len(report.images)
     assert all(2 <= c <= 10 for c in cal.counts)  # 16-token crops: round(0.1 * 16) .. round(0.6 * 16)

@@ -25,8 +25,9 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_torch_only_parts_import_without_transformers():
     res = _run(
-        "import tokensieve, tokensieve.methods, tokensieve.budget, tokensieve.errors, tokensieve.capture, "
-        "tokensieve.encoder_stage, tokensieve.flops, tokensieve.merge_units, tokensieve.anyres\n"
+        "import tokensieve, tokensieve.methods, tokensieve.budget, tokensieve.errors, tokensieve.engine.capture, "
+        "tokensieve.engine.encoder_stage, tokensieve.tools.flops, tokensieve.engine.merge_units, "
+        "tokensieve.engine.anyres\n"
         "from tokensieve.methods import get_method, method_names\n"
         "assert 'evocut' in method_names() and get_method('divprune').stage == 'post_projector'\n"
         "assert tokensieve.Budget.parse(64).resolve(576) == 64\n"

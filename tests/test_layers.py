@@ -11,7 +11,7 @@ import torch
 
 from tokensieve import Sieve
 from tokensieve.errors import ParameterError
-from tokensieve.tiny import build_tiny_llava, demo_image
+from tokensieve.models.tiny import build_tiny_llava, demo_image
 
 from . import families as F
 from .conftest import prompt
@@ -34,8 +34,13 @@ def _refused(model, sieve, *needles):
     return msg
 
 
-DEEP_SETTINGS = [("evocut", dict(start_layer=26)), ("vtc_cls", dict(start_layer=26)), ("fastervlm", dict(layer=27)),
-                 ("hiprune", dict(object_layer=26)), ("evoprune", dict(end_layer=26, start_layer=20))]
+DEEP_SETTINGS = [
+    ("evocut", dict(start_layer=26)),
+    ("vtc_cls", dict(start_layer=26)),
+    ("fastervlm", dict(layer=27)),
+    ("hiprune", dict(object_layer=26)),
+    ("evoprune", dict(end_layer=26, start_layer=20)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,7 @@ def test_shallow_tower_refuses_them_at_apply(tiny, method, params):
 
 
 def test_default_model_refuses_a_start_layer_past_its_8_layers():
-    from tokensieve.evaluate import load_model
+    from tokensieve.tools.evaluate import load_model
 
     model, _ = load_model()
     _refused(model, Sieve("evocut", 16, start_layer=20), "start_layer=20", "8 layers", "<= 8")
@@ -81,6 +86,7 @@ def test_in_llm_layers_are_checked_against_the_lm(tiny):
 
 
 # -- every other family ------------------------------------------------------------------------------------------
+
 
 def _family(name):
     if name == "llava_next":
@@ -110,8 +116,11 @@ def test_every_family_checks_its_real_encoder_and_lm_depth(name):
     _refused(model, Sieve("evoprune", 4, end_layer=depth), f"end_layer={depth}")
     _refused(model, Sieve("fastv", 4, layer=lm), f"fastv layer={lm}", f"{lm} decoder layers")
     before = _hooks(model)
-    for ok in (Sieve("fastervlm", 4, layer=depth - 1), Sieve("evoprune", 4, start_layer=0),
-               Sieve("fastv", 4, layer=lm - 1)):
+    for ok in (
+        Sieve("fastervlm", 4, layer=depth - 1),
+        Sieve("evoprune", 4, start_layer=0),
+        Sieve("fastv", 4, layer=lm - 1),
+    ):
         ok.apply(model).remove()
     assert _hooks(model) == before and "generate" not in model.__dict__
 

@@ -118,7 +118,7 @@ def test_matches_hand_written_reference(tiny, tiny_eager, single, method):
         ids = single["input_ids"][0]
         img = model.config.image_token_id
         pos = (ids == img).nonzero().flatten()
-        new_ids = torch.cat([ids[: pos[0]], ids[pos[: k]], ids[pos[-1] + 1 :]])[None]
+        new_ids = torch.cat([ids[: pos[0]], ids[pos[:k]], ids[pos[-1] + 1 :]])[None]
         emb = base.get_input_embeddings()(new_ids)
         emb[0, pos[0] : pos[0] + kept.shape[1]] = kept[0]
         hidden = base.language_model(inputs_embeds=emb, attention_mask=torch.ones_like(new_ids)).last_hidden_state
@@ -276,6 +276,7 @@ def test_evocut_is_deterministic_across_runs(tiny, images):
 
 # --- bad input ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "budget,error,match",
     [
@@ -314,8 +315,16 @@ def test_unknown_method_and_parameters():
 def test_unsupported_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=32,
+        )
+    )
     with pytest.raises(tokensieve.UnsupportedModelError, match="LlamaForCausalLM is not supported.*Llava"):
         Sieve("evocut", 8).apply(lm)
     assert not lm._forward_pre_hooks and "generate" not in lm.__dict__
@@ -325,10 +334,22 @@ def test_llava_with_a_cls_free_tower_is_refused():
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
     cfg = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=32),
+        vision_config=SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=32,
+        ),
         image_token_id=5,
     )
     model = LlavaForConditionalGeneration(cfg)
@@ -388,8 +409,10 @@ def test_encoder_runs_once_per_sieved_call(tiny, single, method):
     def projector_hook(mod, args, out):
         calls["projector_tokens"].append(out.shape[1])
 
-    handles = [model.model.vision_tower.register_forward_hook(tower_hook),
-               model.model.multi_modal_projector.register_forward_hook(projector_hook)]
+    handles = [
+        model.model.vision_tower.register_forward_hook(tower_hook),
+        model.model.multi_modal_projector.register_forward_hook(projector_hook),
+    ]
     try:
         with Sieve(method, 8)(model):
             generate(model, single, n=3)

@@ -6,15 +6,26 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
+from tokensieve.adapters.llava_next import LlavaNextAdapter
 from tokensieve.budget import Budget
 from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
 from .conftest import prompt
-from tokensieve.adapters.llava_next import LlavaNextAdapter
-
-from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_llava_next, greedy as _gen, logits as _logits
+from .families import (
+    assert_adaptive_is_per_set,
+    assert_unit_cut_equals_pick,
+    assert_vispruner_ranks_like_fastervlm,
+    build_tiny_llava_next,
+    methods_for,
+)
+from .families import (
+    greedy as _gen,
+)
+from .families import (
+    logits as _logits,
+)
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
 
@@ -32,11 +43,11 @@ def batch(next_model):
     _, proc = next_model
     images = [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64))]
     return proc(
-        images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")], return_tensors="pt",
+        images=images,
+        text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")],
+        return_tensors="pt",
         padding=True,
     )
-
-
 
 
 def _crops(model, batch):
@@ -70,7 +81,9 @@ def test_keep_all_equals_vanilla(next_model, batch, vanilla, method):
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "vispruner", "evocut", "divprune", "random"])
-@pytest.mark.parametrize("budget,scope,expected", [(4, "crop", [20, 12]), (20, "image", [20, 20]), (12, "global", [12, 12])])
+@pytest.mark.parametrize(
+    "budget,scope,expected", [(4, "crop", [20, 12]), (20, "image", [20, 20]), (12, "global", [12, 12])]
+)
 def test_selected_counts_follow_the_scope(next_model, batch, method, budget, scope, expected):
     model, _ = next_model
     (nph0, npw0), (nph1, npw1) = _crops(model, batch)
@@ -110,15 +123,16 @@ def test_newline_kept_only_for_rows_that_keep_tokens(next_model, batch, method):
         is_nl = (feats == newline).all(dim=-1)
         assert int(is_nl.sum()) == _expected_newlines(model, batch, i, im.kept_indices)
         assert feats.shape[0] == len(im.kept_indices) + int(is_nl.sum())
-        assert not bool(is_nl[: 2].any())  # the base view's two tokens come first, with no newline
+        assert not bool(is_nl[:2].any())  # the base view's two tokens come first, with no newline
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "evocut", "divprune", "visionzip"])
 @pytest.mark.parametrize("budget,scope", [(2, "crop"), (20, "image"), (12, "global"), (0.3, "image")])
 def test_fixed_newline_policies_fix_the_count_before_selection(next_model, batch, method, budget, scope):
     """newlines="all" keeps every row's newline, "none" none: an image's count then follows from its layout and the
-    budget alone (tokensieve.anyres.num_tokens, what the vLLM integration gives each image), whichever tokens win."""
-    from tokensieve import anyres
+    budget alone (tokensieve.engine.anyres.num_tokens, what the vLLM integration gives each image), whichever tokens
+    win."""
+    from tokensieve.engine import anyres
 
     model, _ = next_model
     adapter = get_adapter(model)
@@ -129,8 +143,12 @@ def test_fixed_newline_policies_fix_the_count_before_selection(next_model, batch
             _gen(model, batch, n=1)
         for pk, im in zip(packs, sieve.last_report.images):
             want = anyres.num_tokens(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE, policy)
-            assert im.tokens_out == want == (pk.num_newlines if policy == "all" else 0) + sum(
-                anyres.image_shares(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE))
+            assert (
+                im.tokens_out
+                == want
+                == (pk.num_newlines if policy == "all" else 0)
+                + sum(anyres.image_shares(pk, Budget.parse(budget, scope), SIDE, SIDE * SIDE))
+            )
 
 
 def test_newline_policies_keep_the_same_tokens_and_differ_only_in_newlines(next_model, batch):
@@ -202,7 +220,7 @@ def test_forward_equals_hand_written_reference(next_model, batch):
     rows = []
     for b in range(ids.shape[0]):
         pos = (ids[b] == img).nonzero().flatten()
-        drop = pos[kept_counts[b]:]
+        drop = pos[kept_counts[b] :]
         keep_pos = torch.ones(ids.shape[1], dtype=torch.bool)
         keep_pos[drop] = False
         rows.append(keep_pos.nonzero().flatten())
@@ -210,11 +228,12 @@ def test_forward_equals_hand_written_reference(next_model, batch):
     new_ids = torch.zeros(ids.shape[0], length, dtype=torch.long)
     new_mask = torch.zeros_like(new_ids)
     for b, r in enumerate(rows):
-        new_ids[b, length - r.numel():] = ids[b, r]
-        new_mask[b, length - r.numel():] = mask[b, r]
+        new_ids[b, length - r.numel() :] = ids[b, r]
+        new_mask[b, length - r.numel() :] = mask[b, r]
     with torch.inference_mode():
         ref = model(
-            input_ids=new_ids, attention_mask=new_mask,
+            input_ids=new_ids,
+            attention_mask=new_mask,
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=kept_feats)},
         ).logits
     assert torch.equal(sieve.last_report.input_ids, new_ids)
@@ -229,8 +248,9 @@ def filled(next_model):
     """Two images whose aspect matches a pinpoint, so unpadding removes nothing (3 crops each)."""
     _, proc = next_model
     images = [demo_image(64, 0).resize((32, 64)), demo_image(64, 3).resize((64, 32))]
-    return proc(images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")], return_tensors="pt",
-                padding=True)
+    return proc(
+        images=images, text=[prompt(proc, "what ?"), prompt(proc, "what is this ?")], return_tensors="pt", padding=True
+    )
 
 
 def test_in_encoder_cut_at_the_last_layer_equals_pre_projector_selection(next_model, filled):
@@ -238,9 +258,9 @@ def test_in_encoder_cut_at_the_last_layer_equals_pre_projector_selection(next_mo
     in-encoder path (crops batched through CLIP, survivors packed with newlines) must equal the pre-projector
     path selecting the same patches."""
     model, _ = next_model
-    assert_unit_cut_equals_pick(model, filled, get_adapter(model).feature_layers({})[-1] - 1, [0, 3, 5, 6, 9, 15], "crop")
-
-
+    assert_unit_cut_equals_pick(
+        model, filled, get_adapter(model).feature_layers({})[-1] - 1, [0, 3, 5, 6, 9, 15], "crop"
+    )
 
 
 @pytest.mark.parametrize("method", ["evoprune", "flowcut"])
@@ -249,13 +269,15 @@ def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
     sieve = Sieve(method, 5, scope="crop")
     with sieve(model):
         _gen(model, filled, n=2)
-    assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == [
+        5 * im.crops for im in sieve.last_report.images
+    ]
     if method == "flowcut":  # FlowCut's schedule: the last cut is after layer 1, so layer 2 (features) runs on 5 + CLS
         assert sieve.last_report.encoder_layer_tokens == [SIDE * SIDE + 1, SIDE * SIDE + 1, 6, 0]
     with sieve(model):
         _gen(model, batch, n=2)
     # the encoder sees whole crops: a kept patch that unpadding removes is dropped, so padded crops keep at most 5
-    for im, crops in zip(sieve.last_report.images, _crops(model, batch)):
+    for im in sieve.last_report.images:
         assert len(im.kept_indices) <= 5 * im.crops
     assert sieve.last_report.encoder_layer_tokens[0] == SIDE * SIDE + 1
     if method == "evoprune":  # its cuts start early enough for a later layer of this 4-layer tower to run shorter
@@ -266,7 +288,7 @@ def test_in_encoder_counts_per_crop(next_model, batch, filled, method):
 
 
 def test_flops_trace_counts_one_encoder_pass_per_crop(next_model, batch):
-    from tokensieve.flops import trace_from_report
+    from tokensieve.tools.flops import trace_from_report
 
     model, _ = next_model
     sieve = Sieve("evocut", 0.5)

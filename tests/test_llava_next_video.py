@@ -6,14 +6,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
+from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
 from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
-from tokensieve.adapters.llava_next_video import LlavaNextVideoAdapter
-
-from .families import assert_unit_cut_equals_pick, methods_for, build_tiny_llava_next_video, greedy, logits
+from .families import assert_unit_cut_equals_pick, build_tiny_llava_next_video, greedy, logits, methods_for
 
 PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
 
@@ -76,7 +75,9 @@ def test_video_counts(next_video, batch, method, budget, scope, per_video):
 def test_forward_equals_hand_written_reference(next_video):
     """random, 2 per frame, on videos only: the model's own frame tokens gathered by hand."""
     model, make = next_video
-    inputs = make(["user : <video> what ? assistant :", "user : <video> what is it ? assistant :"], (), [_frames(1), _frames(7)])
+    inputs = make(
+        ["user : <video> what ? assistant :", "user : <video> what is it ? assistant :"], (), [_frames(1), _frames(7)]
+    )
     sieve = Sieve("random", 2)
     with sieve(model):
         got = logits(model, inputs)
@@ -95,11 +96,16 @@ def test_forward_equals_hand_written_reference(next_video):
         row[pos[drop]] = False
         rows.append(row)
     length = max(int(r.sum()) for r in rows)
-    new_ids = torch.stack([torch.cat([ids[b, :0].new_zeros(length - int(r.sum())), ids[b, r]]) for b, r in enumerate(rows)])
-    new_mask = torch.stack([torch.cat([mask[b, :0].new_zeros(length - int(r.sum())), mask[b, r]]) for b, r in enumerate(rows)])
+    new_ids = torch.stack(
+        [torch.cat([ids[b, :0].new_zeros(length - int(r.sum())), ids[b, r]]) for b, r in enumerate(rows)]
+    )
+    new_mask = torch.stack(
+        [torch.cat([mask[b, :0].new_zeros(length - int(r.sum())), mask[b, r]]) for b, r in enumerate(rows)]
+    )
     with torch.inference_mode():
         ref = model(
-            input_ids=new_ids, attention_mask=new_mask,
+            input_ids=new_ids,
+            attention_mask=new_mask,
             mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=tokens[:, keep])},
         ).logits
     assert torch.equal(sieve.last_report.input_ids[new_mask.bool()], new_ids[new_mask.bool()])
@@ -130,8 +136,9 @@ def test_in_encoder_methods_on_images_and_videos(next_video, batch, vanilla, met
 def test_in_encoder_video_cut_after_the_feature_layer_equals_pre_projector_selection(next_video, batch):
 
     model, make = next_video
-    videos = make(["user : <video> what ? assistant :", "user : <video> what is this ? assistant :"], [],
-                  [_frames(0), _frames(5)])
+    videos = make(
+        ["user : <video> what ? assistant :", "user : <video> what is this ? assistant :"], [], [_frames(0), _frames(5)]
+    )
     fl = get_adapter(model).feature_layers({})[-1]
     report = assert_unit_cut_equals_pick(model, videos, fl - 1, [0, 3], "frame")
     assert [im.kept_indices for im in report.images] == [[0, 3, 4, 7, 8, 11]] * 2

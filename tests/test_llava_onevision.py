@@ -5,14 +5,21 @@ import torch
 
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
+from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokensieve.errors import UnsupportedModelError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER, EncoderMethod, EncoderPlan
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
-from tokensieve.adapters.llava_onevision import LlavaOnevisionAdapter
-
-from .families import assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_onevision, greedy, logits
+from .families import (
+    assert_adaptive_is_per_set,
+    assert_unit_cut_equals_pick,
+    assert_vispruner_ranks_like_fastervlm,
+    build_tiny_onevision,
+    greedy,
+    logits,
+    methods_for,
+)
 
 SIDE = 4
 
@@ -136,7 +143,9 @@ def test_in_encoder_on_the_cls_free_tower(onevision, batch, vanilla, filled_imag
     sieve = Sieve(method, 5, scope="crop")
     with sieve(model):
         greedy(model, filled_images, n=2)
-    assert [len(im.kept_indices) for im in sieve.last_report.images] == [5 * im.crops for im in sieve.last_report.images]
+    assert [len(im.kept_indices) for im in sieve.last_report.images] == [
+        5 * im.crops for im in sieve.last_report.images
+    ]
     if method == "flowcut":  # SigLIP's last layer produces the features: it already runs on the 5 kept rows
         assert sieve.last_report.encoder_layer_tokens[-1] == 5
     video = Sieve(method, 2, scope="frame")  # 2 of the 4 pooled tokens of each frame, plus the video's newline
@@ -159,7 +168,9 @@ def test_in_encoder_cut_after_the_feature_layer_equals_pre_projector_selection(o
 
     model, _ = onevision
     # OneVision reads the last layer, so the cut comes after the last layer
-    assert_unit_cut_equals_pick(model, filled_images, model.config.vision_config.num_hidden_layers - 1, [1, 2, 4, 8, 11, 15], "crop")
+    assert_unit_cut_equals_pick(
+        model, filled_images, model.config.vision_config.num_hidden_layers - 1, [1, 2, 4, 8, 11, 15], "crop"
+    )
 
 
 class Spy(EncoderMethod):
@@ -188,8 +199,10 @@ def test_virtual_cls_is_the_mean_row_and_the_mean_query_attention(onevision, fil
     model, _ = onevision
     layer = get_adapter(model).layers[1]
     got = {}
-    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: got.setdefault("q", o)),
-             layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: got.setdefault("k", o))]
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: got.setdefault("q", o)),
+        layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: got.setdefault("k", o)),
+    ]
     spy = Spy(1)
     try:
         with Sieve(spy, 8, scope="crop")(model):
@@ -223,9 +236,10 @@ def test_adaptive_budget_on_images_and_video_frames(onevision, batch):
     model, make = onevision
     images = [demo_image(64, 0).resize((32, 20)), demo_image(64, 1).resize((16, 40))]
     frames = [demo_image(32, s) for s in range(3)]
-    singles = [make(["user : <image> what ? assistant :"], [images[0]]),
-               make(["user : <image> <video> what is this ? assistant :"], [images[1]], [frames])]
-    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(2, 1, 4), scope="crop",
-                                             method="vispruner")
+    singles = [
+        make(["user : <image> what ? assistant :"], [images[0]]),
+        make(["user : <image> <video> what is this ? assistant :"], [images[1]], [frames]),
+    ]
+    cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(2, 1, 4), scope="crop", method="vispruner")
     video = report.images[-1]
     assert video.frames == 3 and video.tokens_out == len(video.kept_indices) + 1  # the closing newline stays

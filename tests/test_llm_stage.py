@@ -8,7 +8,7 @@ from tokensieve.errors import BudgetError, StageError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import LLMMethod, averaged_tokens
 from tokensieve.methods.todre import ToDRE, ToDRERelevance
-from tokensieve.tiny import build_tiny_llava
+from tokensieve.models.tiny import build_tiny_llava
 
 from .conftest import N_TOKENS, TINY, prompt
 
@@ -135,7 +135,10 @@ def test_cached_decoding_equals_no_cache_recompute(deep, one, method):
 def test_batch_with_left_padding_equals_single_calls(deep, images, method):
     """Samples with different image counts keep different numbers of tokens: extra slots line them up."""
     model, processor = deep
-    texts = [prompt(processor, "what is in the picture ?"), prompt(processor, "how many cats are there on the couch ?", 2)]
+    texts = [
+        prompt(processor, "what is in the picture ?"),
+        prompt(processor, "how many cats are there on the couch ?", 2),
+    ]
     imgs = [[images[0]], [images[1], images[2]]]
     processor.tokenizer.padding_side = "left"
     batch = processor(images=[i for g in imgs for i in g], text=texts, return_tensors="pt", padding=True)
@@ -169,7 +172,9 @@ def test_batch_with_right_padding_equals_single_calls(deep, images):
         for s, t in enumerate(texts):
             alone = processor(images=[images[s]], text=[t], return_tensors="pt")
             single = logits(model, alone)[0]
-            real = (rep.llm_kept_positions[s] >= 0) & (rep.attention_mask[s][rep.llm_kept_positions[s].clamp(min=0)] == 1)
+            real = (rep.llm_kept_positions[s] >= 0) & (
+                rep.attention_mask[s][rep.llm_kept_positions[s].clamp(min=0)] == 1
+            )
             torch.testing.assert_close(together[s][real], single, rtol=1e-4, atol=1e-4)
 
 
@@ -286,8 +291,9 @@ def test_budget_mappings_match_the_documented_tables():
 def _signals(hidden, keys, segments, text_keys=None, text_hidden=None):
     from tokensieve.methods.base import LLMSignals
 
-    return LLMSignals(hidden=hidden, segments=segments, layer=2, num_layers=8, keys=keys,
-                      text_keys=text_keys, text_hidden=text_hidden)
+    return LLMSignals(
+        hidden=hidden, segments=segments, layer=2, num_layers=8, keys=keys, text_keys=text_keys, text_hidden=text_hidden
+    )
 
 
 def test_dart_keeps_exactly_k_and_prefers_tokens_unlike_the_pivots():
@@ -370,9 +376,17 @@ def test_dart_walks_its_pivots_in_the_official_set_order():
     assert list(set([1, 32])) == [32, 1] and list(set([1, 2])) == [1, 2]
     hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # token 2 unlike 0, token 3 unlike 1
     keys = torch.tensor([[5.0], [4.0], [0.1], [0.1]])  # tokens 0 and 1 are the image pivots, 0 first by key norm
-    sig = LLMSignals(hidden=hidden, segments=[4], layer=2, num_layers=4, keys=keys,
-                     positions=torch.tensor([1, 32, 33, 34]), text_keys=torch.empty(0, 1),
-                     text_hidden=torch.empty(0, 2), text_positions=torch.empty(0, dtype=torch.long))
+    sig = LLMSignals(
+        hidden=hidden,
+        segments=[4],
+        layer=2,
+        num_layers=4,
+        keys=keys,
+        positions=torch.tensor([1, 32, 33, 34]),
+        text_keys=torch.empty(0, 1),
+        text_hidden=torch.empty(0, 2),
+        text_positions=torch.empty(0, dtype=torch.long),
+    )
     dart = get_method("dart")(pivots_image=2, pivots_text=0)
     assert dart.select_llm(sig, [3])[0].tolist() == [0, 1, 3]  # one claim: the pivot at position 32 makes it
     sig.positions = torch.tensor([1, 2, 3, 4])
@@ -387,9 +401,17 @@ def test_dart_text_pivots_come_from_the_text_after_the_image():
     hidden = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
     keys = torch.tensor([[5.0], [0.1], [0.1], [0.1]])  # token 0 is the image pivot; least like it: token 3
     text_hidden = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])  # before the image (least like: token 1), after (token 2)
-    sig = LLMSignals(hidden=hidden, segments=[4], layer=2, num_layers=4, keys=keys, positions=torch.arange(5, 9),
-                     text_keys=torch.tensor([[9.0], [1.0]]), text_hidden=text_hidden,
-                     text_positions=torch.tensor([2, 10]))
+    sig = LLMSignals(
+        hidden=hidden,
+        segments=[4],
+        layer=2,
+        num_layers=4,
+        keys=keys,
+        positions=torch.arange(5, 9),
+        text_keys=torch.tensor([[9.0], [1.0]]),
+        text_hidden=text_hidden,
+        text_positions=torch.tensor([2, 10]),
+    )
     # one claim, made by the first pivot of the walk list(set([5, 10])) = [10, 5]: the text pivot after the image
     kept = get_method("dart")(pivots_image=1, pivots_text=1).select_llm(sig, [2])[0]
     assert list(set([5, 10])) == [10, 5] and kept.tolist() == [0, 2]

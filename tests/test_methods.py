@@ -9,7 +9,7 @@ import torch
 
 from tokensieve.methods import IN_LLM, Layout, Selection, Signals, get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR
-from tokensieve.methods.divprune import maxmin_select, cosine_distances
+from tokensieve.methods.divprune import cosine_distances, maxmin_select
 from tokensieve.methods.evocut import evocut_scores
 from tokensieve.methods.pool import pooled_grid
 from tokensieve.methods.visionzip import default_contextual
@@ -73,8 +73,23 @@ def run(name: str, signals: Signals, k: int, **params) -> Selection:
 
 def test_registry_lists_every_method():
     assert method_names() == sorted(
-        ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "evoprune", "flowcut",
-         "hiprune", "vtc_cls", "todre", "fastv", "pdrop", "dart"]
+        [
+            "evocut",
+            "divprune",
+            "visionzip",
+            "fastervlm",
+            "vispruner",
+            "pool",
+            "random",
+            "evoprune",
+            "flowcut",
+            "hiprune",
+            "vtc_cls",
+            "todre",
+            "fastv",
+            "pdrop",
+            "dart",
+        ]
     )
     assert PRE == sorted(
         ["evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "todre", "hiprune", "vtc_cls"]
@@ -331,8 +346,17 @@ def _vispruner_signals(seed: int, b: int, side: int, d: int = 12) -> Signals:
     "side,k,ratio",
     # the README's examples (576 tokens: 128 = 64 + 64, 64 = 48 + 16), other budgets the official code runs, and
     # the default model's 144-token grid
-    [(24, 128, 0.5), (24, 64, 0.75), (24, 192, 0.5), (24, 32, 0.5), (24, 576, 0.5), (12, 36, 0.5), (12, 72, 0.5),
-     (12, 36, 0.0), (12, 20, 1.0)],
+    [
+        (24, 128, 0.5),
+        (24, 64, 0.75),
+        (24, 192, 0.5),
+        (24, 32, 0.5),
+        (24, 576, 0.5),
+        (12, 36, 0.5),
+        (12, 72, 0.5),
+        (12, 36, 0.0),
+        (12, 20, 1.0),
+    ],
 )
 def test_vispruner_keeps_what_the_official_code_keeps(side, k, ratio):
     signals = _vispruner_signals(side * 1000 + k, 2, side)
@@ -352,8 +376,13 @@ def test_vispruner_drops_duplicates_of_the_diverse_half_by_hand():
         attention[0, 0, token] = 1.0 - pos / 10
     vectors = {5: 0, 2: 1, 7: 2, 6: 2, 0: 3, 3: 4, 1: 5, 4: 5}  # token -> basis direction
     features = torch.stack([torch.eye(8)[vectors[t]] for t in range(8)]).unsqueeze(0)
-    signals = Signals(features=features, layout=Layout(grid=(2, 4)), num_layers=NUM_LAYERS,
-                      feature_layer=FEATURE_LAYER, cls_attention={FEATURE_LAYER - 1: attention})
+    signals = Signals(
+        features=features,
+        layout=Layout(grid=(2, 4)),
+        num_layers=NUM_LAYERS,
+        feature_layer=FEATURE_LAYER,
+        cls_attention={FEATURE_LAYER - 1: attention},
+    )
     assert get_method("vispruner")(important_ratio=0.34).select(signals, 6).indices.tolist() == [[0, 2, 3, 4, 5, 6]]
     # FasterVLM on the same attention keeps the top 6 and so both copies of the duplicated direction
     assert get_method("fastervlm")().select(signals, 6).indices.tolist() == [[0, 2, 3, 5, 6, 7]]
@@ -527,8 +556,11 @@ def test_evocut_defaults_rank_an_odd_mover_first_among_eight_groups():
     method = get_method("evocut")()
     req = method.request(layers, layers - 1)
     signals = Signals(
-        features=torch.randn(1, n, d, generator=g), layout=Layout((24, 24)), num_layers=layers,
-        feature_layer=layers - 1, hidden_states={i: states[i] for i in req.hidden_states},
+        features=torch.randn(1, n, d, generator=g),
+        layout=Layout((24, 24)),
+        num_layers=layers,
+        feature_layer=layers - 1,
+        hidden_states={i: states[i] for i in req.hidden_states},
     )
     sel = method.select(signals, 1)
     assert sel.indices.tolist() == [[special]]
@@ -569,7 +601,7 @@ def test_hiprune_keeps_anchors_their_neighbours_then_registers():
         sel = run("hiprune", signals, 10, object_layer=obj, output_layer=out, alpha=0.5)
         chosen = {anchor} | buffers
         rest = [i for i in range(N) if i not in chosen]
-        registers = set(rest[len(rest) - (10 - len(chosen)):])
+        registers = set(rest[len(rest) - (10 - len(chosen)) :])
         for b in range(B):
             assert set(sel.indices[b].tolist()) == chosen | registers
 

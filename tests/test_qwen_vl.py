@@ -6,14 +6,26 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokensieve import Sieve
 from tokensieve.adapters import get_adapter
+from tokensieve.adapters.qwen_vl import QwenVLAdapter
+from tokensieve.errors import BudgetError, PlaceholderError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
-from tokensieve.errors import BudgetError, PlaceholderError
-from tokensieve.tiny import demo_image
+from tokensieve.models.tiny import demo_image
 
-from tokensieve.adapters.qwen_vl import QwenVLAdapter
-
-from .families import CutUnits, assert_adaptive_is_per_set, assert_unit_cut_equals_pick, assert_vispruner_ranks_like_fastervlm, methods_for, build_tiny_qwen, greedy as _gen, logits as _logits
+from .families import (
+    CutUnits,
+    assert_adaptive_is_per_set,
+    assert_unit_cut_equals_pick,
+    assert_vispruner_ranks_like_fastervlm,
+    build_tiny_qwen,
+    methods_for,
+)
+from .families import (
+    greedy as _gen,
+)
+from .families import (
+    logits as _logits,
+)
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units
@@ -41,8 +53,6 @@ def _mixed_batch(proc, first_side=96):
 @pytest.fixture(scope="module")
 def batch(qwen):
     return _mixed_batch(qwen[1])
-
-
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +113,11 @@ def _reference_inputs(model, batch, k):
         img = base.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
         vid = base.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
         pos3, _ = base.get_rope_index(
-            batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-            video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"].bool(),
+            batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            video_grid_thw=batch["video_grid_thw"],
+            attention_mask=batch["attention_mask"].bool(),
         )
     vid_keep = torch.cat([keep, keep + UNITS])
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -125,16 +138,18 @@ def _reference_inputs(model, batch, k):
     new_mask = torch.zeros_like(new_ids)
     new_pos = torch.zeros(3, ids.shape[0], length, dtype=torch.long)
     for b, r in enumerate(rows):  # left padding, as the input
-        new_ids[b, length - r.numel():] = ids[b, r]
-        new_mask[b, length - r.numel():] = mask[b, r]
-        new_pos[:, b, length - r.numel():] = pos3[:, b, r]
+        new_ids[b, length - r.numel() :] = ids[b, r]
+        new_mask[b, length - r.numel() :] = mask[b, r]
+        new_pos[:, b, length - r.numel() :] = pos3[:, b, r]
     text = (new_mask.cumsum(-1) - 1).clamp(min=0) * new_mask
     feats = {
         "image": BaseModelOutputWithPooling(pooler_output=[f[keep] for f in img]),
         "video": BaseModelOutputWithPooling(pooler_output=[vid[0][vid_keep]]),
     }
     return dict(
-        input_ids=new_ids, attention_mask=new_mask, position_ids=torch.cat([text[None], new_pos]),
+        input_ids=new_ids,
+        attention_mask=new_mask,
+        position_ids=torch.cat([text[None], new_pos]),
         mm_token_type_ids=(new_ids == cfg.image_token_id).long() + 2 * (new_ids == cfg.video_token_id).long(),
         mm_encoder_outputs=feats,
     )
@@ -158,13 +173,16 @@ def test_cached_generation_equals_no_cache_recompute(qwen, batch):
     n = 4
     with Sieve("random", 5)(model):
         out = _gen(model, batch, n=n)
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = out[:, batch["input_ids"].shape[1] :]
     ref = _reference_inputs(model, batch, 5)
     ids, mask, pos = ref["input_ids"], ref["attention_mask"], ref["position_ids"]
     for step in range(n):
         with torch.inference_mode():
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, mm_encoder_outputs=ref["mm_encoder_outputs"],
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                mm_encoder_outputs=ref["mm_encoder_outputs"],
                 use_cache=False,
             ).logits[:, -1]
         assert torch.equal(logits.argmax(-1), new[:, step])
@@ -173,8 +191,11 @@ def test_cached_generation_equals_no_cache_recompute(qwen, batch):
         pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
     # and that continuation is the uncompressed one: the last text token's position is unchanged by pruning
     full = model.model.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
-        video_grid_thw=batch["video_grid_thw"], attention_mask=batch["attention_mask"].bool(),
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        video_grid_thw=batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"].bool(),
     )[0]
     assert torch.equal(ref["position_ids"][1:, :, -1], full[:, :, -1])
 
@@ -207,9 +228,7 @@ def test_signals_are_read_in_raster_order(qwen, batch):
     model, _ = qwen
     adapter = get_adapter(model)
     with torch.inference_mode():
-        sig = adapter._run(
-            batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False
-        )
+        sig = adapter._run(batch["pixel_values"], batch["image_grid_thw"], Request(hidden_states=(0,)), [], video=False)
         embedded = model.model.visual.patch_embed(batch["pixel_values"])
         reprojected = adapter._project(sig.units_in.reshape(-1, 4 * sig.units_in.shape[-1]))
     torch.testing.assert_close(sig.hidden[0], embedded, rtol=0, atol=0)
@@ -278,7 +297,9 @@ def test_in_encoder_keep_all_and_counts(qwen2, batch2, method):
         assert [im.tokens_out for im in rep.images] == counts
         if method == "flowcut":  # the last cut is before the last block, which produces the merger's input
             assert rep.encoder_layer_tokens[-1] < rep.encoder_layer_tokens[-2]
-        assert (rep.input_ids == model.config.image_token_id).sum() + (rep.input_ids == model.config.video_token_id).sum() == sum(counts)
+        assert (rep.input_ids == model.config.image_token_id).sum() + (
+            rep.input_ids == model.config.video_token_id
+        ).sum() == sum(counts)
         assert torch.equal(out[:, : batch2["input_ids"].shape[1]], batch2["input_ids"])
         if scope == "image":
             assert sum(i < UNITS for i in rep.images[2].kept_indices) == 4  # four in each temporal patch
@@ -289,8 +310,6 @@ def test_in_encoder_cut_after_the_last_block_equals_pre_projector_selection(qwen
     pre-projector path's tokens for the same units (and the LM the same logits)."""
     model, _ = qwen2
     assert_unit_cut_equals_pick(model, batch2, 3, [0, 3, 5, 10, 15], "frame")
-
-
 
 
 def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qwen2, batch2):
@@ -307,12 +326,14 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
     # what block 2 receives, and (seen by each attention, after the sieve's own block hook) the cu_seqlens and
     # rotary blocks 2 and 3 run with; the first visual forward is the two images' (videos run after them)
     hooks = [
-        vis.blocks[2].register_forward_pre_hook(lambda m, a, k: keep("hs", a[0] if a else k["hidden_states"]),
-                                                with_kwargs=True),
+        vis.blocks[2].register_forward_pre_hook(
+            lambda m, a, k: keep("hs", a[0] if a else k["hidden_states"]), with_kwargs=True
+        ),
         vis.merger.register_forward_pre_hook(lambda m, a: keep("merger_in", a[0])),
     ] + [
         vis.blocks[i].attn.register_forward_pre_hook(
-            lambda m, a, k, _i=i: keep(_i, (k["cu_seqlens"], k["position_embeddings"])), with_kwargs=True)
+            lambda m, a, k, _i=i: keep(_i, (k["cu_seqlens"], k["position_embeddings"])), with_kwargs=True
+        )
         for i in (2, 3)
     ]
     sieve = Sieve(CutUnits(1, units, merge=True), len(units), scope="frame")
@@ -334,7 +355,8 @@ def test_in_encoder_cuts_shorten_later_blocks_and_merges_replay_on_patch_rows(qw
     # the rotary of the kept rows is the full run's, gathered at their rows of the ViT's (window) order
     full = {}
     h = vis.blocks[0].attn.register_forward_pre_hook(
-        lambda m, a, k: full.update(pe=full.get("pe", k["position_embeddings"])), with_kwargs=True)
+        lambda m, a, k: full.update(pe=full.get("pe", k["position_embeddings"])), with_kwargs=True
+    )
     try:
         _logits(model, batch2)
     finally:

@@ -26,8 +26,10 @@ README = (ROOT / "README.md").read_text()
 RUN = {"methods", "run", "show", "make-tiny", "eval", "bench"}
 """``tokensieve`` subcommands that run here unless a rule below makes them parse-only."""
 PARSE_ONLY = [
-    (lambda a: getattr(a, "arch", None) not in (None, "tiny") and not getattr(a, "flops_only", False),
-     "builds a real-size random-weight model (GBs, minutes)"),
+    (
+        lambda a: getattr(a, "arch", None) not in (None, "tiny") and not getattr(a, "flops_only", False),
+        "builds a real-size random-weight model (GBs, minutes)",
+    ),
     (lambda a: "path/to/" in str(getattr(a, "model", None) or ""), "needs a model that is not in the repository"),
     (lambda a: a.command == "eval" and (a.limit is None or a.limit > 100), "evaluates over 100 questions (minutes)"),
     (lambda a: a.command == "bench" and getattr(a, "arch", None) != "tiny", "times a real-size model (minutes)"),
@@ -145,8 +147,13 @@ def test_the_readme_commands_are_found_and_classified():
 def clone(tmp_path_factory):
     """A copy of the repository as a fresh clone has it (no git data, caches or virtual environments)."""
     dest = tmp_path_factory.mktemp("clone") / "tokensieve"
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "venv*", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"))
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "venv*", "__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"
+        ),
+    )
     return dest
 
 
@@ -173,7 +180,7 @@ def test_other_readme_commands_parse(cmd):
         path = (ROOT / image).resolve()
         assert path.is_relative_to(ROOT) and path.is_file(), f"--image {image} is not a file of the repository"
     if getattr(args, "methods", None) is not None and getattr(args, "budgets", None) is not None:
-        from tokensieve.configs import parse_configs
+        from tokensieve.tools.configs import parse_configs
 
         # method names and budgets exist and match; eval fits adaptive thresholds itself
         parse_configs(args.methods, args.budgets, calibrates=cmd[1] == "eval")

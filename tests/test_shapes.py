@@ -12,11 +12,26 @@ import pytest
 
 from tokensieve.data import load, shapes
 
-PALETTE = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 225), "yellow": (235, 205, 20),
-           "purple": (150, 50, 190)}
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (30, 160, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 205, 20),
+    "purple": (150, 50, 190),
+}
 # a standard seven-segment table, written out here independently of the generator's
-SEVEN = {"abcdef": "0", "bc": "1", "abdeg": "2", "abcdg": "3", "bcfg": "4", "acdfg": "5", "acdefg": "6", "abc": "7",
-         "abcdefg": "8", "abcdfg": "9"}
+SEVEN = {
+    "abcdef": "0",
+    "bc": "1",
+    "abdeg": "2",
+    "abcdg": "3",
+    "bcfg": "4",
+    "acdfg": "5",
+    "acdefg": "6",
+    "abc": "7",
+    "abcdefg": "8",
+    "abcdfg": "9",
+}
 # one pixel that only that segment covers on a 6 x 11 cell with 2-px strokes
 PROBE = {"a": (3, 0), "b": (5, 3), "c": (5, 8), "d": (3, 10), "e": (0, 8), "f": (0, 3), "g": (3, 5)}
 
@@ -32,9 +47,16 @@ def read_scene(image):
         w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
         fill = mask.sum() / (w * h)
         shape = "square" if fill > 0.93 else "circle" if fill > 0.66 else "triangle"
-        objects.append({"colour": name, "shape": shape, "size": max(w, h),
-                        "cx": (xs.min() + xs.max()) / 2, "cy": (ys.min() + ys.max()) / 2})
-    ink = ((px == 0).all(-1) | (px == 255).all(-1))
+        objects.append(
+            {
+                "colour": name,
+                "shape": shape,
+                "size": max(w, h),
+                "cx": (xs.min() + xs.max()) / 2,
+                "cy": (ys.min() + ys.max()) / 2,
+            }
+        )
+    ink = (px == 0).all(-1) | (px == 255).all(-1)
     ys, xs = np.nonzero(ink)
     x0, y0 = xs.max() - 5, ys.min()
     lit = "".join(s for s, (dx, dy) in sorted(PROBE.items()) if ink[y0 + dy, x0 + dx])
@@ -62,13 +84,19 @@ def answer(image, question):
         return "yes" if any(o["colour"] == m[1] and o["shape"] == m[2] for o in objects) else "no"
     if m := re.fullmatch(r"is the (\w+) shape (left of|right of|above|below) the (\w+) shape\?", question):
         a, b = by_colour[m[1]], by_colour[m[3]]
-        truth = {"left of": a["cx"] < b["cx"], "right of": a["cx"] > b["cx"], "above": a["cy"] < b["cy"],
-                 "below": a["cy"] > b["cy"]}[m[2]]
+        truth = {
+            "left of": a["cx"] < b["cx"],
+            "right of": a["cx"] > b["cx"],
+            "above": a["cy"] < b["cy"],
+            "below": a["cy"] > b["cy"],
+        }[m[2]]
         return "yes" if truth else "no"
     if question == "describe the image .":
         order = ["top left", "top right", "bottom left", "bottom right"]
-        parts = [f"{where(o)} {'small' if o['size'] < 13 else 'large'} {o['colour']} {o['shape']}"
-                 for o in sorted(objects, key=lambda o: order.index(where(o)))]
+        parts = [
+            f"{where(o)} {'small' if o['size'] < 13 else 'large'} {o['colour']} {o['shape']}"
+            for o in sorted(objects, key=lambda o: order.index(where(o)))
+        ]
         return " , ".join(parts + [f"{len(objects)} shapes digit {digit}"])
     raise AssertionError(f"checker cannot parse {question!r}")
 

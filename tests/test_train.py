@@ -6,11 +6,27 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tokensieve.train import Mixture, TrainConfig, make_batch, save, train
+from tokensieve.trainer import Mixture, TrainConfig, make_batch, save, train
 
-TOY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64,
-           text_width=32, text_layers=1, text_heads=2, text_kv_heads=2, text_mlp=64, batch_size=8, steps=12,
-           warmup=2, lr=3e-3, log_every=1, threads=1)
+TOY = dict(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_mlp=64,
+    text_width=32,
+    text_layers=1,
+    text_heads=2,
+    text_kv_heads=2,
+    text_mlp=64,
+    batch_size=8,
+    steps=12,
+    warmup=2,
+    lr=3e-3,
+    log_every=1,
+    threads=1,
+)
 
 
 def test_training_steps_lower_the_loss_and_save_a_loadable_model(tmp_path):
@@ -41,7 +57,7 @@ def test_same_seed_same_batches():
 
 def test_labels_cover_only_the_answer_and_eos():
     cfg = TrainConfig(**TOY, describe_share=0.0, turns=1)
-    from tokensieve.train import build_model
+    from tokensieve.trainer import build_model
 
     _, processor = build_model(cfg)
     batch = make_batch(processor, *Mixture(cfg).draw(4))
@@ -52,7 +68,7 @@ def test_labels_cover_only_the_answer_and_eos():
 
 def test_multi_word_answers_are_labelled_whole_and_rows_stay_left_padded():
     from tokensieve.data import shapes
-    from tokensieve.train import build_model
+    from tokensieve.trainer import build_model
 
     _, processor = build_model(TrainConfig(**TOY))
     tok = processor.tokenizer
@@ -62,7 +78,7 @@ def test_multi_word_answers_are_labelled_whole_and_rows_stay_left_padded():
         want = tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         labels = batch["labels"][row]
         assert labels[labels != -100].tolist() == want
-        assert batch["input_ids"][row, -len(want):].tolist() == want  # answers end every row
+        assert batch["input_ids"][row, -len(want) :].tolist() == want  # answers end every row
         mask = batch["attention_mask"][row]
         assert mask[-1] == 1 and (mask.cumsum(0) > 0).sum() == mask.sum()  # padding only on the left
     assert len(want) == 2 and (batch["labels"][0] != -100).sum() > 10
@@ -70,7 +86,7 @@ def test_multi_word_answers_are_labelled_whole_and_rows_stay_left_padded():
 
 def test_a_conversation_starts_with_the_eval_prompt_and_labels_every_answer():
     from tokensieve.data import shapes
-    from tokensieve.train import build_model, prompt_text
+    from tokensieve.trainer import build_model, prompt_text
 
     _, processor = build_model(TrainConfig(**TOY))
     tok = processor.tokenizer
@@ -86,7 +102,7 @@ def test_a_conversation_starts_with_the_eval_prompt_and_labels_every_answer():
 
 
 def test_sincos_init_gives_patches_distinct_positions():
-    from tokensieve.train import build_model
+    from tokensieve.trainer import build_model
 
     model, _ = build_model(TrainConfig(**TOY))
     table = model.model.vision_tower.embeddings.position_embedding.weight[1:]
@@ -101,7 +117,7 @@ def test_patch_targets_agree_with_the_pixels():
     import numpy as np
 
     from tokensieve.data import shapes
-    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, IGNORE, _per_patch, scene_targets
+    from tokensieve.trainer import AUX_COLOURS, AUX_SHAPES, IGNORE, _per_patch, scene_targets
 
     seen_tiny = 0
     for i in range(30):
@@ -131,7 +147,7 @@ def test_patch_targets_agree_with_the_pixels():
 def test_easyvqa_targets_mark_the_shape_and_ignore_what_the_questions_do_not_name():
     from PIL import Image, ImageDraw
 
-    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, IGNORE, easyvqa_targets
+    from tokensieve.trainer import AUX_COLOURS, AUX_SHAPES, IGNORE, easyvqa_targets
 
     img = Image.new("RGB", (64, 64), (240, 235, 230))
     ImageDraw.Draw(img).rectangle((0, 0, 31, 31), fill=(0, 0, 255))  # the top-left quarter
@@ -160,8 +176,19 @@ def test_the_patch_probe_trains_and_leaves_no_hook_on_the_model():
 
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     """Stop after 3 of 2 + 6 steps (state saved), start again from the state: bit-identical to one go."""
-    cfg = dict(TOY, steps=6, aux_weight=1.0, aux_balance=1, aux_quadrant=1, aux_pooled=1, where_questions=1,
-               extra_relations=1, sheets=2, vision_steps=2, aux_mask=1)
+    cfg = dict(
+        TOY,
+        steps=6,
+        aux_weight=1.0,
+        aux_balance=1,
+        aux_quadrant=1,
+        aux_pooled=1,
+        where_questions=1,
+        extra_relations=1,
+        sheets=2,
+        vision_steps=2,
+        aux_mask=1,
+    )
     before = torch.get_num_threads()
     whole, _, hist_whole = train(TrainConfig(**cfg), log=lambda m: None)
     part, _, _ = train(TrainConfig(**cfg), log=lambda m: None, state_dir=tmp_path, stop_at_step=3)
@@ -194,22 +221,23 @@ def test_drill_turns_come_from_their_own_stream_and_answer_from_the_scene():
 
 def test_quadrant_targets_match_the_shapes_quadrants():
     from tokensieve.data import shapes
-    from tokensieve.train import quadrant_targets
+    from tokensieve.trainer import quadrant_targets
 
     for side in (12, 24):
         q = quadrant_targets(side).view(side, side)
         cell = shapes.IMAGE_SIZE / side
         for r in range(side):
             for c in range(side):
-                centre = shapes.Obj("square", "red", (int(c * cell), int(r * cell), int((c + 1) * cell) - 1,
-                                                      int((r + 1) * cell) - 1))
+                centre = shapes.Obj(
+                    "square", "red", (int(c * cell), int(r * cell), int((c + 1) * cell) - 1, int((r + 1) * cell) - 1)
+                )
                 assert shapes.QUADRANTS[q[r, c] - 1] == shapes.quadrant(centre)
 
 
 def test_balanced_probe_weighs_rare_patches_like_the_background():
     """A probe sure of "no digit" everywhere, on a digit covering 2 of 16 patches: the balanced loss charges half the
     digit head's loss to those two patches, the plain mean 2/16."""
-    from tokensieve.train import PatchProbe, build_model
+    from tokensieve.trainer import PatchProbe, build_model
 
     cfg = TrainConfig(**TOY, aux_weight=1.0)
     model, _ = build_model(cfg)
@@ -238,7 +266,7 @@ def test_sheet_targets_agree_with_the_pixels():
     import numpy as np
 
     from tokensieve.data import shapes
-    from tokensieve.train import AUX_COLOURS, TARGET_ROWS, _per_patch, sheet_targets
+    from tokensieve.trainer import AUX_COLOURS, TARGET_ROWS, _per_patch, sheet_targets
 
     digits_seen = 0
     for i in range(20):
@@ -260,7 +288,7 @@ def test_sheet_targets_agree_with_the_pixels():
 def test_pooled_probe_loss_reads_an_instance_from_all_its_patches():
     """Per instance the probe's logits are averaged over its patches: two patches that disagree still name the
     digit when one of them is sure."""
-    from tokensieve.train import TARGET_ROWS, PatchProbe, build_model
+    from tokensieve.trainer import TARGET_ROWS, PatchProbe, build_model
 
     cfg = TrainConfig(**TOY, aux_weight=1.0, aux_pooled=1)
     model, _ = build_model(cfg)
@@ -280,7 +308,7 @@ def test_pooled_probe_loss_reads_an_instance_from_all_its_patches():
 def test_warm_start_copies_weights_and_resizes_the_grid(tmp_path):
     """A model started from a saved one at another image / patch size: equal tensors copied, the position grid
     resampled (a constant table stays constant) and the patch kernel scaled so a flat colour embeds the same."""
-    from tokensieve.train import build_model, warm_start
+    from tokensieve.trainer import build_model, warm_start
 
     small, _ = build_model(TrainConfig(**TOY))
     small.save_pretrained(tmp_path)
@@ -303,7 +331,7 @@ def test_mask_targets_mark_the_drawn_sub_cells_whatever_their_colour():
     import numpy as np
 
     from tokensieve.data import shapes
-    from tokensieve.train import TARGET_ROWS, mask_side, scene_targets
+    from tokensieve.trainer import TARGET_ROWS, mask_side, scene_targets
 
     assert mask_side(8, 96) == 4 and mask_side(14, 336) == 2
     for i in range(10):
@@ -312,7 +340,7 @@ def test_mask_targets_mark_the_drawn_sub_cells_whatever_their_colour():
         grey = (px[..., 0] == px[..., 1]) & (px[..., 1] == px[..., 2]) & (px[..., 0] > 0) & (px[..., 0] < 255)
         drawn = (~grey).reshape(48, 2, 48, 2).sum((1, 3)) >= 2  # [48, 48] sub-cells
         want = drawn.reshape(12, 4, 12, 4).transpose(0, 2, 1, 3).reshape(144, 16).T
-        t = scene_targets(scene, 8)[TARGET_ROWS["mask"]:]
+        t = scene_targets(scene, 8)[TARGET_ROWS["mask"] :]
         assert t.shape == (16, 144) and (t.numpy() == want).all()
 
 
@@ -320,7 +348,7 @@ def test_a_student_started_from_its_teacher_has_zero_distillation_loss(tmp_path)
     """Same weights, same grid: the feature layer equals the teacher's; on a finer grid the target is the teacher's
     grid resized, one row per student patch plus [CLS]."""
     from tokensieve.data import shapes
-    from tokensieve.train import PatchProbe, Teacher, build_model, warm_start
+    from tokensieve.trainer import PatchProbe, Teacher, build_model, warm_start
 
     cfg = TrainConfig(**TOY, aux_weight=1.0)
     teacher_model, processor = build_model(cfg)
@@ -343,7 +371,7 @@ def test_a_student_started_from_its_teacher_has_zero_distillation_loss(tmp_path)
 def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
     """The word loss is a cross-entropy of projector outputs against the tied embedding rows of the target words:
     a projected patch equal to the embedding of "red" + "top" + "left" is named red, top and left."""
-    from tokensieve.train import AUX_COLOURS, TARGET_ROWS, WORD_TARGETS, PatchProbe, build_model
+    from tokensieve.trainer import AUX_COLOURS, TARGET_ROWS, WORD_TARGETS, PatchProbe, build_model
 
     cfg = TrainConfig(**TOY, aux_weight=1.0, aux_quadrant=1, aux_words=1.0)
     model, processor = build_model(cfg)
@@ -351,7 +379,7 @@ def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
     assert not any(p is model.get_input_embeddings().weight for p in probe.parameters())  # not trained twice
     table = model.get_input_embeddings().weight.detach()
     tok = processor.tokenizer
-    row = lambda w: table[tok.convert_tokens_to_ids(w)]
+    row = lambda w: table[tok.convert_tokens_to_ids(w)]  # noqa: E731
     patches = (cfg.image_size // cfg.patch_size) ** 2
     targets = torch.zeros(1, 7, patches, dtype=torch.long)
     targets[0, TARGET_ROWS["quadrant"]] = 1  # every patch "top left"
@@ -360,11 +388,13 @@ def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
     torch.manual_seed(0)
     probe.projected = torch.randn(1, patches, table.shape[1])
     f = probe.projected[0]
-    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))
+    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
     ce = torch.nn.functional.cross_entropy
-    expected = (ce(f[:1] @ table[ids(AUX_COLOURS)].T, torch.tensor([AUX_COLOURS.index("red")]))
-                + ce(f @ table[ids(["top", "bottom"])].T, torch.zeros(patches, dtype=torch.long))
-                + ce(f @ table[ids(["left", "right"])].T, torch.zeros(patches, dtype=torch.long))) / 3
+    expected = (
+        ce(f[:1] @ table[ids(AUX_COLOURS)].T, torch.tensor([AUX_COLOURS.index("red")]))
+        + ce(f @ table[ids(["top", "bottom"])].T, torch.zeros(patches, dtype=torch.long))
+        + ce(f @ table[ids(["left", "right"])].T, torch.zeros(patches, dtype=torch.long))
+    ) / 3
     torch.testing.assert_close(probe.word_loss(targets), expected)  # shape: no known patch, no term
     assert set(WORD_TARGETS) == {"colour", "shape", "row", "column"}
     aligned = row("red") + row("top") + row("left")
@@ -379,8 +409,9 @@ def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
 
 def test_word_loss_trains_and_leaves_no_hook_on_the_projector():
     before = torch.get_num_threads()
-    model, _, history = train(TrainConfig(**{**TOY, "aux_weight": 1.0, "aux_words": 1.0, "steps": 8}),
-                              log=lambda m: None)
+    model, _, history = train(
+        TrainConfig(**{**TOY, "aux_weight": 1.0, "aux_words": 1.0, "steps": 8}), log=lambda m: None
+    )
     torch.set_num_threads(before)
     words = [h["word_loss"] for h in history]
     assert words[-1] < words[0]
@@ -392,16 +423,25 @@ def test_word_loss_trains_and_leaves_no_hook_on_the_projector():
 def test_question_first_template_puts_the_question_before_the_image_in_eval_and_training():
     from PIL import Image
 
-    from tokensieve.train import build_model, prompt_text
+    from tokensieve.trainer import build_model, prompt_text
 
     cfg = TrainConfig(**TOY, question_first=1)
     _, processor = build_model(cfg)
-    assert prompt_text(processor, "how many shapes are there?") == "user : how many shapes are there? <image> assistant : "
+    assert (
+        prompt_text(processor, "how many shapes are there?") == "user : how many shapes are there? <image> assistant : "
+    )
     # whatever the order of the content list, the text comes first
     messages = [{"role": "user", "content": [{"type": "text", "text": "q ?"}, {"type": "image"}]}]
-    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "user : q ? <image> assistant : "
-    batch = make_batch(processor, [Image.new("RGB", (32, 32))], [["how many shapes are there?", "what digit is written?"]],
-                       [["2", "7"]])
+    assert (
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        == "user : q ? <image> assistant : "
+    )
+    batch = make_batch(
+        processor,
+        [Image.new("RGB", (32, 32))],
+        [["how many shapes are there?", "what digit is written?"]],
+        [["2", "7"]],
+    )
     words = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     first_image = words.index("<image>")
     assert words[:first_image] == ["user", ":", "how", "many", "shapes", "are", "there", "?"]
@@ -431,10 +471,14 @@ def test_lead_families_open_every_shapes_conversation_and_skip_scenes_they_do_no
 def test_attention_guide_supervises_what_the_question_names_and_matches_eager_attention(at):
     """The guide's mass for each supervised query equals what eager attention gives that layer / head / position
     over the named patches, and the named patches are those the scene's targets give the question's words."""
-    from tokensieve.train import AUX_COLOURS, AUX_SHAPES, TARGET_ROWS, AttentionGuide, build_model
+    from tokensieve.trainer import AUX_COLOURS, AUX_SHAPES, TARGET_ROWS, AttentionGuide, build_model
 
-    cfg = TrainConfig(**{**TOY, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2}, easyvqa_share=0.0,
-                      where_questions=1, describe_share=0.0)
+    cfg = TrainConfig(
+        **{**TOY, "text_layers": 2, "text_heads": 4, "text_kv_heads": 2},
+        easyvqa_share=0.0,
+        where_questions=1,
+        describe_share=0.0,
+    )
     model, processor = build_model(cfg)
     model.set_attn_implementation("eager")
     *drawn, targets = Mixture(cfg).draw_with_targets(4)
@@ -445,10 +489,10 @@ def test_attention_guide_supervises_what_the_question_names_and_matches_eager_at
         loss = guide.loss(batch, targets)
     items = guide.items(batch["input_ids"], batch["labels"], batch["attention_mask"], targets)
     tok = processor.tokenizer
-    word = lambda b, p: tok.convert_ids_to_tokens(int(batch["input_ids"][b, p]))
+    word = lambda b, p: tok.convert_ids_to_tokens(int(batch["input_ids"][b, p]))  # noqa: E731
     image_pos = (batch["input_ids"] == model.config.image_token_id).nonzero()[:, 1].view(4, -1)
-    patches = lambda b, keys: torch.isin(image_pos[b], keys)
-    colour_of = lambda b, named: {AUX_COLOURS[int(c) - 1] for c in targets[b, TARGET_ROWS["colour"], named]}
+    patches = lambda b, keys: torch.isin(image_pos[b], keys)  # noqa: E731
+    colour_of = lambda b, named: {AUX_COLOURS[int(c) - 1] for c in targets[b, TARGET_ROWS["colour"], named]}  # noqa: E731
     expected, seen = [], set()
     for b, p, layer, head, keys in items:
         named = patches(b, keys)
@@ -476,8 +520,11 @@ def test_attention_guide_supervises_what_the_question_names_and_matches_eager_at
             assert w_key in AUX_COLOURS or w_key in ("left", "right", "digit") or w_key in AUX_SHAPES
             seen.add("route")
         expected.append(-out.attentions[layer][b, head, p, keys].sum().log())
-    assert {"word": lambda: {"left", "right"} & seen and set(AUX_COLOURS) & seen,
-            "answer": lambda: "where" in seen, "route": lambda: "route" in seen}[at]()
+    assert {
+        "word": lambda: {"left", "right"} & seen and set(AUX_COLOURS) & seen,
+        "answer": lambda: "where" in seen,
+        "route": lambda: "route" in seen,
+    }[at]()
     torch.testing.assert_close(loss, torch.stack(expected).mean())
     ids = {h.id for h in guide.handles}
     assert ids <= {i for layer in model.model.language_model.layers for i in layer.self_attn._forward_hooks}
@@ -498,10 +545,16 @@ def test_attention_guide_raises_the_mass_it_supervises_and_needs_the_layers_it_g
 
 
 def test_model_card_names_the_attention_guide_and_the_opening_families():
-    from tokensieve.evaluate import _recipe_lines
+    from tokensieve.tools.evaluate import _recipe_lines
 
-    card = _recipe_lines({"aux_attention": 1.0, "attention_at": "word,route", "attention_layer": 2,
-                          "lead_families": "relation,exist,where"})
+    card = _recipe_lines(
+        {
+            "aux_attention": 1.0,
+            "attention_at": "word,route",
+            "attention_layer": 2,
+            "lead_families": "relation,exist,where",
+        }
+    )
     assert "attention guide (weight 1.0" in card and "layer 2" in card and "layers 0-1" in card
     assert "opens with a question drawn from: relation, exist, where" in card
     assert _recipe_lines({}) == ""
@@ -512,7 +565,7 @@ def test_rewriting_a_model_card_keeps_its_reproduce_section_and_skips_steps_not_
     and a warm-started run without vision-only or curriculum steps does not claim "0 steps" of them."""
     import tokensieve.data as datasets
     from tokensieve.data import shapes
-    from tokensieve.evaluate import REPRODUCE, write_model_card
+    from tokensieve.tools.evaluate import REPRODUCE, write_model_card
 
     cfg = TrainConfig(**{**TOY, "steps": 1, "sheets": 2, "aux_weight": 1.0})
     before = torch.get_num_threads()

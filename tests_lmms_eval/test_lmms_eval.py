@@ -20,7 +20,7 @@ import torch
 from tokensieve import Sieve
 from tokensieve.data import easyvqa, shapes
 from tokensieve.data.shapes import Sample
-from tokensieve.evaluate import load_model, predict
+from tokensieve.tools.evaluate import load_model, predict
 
 QUESTIONS = 100  # lmms-eval's --limit takes the first N documents
 
@@ -28,9 +28,22 @@ QUESTIONS = 100  # lmms-eval's --limit takes the first N documents
 def run_lmms_eval(out: Path, model_args: str, *extra: str, limit: int = QUESTIONS, batch: int = 8):
     """(exit code, output, results dict or None, samples by doc id) of one launcher run."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [str(Path(sys.executable).parent / "tokensieve"), "lmms-eval", *extra, "--model_args", model_args,
-           "--tasks", "tokensieve_easyvqa", "--batch_size", str(batch), "--limit", str(limit),
-           "--output_path", str(out), "--log_samples"]
+    cmd = [
+        str(Path(sys.executable).parent / "tokensieve"),
+        "lmms-eval",
+        *extra,
+        "--model_args",
+        model_args,
+        "--tasks",
+        "tokensieve_easyvqa",
+        "--batch_size",
+        str(batch),
+        "--limit",
+        str(limit),
+        "--output_path",
+        str(out),
+        "--log_samples",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     results = sorted(out.rglob("*_results.json"))
     samples = sorted(out.rglob("*_samples_tokensieve_easyvqa.jsonl"))
@@ -39,8 +52,12 @@ def run_lmms_eval(out: Path, model_args: str, *extra: str, limit: int = QUESTION
         for line in samples[-1].read_text().splitlines():
             s = json.loads(line)
             by_doc[s["doc_id"]] = s
-    return (proc.returncode, proc.stdout + proc.stderr, json.loads(results[-1].read_text()) if results else None,
-            by_doc)
+    return (
+        proc.returncode,
+        proc.stdout + proc.stderr,
+        json.loads(results[-1].read_text()) if results else None,
+        by_doc,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,9 @@ def runs(tmp_path_factory):
 
     def get(name: str, model_args: str, *extra: str, batch: int = 8):
         if name not in cache:
-            code, output, results, samples = run_lmms_eval(tmp_path_factory.mktemp(name), model_args, *extra,
-                                                           batch=batch)
+            code, output, results, samples = run_lmms_eval(
+                tmp_path_factory.mktemp(name), model_args, *extra, batch=batch
+            )
             assert code == 0, output[-4000:]
             cache[name] = results, samples
         return cache[name]
@@ -65,16 +83,22 @@ def reference_model():
 
 def tokensieve_eval_answers(sieve=None) -> list[str]:
     """What `tokensieve eval` answers on the first QUESTIONS easy-VQA test questions (its own predict, batch 32)."""
-    samples = [Sample(easyvqa.load_image("test", image_id), q, a, easyvqa.family(a), i)
-               for i, (q, a, image_id) in enumerate(easyvqa.questions("test")[:QUESTIONS])]
+    samples = [
+        Sample(easyvqa.load_image("test", image_id), q, a, easyvqa.family(a), i)
+        for i, (q, a, image_id) in enumerate(easyvqa.questions("test")[:QUESTIONS])
+    ]
     model, processor = reference_model()
     return predict(model, processor, samples, sieve=sieve, batch_size=32).answers
 
 
 def answers(samples: dict) -> list[str]:
     assert sorted(samples) == list(range(QUESTIONS))
-    return [samples[i]["filtered_resps"][0].strip().lower() if isinstance(samples[i]["filtered_resps"], list)
-            else samples[i]["filtered_resps"].strip().lower() for i in range(QUESTIONS)]
+    return [
+        samples[i]["filtered_resps"][0].strip().lower()
+        if isinstance(samples[i]["filtered_resps"], list)
+        else samples[i]["filtered_resps"].strip().lower()
+        for i in range(QUESTIONS)
+    ]
 
 
 def accuracy(results: dict) -> float:
@@ -82,6 +106,7 @@ def accuracy(results: dict) -> float:
 
 
 # -- the model is found and the tasks are tokensieve's data ---------------------------------------------------
+
 
 def test_entry_point_resolves_the_wrapper():
     from lmms_eval.models import get_model, get_model_manifest
@@ -138,6 +163,7 @@ def test_model_arguments_are_validated_before_loading():
 
 # -- answers equal tokensieve eval's; batch and process count change nothing ---------------------------------
 
+
 @pytest.mark.parametrize("method", ["none", "evocut"])
 def test_answers_equal_tokensieve_eval(runs, method):
     model_args = "pretrained=default,method=none" if method == "none" else "pretrained=default,method=evocut,budget=72"
@@ -157,7 +183,8 @@ def test_answers_equal_tokensieve_eval(runs, method):
     ratio = throughput["avg_flops_to_first_token_ratio"]
     assert ratio == 1.0 if method == "none" else 0.5 < ratio < 0.8
     assert throughput["avg_flops_to_first_token_per_question"] == pytest.approx(
-        sum(c["flops_to_first_token"] for c in counts) / QUESTIONS)
+        sum(c["flops_to_first_token"] for c in counts) / QUESTIONS
+    )
 
 
 def test_pruned_prompts_are_shorter_by_the_dropped_tokens(runs):
@@ -183,17 +210,22 @@ def test_two_processes_give_the_accuracy_of_one(runs):
     assert answers(two) == answers(one)
     # every question counted once, gathered over both processes
     assert two_results["throughput"]["avg_flops_to_first_token_per_question"] == pytest.approx(
-        one_results["throughput"]["avg_flops_to_first_token_per_question"])
+        one_results["throughput"]["avg_flops_to_first_token_per_question"]
+    )
     assert two_results["config"]["model_args"] == "pretrained=default,method=evocut,budget=72"
 
 
 # -- a broken run fails ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_args,message", [
-    ("method=nosuch,budget=72", "unknown method 'nosuch'"),
-    ("method=evocut,budget=0", "budget must keep at least one token"),
-    ("method=evocut,budget=500", "budget of 500 tokens exceeds the 144 visual tokens"),  # fails inside generation
-])
+
+@pytest.mark.parametrize(
+    "model_args,message",
+    [
+        ("method=nosuch,budget=72", "unknown method 'nosuch'"),
+        ("method=evocut,budget=0", "budget must keep at least one token"),
+        ("method=evocut,budget=500", "budget of 500 tokens exceeds the 144 visual tokens"),  # fails inside generation
+    ],
+)
 def test_bad_method_or_budget_fails_the_run(tmp_path, model_args, message):
     code, output, results, _ = run_lmms_eval(tmp_path, "pretrained=default," + model_args, limit=4)
     assert code != 0
@@ -202,6 +234,7 @@ def test_bad_method_or_budget_fails_the_run(tmp_path, model_args, message):
 
 
 # -- other families through the auto classes, in-process ------------------------------------------------------
+
 
 def _wrapper_answers(lm, docs: list[dict], task: str = "t") -> list:
     """generate_until on hand-made chat requests, as lmms-eval's evaluator builds them."""
@@ -212,9 +245,15 @@ def _wrapper_answers(lm, docs: list[dict], task: str = "t") -> list:
         return [{"role": "user", "content": content}]
 
     lm.task_dict = {task: {"test": docs}}
-    requests = [Instance(request_type="generate_until", idx=0, metadata={"task": task, "doc_id": i, "repeats": 1},
-                         arguments=("", to_messages, {"max_new_tokens": 4, "until": []}, i, task, "test"))
-                for i in range(len(docs))]
+    requests = [
+        Instance(
+            request_type="generate_until",
+            idx=0,
+            metadata={"task": task, "doc_id": i, "repeats": 1},
+            arguments=("", to_messages, {"max_new_tokens": 4, "until": []}, i, task, "test"),
+        )
+        for i in range(len(docs))
+    ]
     return lm.generate_until(requests)
 
 
@@ -237,9 +276,11 @@ def test_other_families_load_through_the_auto_classes_and_batch_like_single_call
     def image(w, h):
         return Image.fromarray((torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy())
 
-    docs = [{"images": [image(40, 24)], "q": "what is in the picture ?"},
-            {"images": [image(24, 24), image(32, 48)], "q": "what ?"},
-            {"images": [image(30, 30)], "q": "is there a red shape in the top left ?"}]
+    docs = [
+        {"images": [image(40, 24)], "q": "what is in the picture ?"},
+        {"images": [image(24, 24), image(32, 48)], "q": "what ?"},
+        {"images": [image(30, 30)], "q": "is there a red shape in the top left ?"},
+    ]
     args = f"pretrained={tmp_path},method=divprune,budget=0.5"
     batched = _wrapper_answers(TokensieveChat.create_from_arg_string(args, {"batch_size": 3}), docs)
     single = _wrapper_answers(TokensieveChat.create_from_arg_string(args, {"batch_size": 1}), docs)
@@ -248,13 +289,19 @@ def test_other_families_load_through_the_auto_classes_and_batch_like_single_call
     sieve = Sieve("divprune", 0.5)
     for doc, got in zip(docs, batched):
         content = [{"type": "image"}] * len(doc["images"]) + [{"type": "text", "text": doc["q"]}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
         inputs = processor(images=[doc["images"]], text=[text], return_tensors="pt")
         with torch.inference_mode(), sieve(model):
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        assert got.text == processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        assert got.text == processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
         counts = got.token_counts
         assert counts.images == len(doc["images"])
-        assert counts.visual_tokens == sieve.last_report.tokens_out < counts.visual_tokens_in == sieve.last_report.tokens_in
+        assert (
+            counts.visual_tokens
+            == sieve.last_report.tokens_out
+            < counts.visual_tokens_in
+            == sieve.last_report.tokens_in
+        )
         assert counts.flops_to_first_token is None

@@ -8,6 +8,7 @@ see ``integrations/vllm``).
 
 from importlib import import_module
 
+from . import _compat
 from .budget import Budget, Scope
 from .errors import (
     BudgetError,
@@ -24,17 +25,43 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+_compat.install()  # old module paths (tokensieve.flops, tokensieve.evaluate, ...) keep working
+
 _LAZY = {
-    "Sieve": "session", "SieveHandle": "session", "list_methods": "session", "MethodInfo": "session",
-    "SieveReport": "report", "ImageReport": "report", "load_default_model": "loading", "load_model": "loading",
-    "Adaptive": "adaptive", "Calibration": "adaptive",
+    "Sieve": "session",
+    "SieveHandle": "session",
+    "list_methods": "session",
+    "MethodInfo": "session",
+    "SieveReport": "report",
+    "ImageReport": "report",
+    "load_default_model": "models.loading",
+    "load_model": "models.loading",
+    "Adaptive": "adaptive",
+    "Calibration": "adaptive",
 }
 
 __all__ = [
-    "Sieve", "SieveHandle", "Budget", "Scope", "Adaptive", "Calibration", "list_methods", "MethodInfo", "SieveReport", "ImageReport",
-    "load_default_model", "load_model",
-    "TokensieveError", "BudgetError", "BudgetTypeError", "UnknownMethodError", "UnsupportedModelError",
-    "PlaceholderError", "NonFiniteFeaturesError", "MissingSignalError", "InputError",
+    "Sieve",
+    "SieveHandle",
+    "Budget",
+    "Scope",
+    "Adaptive",
+    "Calibration",
+    "list_methods",
+    "MethodInfo",
+    "SieveReport",
+    "ImageReport",
+    "load_default_model",
+    "load_model",
+    "TokensieveError",
+    "BudgetError",
+    "BudgetTypeError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "PlaceholderError",
+    "NonFiniteFeaturesError",
+    "MissingSignalError",
+    "InputError",
     "ParameterError",
 ]
 

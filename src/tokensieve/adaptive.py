@@ -63,10 +63,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +140,7 @@ class Adaptive:
         return self.mean in (self.min, self.max)
 
     @classmethod
-    def parse(cls, text: str) -> "Adaptive":
+    def parse(cls, text: str) -> Adaptive:
         """``adaptive:MEAN`` or ``adaptive:MEAN:MIN:MAX`` (ints: tokens; floats: keep ratios; an empty MIN or MAX
         takes its default), optionally ``@THRESHOLD`` from an earlier calibration (what ``str()`` prints)."""
         body, at, tail = text.strip().partition("@")
@@ -152,7 +153,8 @@ class Adaptive:
         parts = body.split(":")
         if parts[0].strip().lower() != "adaptive" or len(parts) not in (2, 4) or not parts[1].strip():
             raise BudgetError(
-                f"an adaptive budget reads adaptive:MEAN or adaptive:MEAN:MIN:MAX (e.g. adaptive:64:16:192), got {text!r}"
+                "an adaptive budget reads adaptive:MEAN or adaptive:MEAN:MIN:MAX (e.g. adaptive:64:16:192), "
+                f"got {text!r}"
             )
         nums = []
         for p in parts[1:]:
@@ -171,7 +173,7 @@ class Adaptive:
             return cls(nums[0], threshold=threshold)
         return cls(nums[0], nums[1], nums[2], threshold=threshold)
 
-    def target(self, n: int, what: str = "image") -> "AdaptiveTarget":
+    def target(self, n: int, what: str = "image") -> AdaptiveTarget:
         """The bounds in tokens for a candidate set of ``n`` tokens."""
         if n <= 0:
             raise BudgetError(f"{what} has no visual tokens to select from")
@@ -190,7 +192,7 @@ class Adaptive:
             hi = int(self.max) if self.max is not None else min(n, 3 * mean)
         return AdaptiveTarget(lo, mean, hi, self.threshold, self.criterion)
 
-    def calibrated(self, threshold: float) -> "Adaptive":
+    def calibrated(self, threshold: float) -> Adaptive:
         return replace(self, threshold=float(threshold))
 
     def __str__(self) -> str:
@@ -213,8 +215,9 @@ class AdaptiveTarget:
     threshold: float | None
     criterion: str
 
-    def split(self, parts: int) -> list["AdaptiveTarget"]:
+    def split(self, parts: int) -> list[AdaptiveTarget]:
         """Share lo, mean and hi evenly over ``parts`` crops, as a fixed budget is shared (each crop at least 1)."""
+
         def share(total: int, j: int) -> int:
             return max(1, total // parts + (1 if j < total % parts else 0))
 
@@ -224,7 +227,7 @@ class AdaptiveTarget:
             out.append(AdaptiveTarget(min(lo, mean), mean, max(hi, mean), self.threshold, self.criterion))
         return out
 
-    def clamp(self, n: int) -> "AdaptiveTarget | int":
+    def clamp(self, n: int) -> AdaptiveTarget | int:
         """The same target on a set of only ``n`` candidates (0: nothing to select)."""
         if n <= 0:
             return 0
@@ -321,8 +324,10 @@ class Calibration:
 
     def summary(self) -> str:
         lo, hi = (min(self.counts), max(self.counts)) if self.counts else (0, 0)
-        return (f"adaptive threshold {self.threshold:.6g} from {self.sets} candidate set(s): mean {self.achieved_mean:.2f} "
-                f"tokens (target {self.target_mean:.2f}), counts {lo}..{hi}")
+        return (
+            f"adaptive threshold {self.threshold:.6g} from {self.sets} candidate set(s): mean {self.achieved_mean:.2f} "
+            f"tokens (target {self.target_mean:.2f}), counts {lo}..{hi}"
+        )
 
 
 def fit(records: list) -> Calibration:
@@ -342,8 +347,11 @@ def fit(records: list) -> Calibration:
         threshold = float((entries[extra - 1] + entries[extra]) / 2)
     counts = [r[1] + int((r[0] > threshold).sum()) for r in records]
     return Calibration(
-        threshold=threshold, sets=len(records), target_mean=sum(r[2] for r in records) / len(records),
-        achieved_mean=sum(counts) / len(counts), counts=counts,
+        threshold=threshold,
+        sets=len(records),
+        target_mean=sum(r[2] for r in records) / len(records),
+        achieved_mean=sum(counts) / len(counts),
+        counts=counts,
     )
 
 
@@ -392,7 +400,6 @@ def adaptive_counts(target: AdaptiveTarget, method, signals) -> list[int]:
 
 def lm_input_features(kwargs: dict) -> list[torch.Tensor]:
     """Per report entry (images, then videos), the visual tokens an adapter hands the LM (``mm_encoder_outputs``)."""
-    import torch
 
     out: list[torch.Tensor] = []
     for key in ("image", "video"):
@@ -411,8 +418,10 @@ def llm_counts(budget, images: list, features: list[torch.Tensor]) -> list[int]:
     from .methods.base import Layout, Signals
 
     if budget.value.criterion == "scores":
-        raise BudgetError("in-LLM methods score inside the LM, after the count is planned: use criterion='coverage' "
-                          "or 'radius' for an adaptive in-LLM budget")
+        raise BudgetError(
+            "in-LLM methods score inside the LM, after the count is planned: use criterion='coverage' "
+            "or 'radius' for an adaptive in-LLM budget"
+        )
     if len(features) != len(images):
         raise BudgetError(f"{len(images)} visual entries but {len(features)} feature sets entering the LM")
     out = []

@@ -40,7 +40,7 @@ class Budget:
     scope: Scope = Scope.IMAGE
 
     @classmethod
-    def parse(cls, value, scope: str | Scope = Scope.IMAGE) -> "Budget":
+    def parse(cls, value, scope: str | Scope = Scope.IMAGE) -> Budget:
         """Validate ``value`` early, so a typo fails before any model work is done."""
         if isinstance(value, Budget):
             return value
@@ -54,9 +54,7 @@ class Budget:
         try:
             scope = Scope(scope)
         except ValueError:
-            raise BudgetError(
-                f"unknown budget scope {scope!r}; choose one of {[s.value for s in Scope]}"
-            ) from None
+            raise BudgetError(f"unknown budget scope {scope!r}; choose one of {[s.value for s in Scope]}") from None
         if isinstance(value, Adaptive):
             return cls(value, scope)
         if isinstance(value, numbers.Integral):

@@ -14,8 +14,8 @@ import os
 import sys
 import time
 
-from .configs import parse_param
-from .loading import MODEL_HELP
+from .models.loading import MODEL_HELP
+from .tools.configs import parse_param
 
 DEMO_SAMPLE = 4  # a shapes test scene with a tiny object; its own question is the default prompt
 GENERIC_QUESTION = "What is in the picture?"
@@ -74,23 +74,56 @@ def _add_model(p, what: str = "") -> None:
 def _add_configs(p, *, several: bool, methods: str | None, budgets: str | None) -> None:
     """--method/--methods, --budget/--budgets, --param and --scope, the same on every command."""
     if several:
-        p.add_argument("--methods", "--method", dest="methods", default=methods, metavar="M[,M...]",
-                       help="methods to compare, separated by ','; chain stages with '+' (evocut+fastv)")
-        p.add_argument("--budgets", "--budget", dest="budgets", default=budgets, metavar="B[,B...]",
-                       help="budgets, each method is run at each: int = visual tokens kept per image, float in (0, 1] "
-                            "= keep ratio; a chained method takes one per stage (192+128)")
+        p.add_argument(
+            "--methods",
+            "--method",
+            dest="methods",
+            default=methods,
+            metavar="M[,M...]",
+            help="methods to compare, separated by ','; chain stages with '+' (evocut+fastv)",
+        )
+        p.add_argument(
+            "--budgets",
+            "--budget",
+            dest="budgets",
+            default=budgets,
+            metavar="B[,B...]",
+            help="budgets, each method is run at each: int = visual tokens kept per image, float in (0, 1] "
+            "= keep ratio; a chained method takes one per stage (192+128)",
+        )
     else:
-        p.add_argument("--method", "--methods", dest="methods", default=methods, metavar="M",
-                       help="method, or a chain of one pre-LLM and one in-LLM method joined by '+' (evocut+fastv)")
-        p.add_argument("--budget", "--budgets", dest="budgets", default=budgets, metavar="B",
-                       help="int = visual tokens kept per image, float in (0, 1] = keep ratio; a chain takes one per "
-                            "stage (--budget 192+128: 192 enter the LM, 128 on average over its layers)")
-    p.add_argument("--param", type=_param, action="append", default=[], metavar="METHOD.NAME=VALUE",
-                   help="a method hyper-parameter, repeatable (e.g. --param fastv.layer=1; `tokensieve methods NAME` "
-                        "lists them); plain NAME=VALUE when the command runs one method")
-    p.add_argument("--scope", default="image", choices=("image", "crop", "frame", "global"),
-                   help="what an int budget counts per: each image, each anyres crop, each video frame, or the whole "
-                        "prompt")
+        p.add_argument(
+            "--method",
+            "--methods",
+            dest="methods",
+            default=methods,
+            metavar="M",
+            help="method, or a chain of one pre-LLM and one in-LLM method joined by '+' (evocut+fastv)",
+        )
+        p.add_argument(
+            "--budget",
+            "--budgets",
+            dest="budgets",
+            default=budgets,
+            metavar="B",
+            help="int = visual tokens kept per image, float in (0, 1] = keep ratio; a chain takes one per "
+            "stage (--budget 192+128: 192 enter the LM, 128 on average over its layers)",
+        )
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="a method hyper-parameter, repeatable (e.g. --param fastv.layer=1; `tokensieve methods NAME` "
+        "lists them); plain NAME=VALUE when the command runs one method",
+    )
+    p.add_argument(
+        "--scope",
+        default="image",
+        choices=("image", "crop", "frame", "global"),
+        help="what an int budget counts per: each image, each anyres crop, each video frame, or the whole prompt",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,65 +134,107 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    methods = sub.add_parser("methods", help="list the methods, or explain one (its parameters and defaults)",
-                             description="List every method, or with NAME its stage, signals and parameters.")
+    methods = sub.add_parser(
+        "methods",
+        help="list the methods, or explain one (its parameters and defaults)",
+        description="List every method, or with NAME its stage, signals and parameters.",
+    )
     methods.add_argument("name", nargs="?", help="a method name, e.g. fastv")
 
-    run = sub.add_parser("run", help="answer one question about one image under a method",
-                         description="Answer one question about one image with a method applied and report the "
-                                     "visual tokens kept. The question goes through the model's chat template, "
-                                     "which inserts the image placeholder.")
+    run = sub.add_parser(
+        "run",
+        help="answer one question about one image under a method",
+        description="Answer one question about one image with a method applied and report the "
+        "visual tokens kept. The question goes through the model's chat template, "
+        "which inserts the image placeholder.",
+    )
     _add_model(run)
-    run.add_argument("--tiny", action="store_true", help="use the tiny random-weight LLaVA (fast, meaningless "
-                                                         "answers); same as --model tiny")
+    run.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the tiny random-weight LLaVA (fast, meaningless answers); same as --model tiny",
+    )
     _add_configs(run, several=False, methods="evocut", budgets="64")
     run.add_argument("--image", help="image file (PNG, JPEG, ...); default: a generated benchmark scene")
-    run.add_argument("--prompt", help="the question only: the image placeholder and chat template are added for you "
-                                      "(the default model reads 'user : <image> QUESTION assistant : '); a prompt that "
-                                      "already holds the image token is sent as written. Default: the scene's own "
-                                      "question, or a generic one for your --image")
+    run.add_argument(
+        "--prompt",
+        help="the question only: the image placeholder and chat template are added for you "
+        "(the default model reads 'user : <image> QUESTION assistant : '); a prompt that "
+        "already holds the image token is sent as written. Default: the scene's own "
+        "question, or a generic one for your --image",
+    )
     run.add_argument("--max-new-tokens", type=_count(1), default=16, help="tokens to generate")
     run.add_argument("--compare", action="store_true", help="also answer without compression, and time both")
-    run.add_argument("--repeats", type=_count(1), default=3,
-                     help="with --compare: timed calls of each, alternating, after one warm-up call each")
+    run.add_argument(
+        "--repeats",
+        type=_count(1),
+        default=3,
+        help="with --compare: timed calls of each, alternating, after one warm-up call each",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
-    ev = sub.add_parser("eval", help="accuracy of the full-token model and of each method x budget on a test set",
-                        description="Accuracy retention on a benchmark: the full-token model, then every method at "
-                                    "every budget, on the same questions. Results are saved after every finished "
-                                    "configuration; rerunning the same command resumes. --from re-plots or merges "
-                                    "saved results without running a model. An adaptive budget (adaptive:MEAN, "
-                                    "adaptive:MEAN:MIN:MAX: a per-image count of that mean) is first calibrated on "
-                                    "--calibration images of a split disjoint from the test set; "
-                                    "adaptive:MEAN@THRESHOLD runs as given. Its kept tokens are the measured mean.")
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy of the full-token model and of each method x budget on a test set",
+        description="Accuracy retention on a benchmark: the full-token model, then every method at "
+        "every budget, on the same questions. Results are saved after every finished "
+        "configuration; rerunning the same command resumes. --from re-plots or merges "
+        "saved results without running a model. An adaptive budget (adaptive:MEAN, "
+        "adaptive:MEAN:MIN:MAX: a per-image count of that mean) is first calibrated on "
+        "--calibration images of a split disjoint from the test set; "
+        "adaptive:MEAN@THRESHOLD runs as given. Its kept tokens are the measured mean.",
+    )
     _add_model(ev)
     ev.add_argument("--data", choices=("shapes", "easyvqa"), default="shapes", help="benchmark (test split)")
     _add_configs(ev, several=True, methods=None, budgets=None)
-    ev.add_argument("--limit", type=_count(1), help="evaluate N questions: shapes takes its first N (the six families "
-                                                    "in turn), easy-VQA N evenly spaced over its test split; default: "
-                                                    "all (shapes 2,004, easy-VQA 9,673)")
+    ev.add_argument(
+        "--limit",
+        type=_count(1),
+        help="evaluate N questions: shapes takes its first N (the six families "
+        "in turn), easy-VQA N evenly spaced over its test split; default: "
+        "all (shapes 2,004, easy-VQA 9,673)",
+    )
     ev.add_argument("--batch-size", type=_count(1), default=32, help="questions per generate() call")
-    ev.add_argument("--calibration", type=_count(1), default=256, metavar="N",
-                    help="images that fit each adaptive budget given without @THRESHOLD (its mean holds on them), "
-                         "from the data set's calibration split, never the test split: shapes the first N of val, "
-                         "easy-VQA N evenly spaced questions of train")
-    ev.add_argument("--out", required=True, help="folder for results.json (metadata, records, per-question answers), "
-                                                  "results.md and results.png")
+    ev.add_argument(
+        "--calibration",
+        type=_count(1),
+        default=256,
+        metavar="N",
+        help="images that fit each adaptive budget given without @THRESHOLD (its mean holds on them), "
+        "from the data set's calibration split, never the test split: shapes the first N of val, "
+        "easy-VQA N evenly spaced questions of train",
+    )
+    ev.add_argument(
+        "--out",
+        required=True,
+        help="folder for results.json (metadata, records, per-question answers), results.md and results.png",
+    )
     ev.add_argument("--fresh", action="store_true", help="recompute everything instead of resuming from --out")
-    ev.add_argument("--from", dest="sources", action="append", default=[], metavar="RESULTS",
-                    help="re-plot or merge saved results (a results.json or its folder; repeatable) into --out, "
-                         f"running no model; default methods and budgets otherwise: {EVAL_METHODS} at {EVAL_BUDGETS}")
+    ev.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="RESULTS",
+        help="re-plot or merge saved results (a results.json or its folder; repeatable) into --out, "
+        f"running no model; default methods and budgets otherwise: {EVAL_METHODS} at {EVAL_BUDGETS}",
+    )
 
     tiny = sub.add_parser("make-tiny", help="save the tiny random-weight demo LLaVA (model + processor) to DIR")
     tiny.add_argument("dir", help="folder to write (created)")
     add_measure_commands(sub)
     # handled in main() before parsing: every argument after it belongs to lmms-eval (tokensieve.lmms_eval.launch)
-    sub.add_parser("lmms-eval", add_help=False, help="run lmms-eval offline with --model tokensieve and the packaged "
-                   "tasks (pip install tokensieve[lmms-eval]; `tokensieve lmms-eval --help`)")
+    sub.add_parser(
+        "lmms-eval",
+        add_help=False,
+        help="run lmms-eval offline with --model tokensieve and the packaged "
+        "tasks (pip install tokensieve[lmms-eval]; `tokensieve lmms-eval --help`)",
+    )
     return parser
 
 
 # -- output -------------------------------------------------------------------------------------------------------
+
 
 def _console(stream):
     """Rich console on ``stream``; files and pipes get wide lines (no wrapping at 80 columns) and no colour."""
@@ -192,7 +267,7 @@ class Out:
 
 def _model_note(spec, out: Out) -> None:
     """Say which embedded model answers, and what it can and cannot do."""
-    from .loading import DEFAULT_MODEL, EMBEDDED_MODELS
+    from .models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
 
     entry = EMBEDDED_MODELS.get(str(spec or DEFAULT_MODEL))
     if entry is not None:
@@ -206,7 +281,7 @@ def _quiet_loading() -> None:
 
 
 def _load_model(spec, out: Out, **kwargs):
-    from .loading import load_model
+    from .models.loading import load_model
 
     _model_note(spec, out)
     _quiet_loading()
@@ -215,16 +290,16 @@ def _load_model(spec, out: Out, **kwargs):
 
 # -- run ----------------------------------------------------------------------------------------------------------
 
+
 def cmd_run(args, out: Out) -> int:
-    from .configs import format_budget, group_params, parse_configs
-    from .inputs import check_question, load_image
+    from .tools.configs import format_budget, group_params, parse_configs
+    from .tools.inputs import check_question, load_image
 
     if args.tiny:
         if args.model:
             raise ValueError("give either --model or --tiny, not both")
         args.model = "tiny"
-    configs = parse_configs(args.methods, args.budgets, method_option="--method", budget_option="--budget",
-                            single=True)
+    configs = parse_configs(args.methods, args.budgets, method_option="--method", budget_option="--budget", single=True)
     params = group_params(args.param, configs)
     sieve = configs[0].sieve(params, args.scope)  # every check that needs no model, before loading one
     question = check_question(args.prompt)
@@ -234,8 +309,8 @@ def cmd_run(args, out: Out) -> int:
     import torch
 
     from .data import shapes
-    from .inputs import build_prompt
-    from .loading import DEFAULT_MODEL, EMBEDDED_MODELS
+    from .models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
+    from .tools.inputs import build_prompt
 
     name = args.model or DEFAULT_MODEL
     entry = EMBEDDED_MODELS.get(name)
@@ -273,15 +348,19 @@ def cmd_run(args, out: Out) -> int:
             call(False)
             call(True)
             for r in range(args.repeats):
-                for with_sieve in ((False, True) if r % 2 == 0 else (True, False)):
+                for with_sieve in (False, True) if r % 2 == 0 else (True, False):
                     answers[with_sieve], t = call(with_sieve)
                     times[with_sieve].append(t)
         else:
             answers[True], t = call(True)
             times[True].append(t)
     report = sieve.last_report
-    result = {"model": "tiny-random-llava" if name == "tiny" else name, "method": sieve.name,
-              "budget": configs[0].budget, "prompt": question}
+    result = {
+        "model": "tiny-random-llava" if name == "tiny" else name,
+        "method": sieve.name,
+        "budget": configs[0].budget,
+        "prompt": question,
+    }
     if trained and args.image is None and args.prompt is None:
         result["expected"] = demo.answer
     result.update(
@@ -294,12 +373,19 @@ def cmd_run(args, out: Out) -> int:
         encode_s=report.encode_s,
         selection_s=report.selection_s,
         llm_visual_tokens_avg=report.llm_visual_tokens_avg[0] if report.llm_visual_tokens_avg else report.tokens_out,
-        timing={"calls": len(times[True]), "warmup": 1 if args.compare else 0, "alternating": args.compare,
-                "generate_s_runs": times[True]},
+        timing={
+            "calls": len(times[True]),
+            "warmup": 1 if args.compare else 0,
+            "alternating": args.compare,
+            "generate_s_runs": times[True],
+        },
     )
     if args.compare:
-        result["vanilla"] = {"answer": answers[False], "generate_s": _median(times[False]),
-                             "generate_s_runs": times[False]}
+        result["vanilla"] = {
+            "answer": answers[False],
+            "generate_s": _median(times[False]),
+            "generate_s_runs": times[False],
+        }
     if args.json:
         print(json.dumps(result))
         return 0
@@ -308,8 +394,10 @@ def cmd_run(args, out: Out) -> int:
 
     table = Table(show_header=False, box=None)
     table.add_row("prompt", escape(repr(question)))
-    table.add_row("answer", escape(repr(result["answer"]) + (f" (expected {result['expected']!r})"
-                                                             if "expected" in result else "")))
+    table.add_row(
+        "answer",
+        escape(repr(result["answer"]) + (f" (expected {result['expected']!r})" if "expected" in result else "")),
+    )
     budget = format_budget(configs[0].budgets)
     table.add_row("visual tokens", f"{report.tokens_in} -> {report.tokens_out} ({sieve.name}, budget {budget})")
     if report.llm_budget:
@@ -318,14 +406,23 @@ def cmd_run(args, out: Out) -> int:
     table.add_row("encode + select", f"{report.encode_s * 1e3:.1f} ms (selection {report.selection_s * 1e3:.2f} ms)")
     if args.compare:
         table.add_row("vanilla answer", escape(repr(answers[False])))
-        table.add_row("generate", f"{_spread(times[True])} with {sieve.name}, {_spread(times[False])} vanilla: median "
-                                  f"(min-max) of {args.repeats} alternating calls each after a warm-up, up to "
-                                  f"{args.max_new_tokens} new tokens")
+        table.add_row(
+            "generate",
+            f"{_spread(times[True])} with {sieve.name}, {_spread(times[False])} vanilla: median "
+            f"(min-max) of {args.repeats} alternating calls each after a warm-up, up to "
+            f"{args.max_new_tokens} new tokens",
+        )
     else:
-        table.add_row("generate", f"{times[True][0] * 1e3:.1f} ms for up to {args.max_new_tokens} new tokens: one cold "
-                                  "call (first-call overhead included)")
-    table.add_row("timing", "a rough look, not a benchmark: `tokensieve bench` measures time to first token, stages, "
-                            "memory and FLOPs over interleaved repeats")
+        table.add_row(
+            "generate",
+            f"{times[True][0] * 1e3:.1f} ms for up to {args.max_new_tokens} new tokens: one cold "
+            "call (first-call overhead included)",
+        )
+    table.add_row(
+        "timing",
+        "a rough look, not a benchmark: `tokensieve bench` measures time to first token, stages, "
+        "memory and FLOPs over interleaved repeats",
+    )
     out.console.print(table)
     return 0
 
@@ -344,6 +441,7 @@ def _spread(values: list[float]) -> str:
 
 # -- methods ------------------------------------------------------------------------------------------------------
 
+
 def cmd_methods(args, out: Out) -> int:
     from rich.markup import escape
     from rich.table import Table
@@ -358,14 +456,17 @@ def cmd_methods(args, out: Out) -> int:
             table.add_row(m.name, m.stage, escape(", ".join(m.signals) or "-"), escape(m.description))
         out.console.print(table)
         return 0
-    from .configs import method_parameters
+    from .tools.configs import method_parameters
 
     cls = get_method(args.name)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
     out.console.print(f"[bold]{cls.name}[/]: {escape(cls.description)}", highlight=False)
     out.console.print(escape(f"stage: {cls.stage}; signals: {', '.join(cls.signals) or 'none'}"), highlight=False)
-    budget = ("layer-averaged visual tokens per image in the LM" if cls.stage == "in_llm"
-              else "visual tokens per image entering the LM")
+    budget = (
+        "layer-averaged visual tokens per image in the LM"
+        if cls.stage == "in_llm"
+        else "visual tokens per image entering the LM"
+    )
     out.console.print(f"budget: {budget}", highlight=False)
     out.console.print(escape(" ".join(doc.split())), highlight=False)
     params = method_parameters(cls.name)
@@ -383,36 +484,62 @@ def cmd_methods(args, out: Out) -> int:
 
 # -- eval ---------------------------------------------------------------------------------------------------------
 
+
 def cmd_eval(args, out: Out) -> int:
-    from .inputs import prepare_out_dir
+    from .tools.inputs import prepare_out_dir
 
     if args.sources:
-        given = [o for o, v in (("--methods", args.methods), ("--budgets", args.budgets), ("--param", args.param or None),
-                                ("--model", args.model), ("--limit", args.limit)) if v is not None]
+        given = [
+            o
+            for o, v in (
+                ("--methods", args.methods),
+                ("--budgets", args.budgets),
+                ("--param", args.param or None),
+                ("--model", args.model),
+                ("--limit", args.limit),
+            )
+            if v is not None
+        ]
         if given:
-            raise ValueError(f"--from re-plots saved results and runs no model, so {', '.join(given)} cannot apply; "
-                             "drop them, or drop --from to evaluate")
+            raise ValueError(
+                f"--from re-plots saved results and runs no model, so {', '.join(given)} cannot apply; "
+                "drop them, or drop --from to evaluate"
+            )
         prepare_out_dir(args.out)
-        from .evaluate import merge_results
+        from .tools.evaluate import merge_results
 
         result = merge_results(args.sources, args.out, log=out.note)
     else:
-        from .configs import group_params, parse_configs
+        from .tools.configs import group_params, parse_configs
 
-        configs = parse_configs(EVAL_METHODS if args.methods is None else args.methods,
-                                EVAL_BUDGETS if args.budgets is None else args.budgets, calibrates=True)
+        configs = parse_configs(
+            EVAL_METHODS if args.methods is None else args.methods,
+            EVAL_BUDGETS if args.budgets is None else args.budgets,
+            calibrates=True,
+        )
         params = group_params(args.param, configs)
         for config in configs:
             config.sieve(params, args.scope)  # chains, budgets and parameters, before anything runs
         prepare_out_dir(args.out)
-        from .evaluate import run_eval
+        from .tools.evaluate import run_eval
 
         _model_note(args.model, out)
         _quiet_loading()
-        result = run_eval(args.model, args.data, configs, args.out, limit=args.limit, batch_size=args.batch_size,
-                          params=params, scope=args.scope, fresh=args.fresh, console=out.err, log=out.note,
-                          calibration=args.calibration)
-    from .evaluate import markdown_table
+        result = run_eval(
+            args.model,
+            args.data,
+            configs,
+            args.out,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            params=params,
+            scope=args.scope,
+            fresh=args.fresh,
+            console=out.err,
+            log=out.note,
+            calibration=args.calibration,
+        )
+    from .tools.evaluate import markdown_table
 
     table = markdown_table(result["records"], result["title"])
     if out.console.is_terminal:
@@ -426,8 +553,8 @@ def cmd_eval(args, out: Out) -> int:
 
 
 def cmd_make_tiny(args, out: Out) -> int:
-    from .inputs import prepare_out_dir
-    from .tiny import build_tiny_llava
+    from .models.tiny import build_tiny_llava
+    from .tools.inputs import prepare_out_dir
 
     prepare_out_dir(args.dir, "make-tiny DIR")
     model, processor = build_tiny_llava()
@@ -444,21 +571,28 @@ CPU_GFLOPS = 100.0
 
 
 def add_measure_commands(sub) -> None:
-    bench = sub.add_parser("bench", help="time vanilla and methods interleaved; table, bench.json and a plot",
-                           description="Time to first token, stage split, decode, memory and FLOPs of vanilla and "
-                                       "every method x budget, interleaved in one process.")
+    bench = sub.add_parser(
+        "bench",
+        help="time vanilla and methods interleaved; table, bench.json and a plot",
+        description="Time to first token, stage split, decode, memory and FLOPs of vanilla and "
+        "every method x budget, interleaved in one process.",
+    )
     src = bench.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP + " (AutoModelForImageTextToText + processor)")
-    src.add_argument("--arch", help="random-weight real-size architecture (llava15-cpu, llava15-7b, tiny; see "
-                                    "tokensieve.archs); default llava15-cpu when --model is not given")
+    src.add_argument(
+        "--arch",
+        help="random-weight real-size architecture (llava15-cpu, llava15-7b, tiny; see "
+        "tokensieve.models.archs); default llava15-cpu when --model is not given",
+    )
     _add_configs(bench, several=True, methods="evocut,divprune", budgets="64")
     bench.add_argument("--repeats", type=_count(1), default=5, help="recorded rounds")
     bench.add_argument("--warmup", type=_count(0), default=1, help="unrecorded rounds before the repeats")
     bench.add_argument("--new-tokens", type=_count(1), default=8, help="tokens generated per call (decode timing)")
     bench.add_argument("--text-tokens", type=_count(1), default=40, help="text tokens around the image (--arch)")
     bench.add_argument("--image", help="image for --model; default: a generated scene")
-    bench.add_argument("--prompt", default=GENERIC_QUESTION, help="question for --model (the image placeholder is "
-                                                                  "added for you)")
+    bench.add_argument(
+        "--prompt", default=GENERIC_QUESTION, help="question for --model (the image placeholder is added for you)"
+    )
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     bench.add_argument("--device", help="cpu or cuda; default cuda when available")
     bench.add_argument("--threads", type=_count(1), help="torch CPU threads (default: torch's choice)")
@@ -466,9 +600,12 @@ def add_measure_commands(sub) -> None:
     bench.add_argument("--force", action="store_true", help="measure even when the run would take very long")
     bench.add_argument("--out", default="bench-results", help="output folder (bench.md, bench.json, bench.png)")
 
-    show = sub.add_parser("show", help="draw kept tokens (and merge groups) on an image, methods side by side",
-                          description="Draw which patches each configuration keeps (bright), merges (tinted, one "
-                                      "colour per merged token) and drops (dim), one panel per method x budget.")
+    show = sub.add_parser(
+        "show",
+        help="draw kept tokens (and merge groups) on an image, methods side by side",
+        description="Draw which patches each configuration keeps (bright), merges (tinted, one "
+        "colour per merged token) and drops (dim), one panel per method x budget.",
+    )
     _add_configs(show, several=True, methods="evocut,divprune,visionzip,pool", budgets="36")
     show.add_argument("--image", help="image file; default: a generated scene")
     show.add_argument("--out", default="show.png", help="image file to write (.png, .jpg, .pdf, .svg)")
@@ -489,8 +626,8 @@ def _available_bytes(device: str) -> int:
 
 
 def cmd_bench(args, out: Out) -> int:
-    from .configs import group_params, parse_configs
-    from .inputs import check_question, load_image, prepare_out_dir
+    from .tools.configs import group_params, parse_configs
+    from .tools.inputs import check_question, load_image, prepare_out_dir
 
     configs = parse_configs(args.methods, args.budgets)
     params = group_params(args.param, configs)
@@ -502,9 +639,10 @@ def cmd_bench(args, out: Out) -> int:
 
     import torch
 
-    from .archs import arch_config, arch_parameters, build_arch, synthetic_inputs
-    from .bench import VANILLA, Config, check_budgets, flops_only, model_probe, run_bench, write_results
-    from .flops import count_flops, vanilla_trace
+    from .models.archs import arch_config, arch_parameters, build_arch, synthetic_inputs
+    from .tools.bench import check_budgets, flops_only, model_probe, run_bench, write_results
+    from .tools.configs import VANILLA, Config
+    from .tools.flops import count_flops, vanilla_trace
 
     configs = [Config((VANILLA,))] + configs
     if args.threads:
@@ -512,7 +650,7 @@ def cmd_bench(args, out: Out) -> int:
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model:
-        from .loading import check_model_dir, model_path
+        from .models.loading import check_model_dir, model_path
 
         path = model_path(args.model)
         if path is None:
@@ -532,17 +670,23 @@ def cmd_bench(args, out: Out) -> int:
     avail = _available_bytes(device)
     reason = "--flops-only given" if args.flops_only else None
     if reason is None and need * 1.15 + (1 << 30) > avail:
-        reason = (f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
-                  f"{avail / 1e9:.1f} GB available")
+        reason = (
+            f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
+            f"{avail / 1e9:.1f} GB available"
+        )
     if reason is None and device == "cpu" and not args.force:
         flops = count_flops(config, vanilla_trace(config, **probe, new_tokens=args.new_tokens)).total
         est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
         if est > 1800:
-            reason = (f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
-                      "(pass --force to run anyway)")
+            reason = (
+                f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
+                "(pass --force to run anyway)"
+            )
     if reason is not None:
-        note = (f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
-                "post-projector methods; timing needs enough memory or a GPU.")
+        note = (
+            f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
+            "post-projector methods; timing needs enough memory or a GPU."
+        )
         out.note(note, "bold yellow")
         result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
         result["meta"].update(note=note, model=name)
@@ -557,8 +701,17 @@ def cmd_bench(args, out: Out) -> int:
         out.note(f"building {name} (random weights, {args.dtype}, {device}) ...")
         model = build_arch(name, dtype=dtype, device=device)
         batch = synthetic_inputs(model, text_tokens=args.text_tokens)
-    result = run_bench(model, batch, configs, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
-                       log=out.note, params=params, scope=args.scope)
+    result = run_bench(
+        model,
+        batch,
+        configs,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        new_tokens=args.new_tokens,
+        log=out.note,
+        params=params,
+        scope=args.scope,
+    )
     result["meta"].update(model=name, prompt_tokens=int(batch["input_ids"].shape[1]))
     paths = write_results(result, args.out, title)
     print(paths["md"].read_text())
@@ -567,8 +720,8 @@ def cmd_bench(args, out: Out) -> int:
 
 
 def cmd_show(args, out: Out) -> int:
-    from .configs import group_params, parse_configs
-    from .inputs import check_out_file, load_image
+    from .tools.configs import group_params, parse_configs
+    from .tools.inputs import check_out_file, load_image
 
     configs = parse_configs(args.methods, args.budgets)
     params = group_params(args.param, configs)
@@ -577,12 +730,12 @@ def cmd_show(args, out: Out) -> int:
     image = load_image(args.image) if args.image else None
     check_out_file(args.out)
 
-    from .show import image_batch, model_view, panels_for, render
-    from .tiny import demo_image
+    from .models.tiny import demo_image
+    from .tools.show import image_batch, model_view, panels_for, render
 
     image = image or demo_image()
     if args.arch:
-        from .archs import build_arch
+        from .models.archs import build_arch
 
         model, image_processor = build_arch(args.arch), None
         name = args.arch
@@ -592,15 +745,23 @@ def cmd_show(args, out: Out) -> int:
         name = args.model or "default model"
     batch = image_batch(model, image, image_processor)
     panels = panels_for(model, batch, configs, params=params, scope=args.scope)
-    path = render(model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped")
+    path = render(
+        model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped"
+    )
     for p in panels:
         out.console.print(f"{p.title}: {len(p.kept)} kept patches, {len(p.merged_cells)} merge groups", highlight=False)
     out.note(f"wrote {path}")
     return 0
 
 
-COMMANDS = {"methods": cmd_methods, "run": cmd_run, "eval": cmd_eval, "make-tiny": cmd_make_tiny,
-            "bench": cmd_bench, "show": cmd_show}
+COMMANDS = {
+    "methods": cmd_methods,
+    "run": cmd_run,
+    "eval": cmd_eval,
+    "make-tiny": cmd_make_tiny,
+    "bench": cmd_bench,
+    "show": cmd_show,
+}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -637,8 +798,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: say so, keep it one line, offer the traceback
         if args.debug or os.environ.get("TOKENSIEVE_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
-              "traceback and please report it)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+            "traceback and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-
 class MergeGroups:
     """Builds ``ImageReport.groups`` of an entry made of several candidate sets (crops, frames, a whole grid).
 
@@ -46,8 +45,8 @@ class ImageReport:
 
     ``kept_indices`` index the encoder's patch grid in raster order (row * cols + col), CLS excluded; for methods
     that create tokens (merging, pooling) they are the positions the created tokens stand for, and ``merged`` says
-    how many of ``tokens_out`` are such created tokens; ``groups`` says which patches each created token merges. ``selection_s`` is this image's share of the batched
-    selection time.
+    how many of ``tokens_out`` are such created tokens; ``groups`` says which patches each created token merges.
+    ``selection_s`` is this image's share of the batched selection time.
     """
 
     sample: int
@@ -128,7 +127,8 @@ class SieveReport:
 
     @property
     def llm_visual_tokens_avg(self) -> list[float]:
-        """Per sample, visual tokens averaged over decoder layers (equal to those entering the LM without an in-LLM stage)."""
+        """Per sample, visual tokens averaged over decoder layers (equal to those entering the LM without an in-LLM
+        stage)."""
         return [sum(t) / len(t) if t else 0.0 for t in self.llm_layer_visual_tokens]
 
     @property

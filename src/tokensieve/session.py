@@ -12,23 +12,24 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .adapters import get_adapter
 from .adaptive import Calibration, fit, llm_counts, lm_input_features, recording
-from .anyres import check_newlines
 from .budget import Budget, Scope
+from .engine.anyres import check_newlines
+from .engine.llm_stage import KeepAll, LLMStage
 from .errors import BudgetError, StageError, TokensieveError, UnsupportedModelError
-from .llm_stage import KeepAll, LLMStage
 from .methods import get_method, method_names
 from .methods.base import IN_ENCODER, IN_LLM, Method
 from .report import SieveReport
 
-_SIEVED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_SIEVED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 class Sieve:
@@ -45,7 +46,7 @@ class Sieve:
     method, in that order; ToDRE brings its own in-LLM rule and takes only its pre-LLM budget.
 
     ``newlines`` (LLaVA-NeXT-family images): which ``image_newline`` tokens follow selection: ``"rows"`` (default, the
-    newline of each row that keeps a token), ``"all"`` or ``"none"`` (see ``tokensieve.anyres``).
+    newline of each row that keeps a token), ``"all"`` or ``"none"`` (see ``tokensieve.engine.anyres``).
     """
 
     def __init__(self, method, budget, *, scope: str | Scope = "image", newlines: str = "rows", **params):
@@ -115,12 +116,12 @@ class Sieve:
         self.calibration = calibration
         return calibration
 
-    def apply(self, model) -> "SieveHandle":
+    def apply(self, model) -> SieveHandle:
         """Attach to ``model`` until ``handle.remove()``; prefer ``with sieve(model):``."""
         return SieveHandle(self, model)
 
     @contextmanager
-    def __call__(self, model) -> Iterator["SieveHandle"]:
+    def __call__(self, model) -> Iterator[SieveHandle]:
         handle = self.apply(model)
         try:
             yield handle
@@ -194,8 +195,12 @@ def _plan_stages(methods: list[Method], budgets: list[Budget]):
     if pre is None:
         pre, pre_budget = KeepAll(), Budget.parse(1.0, budgets[0].scope)
     if (
-        llm_budget is not None and not pre_budget.is_ratio and not llm_budget.is_ratio and not pre_budget.is_adaptive
-        and not llm_budget.is_adaptive and llm_budget.value > pre_budget.value
+        llm_budget is not None
+        and not pre_budget.is_ratio
+        and not llm_budget.is_ratio
+        and not pre_budget.is_adaptive
+        and not llm_budget.is_adaptive
+        and llm_budget.value > pre_budget.value
     ):
         raise StageError(
             f"the in-LLM budget ({llm_budget.value} layer-averaged visual tokens) exceeds the {pre_budget.value} "
@@ -208,7 +213,9 @@ def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Merge positional arguments into keyword arguments by the callee's parameter names."""
     if not args:
         return dict(kwargs)
-    names = [n for n, p in inspect.signature(fn).parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [
+        n for n, p in inspect.signature(fn).parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     if len(args) > len(names):
         raise TypeError(f"too many positional arguments for {fn.__name__}")
     merged = dict(zip(names, args))
@@ -247,8 +254,11 @@ class SieveHandle:
         if sieve.llm_budget is not None:
             adapter.check_budget(sieve.llm_budget)
         for budget in (sieve.pre_budget, sieve.llm_budget):
-            if budget is not None and budget.is_adaptive and not budget.value.needs_no_threshold and (
-                budget.value.threshold is None
+            if (
+                budget is not None
+                and budget.is_adaptive
+                and not budget.value.needs_no_threshold
+                and (budget.value.threshold is None)
             ):
                 raise BudgetError(
                     f"the adaptive budget {budget} has no threshold yet: call sieve.calibrate(model, batches) on a few "
@@ -267,6 +277,7 @@ class SieveHandle:
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._forward_stage: LLMStage | None = None
         self._post_hook = model.register_forward_hook(self._post_forward, always_call=True)
+
         # generate() must receive the shrunk prompt itself; an instance attribute shadows the class method.
         # It carries the original's name, docstring and signature for tools that introspect generate().
         @functools.wraps(self._generate)
@@ -399,7 +410,7 @@ class SieveHandle:
             _SIEVED.discard(model)
         self.active = False
 
-    def __enter__(self) -> "SieveHandle":
+    def __enter__(self) -> SieveHandle:
         return self
 
     def __exit__(self, *exc) -> None:

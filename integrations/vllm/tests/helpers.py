@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DEFAULT_MODEL = REPO / "src" / "tokensieve" / "default_model"
+DEFAULT_MODEL = REPO / "src" / "tokensieve" / "models" / "default_model"
 ARCH = "TokenSieveLlavaForConditionalGeneration"
 IMAGE_TOKEN = 4
 TOKENS = 144
@@ -41,7 +41,7 @@ def stock_copy(dst: Path, src: Path = DEFAULT_MODEL) -> Path:
     def name(k: str) -> str:
         for head in ("vision_tower.", "model.vision_tower."):
             if k.startswith(head) and not k.startswith(head + "vision_model."):
-                return head + "vision_model." + k[len(head):]
+                return head + "vision_model." + k[len(head) :]
         return k
 
     renamed = {name(k): v for k, v in weights.items()}
@@ -66,8 +66,12 @@ def sieve_reference(out: Path, script: str = "reference_sieve.py") -> dict:
 def stock_outputs(model_dir: Path, ref_dir: Path, family: str = "llava") -> dict:
     """Greedy outputs of stock vLLM (stock architecture, no plugin model involved) in a fresh process."""
     out = ref_dir / "stock.json"
-    subprocess.run([sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir), family],
-                   check=True, env=dict(engine_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=1200)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "stock_outputs.py"), str(model_dir), str(ref_dir), family],
+        check=True,
+        env=dict(engine_env(), VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        timeout=1200,
+    )
     return json.loads(out.read_text())
 
 
@@ -83,7 +87,7 @@ def ask(llm, sampling, trace: Path, image_dir: Path, case: dict, **settings) -> 
         prompt["mm_processor_kwargs"] = {f"tokensieve_{k}": v for k, v in settings.items()}
     out = llm.generate(prompt, sampling, use_tqdm=False)[0]
     after = trace.read_text().splitlines() if trace.exists() else []
-    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before):]]
+    return list(out.prompt_token_ids), list(out.outputs[0].token_ids), [json.loads(x) for x in after[len(before) :]]
 
 
 def offline_engine(model_dir: Path, arch: str, trace: Path, max_new_tokens: int, **hf_overrides):

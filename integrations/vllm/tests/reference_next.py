@@ -16,13 +16,16 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "tests"))
 
 from families import build_tiny_llava_next  # noqa: E402
-from reference_common import NEXT_CASES as CASES, answer, case_id  # noqa: E402
+from reference_common import NEXT_CASES as CASES  # noqa: E402
+from reference_common import answer, case_id  # noqa: E402
 
 from tokensieve import Sieve  # noqa: E402
-from tokensieve.tiny import demo_image  # noqa: E402
+from tokensieve.models.tiny import demo_image  # noqa: E402
 
 MAX_NEW_TOKENS = 6
 PROMPT = "user : <image> what is in the picture ? assistant :"
+
+
 def images():
     """A wide (5 crops, unpadded rows), a tall (3 crops) and a square image (5 crops)."""
     return [demo_image(64, 0).resize((64, 40)), demo_image(64, 1).resize((30, 64)), demo_image(64, 2).resize((48, 48))]
@@ -33,7 +36,8 @@ def main(out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # LM heads of 32 for vLLM's CPU attention; a wider init so greedy answers depend on the image
     model, proc = build_tiny_llava_next(
-        seed=1, text_overrides=dict(hidden_size=128, intermediate_size=256, initializer_range=0.2),
+        seed=1,
+        text_overrides=dict(hidden_size=128, intermediate_size=256, initializer_range=0.2),
     )
     model.save_pretrained(out / "model")
     proc.save_pretrained(out / "model")
@@ -42,7 +46,12 @@ def main(out_dir: str) -> None:
         image.save(out / f"image{i}.png")
         cases.append({"image": f"image{i}.png", "prompt": PROMPT})
         batches.append(proc(images=[image], text=[PROMPT], return_tensors="pt"))
-    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS, "vanilla": [answer(model, b, MAX_NEW_TOKENS) for b in batches], "sieve": {}}
+    ref = {
+        "cases": cases,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "vanilla": [answer(model, b, MAX_NEW_TOKENS) for b in batches],
+        "sieve": {},
+    }
     for method, budget, scope, newlines in CASES:
         ref["sieve"][case_id(method, budget, scope, newlines)] = [
             answer(model, b, MAX_NEW_TOKENS, Sieve(method, budget, scope=scope, newlines=newlines)) for b in batches

@@ -11,18 +11,25 @@ import json
 import sys
 from pathlib import Path
 
+from reference_common import answer
+
 from tokensieve import Sieve
 from tokensieve.data.shapes import dataset
-from tokensieve.evaluate import load_model, prompt_text
-
-from reference_common import answer
+from tokensieve.tools.evaluate import load_model, prompt_text
 
 NUM_IMAGES = 3
 MAX_NEW_TOKENS = 6
 CASES = {  # method -> budgets (of 144 tokens per image on the default model)
-    "evocut": [16, 72], "divprune": [16, 72], "fastervlm": [16, 72],
-    "visionzip": [36], "pool": [36], "random": [36], "hiprune": [36], "vtc_cls": [36],
-    "evoprune": [36], "flowcut": [36],
+    "evocut": [16, 72],
+    "divprune": [16, 72],
+    "fastervlm": [16, 72],
+    "visionzip": [36],
+    "pool": [36],
+    "random": [36],
+    "hiprune": [36],
+    "vtc_cls": [36],
+    "evoprune": [36],
+    "flowcut": [36],
 }
 
 
@@ -39,8 +46,12 @@ def main(out_dir: str) -> None:
         s.image.save(out / f"image{i}.png")
         cases.append({"image": f"image{i}.png", "prompt": prompt_text(processor, s.question)})
     images = [s.image for s in dataset("test", limit=NUM_IMAGES)]
-    ref = {"cases": cases, "max_new_tokens": MAX_NEW_TOKENS,
-           "vanilla": [run(model, processor, im, c["prompt"]) for im, c in zip(images, cases)], "sieve": {}}
+    ref = {
+        "cases": cases,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "vanilla": [run(model, processor, im, c["prompt"]) for im, c in zip(images, cases)],
+        "sieve": {},
+    }
     for method, budgets in CASES.items():
         ref["sieve"][method] = {
             str(k): [run(model, processor, im, c["prompt"], Sieve(method, k)) for im, c in zip(images, cases)]

@@ -23,9 +23,13 @@ def main(model_dir: str, ref_dir: str, family: str = "llava") -> None:
     ref_dir = Path(ref_dir)
     ref = json.loads((ref_dir / "reference.json").read_text())
     if family == "qwen":
+        # the plugin's module first: it makes vLLM's qwen2_vl importable without torchvision
+        # isort: off
         from tokensieve_vllm.compat import has_torchvision
-        from tokensieve_vllm.qwen_vl import TokenSieveQwen2_5_VLProcessingInfo  # first: makes qwen2_vl importable
+        from tokensieve_vllm.qwen_vl import TokenSieveQwen2_5_VLProcessingInfo
         from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLProcessingInfo
+
+        # isort: on
 
         if not has_torchvision():
             info = TokenSieveQwen2_5_VLProcessingInfo

@@ -3,12 +3,12 @@
 receives, greedy tokens), on a wide, a tall and a square image (5, 3 and 5 crops, unpadded grids).
 """
 
-import pytest
-from PIL import Image
-
 import helpers
+import pytest
 from helpers import IMAGE_TOKEN
-from reference_common import NEXT_CASES as CASES, case_id
+from PIL import Image
+from reference_common import NEXT_CASES as CASES
+from reference_common import case_id
 
 ARCH = "TokenSieveLlavaNextForConditionalGeneration"
 
@@ -29,10 +29,16 @@ def test_stock_vllm_equals_transformers_on_the_tiny_model(next_stock, next_refer
         assert got["ids"] == want["ids"] and got["tokens"] == want["tokens"]
 
 
-@pytest.mark.parametrize("settings", [
-    {"method": "none"}, {"method": "evocut", "budget": 1.0}, {"method": "divprune", "budget": 1.0, "scope": "crop"},
-    {"method": "fastervlm", "budget": 1.0, "newlines": "all"},
-], ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}")
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "none"},
+        {"method": "evocut", "budget": 1.0},
+        {"method": "divprune", "budget": 1.0, "scope": "crop"},
+        {"method": "fastervlm", "budget": 1.0, "newlines": "all"},
+    ],
+    ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}",
+)
 def test_keep_all_equals_stock_vllm(engine, next_stock, next_reference, next_dir, settings):
     for case, want in zip(next_reference["cases"], next_stock):
         ids, tokens, trace = ask(engine, next_dir, case, **settings)
@@ -51,20 +57,31 @@ def test_matches_sieve_in_transformers(engine, next_reference, next_dir, method,
         assert tokens == want["tokens"]
 
 
-@pytest.mark.parametrize("settings, match", [
-    ({"method": "evoprune", "budget": 20}, "in-encoder.*only known after the encoder"),
-    ({"method": "divprune", "budget": 20, "newlines": "rows"}, "newlines 'rows' is not supported"),
-    ({"method": "divprune", "budget": 81}, "exceeds the 80 visual tokens"),
-    ({"method": "divprune", "budget": 17, "scope": "crop"}, "exceeds the 16 visual tokens"),
-    ({"method": "fastv", "budget": 20}, "in-LLM"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"method": "evoprune", "budget": 20}, "in-encoder.*only known after the encoder"),
+        ({"method": "divprune", "budget": 20, "newlines": "rows"}, "newlines 'rows' is not supported"),
+        ({"method": "divprune", "budget": 81}, "exceeds the 80 visual tokens"),
+        ({"method": "divprune", "budget": 17, "scope": "crop"}, "exceeds the 16 visual tokens"),
+        ({"method": "fastv", "budget": 20}, "in-LLM"),
+    ],
+)
 def test_bad_settings_fail_the_request_not_the_engine(engine, next_reference, next_dir, settings, match):
     from vllm.exceptions import VLLMValidationError
 
     with pytest.raises(VLLMValidationError, match=match):
         ask(engine, next_dir, next_reference["cases"][1], **settings)
-    ids, tokens, _ = ask(engine, next_dir, next_reference["cases"][1], method="random", budget=2, scope="crop",
-                         params={"seed": 3}, newlines="none")
+    ids, tokens, _ = ask(
+        engine,
+        next_dir,
+        next_reference["cases"][1],
+        method="random",
+        budget=2,
+        scope="crop",
+        params={"seed": 3},
+        newlines="none",
+    )
     assert ids.count(IMAGE_TOKEN) == 6 and tokens  # 3 crops x 2, no newline
 
 
@@ -74,9 +91,18 @@ def test_one_batch_with_different_settings(engine, next_reference, next_dir):
     prompts = []
     for case, (method, budget, scope, newlines) in zip(next_reference["cases"], wanted):
         image = Image.open(next_dir / case["image"]).convert("RGB")
-        prompts.append({"prompt": case["prompt"], "multi_modal_data": {"image": image}, "mm_processor_kwargs": {
-            "tokensieve_method": method, "tokensieve_budget": budget, "tokensieve_scope": scope,
-            "tokensieve_newlines": newlines}})
+        prompts.append(
+            {
+                "prompt": case["prompt"],
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {
+                    "tokensieve_method": method,
+                    "tokensieve_budget": budget,
+                    "tokensieve_scope": scope,
+                    "tokensieve_newlines": newlines,
+                },
+            }
+        )
     outs = llm.generate(prompts, params, use_tqdm=False)
     for i, (out, c) in enumerate(zip(outs, wanted)):
         want = next_reference["sieve"][case_id(*c)][i]

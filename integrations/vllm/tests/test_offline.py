@@ -7,11 +7,10 @@ to a trace file (``TOKENSIEVE_VLLM_TRACE``): that is where the kept patch indice
 
 import json
 
-import pytest
-from PIL import Image
-
 import helpers
+import pytest
 from helpers import ARCH, DEFAULT_MODEL, IMAGE_TOKEN, TOKENS
+from PIL import Image
 
 SERVER_DEFAULT = {"method": "evocut", "budget": 36}
 
@@ -19,8 +18,9 @@ SERVER_DEFAULT = {"method": "evocut", "budget": 36}
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, reference):
     trace = tmp_path_factory.mktemp("trace") / "trace.jsonl"
-    llm, params = helpers.offline_engine(DEFAULT_MODEL, ARCH, trace, reference["max_new_tokens"],
-                                         tokensieve=SERVER_DEFAULT)
+    llm, params = helpers.offline_engine(
+        DEFAULT_MODEL, ARCH, trace, reference["max_new_tokens"], tokensieve=SERVER_DEFAULT
+    )
     yield from helpers.held([llm, params, trace])
 
 
@@ -28,10 +28,17 @@ def ask(engine, ref_dir, case, **settings):
     return helpers.ask(*engine, ref_dir, case, **settings)
 
 
-@pytest.mark.parametrize("settings", [
-    {"method": "none"}, {"method": "evocut", "budget": TOKENS}, {"method": "divprune", "budget": 1.0},
-    {"method": "fastervlm", "budget": TOKENS}, {"method": "evoprune", "budget": TOKENS},
-], ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}")
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "none"},
+        {"method": "evocut", "budget": TOKENS},
+        {"method": "divprune", "budget": 1.0},
+        {"method": "fastervlm", "budget": TOKENS},
+        {"method": "evoprune", "budget": TOKENS},
+    ],
+    ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}",
+)
 def test_keep_all_equals_stock_vllm(engine, stock, reference, ref_dir, settings):
     for case, want in zip(reference["cases"], stock):
         ids, tokens, trace = ask(engine, ref_dir, case, **settings)
@@ -44,11 +51,24 @@ def _cases(reference_json):
     return [(m, k) for m, budgets in reference_json.items() for k in budgets]
 
 
-@pytest.mark.parametrize("method, k", [
-    ("evocut", "16"), ("evocut", "72"), ("divprune", "16"), ("divprune", "72"), ("fastervlm", "16"),
-    ("fastervlm", "72"), ("visionzip", "36"), ("pool", "36"), ("random", "36"), ("hiprune", "36"),
-    ("vtc_cls", "36"), ("evoprune", "36"), ("flowcut", "36"),
-])
+@pytest.mark.parametrize(
+    "method, k",
+    [
+        ("evocut", "16"),
+        ("evocut", "72"),
+        ("divprune", "16"),
+        ("divprune", "72"),
+        ("fastervlm", "16"),
+        ("fastervlm", "72"),
+        ("visionzip", "36"),
+        ("pool", "36"),
+        ("random", "36"),
+        ("hiprune", "36"),
+        ("vtc_cls", "36"),
+        ("evoprune", "36"),
+        ("flowcut", "36"),
+    ],
+)
 def test_matches_sieve_in_transformers(engine, reference, ref_dir, method, k):
     """Kept patches, the prompt the LM receives (text + k tokens) and the greedy answer equal the Sieve path."""
     for case, want in zip(reference["cases"], reference["sieve"][method][k]):
@@ -72,11 +92,18 @@ def test_server_default_and_per_request_override(engine, reference, ref_dir):
     assert ids.count(IMAGE_TOKEN) == 72 and len(trace[0]["kept"]) == 72
 
 
-@pytest.mark.parametrize("settings, match", [
-    ({"method": "fastv", "budget": 16}, "in-LLM"), ({"method": "nope", "budget": 16}, "unknown method"),
-    ({"budget": 0}, "at least one token"), ({"budget": 145}, "exceeds"), ({"budget": "16"}, "must be an int"),
-    ({"budget": 16.5}, "keep ratio"), ({"scope": "global"}, "scope"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"method": "fastv", "budget": 16}, "in-LLM"),
+        ({"method": "nope", "budget": 16}, "unknown method"),
+        ({"budget": 0}, "at least one token"),
+        ({"budget": 145}, "exceeds"),
+        ({"budget": "16"}, "must be an int"),
+        ({"budget": 16.5}, "keep ratio"),
+        ({"scope": "global"}, "scope"),
+    ],
+)
 def test_bad_settings_fail_the_request_not_the_engine(engine, reference, ref_dir, settings, match):
     from vllm.exceptions import VLLMValidationError
 
@@ -95,9 +122,17 @@ def test_one_batch_with_different_settings(engine, reference, ref_dir):
     for case, (method, k) in zip(reference["cases"], wanted):
         image = Image.open(ref_dir / case["image"]).convert("RGB")
         # scope "crop" is "image" on LLaVA-1.5: same selection, but new cache keys, so every image is encoded again
-        prompts.append({"prompt": case["prompt"], "multi_modal_data": {"image": image},
-                        "mm_processor_kwargs": {"tokensieve_method": method, "tokensieve_budget": int(k),
-                                                "tokensieve_scope": "crop"}})
+        prompts.append(
+            {
+                "prompt": case["prompt"],
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {
+                    "tokensieve_method": method,
+                    "tokensieve_budget": int(k),
+                    "tokensieve_scope": "crop",
+                },
+            }
+        )
     before = len(trace.read_text().splitlines())
     outs = llm.generate(prompts, params, use_tqdm=False)
     lines = [json.loads(x) for x in trace.read_text().splitlines()[before:]]

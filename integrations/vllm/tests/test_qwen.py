@@ -5,10 +5,9 @@ Kept tokens keep their full-grid M-RoPE ids on both paths; the greedy answers on
 the same way (the cases include a wide and a tall image, whose grids differ in height and width).
 """
 
+import helpers
 import pytest
 from PIL import Image
-
-import helpers
 
 ARCH = "TokenSieveQwen2_5_VLForConditionalGeneration"
 IMAGE_PAD = "<|image_pad|>"
@@ -32,10 +31,16 @@ def test_stock_vllm_equals_transformers_on_the_tiny_model(qwen_stock, qwen_refer
         assert got["ids"] == want["ids"] and got["tokens"] == want["tokens"]
 
 
-@pytest.mark.parametrize("settings", [
-    {"method": "none"}, {"method": "evocut", "budget": 1.0}, {"method": "divprune", "budget": 1.0},
-    {"method": "fastervlm", "budget": 1.0},
-], ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}")
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "none"},
+        {"method": "evocut", "budget": 1.0},
+        {"method": "divprune", "budget": 1.0},
+        {"method": "fastervlm", "budget": 1.0},
+    ],
+    ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}",
+)
 def test_keep_all_equals_stock_vllm(engine, qwen_stock, qwen_reference, qwen_dir, settings):
     pad = engine[3]
     for case, want in zip(qwen_reference["cases"], qwen_stock):
@@ -45,10 +50,22 @@ def test_keep_all_equals_stock_vllm(engine, qwen_stock, qwen_reference, qwen_dir
         assert [t["kept"] for t in trace] == [list(range(ids.count(pad)))]
 
 
-@pytest.mark.parametrize("method, k", [
-    ("evocut", "4"), ("evocut", "12"), ("divprune", "4"), ("divprune", "12"), ("fastervlm", "4"),
-    ("fastervlm", "12"), ("visionzip", "9"), ("pool", "9"), ("random", "9"), ("hiprune", "9"), ("vtc_cls", "9"),
-])
+@pytest.mark.parametrize(
+    "method, k",
+    [
+        ("evocut", "4"),
+        ("evocut", "12"),
+        ("divprune", "4"),
+        ("divprune", "12"),
+        ("fastervlm", "4"),
+        ("fastervlm", "12"),
+        ("visionzip", "9"),
+        ("pool", "9"),
+        ("random", "9"),
+        ("hiprune", "9"),
+        ("vtc_cls", "9"),
+    ],
+)
 def test_matches_sieve_in_transformers(engine, qwen_reference, qwen_dir, method, k):
     """Kept units, the prompt the LM receives (text + k tokens) and the greedy answer equal the Sieve path."""
     pad = engine[3]
@@ -69,11 +86,15 @@ def test_ratio_budget_resolves_per_image(engine, qwen_reference, qwen_dir):
         assert ids.count(pad) == n // 2 and len(trace[0]["kept"]) == n // 2
 
 
-@pytest.mark.parametrize("settings, match", [
-    ({"method": "evoprune", "budget": 9}, "in-encoder"), ({"method": "fastv", "budget": 9}, "in-LLM"),
-    ({"method": "divprune", "budget": 19}, "exceeds the 18 visual tokens of this image"),
-    ({"method": "divprune", "budget": 9, "scope": "frame"}, "scope"),
-])
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"method": "evoprune", "budget": 9}, "in-encoder"),
+        ({"method": "fastv", "budget": 9}, "in-LLM"),
+        ({"method": "divprune", "budget": 19}, "exceeds the 18 visual tokens of this image"),
+        ({"method": "divprune", "budget": 9, "scope": "frame"}, "scope"),
+    ],
+)
 def test_bad_settings_fail_the_request_not_the_engine(engine, qwen_reference, qwen_dir, settings, match):
     from vllm.exceptions import VLLMValidationError
 
@@ -90,8 +111,11 @@ def test_videos_are_refused_clearly(engine, qwen_reference, qwen_dir):
     llm, params, _, _ = engine
     video = np.zeros((4, 48, 48, 3), dtype=np.uint8)
     with pytest.raises(VLLMValidationError, match="images only; videos are refused"):
-        llm.generate({"prompt": "<|vision_start|><|video_pad|><|vision_end|> what ?",
-                      "multi_modal_data": {"video": video}}, params, use_tqdm=False)
+        llm.generate(
+            {"prompt": "<|vision_start|><|video_pad|><|vision_end|> what ?", "multi_modal_data": {"video": video}},
+            params,
+            use_tqdm=False,
+        )
 
 
 def test_one_batch_with_different_settings(engine, qwen_reference, qwen_dir):
@@ -101,8 +125,13 @@ def test_one_batch_with_different_settings(engine, qwen_reference, qwen_dir):
     prompts = []
     for case, (method, k) in zip(qwen_reference["cases"], wanted):
         image = Image.open(qwen_dir / case["image"]).convert("RGB")
-        prompts.append({"prompt": case["prompt"], "multi_modal_data": {"image": image},
-                        "mm_processor_kwargs": {"tokensieve_method": method, "tokensieve_budget": int(k)}})
+        prompts.append(
+            {
+                "prompt": case["prompt"],
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {"tokensieve_method": method, "tokensieve_budget": int(k)},
+            }
+        )
     outs = llm.generate(prompts, params, use_tqdm=False)
     for i, (out, (method, k)) in enumerate(zip(outs, wanted)):
         want = qwen_reference["sieve"][method][k][i]

@@ -18,9 +18,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from PIL import Image
-
 from helpers import ARCH, DEFAULT_MODEL, ENGINE, TOKENS, engine_env
+from PIL import Image
 
 STARTUP_S = 900
 
@@ -47,13 +46,31 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEFAULT_MODEL),
-        "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-        "--hf-overrides", json.dumps({"architectures": [ARCH]}),
-        "--mm-processor-kwargs", json.dumps({"tokensieve_method": "evocut", "tokensieve_budget": 36}),
-        "--trust-request-mm-kwargs", "--max-model-len", str(ENGINE["max_model_len"]),
-        "--max-num-seqs", str(ENGINE["max_num_seqs"]), "--enforce-eager", "--dtype", ENGINE["dtype"],
-        "--seed", str(ENGINE["seed"]),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--served-model-name",
+        "tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--hf-overrides",
+        json.dumps({"architectures": [ARCH]}),
+        "--mm-processor-kwargs",
+        json.dumps({"tokensieve_method": "evocut", "tokensieve_budget": 36}),
+        "--trust-request-mm-kwargs",
+        "--max-model-len",
+        str(ENGINE["max_model_len"]),
+        "--max-num-seqs",
+        str(ENGINE["max_num_seqs"]),
+        "--enforce-eager",
+        "--dtype",
+        ENGINE["dtype"],
+        "--seed",
+        str(ENGINE["seed"]),
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True)
@@ -82,15 +99,26 @@ def chat(url: str, image: Image.Image, question: str, **extra) -> tuple[int, dic
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     body = {
-        "model": "tiny", "max_tokens": 6, "temperature": 0.0,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
-            {"type": "text", "text": question},
-        ]}],
+        "model": "tiny",
+        "max_tokens": 6,
+        "temperature": 0.0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+                    },
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
         **extra,
     }
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -128,16 +156,19 @@ def test_chat_completion_with_per_request_budget(server, reference, ref_dir):
     assert off["choices"][0]["message"]["content"].strip() == want.strip()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"tokensieve_method": "nope"}, "unknown method"),
-    ({"tokensieve_budget": 0}, "at least one token"),
-    ({"tokensieve_budget": TOKENS + 1}, "exceeds"),
-    ({"tokensieve_budget": "64"}, "must be an int"),
-    ({"tokensieve_budget": 2.5}, "keep ratio"),
-    ({"tokensieve_method": "fastv"}, "in-LLM"),
-    ({"tokensieve_method": "todre"}, "relevance"),
-    ({"tokensieve_params": {"layer": 99}, "tokensieve_method": "fastervlm"}, "fastervlm layer=99 must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokensieve_method": "nope"}, "unknown method"),
+        ({"tokensieve_budget": 0}, "at least one token"),
+        ({"tokensieve_budget": TOKENS + 1}, "exceeds"),
+        ({"tokensieve_budget": "64"}, "must be an int"),
+        ({"tokensieve_budget": 2.5}, "keep ratio"),
+        ({"tokensieve_method": "fastv"}, "in-LLM"),
+        ({"tokensieve_method": "todre"}, "relevance"),
+        ({"tokensieve_params": {"layer": 99}, "tokensieve_method": "fastervlm"}, "fastervlm layer=99 must be in"),
+    ],
+)
 def test_bad_settings_are_400_and_the_server_keeps_serving(server, reference, ref_dir, kwargs, match):
     url, proc = server
     case = reference["cases"][1]

@@ -3,10 +3,19 @@
 import pytest
 
 from tokensieve.methods import method_names
-from tokensieve_vllm.settings import Family, SettingsError, merge, resolve, runnable_methods, server_settings, split_kwargs
+from tokensieve_vllm.settings import (
+    Family,
+    SettingsError,
+    merge,
+    resolve,
+    runnable_methods,
+    server_settings,
+    split_kwargs,
+)
 
-LLAVA = Family("LLaVA-1.5", 8, (7,), 144, 0, scopes=("image", "crop"),
-               stages=("pre_projector", "post_projector", "in_encoder"))
+LLAVA = Family(
+    "LLaVA-1.5", 8, (7,), 144, 0, scopes=("image", "crop"), stages=("pre_projector", "post_projector", "in_encoder")
+)
 
 
 class Config:
@@ -16,8 +25,19 @@ class Config:
 
 def test_every_pre_llm_method_runs_and_every_in_llm_method_is_refused():
     runnable = set(runnable_methods(LLAVA))
-    assert runnable == {"evocut", "divprune", "visionzip", "fastervlm", "vispruner", "pool", "random", "hiprune",
-                        "vtc_cls", "evoprune", "flowcut"}
+    assert runnable == {
+        "evocut",
+        "divprune",
+        "visionzip",
+        "fastervlm",
+        "vispruner",
+        "pool",
+        "random",
+        "hiprune",
+        "vtc_cls",
+        "evoprune",
+        "flowcut",
+    }
     for name in ("fastv", "pdrop", "dart"):
         with pytest.raises(SettingsError, match="in-LLM.*KV cache") as err:
             resolve({"method": name, "budget": 64}, LLAVA)
@@ -43,11 +63,20 @@ def test_budget_int_or_ratio(budget, k):
     assert resolve({"method": "evocut", "budget": budget}, LLAVA).k == k
 
 
-@pytest.mark.parametrize("budget, match", [
-    (0, "at least one token"), (-3, "at least one token"), (145, "exceeds the 144 visual tokens"),
-    ("64", "must be an int"), (12.5, "keep ratio"), (True, "must be an int"), (None, "needs a budget"),
-    ([64], "must be an int"), ("adaptive:64", "not available under vLLM"),
-])
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (0, "at least one token"),
+        (-3, "at least one token"),
+        (145, "exceeds the 144 visual tokens"),
+        ("64", "must be an int"),
+        (12.5, "keep ratio"),
+        (True, "must be an int"),
+        (None, "needs a budget"),
+        ([64], "must be an int"),
+        ("adaptive:64", "not available under vLLM"),
+    ],
+)
 def test_bad_budgets_are_refused_clearly(budget, match):
     with pytest.raises(SettingsError, match=match) as err:
         resolve({"method": "evocut", "budget": budget}, LLAVA)
@@ -80,8 +109,9 @@ def test_no_method_means_stock_tokens():
 
 
 def test_request_overrides_server_default():
-    server = server_settings(Config(method="evocut", budget=64, params={"num_groups": 4}),
-                             {"tokensieve_budget": 32, "do_resize": True})
+    server = server_settings(
+        Config(method="evocut", budget=64, params={"num_groups": 4}), {"tokensieve_budget": 32, "do_resize": True}
+    )
     assert server == {"method": "evocut", "budget": 32, "params": {"num_groups": 4}}
     same = merge(server, {"budget": 16, "params": {"alpha": 0.5}})
     assert same == {"method": "evocut", "budget": 16, "params": {"num_groups": 4, "alpha": 0.5}}
@@ -141,8 +171,11 @@ def test_next_family_fixed_newline_policies_and_refusals():
 
     from tokensieve_vllm.llava_next import next_family
 
-    config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=16, patch_size=4, num_hidden_layers=4),
-                             image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]], vision_feature_layer=-2)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=16, patch_size=4, num_hidden_layers=4),
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        vision_feature_layer=-2,
+    )
     fam = next_family(config)
     assert (fam.tokens, fam.feature_layers, fam.newlines) == (80, (3,), ("all", "none"))  # 5 crops of 16 patches
     assert resolve({"method": "divprune", "budget": 20}, fam).newlines == "all"

@@ -11,8 +11,14 @@ from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import QwenVLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter, QwenVLAdapter,
-                                     Idefics3Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
+    LlavaOnevisionAdapter,
+    QwenVLAdapter,
+    Idefics3Adapter,
+)
 
 
 def get_adapter(model) -> Adapter:
@@ -25,4 +31,14 @@ def get_adapter(model) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaNextVideoAdapter", "LlavaOnevisionAdapter", "QwenVLAdapter", "Idefics3Adapter", "ADAPTERS", "get_adapter"]
+__all__ = [
+    "Adapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaNextVideoAdapter",
+    "LlavaOnevisionAdapter",
+    "QwenVLAdapter",
+    "Idefics3Adapter",
+    "ADAPTERS",
+    "get_adapter",
+]

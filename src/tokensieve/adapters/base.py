@@ -16,11 +16,11 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
-from ..capture import TokenMeter
+from ..engine.capture import TokenMeter
+from ..engine.placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..errors import BudgetError, ParameterError, PlaceholderError, StageError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
-from ..placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
-from ..report import ImageReport, MergeGroups, SieveReport
+from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
+from ..report import ImageReport, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
 _PER_TOKEN_INPUTS = {"labels": -100, "position_ids": 0, "token_type_ids": 0, "mm_token_type_ids": 0}
@@ -42,8 +42,6 @@ class Encoded:
     (M-RoPE) name the kept placeholders so each feature keeps its own position."""
     num_images: int | None = None
     """How many leading ``features`` are images; the rest are videos. ``None``: all are images."""
-
-
 
 
 class Adapter(ABC):
@@ -128,7 +126,8 @@ class Adapter(ABC):
         missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
         if missing:
             raise UnsupportedModelError(
-                f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not provide yet"
+                f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not "
+                "provide yet"
             )
 
     @property
@@ -138,12 +137,12 @@ class Adapter(ABC):
 
     def vision_modules(self) -> tuple:
         """``(vision tower, projector)``: the first forward of one and the last of the other bound a call's vision
-        time (``tokensieve.measure``)."""
+        time (``tokensieve.tools.measure``)."""
         raise NotImplementedError
 
     def meter_parts(self) -> tuple:
         """``(encoder layers, projector modules, pooling head or None, segment reader)`` for the call's
-        :class:`~tokensieve.capture.TokenMeter` (the token trace FLOPs are priced from)."""
+        :class:`~tokensieve.engine.capture.TokenMeter` (the token trace FLOPs are priced from)."""
         raise NotImplementedError
 
     def encoder_depth(self, method: Method) -> tuple[int, int]:
@@ -160,8 +159,10 @@ class Adapter(ABC):
         else:
             args = self.encoder_depth(method)
             n, fl = args
-            where = (f"its vision encoder has {n} layers (0..{n - 1}) and the features are hidden_states[{fl}], the "
-                     f"output of layer {fl - 1}")
+            where = (
+                f"its vision encoder has {n} layers (0..{n - 1}) and the features are hidden_states[{fl}], the "
+                f"output of layer {fl - 1}"
+            )
         try:
             method.check_depth(*args)
         except ValueError as exc:
@@ -244,8 +245,11 @@ class Adapter(ABC):
         """The report of a call without visual input: nothing was compressed, the LM saw every token."""
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
-        shape = tuple(ids.shape[:2]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else (
-            tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3 else None)
+        shape = (
+            tuple(ids.shape[:2])
+            if isinstance(ids, torch.Tensor) and ids.dim() >= 2
+            else (tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) and embeds.dim() >= 3 else None)
+        )
         if shape is None:
             real, length = [], 0
         elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == shape:
@@ -254,15 +258,21 @@ class Adapter(ABC):
             real, length = [shape[1]] * shape[0], shape[1]
         layers = int(self.model.config.get_text_config().num_hidden_layers)
         return SieveReport(
-            method=method_name, budget=str(budget), scope=budget.scope.value, stage=method.stage, visual_input=False,
-            seq_len_in=length, seq_len_out=length, kept_positions=[torch.arange(length) for _ in real],
+            method=method_name,
+            budget=str(budget),
+            scope=budget.scope.value,
+            stage=method.stage,
+            visual_input=False,
+            seq_len_in=length,
+            seq_len_out=length,
+            kept_positions=[torch.arange(length) for _ in real],
             input_ids=ids if isinstance(ids, torch.Tensor) else None,
             attention_mask=mask if isinstance(mask, torch.Tensor) else None,
-            llm_layer_tokens=[[n] * layers for n in real], llm_layer_visual_tokens=[[0] * layers for _ in real],
+            llm_layer_tokens=[[n] * layers for n in real],
+            llm_layer_visual_tokens=[[0] * layers for _ in real],
         )
 
-    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str,
-                left_pad: bool = False):
+    def prepare(self, kwargs: dict[str, Any], method: Method, budget: Budget, method_name: str, left_pad: bool = False):
         """Rewrite a call's keyword arguments; returns ``(new_kwargs, report)``, report ``None`` for text-only calls.
 
         ``left_pad``: re-pad the shrunk batch on the left whatever the caller's padding side (``generate()``, which
@@ -335,15 +345,21 @@ class Adapter(ABC):
 # -- in-LLM stage support (kept apart from the encode path above) ----------------------------------------------------
 def llama_style_parts(layer):
     """Scoring parts of a Llama/Qwen2/Mistral-style decoder layer (``input_layernorm`` + ``self_attn`` projections)."""
-    from ..llm_stage import LLMParts
+    from ..engine.llm_stage import LLMParts
 
     attn = layer.self_attn
     cfg = attn.config
     heads = int(cfg.num_attention_heads)
     kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
     return LLMParts(
-        norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, num_heads=heads, num_kv_heads=kv,
-        head_dim=int(attn.head_dim), scaling=float(attn.scaling), q_norm=getattr(attn, "q_norm", None),
+        norm=layer.input_layernorm,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=int(attn.head_dim),
+        scaling=float(attn.scaling),
+        q_norm=getattr(attn, "q_norm", None),
         k_norm=getattr(attn, "k_norm", None),
     )
 

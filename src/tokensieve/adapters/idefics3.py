@@ -28,11 +28,21 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import capture_encoder, rows_per_sequence
+from ..engine.capture import capture_encoder, rows_per_sequence
+from ..engine.encoder_stage import run_encoder_stage
+from ..engine.placeholders import ImageSpan
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
-from ..encoder_stage import run_encoder_stage
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method, Selection, Signals
-from ..placeholders import ImageSpan
+from ..methods.base import (
+    IN_ENCODER,
+    IN_LLM,
+    POST_PROJECTOR,
+    PRE_PROJECTOR,
+    EncoderMethod,
+    Layout,
+    Method,
+    Selection,
+    Signals,
+)
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -74,8 +84,12 @@ def _split_selection(sel: Selection, tokens: torch.Tensor, crops: int, per_crop:
         if sel.groups is not None:
             g = sel.groups[0, c * per_crop : (c + 1) * per_crop].cpu()
             groups = torch.where((g >= 0) & (owner[g.clamp(min=0)] == c), local[g.clamp(min=0)], -1)[None]
-        part = Selection(indices=kept[None], tokens=tokens[mine.to(tokens.device)][None],
-                         num_merged=int((mine & created).sum()), groups=groups)
+        part = Selection(
+            indices=kept[None],
+            tokens=tokens[mine.to(tokens.device)][None],
+            num_merged=int((mine & created).sum()),
+            groups=groups,
+        )
         yield c, part, tokens[mine.to(tokens.device)]
 
 
@@ -182,7 +196,9 @@ class Idefics3Adapter(Adapter):
                 out += [t.clamp(self.per_crop) for t in total.split(c)]
                 continue
             if total < c:
-                raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {c} crops of image {img}")
+                raise BudgetError(
+                    f"a budget of {total} tokens cannot keep one token in each of the {c} crops of image {img}"
+                )
             out += [total // c + (1 if j < total % c else 0) for j in range(c)]
         return out
 
@@ -197,7 +213,9 @@ class Idefics3Adapter(Adapter):
             sizes = [images[i].tokens_out for i in idx]
             total = budget.resolve(sum(sizes), what=f"image {g} entering the LM")
             if total < len(idx):
-                raise BudgetError(f"a budget of {total} tokens cannot keep one token in each of the {len(idx)} crops of image {g}")
+                raise BudgetError(
+                    f"a budget of {total} tokens cannot keep one token in each of the {len(idx)} crops of image {g}"
+                )
             for i, k in zip(idx, _share_out(total, sizes)):
                 out[i] = k
         return out
@@ -253,9 +271,15 @@ class Idefics3Adapter(Adapter):
                 )
             t0 = now()
             mask = state.get("mask")
-            real = (torch.ones(features.shape[0], len(self.groups.flatten()), dtype=torch.bool, device=features.device)
-                    if mask is None else mask.flatten(1).bool())
-            received = {i: self._received(cap, i, real) for i in set(request.cls_attention) | set(request.attention_received)}
+            real = (
+                torch.ones(features.shape[0], len(self.groups.flatten()), dtype=torch.bool, device=features.device)
+                if mask is None
+                else mask.flatten(1).bool()
+            )
+            received = {
+                i: self._received(cap, i, real) for i in set(request.cls_attention) | set(request.attention_received)
+            }
+
             def signals_of(crops: list[int]) -> Signals:
                 """One candidate set: these crops' tokens side by side (crops stacked as grid rows)."""
                 cat = lambda x, dim: torch.cat([x[c : c + 1] for c in crops], dim=dim)  # noqa: E731
@@ -265,12 +289,18 @@ class Idefics3Adapter(Adapter):
                     num_layers=self.num_layers,
                     feature_layer=fl,
                     hidden_states={i: self._pool(cat(cap.hidden_states[i], 1), 1) for i in request.hidden_states},
-                    cls_attention={i: torch.cat([self._pool(received[i][c : c + 1], 2) for c in crops], 2)
-                                   for i in request.cls_attention},
-                    keys={i: torch.cat([self._pool(cap.key_heads(i)[c : c + 1], 2) for c in crops], 2)
-                          for i in request.keys},
-                    attention_received={i: torch.cat([self._pool(received[i][c : c + 1].mean(1), 1) for c in crops], 1)
-                                        for i in request.attention_received},
+                    cls_attention={
+                        i: torch.cat([self._pool(received[i][c : c + 1], 2) for c in crops], 2)
+                        for i in request.cls_attention
+                    },
+                    keys={
+                        i: torch.cat([self._pool(cap.key_heads(i)[c : c + 1], 2) for c in crops], 2)
+                        for i in request.keys
+                    },
+                    attention_received={
+                        i: torch.cat([self._pool(received[i][c : c + 1].mean(1), 1) for c in crops], 1)
+                        for i in request.attention_received
+                    },
                     cls_hidden=None,
                 )
 
@@ -282,8 +312,10 @@ class Idefics3Adapter(Adapter):
                 sets = [[c] for c in range(features.shape[0])]
             for crops in sets:
                 signals = signals_of(crops)
-                k = shares[crops[0]] if len(crops) == 1 and budget.scope != Scope.GLOBAL else budget.resolve(
-                    signals.num_tokens, what=f"the {len(crops)} crops of an image together"
+                k = (
+                    shares[crops[0]]
+                    if len(crops) == 1 and budget.scope != Scope.GLOBAL
+                    else budget.resolve(signals.num_tokens, what=f"the {len(crops)} crops of an image together")
                 )
                 sel = select_each(method, signals, k)[0]
                 tokens = sel.output(signals.features).to(features.dtype)[0]
@@ -329,8 +361,13 @@ class Idefics3Adapter(Adapter):
             sel = sels[c]
             reports.append(
                 ImageReport(
-                    sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(features[c].shape[0]),
-                    kept_indices=sel.indices[0].tolist(), grid=self.grid, merged=sel.num_merged,
+                    sample=-1,
+                    image=c,
+                    tokens_in=self.per_crop,
+                    tokens_out=int(features[c].shape[0]),
+                    kept_indices=sel.indices[0].tolist(),
+                    grid=self.grid,
+                    merged=sel.num_merged,
                     selection_s=state["time"] / max(n, 1),
                     groups=None if sel.groups is None else sel.groups[0].tolist(),
                 )
@@ -340,16 +377,17 @@ class Idefics3Adapter(Adapter):
         return Encoded(features, reports, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace)
 
     # -- in-encoder ----------------------------------------------------------------------------------------------
-    def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any], n: int,
-                           images, start: float) -> Encoded:
+    def _encode_in_encoder(
+        self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any], n: int, images, start: float
+    ) -> Encoded:
         """Cut inside SigLIP by whole pixel-shuffle groups, then let the model's own connector run on a full grid.
 
         Candidates are the connector's tokens, as for the other stages; a cut keeps or merges the scale_factor**2
         patches of a group together (with the stage's virtual CLS as the CLS-free signal). SigLIP's layers carry
         no positions (they are added to the embeddings), so the encoder stage's unit mode regroups the rows group by
-        group at the first cut and later layers simply run on fewer rows. After the encoder the kept rows are scattered back onto the
-        crop's grid (zeros elsewhere), the connector runs as usual, and only the kept groups' tokens are taken:
-        the pixel shuffle and projection act per group, so the zeros never reach a kept token.
+        group at the first cut and later layers simply run on fewer rows. After the encoder the kept rows are scattered
+        back onto the crop's grid (zeros elsewhere), the connector runs as usual, and only the kept groups' tokens are
+        taken: the pixel shuffle and projection act per group, so the zeros never reach a kept token.
         """
         if budget.scope == Scope.GLOBAL:
             raise BudgetError(
@@ -382,10 +420,18 @@ class Idefics3Adapter(Adapter):
         for target in sorted(set(shares)):  # crops that keep the same count run together
             run = [c for c in range(n) if shares[c] == target]
             res = run_encoder_stage(
-                self.layers, self._attention_parts, method, plan, Layout(self.grid, 1), target,
-                feature_layer=self.num_layers, record=[self.num_layers],
-                run=lambda x: vision(pixel_values=x, return_dict=True), pixel_values=crops[run],
-                cls_free=True, units=self.groups,
+                self.layers,
+                self._attention_parts,
+                method,
+                plan,
+                Layout(self.grid, 1),
+                target,
+                feature_layer=self.num_layers,
+                record=[self.num_layers],
+                run=lambda x: vision(pixel_values=x, return_dict=True),
+                pixel_values=crops[run],
+                cls_free=True,
+                units=self.groups,
             )
             selection_s += res.selection_s
             traces += res.traces
@@ -399,8 +445,13 @@ class Idefics3Adapter(Adapter):
             for j, c in enumerate(run):
                 features[c] = tokens[j, kept[j].to(tokens.device)]
                 reports[c] = ImageReport(
-                    sample=-1, image=c, tokens_in=self.per_crop, tokens_out=int(kept[j].numel()),
-                    kept_indices=kept[j].tolist(), grid=self.grid, merged=int((res.sizes[j][1:] > 1).sum()),
+                    sample=-1,
+                    image=c,
+                    tokens_in=self.per_crop,
+                    tokens_out=int(kept[j].numel()),
+                    kept_indices=kept[j].tolist(),
+                    grid=self.grid,
+                    merged=int((res.sizes[j][1:] > 1).sum()),
                     selection_s=res.selection_s / len(run),
                     groups=None if res.groups[j] is None else res.groups[j].tolist(),
                 )

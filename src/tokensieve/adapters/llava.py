@@ -12,8 +12,15 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import AttentionParts, capture_encoder, check_finite, grid_signals, pooling_head, rows_per_sequence
-from ..encoder_stage import run_encoder_stage
+from ..engine.capture import (
+    AttentionParts,
+    capture_encoder,
+    check_finite,
+    grid_signals,
+    pooling_head,
+    rows_per_sequence,
+)
+from ..engine.encoder_stage import run_encoder_stage
 from ..errors import BudgetError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
 from ..report import ImageReport
@@ -87,8 +94,7 @@ class LlavaAdapter(Adapter):
     @staticmethod
     def _attention_parts(layer) -> AttentionParts:
         attn = layer.self_attn
-        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale),
-                              attn.v_proj)
+        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale), attn.v_proj)
 
     # -- encode + select ---------------------------------------------------------------------------------------
     def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -161,9 +167,7 @@ class LlavaAdapter(Adapter):
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
         trace = [layout.num_patches + 1] * self.num_layers
-        return Encoded(
-            features, images, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace
-        )
+        return Encoded(features, images, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace)
 
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
         """Cut inside the CLIP tower, then project the recorded feature layer(s) of the survivors.
@@ -185,10 +189,17 @@ class LlavaAdapter(Adapter):
         plan = method.plan(self.num_layers, min(feature_layers))
         skip = bool(getattr(method, "skip_unused_layers", True))
         res = run_encoder_stage(
-            self.layers, self._attention_parts, method, plan, layout, target,
-            feature_layer=min(feature_layers), record=feature_layers,
+            self.layers,
+            self._attention_parts,
+            method,
+            plan,
+            layout,
+            target,
+            feature_layer=min(feature_layers),
+            record=feature_layers,
             run=lambda pv: self.base.vision_tower(pv, output_hidden_states=False, return_dict=True),
-            pixel_values=pixel_values, stop_after=max(feature_layers) if skip else None,
+            pixel_values=pixel_values,
+            stop_after=max(feature_layers) if skip else None,
         )
         n_img = int(pixel_values.shape[0])
         selected = res.features(feature_layers, slice(1 - prefix, None))
@@ -198,13 +209,21 @@ class LlavaAdapter(Adapter):
         for i in range(n_img):
             pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
-                ImageReport(sample=-1, image=i, tokens_in=n_tok, tokens_out=int(features[i].shape[0]),
-                            kept_indices=pos.tolist(), grid=self.grid, merged=int((size > 1).sum()),
-                            selection_s=res.selection_s / n_img,
-                            # a patch row's output token: after the CLS token under the "full" strategy
-                            groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist())
+                ImageReport(
+                    sample=-1,
+                    image=i,
+                    tokens_in=n_tok,
+                    tokens_out=int(features[i].shape[0]),
+                    kept_indices=pos.tolist(),
+                    grid=self.grid,
+                    merged=int((size > 1).sum()),
+                    selection_s=res.selection_s / n_img,
+                    # a patch row's output token: after the CLS token under the "full" strategy
+                    groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist(),
+                )
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total
         trace = [round(sum(t[j] for t in res.traces) / n_img) for j in range(self.num_layers)]
-        return Encoded(features, images, encode_s=now() - start, selection_s=res.selection_s,
-                       encoder_layer_tokens=trace)
+        return Encoded(
+            features, images, encode_s=now() - start, selection_s=res.selection_s, encoder_layer_tokens=trace
+        )

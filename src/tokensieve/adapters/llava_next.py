@@ -5,7 +5,7 @@ Choices:
 * **Where the packed tokens come from is read off the model itself**: the model's own ``pack_image_features`` is run
   on crop-patch *ids* instead of features, so the unpadding and newline layout of any checkpoint, pinpoint list or
   image size is followed exactly, with no copy of the layout arithmetic here. Layout, budgets per crop, selection
-  and packing live in :mod:`tokensieve.anyres` (torch-only), shared with the vLLM integration.
+  and packing live in :mod:`tokensieve.engine.anyres` (torch-only), shared with the vLLM integration.
 * **Candidates of a crop are its patches that survive unpadding** (a rectangle of the crop's grid, so grid-based
   methods such as pool still see a grid); the base view keeps all its patches. Signals (CLS attention, keys, hidden
   states) are the crop's own, from CLIP run on that crop.
@@ -16,8 +16,8 @@ Choices:
 * **Newline policy.** By default the newline that ends a grid row is kept when that row keeps at least one token and
   dropped otherwise, so the LM still sees row breaks where rows remain and keep-all equals the uncompressed model.
   ``Sieve(..., newlines="all")`` keeps every newline (FasterVLM's official code), ``"none"`` drops them all
-  (FlowCut's); both fix an image's count before selection (see ``tokensieve.anyres``). Newlines are structural and
-  do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
+  (FlowCut's); both fix an image's count before selection (see ``tokensieve.engine.anyres``). Newlines are
+  structural and do not count towards the budget (``tokens_out`` counts them, ``kept_indices`` does not).
   That rule is about what enters the LM. In-LLM methods see the packed sequence the LM sees, where newlines sit on
   image placeholders: there they are visual tokens, scored and dropped like any other.
 * **Placement.** Kept tokens stay where they were in the packed order (base view first, then grid rows). A created
@@ -31,15 +31,15 @@ from typing import Any
 
 import torch
 
-from .. import anyres
-from ..anyres import Packed as _Packed
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
-from ..encoder_stage import run_encoder_stage
+from ..engine import anyres
+from ..engine.anyres import Packed as _Packed
+from ..engine.capture import capture_encoder
+from ..engine.encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
-from ..report import ImageReport
-from .base import Adapter, Encoded, MergeGroups, now
+from ..report import ImageReport, MergeGroups
+from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
 
 
@@ -55,7 +55,8 @@ class LlavaNextAdapter(LlavaAdapter):
     cls_offset = 1
     """Encoder rows before the patches (the CLS token); the projector sees patches only."""
     newlines = "rows"
-    """Which ``image_newline`` tokens follow selection (``tokensieve.anyres``): set by ``Sieve(..., newlines=)``."""
+    """Which ``image_newline`` tokens follow selection (``tokensieve.engine.anyres``): set by
+    ``Sieve(..., newlines=)``."""
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -141,7 +142,9 @@ class LlavaNextAdapter(LlavaAdapter):
             packed_feats = list(out.pooler_output)
             pre = state["pre"]  # [all crops, patches, d] in crop order
             if not bool(torch.isfinite(pre).all()):
-                raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
+                raise NonFiniteFeaturesError(
+                    "vision features contain NaN or Inf; check pixel_values and the model dtype"
+                )
             t_sel = 0.0
             features, images = [], []
             crop0 = 0
@@ -156,9 +159,16 @@ class LlavaNextAdapter(LlavaAdapter):
                 features.append(feats)
                 images.append(
                     ImageReport(
-                        sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(feats.shape[0]),
-                        kept_indices=kept, grid=(pk.num_crops * self.side, self.side), merged=merged,
-                        selection_s=secs, crops=pk.num_crops, groups=groups,
+                        sample=-1,
+                        image=i,
+                        tokens_in=int(pk.crop.numel()),
+                        tokens_out=int(feats.shape[0]),
+                        kept_indices=kept,
+                        grid=(pk.num_crops * self.side, self.side),
+                        merged=merged,
+                        selection_s=secs,
+                        crops=pk.num_crops,
+                        groups=groups,
                     )
                 )
         trace = [self.per_crop + 1] * self.num_layers
@@ -199,20 +209,33 @@ class LlavaNextAdapter(LlavaAdapter):
         for target in sorted(set(targets) - {0}):
             idx = [c for c, t in enumerate(targets) if t == target]
             res = run_encoder_stage(
-                self.layers, self._attention_parts, method, plan, layout, target,
-                feature_layer=min(feature_layers), record=feature_layers,
+                self.layers,
+                self._attention_parts,
+                method,
+                plan,
+                layout,
+                target,
+                feature_layer=min(feature_layers),
+                record=feature_layers,
                 run=lambda x: self.base.vision_tower(x, output_hidden_states=False, return_dict=True),
-                pixel_values=crops_pv[idx], stop_after=max(feature_layers) if skip else None,
+                pixel_values=crops_pv[idx],
+                stop_after=max(feature_layers) if skip else None,
                 cls_free=not self.cls_offset,
             )
             selection_s += res.selection_s
             traces += res.traces
             for j, c in enumerate(idx):
-                feats = torch.cat([res.hidden[f][j][self.cls_offset:] for f in feature_layers], dim=-1)
+                feats = torch.cat([res.hidden[f][j][self.cls_offset :] for f in feature_layers], dim=-1)
                 if not bool(torch.isfinite(feats).all()):
-                    raise NonFiniteFeaturesError("vision features contain NaN or Inf; check pixel_values and the model dtype")
-                rows[c] = (self.base.multi_modal_projector(feats), res.positions[j][1:], res.sizes[j][1:],
-                           res.groups[j])
+                    raise NonFiniteFeaturesError(
+                        "vision features contain NaN or Inf; check pixel_values and the model dtype"
+                    )
+                rows[c] = (
+                    self.base.multi_modal_projector(feats),
+                    res.positions[j][1:],
+                    res.sizes[j][1:],
+                    res.groups[j],
+                )
         newline = self.base.image_newline
         dtype = next(self.base.multi_modal_projector.parameters()).dtype
         features, images, crop0 = [], [], 0
@@ -236,20 +259,34 @@ class LlavaNextAdapter(LlavaAdapter):
                     merged += int(n > 1)
                 if owner is not None:  # a row that unpadding removed took its merged patches with it
                     live = torch.isin(owner, torch.tensor(placed_rows, dtype=owner.dtype))
-                    groups.add(c * self.per_crop + torch.arange(self.per_crop), None, torch.where(live, owner, -1),
-                               self.per_crop)
+                    groups.add(
+                        c * self.per_crop + torch.arange(self.per_crop),
+                        None,
+                        torch.where(live, owner, -1),
+                        self.per_crop,
+                    )
                 else:
                     cells = c * self.per_crop + patch[torch.tensor(placed_rows, dtype=torch.long)].long().cpu()
                     groups.add(cells, torch.arange(len(placed_rows)), None, self.per_crop)
             crop0 += pk.num_crops
-            out = (anyres.assemble(pk, placed, [], lambda q: newline.to(dtype), self.newlines) if placed
-                   else torch.zeros(0, newline.shape[-1], dtype=dtype, device=newline.device))
+            out = (
+                anyres.assemble(pk, placed, [], lambda q: newline.to(dtype), self.newlines)
+                if placed
+                else torch.zeros(0, newline.shape[-1], dtype=dtype, device=newline.device)
+            )
             features.append(out)
             images.append(
                 ImageReport(
-                    sample=-1, image=i, tokens_in=int(pk.crop.numel()), tokens_out=int(out.shape[0]),
-                    kept_indices=sorted(kept_ids), grid=(pk.num_crops * self.side, self.side), merged=merged,
-                    selection_s=selection_s / len(packs), crops=pk.num_crops, groups=groups.result(),
+                    sample=-1,
+                    image=i,
+                    tokens_in=int(pk.crop.numel()),
+                    tokens_out=int(out.shape[0]),
+                    kept_indices=sorted(kept_ids),
+                    grid=(pk.num_crops * self.side, self.side),
+                    merged=merged,
+                    selection_s=selection_s / len(packs),
+                    crops=pk.num_crops,
+                    groups=groups.result(),
                 )
             )
         # per crop sequence lengths; crops may differ under per-crop targets, so the trace is their mean
@@ -261,7 +298,19 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _select_image(self, method, budget, request, cap, feature_layers, pre, crop0, pk, packed):
         return anyres.select_image(
-            method, budget, request, cap, feature_layers, pre, crop0, pk, packed, side=self.side,
-            cls_offset=self.cls_offset, num_layers=self.num_layers, attention=self._attention,
-            project=self.base.multi_modal_projector, newlines=self.newlines,
+            method,
+            budget,
+            request,
+            cap,
+            feature_layers,
+            pre,
+            crop0,
+            pk,
+            packed,
+            side=self.side,
+            cls_offset=self.cls_offset,
+            num_layers=self.num_layers,
+            attention=self._attention,
+            project=self.base.multi_modal_projector,
+            newlines=self.newlines,
         )

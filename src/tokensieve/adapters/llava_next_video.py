@@ -22,12 +22,12 @@ import torch
 
 from ..adaptive import select_each
 from ..budget import Budget, Scope
-from ..capture import capture_encoder
-from ..encoder_stage import run_encoder_stage
+from ..engine.capture import capture_encoder
+from ..engine.encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
 from ..methods.base import IN_ENCODER, EncoderMethod, Layout, Method, Signals
-from ..report import ImageReport
-from .base import Encoded, MergeGroups, now
+from ..report import ImageReport, MergeGroups
+from .base import Encoded, now
 from .llava_next import LlavaNextAdapter
 
 
@@ -91,8 +91,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             return None
         return members.nonzero()[:, 1].view(pooled.shape[0], -1)
 
-    def _encode_videos_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any],
-                                  encoded: Encoded) -> None:
+    def _encode_videos_in_encoder(
+        self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any], encoded: Encoded
+    ) -> None:
         """Cut inside the tower frame by frame, by whole pooling windows, then pool and project as the model does.
 
         Candidates are the frame tokens the LM receives, as for the other stages; each is the pooling of one window
@@ -122,13 +123,23 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         plan = method.plan(self.num_layers, min(feature_layers))
         skip = bool(getattr(method, "skip_unused_layers", True))
         res = run_encoder_stage(
-            self.layers, self._attention_parts, method, plan, Layout((g, g), 1), k,
-            feature_layer=min(feature_layers), record=feature_layers,
+            self.layers,
+            self._attention_parts,
+            method,
+            plan,
+            Layout((g, g), 1),
+            k,
+            feature_layer=min(feature_layers),
+            record=feature_layers,
             run=lambda x: self.base.vision_tower(x, output_hidden_states=False, return_dict=True),
-            pixel_values=pv.flatten(0, 1), stop_after=max(feature_layers) if skip else None,
-            cls_free=not c, units=groups,
+            pixel_values=pv.flatten(0, 1),
+            stop_after=max(feature_layers) if skip else None,
+            cls_free=not c,
+            units=groups,
         )
-        rows = torch.stack([torch.cat([res.hidden[f][j][c:] for f in feature_layers], -1) for j in range(videos * frames)])
+        rows = torch.stack(
+            [torch.cat([res.hidden[f][j][c:] for f in feature_layers], -1) for j in range(videos * frames)]
+        )
         if not bool(torch.isfinite(rows).all()):
             raise NonFiniteFeaturesError("video features contain NaN or Inf; check pixel_values_videos and the dtype")
         full = rows.new_zeros(videos * frames, self.per_crop, rows.shape[-1])
@@ -136,7 +147,11 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         for j in range(videos * frames):
             full[j, groups[kept[j]].flatten().to(full.device)] = rows[j]
         tokens = self._frame_features(full)  # [VF, n, D]
-        newline = self.base.image_newline[None].to(tokens.dtype) if self.video_newline else tokens.new_zeros(0, tokens.shape[-1])
+        newline = (
+            self.base.image_newline[None].to(tokens.dtype)
+            if self.video_newline
+            else tokens.new_zeros(0, tokens.shape[-1])
+        )
         for v in range(videos):
             picked, idx, merged = [], [], 0
             groups = MergeGroups(frames * n)
@@ -151,15 +166,24 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             encoded.features.append(feats)
             encoded.images.append(
                 ImageReport(
-                    sample=-1, image=len(encoded.images), tokens_in=frames * n + int(self.video_newline),
-                    tokens_out=int(feats.shape[0]), kept_indices=idx, grid=(frames * g, g), merged=merged,
-                    selection_s=res.selection_s / videos, frames=frames, groups=groups.result(),
+                    sample=-1,
+                    image=len(encoded.images),
+                    tokens_in=frames * n + int(self.video_newline),
+                    tokens_out=int(feats.shape[0]),
+                    kept_indices=idx,
+                    grid=(frames * g, g),
+                    merged=merged,
+                    selection_s=res.selection_s / videos,
+                    frames=frames,
+                    groups=groups.result(),
                 )
             )
         encoded.selection_s += res.selection_s
         encoded.encode_s += now() - start
         if not encoded.encoder_layer_tokens:
-            encoded.encoder_layer_tokens = [round(sum(t[i] for t in res.traces) / len(res.traces)) for i in range(self.num_layers)]
+            encoded.encoder_layer_tokens = [
+                round(sum(t[i] for t in res.traces) / len(res.traces)) for i in range(self.num_layers)
+            ]
 
     def _encode_videos(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], encoded: Encoded):
         start = now()
@@ -170,12 +194,16 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         request = method.request(self.num_layers, fl)
         with capture_encoder(self.layers, request, self._attention_parts) as cap:
             out = self.base.get_video_features(
-                pixel_values_videos=pv, vision_feature_layer=self._feature_layer(encoder_kwargs),
-                vision_feature_select_strategy=strategy, return_dict=True,
+                pixel_values_videos=pv,
+                vision_feature_layer=self._feature_layer(encoder_kwargs),
+                vision_feature_select_strategy=strategy,
+                return_dict=True,
             )
             tokens = out.pooler_output  # [videos, frames * n (+ 1 newline), D]
             if not bool(torch.isfinite(tokens).all()):
-                raise NonFiniteFeaturesError("video features contain NaN or Inf; check pixel_values_videos and the dtype")
+                raise NonFiniteFeaturesError(
+                    "video features contain NaN or Inf; check pixel_values_videos and the dtype"
+                )
             pool = self._video_pool
             c = self.cls_offset
             n = self._frame_tokens()
@@ -190,8 +218,11 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 vf, h, t = x.shape[:3]
                 flat = x.transpose(1, 2).reshape(vf, t, -1)
                 y = pool(flat).reshape(vf, n, h, *x.shape[3:]).transpose(1, 2)
-                return y.reshape(videos, frames, h, n, *x.shape[3:]).transpose(1, 2).reshape(sets, h, per, *x.shape[3:]) \
-                    if whole else y
+                return (
+                    y.reshape(videos, frames, h, n, *x.shape[3:]).transpose(1, 2).reshape(sets, h, per, *x.shape[3:])
+                    if whole
+                    else y
+                )
 
             t0 = now()
             signals = Signals(
@@ -223,15 +254,25 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
             mine = slice(v * per_video, (v + 1) * per_video)
             groups = MergeGroups(frames * n)
             for j, sel in enumerate(sels[mine]):
-                groups.add(j * per + torch.arange(per), sel.indices[0], None if sel.groups is None else sel.groups[0],
-                           sel.num_out)
+                groups.add(
+                    j * per + torch.arange(per),
+                    sel.indices[0],
+                    None if sel.groups is None else sel.groups[0],
+                    sel.num_out,
+                )
             kept = torch.cat(chosen[mine])
             encoded.features.append(torch.cat([kept, tokens[v, frames * n :]]).to(tokens.dtype))
             encoded.images.append(
                 ImageReport(
-                    sample=-1, image=len(encoded.images), tokens_in=int(tokens.shape[1]),
-                    tokens_out=int(kept.shape[0]) + int(self.video_newline), kept_indices=torch.cat(idx[mine]).tolist(),
-                    grid=(frames * g, g), merged=sum(merged[mine]), selection_s=secs / videos, frames=frames,
+                    sample=-1,
+                    image=len(encoded.images),
+                    tokens_in=int(tokens.shape[1]),
+                    tokens_out=int(kept.shape[0]) + int(self.video_newline),
+                    kept_indices=torch.cat(idx[mine]).tolist(),
+                    grid=(frames * g, g),
+                    merged=sum(merged[mine]),
+                    selection_s=secs / videos,
+                    frames=frames,
                     groups=groups.result(),
                 )
             )
@@ -239,4 +280,3 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         encoded.encode_s += now() - start
         if not encoded.encoder_layer_tokens:
             encoded.encoder_layer_tokens = [self.per_crop + self.cls_offset] * self.num_layers
-

@@ -7,7 +7,7 @@ Choices, each forced by the architecture:
   (the 4 patch vectors concatenated, [n, 4*d]); kept and created units (pool, VisionZip merges) are averaged in
   that space and then projected by the model's own merger, as LLaVA's methods merge before its projector.
   Post-projector methods (DivPrune) select on the merger's output. The selection itself lives in
-  :mod:`tokensieve.merge_units` (torch-only), so the vLLM integration runs the same code on vLLM's ViT.
+  :mod:`tokensieve.engine.merge_units` (torch-only), so the vLLM integration runs the same code on vLLM's ViT.
 * **Encoder signals are per patch, pooled per unit** (mean over the 4 patches): hidden states, keys, attention.
   For attention-based scores (FasterVLM, VisionZip) this equals pooling the patch scores. EvoCut scores the
   movement of a unit's mean hidden state.
@@ -34,13 +34,14 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
-from ..capture import capture_encoder, packed_segments
-from ..encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
+from ..engine.capture import capture_encoder, packed_segments
+from ..engine.encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
+from ..engine.merge_units import UnitSignals, rotate, select_units
 from ..errors import NonFiniteFeaturesError, PlaceholderError
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Method, Request
-from ..merge_units import UnitSignals, rotate, select_units
-from ..report import ImageReport
-from .base import Adapter, Encoded, MergeGroups, now
+from ..report import ImageReport, MergeGroups
+from .base import Adapter, Encoded, now
+
 
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -134,13 +135,16 @@ class QwenVLAdapter(Adapter):
         handles = []
 
         for layer in attn_layers:
+
             def pre(mod, args, kw, _l=layer):
                 hs = args[0] if args else kw["hidden_states"]
                 captured_attn[_l] = (hs, kw["position_embeddings"])
+
             handles.append(self.blocks[layer].attn.register_forward_pre_hook(pre, with_kwargs=True))
 
         def merger_pre(mod, args):
             state["units_in"] = args[0]
+
         handles.append(self.merger.register_forward_pre_hook(merger_pre))
         try:
             with capture_encoder(self.blocks, Request(hidden_states=request.hidden_states), None) as cap:
@@ -181,7 +185,10 @@ class QwenVLAdapter(Adapter):
     @staticmethod
     def _visual_batches(encoder_kwargs: dict[str, Any]):
         """``(video, pixel key, pixels, grid)`` for the images, then the videos, of one call."""
-        for video, pv_key, grid_key in ((False, "pixel_values", "image_grid_thw"), (True, "pixel_values_videos", "video_grid_thw")):
+        for video, pv_key, grid_key in (
+            (False, "pixel_values", "image_grid_thw"),
+            (True, "pixel_values_videos", "video_grid_thw"),
+        ):
             pixel, grid = encoder_kwargs.get(pv_key), encoder_kwargs.get(grid_key)
             if pixel is None:
                 continue
@@ -220,8 +227,16 @@ class QwenVLAdapter(Adapter):
                 k = budget.resolve(t * hu * wu // frames, what=what)
                 t0 = now()
                 feats, kept, merged_n, groups = select_units(
-                    method, k, request, sig, thw=(t, h, w), patch_offset=patch_off, merge=self.merge, frames=frames,
-                    num_layers=self.num_layers, project=self._project,
+                    method,
+                    k,
+                    request,
+                    sig,
+                    thw=(t, h, w),
+                    patch_offset=patch_off,
+                    merge=self.merge,
+                    frames=frames,
+                    num_layers=self.num_layers,
+                    project=self._project,
                 )
                 secs = now() - t0
                 selection_s += secs
@@ -231,16 +246,28 @@ class QwenVLAdapter(Adapter):
                 slots.append(kept)
                 images.append(
                     ImageReport(
-                        sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
-                        kept_indices=kept.tolist(), grid=(t * hu, wu), merged=merged_n, selection_s=secs,
-                        frames=t if video else 0, groups=groups,
+                        sample=-1,
+                        image=len(images),
+                        tokens_in=t * hu * wu,
+                        tokens_out=int(feats.shape[0]),
+                        kept_indices=kept.tolist(),
+                        grid=(t * hu, wu),
+                        merged=merged_n,
+                        selection_s=secs,
+                        frames=t if video else 0,
+                        groups=groups,
                     )
                 )
             if not video:
                 num_images = len(features)
         trace = [round(patches_total / max(1, len(images)))] * self.num_layers
         return Encoded(
-            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
+            features,
+            images,
+            encode_s=now() - start,
+            selection_s=selection_s,
+            encoder_layer_tokens=trace,
+            slots=slots,
             num_images=num_images,
         )
 
@@ -275,8 +302,9 @@ class QwenVLAdapter(Adapter):
                 groups = MergeGroups(t * (h // self.merge) * (w // self.merge))
                 for c in mine:
                     n_set = len(c.owner)
-                    groups.add(c.offset + torch.arange(n_set), c.units.sort().values,
-                               c.owner if c.merged else None, n_set)
+                    groups.add(
+                        c.offset + torch.arange(n_set), c.units.sort().values, c.owner if c.merged else None, n_set
+                    )
                 feats = merged[(base + kept).to(merged.device)]
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
@@ -284,9 +312,16 @@ class QwenVLAdapter(Adapter):
                 slots.append(kept)
                 images.append(
                     ImageReport(
-                        sample=-1, image=len(images), tokens_in=t * hu * wu, tokens_out=int(feats.shape[0]),
-                        kept_indices=kept.tolist(), grid=(t * hu, wu), merged=sum(int((c.sizes > 1).sum()) for c in mine),
-                        selection_s=cutter.selection_s / len(grid), frames=t if video else 0, groups=groups.result(),
+                        sample=-1,
+                        image=len(images),
+                        tokens_in=t * hu * wu,
+                        tokens_out=int(feats.shape[0]),
+                        kept_indices=kept.tolist(),
+                        grid=(t * hu, wu),
+                        merged=sum(int((c.sizes > 1).sum()) for c in mine),
+                        selection_s=cutter.selection_s / len(grid),
+                        frames=t if video else 0,
+                        groups=groups.result(),
                     )
                 )
             if not video:
@@ -294,7 +329,12 @@ class QwenVLAdapter(Adapter):
         per_item = [[n / len(images) for n in tr] for tr in traces]
         trace = [round(sum(tr[i] for tr in per_item)) for i in range(self.num_layers)]
         return Encoded(
-            features, images, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace, slots=slots,
+            features,
+            images,
+            encode_s=now() - start,
+            selection_s=selection_s,
+            encoder_layer_tokens=trace,
+            slots=slots,
             num_images=num_images,
         )
 
@@ -303,8 +343,9 @@ class _UnitSet:
     """One candidate set of the in-encoder cut: its current units in sequence order (set-local raster ids), where
     each sat in the ViT's sequence, their sizes and the method's memory."""
 
-    def __init__(self, item: int, offset: int, grid: tuple[int, int], target: int, slots: torch.Tensor,
-                 segments: torch.Tensor):
+    def __init__(
+        self, item: int, offset: int, grid: tuple[int, int], target: int, slots: torch.Tensor, segments: torch.Tensor
+    ):
         self.item, self.offset, self.grid, self.target = item, offset, grid, target
         self.slot = slots  # [n] sequence slot (unit index in the ViT's order) of each set-local unit
         self.segment = segments  # [n] attention segment (image, or video frame) of each unit
@@ -351,7 +392,9 @@ class _UnitCutter:
             k = budget.resolve(n, what=what)
             for f in range(frames):
                 ids = torch.arange(f * n, (f + 1) * n)  # item-level raster ids of this set's units
-                self.sets.append(_UnitSet(item, f * n, (n // wu, wu), k, slot_of_raster[unit0 + ids], seg + ids // per_frame))
+                self.sets.append(
+                    _UnitSet(item, f * n, (n // wu, wu), k, slot_of_raster[unit0 + ids], seg + ids // per_frame)
+                )
             unit0 += t * per_frame
             seg += t
         self.total = total
@@ -368,7 +411,9 @@ class _UnitCutter:
         sequence cannot take an empty chunk)."""
         lengths = torch.bincount(group, minlength=count) * self.a.unit
         lengths = lengths[lengths > 0]
-        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), int(lengths.max())
+        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32), int(
+            lengths.max()
+        )
 
     def run(self, pixel: torch.Tensor) -> torch.Tensor:
         """The merger's output for every unit in raster order; units the cuts dropped are zeros."""
@@ -418,10 +463,15 @@ class _UnitCutter:
 
         try:
             for i, blk in enumerate(a.blocks):
-                handles.append(blk.register_forward_pre_hook(lambda m, x, k, _i=i: block_pre(m, x, k, _i), with_kwargs=True))
+                handles.append(
+                    blk.register_forward_pre_hook(lambda m, x, k, _i=i: block_pre(m, x, k, _i), with_kwargs=True)
+                )
             for i in self.planned:
-                handles.append(a.blocks[i].attn.register_forward_pre_hook(
-                    lambda m, x, k, _i=i: attn_pre(m, x, k, _i), with_kwargs=True))
+                handles.append(
+                    a.blocks[i].attn.register_forward_pre_hook(
+                        lambda m, x, k, _i=i: attn_pre(m, x, k, _i), with_kwargs=True
+                    )
+                )
                 handles.append(a.blocks[i].register_forward_hook(lambda m, x, o, _i=i: block_post(m, x, o, _i)))
             handles.append(a.merger.register_forward_hook(merger_post))
             out = a.visual(pixel, grid_thw=self.grid)
@@ -450,17 +500,32 @@ class _UnitCutter:
             if n == s.target:
                 pieces.append(rows)
                 continue
-            unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731
+            unit_mean = lambda x: x.reshape(n, u, *x.shape[1:]).float().mean(1)  # noqa: E731, B023 (used within this iteration)
             if signals:
                 # the mean query of the set over its patch keys; a unit's share is the sum over its 4 patches
                 gq = qr[sl].mean(0)  # [H, hd]
                 probs = (torch.einsum("hd,phd->hp", gq, kr[sl]) * float(attn.scaling)).softmax(-1)  # [H, n*u]
-                att, keys, values = probs.view(-1, n, u).sum(-1), unit_mean(k[sl]).transpose(0, 1), \
-                    unit_mean(v[sl]).transpose(0, 1)  # keys before RoPE: content
+                att, keys, values = (
+                    probs.view(-1, n, u).sum(-1),
+                    unit_mean(k[sl]).transpose(0, 1),
+                    unit_mean(v[sl]).transpose(0, 1),
+                )  # keys before RoPE: content
             else:
                 att, keys, values = torch.zeros(1, n), torch.zeros(1, n, 1), torch.zeros(1, n, 1)
-            state = unit_state(self.plan, layer, a.num_layers, s.grid, unit_mean(rows), att, keys, values, s.sizes,
-                               s.units, s.target, s.memory)
+            state = unit_state(
+                self.plan,
+                layer,
+                a.num_layers,
+                s.grid,
+                unit_mean(rows),
+                att,
+                keys,
+                values,
+                s.sizes,
+                s.units,
+                s.target,
+                s.memory,
+            )
             cut: EncoderCut | None = self.method.cut(state)
             if cut is None:
                 if last:

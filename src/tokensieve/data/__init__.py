@@ -31,9 +31,13 @@ def calibration_samples(name: str, limit: int = 256):
 
 def question_batches(processor, samples, batch_size: int = 32):
     """Processor batches (left-padded, the evaluation prompt) of ``samples``, in order."""
-    from ..train import prompt_text
+    from ..trainer import prompt_text
 
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        yield processor(images=[s.image for s in chunk], text=[prompt_text(processor, s.question) for s in chunk],
-                        return_tensors="pt", padding=True)
+        chunk = samples[start : start + batch_size]
+        yield processor(
+            images=[s.image for s in chunk],
+            text=[prompt_text(processor, s.question) for s in chunk],
+            return_tensors="pt",
+            padding=True,
+        )

@@ -38,11 +38,24 @@ TEST_SIZE = 2004  # 334 questions per family
 # Seven segments (a..g) on a 6 x 11 cell with 2-px strokes: (x0, y0, x1, y1) inclusive, relative to the digit box.
 DIGIT_W, DIGIT_H = 6, 11
 SEGMENTS = {
-    "a": (0, 0, 5, 1), "b": (4, 0, 5, 5), "c": (4, 5, 5, 10), "d": (0, 9, 5, 10),
-    "e": (0, 5, 1, 10), "f": (0, 0, 1, 5), "g": (0, 5, 5, 5),
+    "a": (0, 0, 5, 1),
+    "b": (4, 0, 5, 5),
+    "c": (4, 5, 5, 10),
+    "d": (0, 9, 5, 10),
+    "e": (0, 5, 1, 10),
+    "f": (0, 0, 1, 5),
+    "g": (0, 5, 5, 5),
 }
 DIGIT_SEGMENTS = {
-    0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc", 5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg",
+    0: "abcdef",
+    1: "bc",
+    2: "abged",
+    3: "abgcd",
+    4: "fgbc",
+    5: "afgcd",
+    6: "afgedc",
+    7: "abc",
+    8: "abcdefg",
     9: "abcdfg",
 }
 
@@ -328,8 +341,12 @@ def sheet(split: str, index: int) -> Sheet:
         digit, ink = int(rng.integers(10)), str(rng.choice(list(INK)))
         if (at := place(DIGIT_W, DIGIT_H)) is not None:
             digits.append((digit, ink, at))
-    out = Sheet(objects, digits, int(rng.integers(2**31)),
-                (int(rng.integers(6, 14)), int(rng.integers(4)), int(rng.integers(20))))
+    out = Sheet(
+        objects,
+        digits,
+        int(rng.integers(2**31)),
+        (int(rng.integers(6, 14)), int(rng.integers(4)), int(rng.integers(20))),
+    )
     img = Image.fromarray(_background(out), "RGB")
     draw = ImageDraw.Draw(img)
     _paint_objects(draw, objects, lambda k, o: COLOURS[o.colour])
@@ -359,8 +376,9 @@ def where_turn(obj: Obj) -> tuple[str, str]:
     return f"where is the {obj.colour} shape?", quadrant(obj)
 
 
-def drill(split: str, index: int, scene: Scene, where: bool = False, relations: int = 0,
-          exists: int = 0) -> list[tuple[str, str]]:
+def drill(
+    split: str, index: int, scene: Scene, where: bool = False, relations: int = 0, exists: int = 0
+) -> list[tuple[str, str]]:
     """Extra training-only turns about a :func:`conversation` scene, from their own seeded stream.
 
     ``where`` asks "where is the <colour> shape?" (answer: its quadrant) for every object: the colour-to-position
@@ -386,10 +404,18 @@ def dataset(split: str = "test", limit: int | None = None, start: int = 0) -> li
 
 
 WORDS = sorted(
-    set(" ".join(FAMILY_Q for FAMILY_Q in (
-        "how many shapes are there ? what digit is written color is the smallest shape in top left right bottom",
-        "is there a of above below yes no",
-        "describe image . , small large",
-    )).split())
-    | set(COLOURS) | set(SHAPES) | {str(d) for d in range(10)}
+    set(
+        " ".join(
+            FAMILY_Q
+            for FAMILY_Q in (
+                "how many shapes are there ? what digit is written color is the smallest shape in top left right "
+                "bottom",
+                "is there a of above below yes no",
+                "describe image . , small large",
+            )
+        ).split()
+    )
+    | set(COLOURS)
+    | set(SHAPES)
+    | {str(d) for d in range(10)}
 )

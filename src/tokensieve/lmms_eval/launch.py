@@ -25,8 +25,10 @@ import sys
 from . import TASKS_DIR
 
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-INSTALL = ('pip install "tokensieve[lmms-eval]" && pip install --no-deps lmms-eval==0.7.3 '
-           "(--no-deps keeps your torch build; lmms-eval's own list pulls a CUDA torch)")
+INSTALL = (
+    'pip install "tokensieve[lmms-eval]" && pip install --no-deps lmms-eval==0.7.3 '
+    "(--no-deps keeps your torch build; lmms-eval's own list pulls a CUDA torch)"
+)
 
 
 class _ErrorCounter:
@@ -77,9 +79,24 @@ def main(argv: list[str] | None = None) -> int:
             # accelerate's --cpu flag starts a single process unless MPI is set up; its multi-process launcher
             # (torchrun underneath) with ACCELERATE_USE_CPU gives one gloo process group over CPU processes
             env["ACCELERATE_USE_CPU"] = "true"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(known.num_processes), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "tokensieve.lmms_eval"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(known.num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "tokensieve.lmms_eval",
+        ]
         cmd += [f"--include_path={p}" for p in known.include_path] + rest
         return subprocess.call(cmd, env=env)
     return run(rest, known.include_path)
@@ -114,7 +131,9 @@ def run(args: list[str], include_paths: list[str] = ()) -> int:
         print(f"tokensieve lmms-eval: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if counter.errors:
-        print(f"tokensieve lmms-eval: lmms-eval logged {len(counter.errors)} error(s); the first: "
-              f"{counter.errors[0]}", file=sys.stderr)
+        print(
+            f"tokensieve lmms-eval: lmms-eval logged {len(counter.errors)} error(s); the first: {counter.errors[0]}",
+            file=sys.stderr,
+        )
         return 1
     return 0

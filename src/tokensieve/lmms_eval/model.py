@@ -12,7 +12,7 @@ is loaded through the transformers auto classes, and any failure propagates so t
 
 Cost is written next to accuracy. Per question (``token_counts`` of each logged sample): visual tokens before and
 after pruning (after = layer-averaged for in-LLM methods, the budget's own meaning), the prompt length the LM
-received, generated tokens, and FLOPs to the first token with and without pruning (``tokensieve.flops``, LLaVA-1.5
+received, generated tokens, and FLOPs to the first token with and without pruning (``tokensieve.tools.flops``, LLaVA-1.5
 layout only). Per run: the same as means in ``results["throughput"]`` (keys ``avg_visual_tokens_per_image`` ...),
 summed over all processes of a data-parallel run.
 """
@@ -26,19 +26,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from loguru import logger as eval_logger
-from tqdm import tqdm
-
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
+from loguru import logger as eval_logger
+from tqdm import tqdm
 
-from ..loading import EMBEDDED_MODELS as _EMBEDDED
+from ..models.loading import EMBEDDED_MODELS as _EMBEDDED
 
 EMBEDDED_MODELS = {name: entry.path for name, entry in _EMBEDDED.items() if entry.path is not None}
 """Names ``pretrained=`` accepts besides a directory: the models shipped inside the package (one table for the
-command line and lmms-eval: :data:`tokensieve.loading.EMBEDDED_MODELS`)."""
+command line and lmms-eval: :data:`tokensieve.models.loading.EMBEDDED_MODELS`)."""
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,8 +53,9 @@ def resolve_pretrained(name: str) -> Path | str:
     path = Path(str(name)).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"pretrained={name}: the directory has no config.json (embedded models: "
-                                    f"{sorted(EMBEDDED_MODELS)})")
+            raise FileNotFoundError(
+                f"pretrained={name}: the directory has no config.json (embedded models: {sorted(EMBEDDED_MODELS)})"
+            )
         return path
     return str(name)
 
@@ -84,7 +84,9 @@ def build_sieve(method: str, budget, scope: str, params: dict[str, dict]):
             raise ValueError("method=none runs the unpruned model: drop budget= and METHOD.NAME= arguments")
         return None
     if stray:
-        raise ValueError(f"parameters for {stray} but method={method}; write them METHOD.NAME=VALUE for a method in use")
+        raise ValueError(
+            f"parameters for {stray} but method={method}; write them METHOD.NAME=VALUE for a method in use"
+        )
     if budget is None:
         raise ValueError(f"method={method} needs budget= (an int: tokens per {scope}; a float: keep ratio)")
     if len(names) == 1:
@@ -106,9 +108,14 @@ class SieveCounts(TokenCounts):
     flops_to_first_token_unpruned: int | None = None
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "images": self.images, "visual_tokens_in": self.visual_tokens_in,
-                "visual_tokens": self.visual_tokens, "flops_to_first_token": self.flops_to_first_token,
-                "flops_to_first_token_unpruned": self.flops_to_first_token_unpruned}
+        return {
+            **super().to_dict(),
+            "images": self.images,
+            "visual_tokens_in": self.visual_tokens_in,
+            "visual_tokens": self.visual_tokens,
+            "flops_to_first_token": self.flops_to_first_token,
+            "flops_to_first_token_unpruned": self.flops_to_first_token_unpruned,
+        }
 
 
 _SUMS = ("questions", "images", "visual_tokens_in", "visual_tokens", "flops", "flops_unpruned", "gen_tokens", "seconds")
@@ -119,17 +126,30 @@ class TokensieveChat(lmms):
 
     is_simple = False
 
-    def __init__(self, pretrained: str = "default", method: str = "none", budget=None, scope: str = "image",
-                 batch_size: int | str = 1, max_batch_size: int | None = None, device: str | None = None,
-                 dtype: str | None = None, device_map: str | None = None, attn_implementation: str | None = None,
-                 trust_remote_code: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        pretrained: str = "default",
+        method: str = "none",
+        budget=None,
+        scope: str = "image",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__()
         params: dict[str, dict] = {}
         for key, value in kwargs.items():
             name, dot, param = key.partition(".")
             if not dot or not name or not param:
-                raise TypeError(f"unknown model argument {key}={value!r}; method hyper-parameters are written "
-                                "METHOD.NAME=VALUE (e.g. evocut.start_layer=10)")
+                raise TypeError(
+                    f"unknown model argument {key}={value!r}; method hyper-parameters are written "
+                    "METHOD.NAME=VALUE (e.g. evocut.start_layer=10)"
+                )
             params.setdefault(name, {})[param] = value
         self.sieve = build_sieve(str(method), budget, str(scope), params)  # a typo fails before loading anything
         self.method = "none" if self.sieve is None else self.sieve.name
@@ -137,8 +157,10 @@ class TokensieveChat(lmms):
 
         self.accelerator = accelerator = Accelerator()
         if device_map not in (None, "", "none") and accelerator.num_processes > 1:
-            raise ValueError("device_map= splits one model over devices; it cannot be combined with a data-parallel "
-                             "launch (accelerate launch --num_processes N)")
+            raise ValueError(
+                "device_map= splits one model over devices; it cannot be combined with a data-parallel "
+                "launch (accelerate launch --num_processes N)"
+            )
         self._device = torch.device(device) if device and accelerator.num_processes == 1 else accelerator.device
         if dtype in (None, "", "auto"):
             torch_dtype = torch.float32 if self._device.type == "cpu" else "auto"
@@ -177,9 +199,11 @@ class TokensieveChat(lmms):
         self.pretrained = str(pretrained)
         self._flops_dims = _flops_dims(self._model.config)
         self._stats: dict[str, dict[str, float]] = {}
-        eval_logger.info(f"tokensieve: {path} ({type(self._model).__name__}) on {self._device}, method {self.method}"
-                         f"{'' if self.sieve is None else f' at {budget} per {scope}'}, batch {self.batch_size_per_gpu}"
-                         f", process {self._rank + 1} of {self._world_size}")
+        eval_logger.info(
+            f"tokensieve: {path} ({type(self._model).__name__}) on {self._device}, method {self.method}"
+            f"{'' if self.sieve is None else f' at {budget} per {scope}'}, batch {self.batch_size_per_gpu}"
+            f", process {self._rank + 1} of {self._world_size}"
+        )
 
     # -- what lmms-eval reads -----------------------------------------------------------------------------------
 
@@ -208,8 +232,10 @@ class TokensieveChat(lmms):
         return self._world_size
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("the tokensieve wrapper runs generation tasks (output_type: generate_until); "
-                                  "loglikelihood / multiple_choice tasks are not supported")
+        raise NotImplementedError(
+            "the tokensieve wrapper runs generation tasks (output_type: generate_until); "
+            "loglikelihood / multiple_choice tasks are not supported"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("the tokensieve wrapper runs single-round generation tasks only")
@@ -228,7 +254,7 @@ class TokensieveChat(lmms):
         for indices in groups.values():
             indices.sort(key=lambda i: requests[i].args[3])
             for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+                chunk = indices[start : start + self.batch_size]
                 for i, result in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
                     results[i] = result
                 bar.update(len(chunk))
@@ -242,8 +268,10 @@ class TokensieveChat(lmms):
             chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
             visuals, videos, audios = chat.extract_media()
             if videos or audios:
-                raise NotImplementedError(f"{task}: the tokensieve wrapper takes images; this request has "
-                                          f"{len(videos)} video(s) and {len(audios)} audio clip(s)")
+                raise NotImplementedError(
+                    f"{task}: the tokensieve wrapper takes images; this request has "
+                    f"{len(videos)} video(s) and {len(audios)} audio clip(s)"
+                )
             texts.append(self._prompt(chat.to_hf_messages(), len(visuals)))
             images.append([_rgb(v) for v in visuals])
         gen_kwargs = dict(reqs[0].args[2])
@@ -254,8 +282,7 @@ class TokensieveChat(lmms):
         has_images = any(images)
         if has_images and not all(images):
             raise NotImplementedError("a batch mixing questions with and without images; use batch_size=1")
-        inputs = self.processor(images=images if has_images else None, text=texts, return_tensors="pt",
-                                padding=True)
+        inputs = self.processor(images=images if has_images else None, text=texts, return_tensors="pt", padding=True)
         inputs = inputs.to(self._device)
         for key, value in inputs.items():  # pixel values follow the model's dtype; ids and masks stay integers
             if torch.is_floating_point(value):
@@ -294,7 +321,7 @@ class TokensieveChat(lmms):
     # -- cost accounting ----------------------------------------------------------------------------------------
 
     def _counts(self, inputs, report, new_tokens, n_images: list[int]) -> list[SieveCounts]:
-        from ..flops import count_flops, trace_from_report, vanilla_trace
+        from ..tools.flops import count_flops, trace_from_report, vanilla_trace
 
         config = self._model.config
         visual_ids = [getattr(config, k, None) for k in ("image_token_id", "video_token_id")]
@@ -311,17 +338,33 @@ class TokensieveChat(lmms):
             else:
                 entries = [im for im in report.images if im.sample == i]
                 visual_in = sum(im.tokens_in for im in entries)
-                kept = (report.llm_visual_tokens_avg[i] if report.llm_visual_tokens_avg
-                        else float(sum(im.tokens_out for im in entries)))
+                kept = (
+                    report.llm_visual_tokens_avg[i]
+                    if report.llm_visual_tokens_avg
+                    else float(sum(im.tokens_out for im in entries))
+                )
                 lm_tokens = int(report.llm_layer_tokens[i][0]) if report.llm_layer_tokens else int(mask[i].sum())
             flops = unpruned = None
             if self._flops_dims is not None:
-                unpruned = count_flops(self._flops_dims, vanilla_trace(config, ids[i:i + 1], mask[i:i + 1])).to_first_token
-                flops = unpruned if report is None else count_flops(
-                    self._flops_dims, trace_from_report(report, sample=i)).to_first_token
-            counts.append(SieveCounts(input_tokens=lm_tokens, output_tokens=len(generated), images=n_images[i],
-                                      visual_tokens_in=visual_in, visual_tokens=float(kept),
-                                      flops_to_first_token=flops, flops_to_first_token_unpruned=unpruned))
+                unpruned = count_flops(
+                    self._flops_dims, vanilla_trace(config, ids[i : i + 1], mask[i : i + 1])
+                ).to_first_token
+                flops = (
+                    unpruned
+                    if report is None
+                    else count_flops(self._flops_dims, trace_from_report(report, sample=i)).to_first_token
+                )
+            counts.append(
+                SieveCounts(
+                    input_tokens=lm_tokens,
+                    output_tokens=len(generated),
+                    images=n_images[i],
+                    visual_tokens_in=visual_in,
+                    visual_tokens=float(kept),
+                    flops_to_first_token=flops,
+                    flops_to_first_token_unpruned=unpruned,
+                )
+            )
         return counts
 
     def _record(self, task: str, count: SieveCounts, seconds: float) -> None:
@@ -352,9 +395,12 @@ class TokensieveChat(lmms):
             metrics = run_metrics(stats, self.method)
             if metrics is not None:
                 total = metrics.pop("_totals")
-                log_metrics(total_elapsed_time=total["seconds"], total_gen_tokens=int(total["gen_tokens"]),
-                            avg_speed=total["gen_tokens"] / total["seconds"] if total["seconds"] else 0.0,
-                            additional_metrics=metrics)
+                log_metrics(
+                    total_elapsed_time=total["seconds"],
+                    total_gen_tokens=int(total["gen_tokens"]),
+                    avg_speed=total["gen_tokens"] / total["seconds"] if total["seconds"] else 0.0,
+                    additional_metrics=metrics,
+                )
         self._stats = {}
         super().clean()
 
@@ -372,9 +418,11 @@ def run_metrics(per_process: list[dict[str, dict[str, float]]], method: str) -> 
     total = {k: sum(t[k] for t in tasks.values()) for k in _SUMS}
 
     def means(s: dict[str, float], prefix: str = "") -> dict[str, float]:
-        out = {f"{prefix}visual_tokens_per_image": s["visual_tokens"] / s["images"] if s["images"] else 0.0,
-               f"{prefix}visual_tokens_in_per_image": s["visual_tokens_in"] / s["images"] if s["images"] else 0.0,
-               f"{prefix}seconds_per_question": s["seconds"] / s["questions"]}
+        out = {
+            f"{prefix}visual_tokens_per_image": s["visual_tokens"] / s["images"] if s["images"] else 0.0,
+            f"{prefix}visual_tokens_in_per_image": s["visual_tokens_in"] / s["images"] if s["images"] else 0.0,
+            f"{prefix}seconds_per_question": s["seconds"] / s["questions"],
+        }
         if s["flops_unpruned"]:
             out[f"{prefix}flops_to_first_token_per_question"] = s["flops"] / s["questions"]
             out[f"{prefix}flops_to_first_token_ratio"] = s["flops"] / s["flops_unpruned"]
@@ -385,9 +433,11 @@ def run_metrics(per_process: list[dict[str, dict[str, float]]], method: str) -> 
         for task, sums in sorted(tasks.items()):
             metrics.update(means(sums, f"{task}/"))
     metrics["_totals"] = total
-    eval_logger.info(f"tokensieve {method}: {int(total['questions'])} questions, "
-                     f"{metrics['visual_tokens_per_image']:.1f} of {metrics['visual_tokens_in_per_image']:.1f} "
-                     "visual tokens per image")
+    eval_logger.info(
+        f"tokensieve {method}: {int(total['questions'])} questions, "
+        f"{metrics['visual_tokens_per_image']:.1f} of {metrics['visual_tokens_in_per_image']:.1f} "
+        "visual tokens per image"
+    )
     return metrics
 
 
@@ -420,9 +470,9 @@ def _generate_kwargs(gen_kwargs: dict) -> dict:
 
 
 def _flops_dims(config):
-    """The config's FLOPs dimensions, or ``None`` (with a note) for a family ``tokensieve.flops`` cannot price."""
+    """The config's FLOPs dimensions, or ``None`` (with a note) for a family ``tokensieve.tools.flops`` cannot price."""
     from ..errors import UnsupportedModelError
-    from ..flops import dims_from_config
+    from ..tools.flops import dims_from_config
 
     try:
         dims = dims_from_config(config)

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from ..errors import UnknownMethodError
-from .base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, LLMMethod, LLMSignals, Method, Request, Selection, Signals
+from .base import (
+    IN_LLM,
+    POST_PROJECTOR,
+    PRE_PROJECTOR,
+    Layout,
+    LLMMethod,
+    LLMSignals,
+    Method,
+    Request,
+    Selection,
+    Signals,
+)
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -30,11 +41,36 @@ def method_names() -> list[str]:
 
 
 # Import for registration side effects; order is the order of `list_methods()`.
-from . import evocut, divprune, visionzip, fastervlm, vispruner, pool, random, todre  # noqa: E402,F401
-from . import evoprune, flowcut, hiprune, vtc_cls  # noqa: E402,F401
-from . import fastv, pdrop, dart  # noqa: E402,F401
+from . import (  # noqa: E402,F401  # noqa: E402,F401  # noqa: E402,F401
+    dart,
+    divprune,
+    evocut,
+    evoprune,
+    fastervlm,
+    fastv,
+    flowcut,
+    hiprune,
+    pdrop,
+    pool,
+    random,
+    todre,
+    visionzip,
+    vispruner,
+    vtc_cls,
+)
 
 __all__ = [
-    "Layout", "Method", "LLMMethod", "LLMSignals", "IN_LLM", "Request", "Selection", "Signals", "PRE_PROJECTOR", "POST_PROJECTOR",
-    "register", "get_method", "method_names",
+    "Layout",
+    "Method",
+    "LLMMethod",
+    "LLMSignals",
+    "IN_LLM",
+    "Request",
+    "Selection",
+    "Signals",
+    "PRE_PROJECTOR",
+    "POST_PROJECTOR",
+    "register",
+    "get_method",
+    "method_names",
 ]

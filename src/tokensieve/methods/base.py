@@ -89,7 +89,7 @@ class Signals:
     def num_tokens(self) -> int:
         return self.features.shape[1]
 
-    def row(self, i: int) -> "Signals":
+    def row(self, i: int) -> Signals:
         """Candidate set ``i`` alone, as a batch of one (views, no copies)."""
         one = slice(i, i + 1)
         return Signals(
@@ -136,12 +136,18 @@ class Selection:
     def num_out(self) -> int:
         return self.tokens.shape[1] if self.tokens is not None else self.indices.shape[1]
 
-    def row(self, i: int) -> "Selection":
+    def row(self, i: int) -> Selection:
         """The selection of candidate set ``i`` alone, as a batch of one."""
         one = slice(i, i + 1)
         pick = lambda t: None if t is None else t[one]  # noqa: E731
-        return Selection(indices=self.indices[one], tokens=pick(self.tokens), num_merged=self.num_merged,
-                         scores=pick(self.scores), groups=pick(self.groups), anchors=pick(self.anchors))
+        return Selection(
+            indices=self.indices[one],
+            tokens=pick(self.tokens),
+            num_merged=self.num_merged,
+            scores=pick(self.scores),
+            groups=pick(self.groups),
+            anchors=pick(self.anchors),
+        )
 
 
 class Method:
@@ -176,7 +182,7 @@ class Method:
     def select(self, signals: Signals, k: int) -> Selection:
         raise NotImplementedError
 
-    def llm_companion(self) -> "LLMMethod | None":
+    def llm_companion(self) -> LLMMethod | None:
         """The in-LLM part of a two-stage method (ToDRE), run after this one in the same call; ``None`` for most."""
         return None
 
@@ -307,6 +313,8 @@ def check_plan_layers(layers, num_layers: int, feature_layer: int, what: str) ->
             f"hidden_states[{feature_layer}], the output of layer {feature_layer - 1})"
         )
     return layers
+
+
 # -- in-LLM methods ----------------------------------------------------------------------------------------------
 
 QUERY_LAST = "last"
@@ -389,8 +397,10 @@ class LLMMethod(Method):
         must exist at any budget; when it does not, a layer parameter does not fit this LM."""
         for layer, _ in self.schedule(1, num_layers, 1 if self.budgeted else None):
             if not 1 <= layer < num_layers:
-                raise ValueError(f"{self.name} plans a boundary at decoder layer {layer}; it must lie in "
-                                 f"1..{num_layers - 1} for a {num_layers}-layer LM")
+                raise ValueError(
+                    f"{self.name} plans a boundary at decoder layer {layer}; it must lie in "
+                    f"1..{num_layers - 1} for a {num_layers}-layer LM"
+                )
 
 
 def averaged_tokens(n: int, num_layers: int, plan: list[tuple[int, int]]) -> float:

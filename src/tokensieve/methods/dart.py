@@ -77,13 +77,16 @@ class DART(LLMMethod):
         n_all = signals.hidden.shape[0]
         positions = signals.positions if signals.positions is not None else torch.arange(n_all)
         text_keys = signals.text_keys if signals.text_keys is not None else torch.empty(0, 1)
-        text_hidden = signals.text_hidden if signals.text_hidden is not None else torch.empty(0, signals.hidden.shape[-1])
+        text_hidden = (
+            signals.text_hidden if signals.text_hidden is not None else torch.empty(0, signals.hidden.shape[-1])
+        )
         text_pos = signals.text_positions
         if text_pos is None:
             text_pos = torch.arange(n_all, n_all + text_keys.shape[0])
         out = []
-        parts = zip(signals.split(signals.keys, 0), signals.split(signals.hidden.float(), 0),
-                    signals.split(positions, 0), ks)
+        parts = zip(
+            signals.split(signals.keys, 0), signals.split(signals.hidden.float(), 0), signals.split(positions, 0), ks
+        )
         for key, hid, pos, k in parts:
             n = hid.shape[0]
             p = min(self.pivots_image, k)

@@ -20,6 +20,7 @@ Choices:
 Deliberate difference from the official code: the budget is k tokens; the official code takes a ratio
 (``SUBSET_RATIO``) and keeps ``round(ratio * N)``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -101,7 +101,9 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None
 @register
 class EvoCut(Method):
     name = "evocut"
-    description = "Keep patches whose hidden-state movement deviates from the shared group directions (EMA over layers)."
+    description = (
+        "Keep patches whose hidden-state movement deviates from the shared group directions (EMA over layers)."
+    )
     stage = PRE_PROJECTOR
     signals = ("hidden states (start_layer-1 .. end_layer)",)
     param_help = {

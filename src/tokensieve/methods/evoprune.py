@@ -67,8 +67,16 @@ class EvoPrune(EncoderMethod):
         "skip_unused_layers": "stop the encoder after the layer the LM reads (no output changes; saves compute)",
     }
 
-    def __init__(self, start_layer: int | None = None, end_layer: int | None = None, step: int = 2,
-                 w_att: float = 0.5, w_div: float = 0.5, merge: bool = True, skip_unused_layers: bool = True):
+    def __init__(
+        self,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
+        step: int = 2,
+        w_att: float = 0.5,
+        w_div: float = 0.5,
+        merge: bool = True,
+        skip_unused_layers: bool = True,
+    ):
         for name, v in (("start_layer", start_layer), ("end_layer", end_layer)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be a non-negative int or None, got {v!r}")
@@ -88,8 +96,9 @@ class EvoPrune(EncoderMethod):
         last = feature_layer - 1  # the layer producing the features: the last one whose output may be cut
         end = last if self.end_layer is None else self.end_layer
         if not 0 <= end <= last:
-            raise ValueError(f"evoprune end_layer={end} must be in [0, {last}] (no cut after the layer producing the "
-                             "features)")
+            raise ValueError(
+                f"evoprune end_layer={end} must be in [0, {last}] (no cut after the layer producing the features)"
+            )
         if self.start_layer is not None and self.start_layer > end:
             raise ValueError(f"evoprune start_layer={self.start_layer} must be in [0, {end}] (end_layer={end})")
         start = min(num_layers // 4, end) if self.start_layer is None else self.start_layer
@@ -116,8 +125,9 @@ class EvoPrune(EncoderMethod):
         # each patch's most similar kept patch, as a slot 0..count-1 of ``kept``
         to_kept = torch.gather(sim, 2, kept.unsqueeze(1).expand(-1, n, -1))  # [B, N, count]
         slot = to_kept.argmax(dim=-1)
-        slot = torch.where(dropped_mask, slot, torch.searchsorted(kept, torch.arange(n, device=kept.device)
-                                                                  .expand(b, -1).contiguous()))
+        slot = torch.where(
+            dropped_mask, slot, torch.searchsorted(kept, torch.arange(n, device=kept.device).expand(b, -1).contiguous())
+        )
         sizes = state.sizes[:, 1:].float()
         x = state.hidden[:, 1:].float() * sizes.unsqueeze(-1)
         mass = torch.zeros(b, count, device=x.device).scatter_add_(1, slot, sizes)

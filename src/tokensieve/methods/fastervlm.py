@@ -11,6 +11,7 @@ Deliberate differences from the official code: exact ties go to the lower index;
 forces the ``spatial`` merge (no unpadding) and takes k per crop, while here the model's own merge is kept and the
 budget's scope sets the per-crop counts (the family adapter's rules, the same for every method).
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,9 +15,8 @@ below ``K*n/L`` cannot be reached without moving K and is refused.
 Deliberate differences from the official code: the count comes from that budget instead of the official
 ``round(n * (1 - R))``; several images in one prompt each keep their own k; exact ties go to the lower index.
 """
-from __future__ import annotations
 
-import torch
+from __future__ import annotations
 
 from ..errors import BudgetError
 from . import register
@@ -27,18 +26,24 @@ from .base import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
 def single_boundary(n: int, num_layers: int, target: int, layer: int, name: str) -> list[tuple[int, int]]:
     """Keep count from ``layer`` on that makes the layer average ``target`` (shared by one-boundary methods)."""
     if not 0 < layer < num_layers:
-        raise BudgetError(f"{name} layer={layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM (the "
-                          "first decoder layer run without the pruned tokens)")
+        raise BudgetError(
+            f"{name} layer={layer} must lie in 1..{num_layers - 1} for a {num_layers}-layer LM (the "
+            "first decoder layer run without the pruned tokens)"
+        )
     k = round((target * num_layers - layer * n) / (num_layers - layer))
     if k < 1:
         floor = -(-(layer * n + num_layers - layer) // num_layers)
         earlier = [e for e in range(layer - 1, 0, -1) if round((target * num_layers - e * n) / (num_layers - e)) >= 1]
         if earlier:
-            fix = (f"prune after an earlier layer: layer={earlier[0]} reaches it (Sieve({name!r}, {target}, "
-                   f"layer={earlier[0]}); on the command line --param {name}.layer={earlier[0]})")
+            fix = (
+                f"prune after an earlier layer: layer={earlier[0]} reaches it (Sieve({name!r}, {target}, "
+                f"layer={earlier[0]}); on the command line --param {name}.layer={earlier[0]})"
+            )
         else:
-            fix = (f"no layer reaches it; raise the budget to at least {-(-(n + num_layers - 1) // num_layers)}, or "
-                   f"select before the LM (--method evocut+{name} --budget {min(n, 2 * target)}+{target})")
+            fix = (
+                f"no layer reaches it; raise the budget to at least {-(-(n + num_layers - 1) // num_layers)}, or "
+                f"select before the LM (--method evocut+{name} --budget {min(n, 2 * target)}+{target})"
+            )
         raise BudgetError(
             f"{name} prunes after layer {layer}, so {n} visual tokens run through {layer} of {num_layers} layers: "
             f"a layer-averaged budget of {target} is out of reach (at least {floor}); {fix}"
@@ -59,7 +64,9 @@ class FastV(LLMMethod):
 
     def __init__(self, layer: int = 2) -> None:
         if not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"fastv layer must be an int >= 1 (the first layer run without pruned tokens), got {layer!r}")
+            raise ValueError(
+                f"fastv layer must be an int >= 1 (the first layer run without pruned tokens), got {layer!r}"
+            )
         self.layer = layer
 
     def schedule(self, n, num_layers, target):

@@ -52,7 +52,9 @@ class HiPrune(Method):
     signals = ("attention received (object layer)", "attention received (output layer)")
     param_help = {
         "object_layer": "encoder layer (0-based) whose received attention picks anchors; None: 9/24 of the depth",
-        "output_layer": "encoder layer whose received attention picks registers; None: the layer producing the features",
+        "output_layer": (
+            "encoder layer whose received attention picks registers; None: the layer producing the features"
+        ),
         "alpha": "anchor share: max(1, round(k * alpha / 5)) anchors, in [0, 5]",
     }
 
@@ -99,7 +101,9 @@ class HiPrune(Method):
                 rest = topk_sorted(out_att[b].masked_fill(chosen[b], float("-inf")), extra)
                 kept.append(torch.cat([chosen[b].nonzero().flatten(), rest]).sort().values)
             else:  # anchors and buffers overflow k (not reachable in the official code): anchors, then buffers
-                buffers = topk_sorted(obj_att[b].masked_fill(~chosen[b], float("-inf")).scatter(
-                    0, anchors[b], float("-inf")), k - n_anchor)
+                buffers = topk_sorted(
+                    obj_att[b].masked_fill(~chosen[b], float("-inf")).scatter(0, anchors[b], float("-inf")),
+                    k - n_anchor,
+                )
                 kept.append(torch.cat([anchors[b], buffers]).sort().values)
         return Selection(indices=torch.stack(kept), scores=out_att)

@@ -26,6 +26,7 @@ Deliberate differences from the official code, and why:
 * The official code takes its boundaries and ratios as lists; here they come from depth fractions and a budget
   (above), or ``ratio``. Exact ties go to the lower index.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,14 +47,19 @@ class PyramidDrop(LLMMethod):
     signals = ("last-instruction-token attention (boundary layer q/k)",)
     param_help = {
         "layers": "boundaries as increasing depth fractions of the LM, e.g. (0.25, 0.5, 0.75)",
-        "ratio": "lambda, the keep ratio per boundary (cumulative); None: solved so the layer average meets the budget",
-        "early_first_layer": "first boundary of the fallback schedule used when the budget is below what `layers` reach",
+        "ratio": (
+            "lambda, the keep ratio per boundary (cumulative); None: solved so the layer average meets the budget"
+        ),
+        "early_first_layer": (
+            "first boundary of the fallback schedule used when the budget is below what `layers` reach"
+        ),
     }
     query = QUERY_LAST
     attention_from = "current"
 
-    def __init__(self, layers: tuple[float, ...] = (0.25, 0.5, 0.75), ratio: float | None = None,
-                 early_first_layer: int = 2) -> None:
+    def __init__(
+        self, layers: tuple[float, ...] = (0.25, 0.5, 0.75), ratio: float | None = None, early_first_layer: int = 2
+    ) -> None:
         layers = tuple(layers)
         if not layers or any(not 0.0 < f < 1.0 for f in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"pdrop layers must be increasing depth fractions in (0, 1), got {layers!r}")
@@ -71,7 +77,8 @@ class PyramidDrop(LLMMethod):
             out = [round(f * num_layers) for f in self.layers]
         if out[0] < 1 or out[-1] >= num_layers or len(set(out)) != len(out):
             raise BudgetError(
-                f"pdrop boundaries at layers {out} do not fit a {num_layers}-layer LM: each of the {len(out)} boundaries "
+                f"pdrop boundaries at layers {out} do not fit a {num_layers}-layer LM: each of the {len(out)} "
+                "boundaries "
                 f"needs its own layer in 1..{num_layers - 1}; give fewer depth fractions (layers=...; on the command "
                 "line e.g. --param pdrop.layers=(0.5,)) or a deeper LM"
             )
@@ -86,8 +93,10 @@ class PyramidDrop(LLMMethod):
             try:
                 layers = self.boundaries(num_layers, early)
             except BudgetError:
-                misfit = (f"; its fallback schedule from early_first_layer={self.early_first_layer} does not fit "
-                          f"{num_layers} layers")
+                misfit = (
+                    f"; its fallback schedule from early_first_layer={self.early_first_layer} does not fit "
+                    f"{num_layers} layers"
+                )
                 break
             lowest = averaged_tokens(n, num_layers, _plan(n, layers, 1e-9))
             if floor is None or lowest < floor[0]:
@@ -103,8 +112,12 @@ class PyramidDrop(LLMMethod):
                     lo = mid
             return _plan(n, layers, lo)
         least = math.ceil(floor[0])
-        earlier = (" move the first boundary earlier (early_first_layer=1; on the command line --param "
-                   "pdrop.early_first_layer=1)," if floor[1][0] > 1 else "")
+        earlier = (
+            " move the first boundary earlier (early_first_layer=1; on the command line --param "
+            "pdrop.early_first_layer=1),"
+            if floor[1][0] > 1
+            else ""
+        )
         raise BudgetError(
             f"pdrop cannot average {target} visual tokens per layer on this {num_layers}-layer LM: with boundaries at "
             f"layers {floor[1]} it keeps at least {least} of {n}{misfit}; raise the budget to at least {least},"

@@ -77,7 +77,9 @@ class Pool(Method):
         if prefix + h * w != n:
             raise ValueError(f"layout {layout} describes {prefix + h * w} candidates, features have {n}")
         if k <= prefix:
-            raise BudgetError(f"pool keeps the {prefix} prefix token(s) as they are, so k must exceed {prefix}, got {k}")
+            raise BudgetError(
+                f"pool keeps the {prefix} prefix token(s) as they are, so k must exceed {prefix}, got {k}"
+            )
         grid_k = k - prefix
         features = signals.features
         device = features.device

@@ -75,8 +75,13 @@ class ToDRE(Method):
         "check_layers": "in-LLM stage: depth fractions of the LM where the share is checked",
     }
 
-    def __init__(self, objective: str = "max_sum", relevance: bool = True, tau: float = 0.10,
-                 check_layers: tuple[float, ...] = (7 / 8,)) -> None:
+    def __init__(
+        self,
+        objective: str = "max_sum",
+        relevance: bool = True,
+        tau: float = 0.10,
+        check_layers: tuple[float, ...] = (7 / 8,),
+    ) -> None:
         if objective not in ("max_sum", "max_min"):
             raise ValueError(f"todre objective must be 'max_sum' (v2) or 'max_min' (v1), got {objective!r}")
         self.objective = objective

@@ -112,7 +112,9 @@ class VisionZip(Method):
         parts.append(gather_tokens(features, dominant))
 
         groups = torch.full((b, n), -1, dtype=torch.long, device=device)
-        groups.scatter_(1, dominant, (extra + torch.arange(dominant.shape[1], device=device)).expand(b, -1).contiguous())
+        groups.scatter_(
+            1, dominant, (extra + torch.arange(dominant.shape[1], device=device)).expand(b, -1).contiguous()
+        )
         targets = dominant[:, :0]
         if contextual > 0:
             merged, assigned, targets = self._contextual(signals, layer, dominant, contextual)

@@ -68,7 +68,7 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, wanted: int) -
         bb = torch.gather(unit, 1, b_idx.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
         similarity = torch.bmm(a, bb.transpose(1, 2)).amax(dim=-1)  # [B, |A|]
         order = torch.argsort(similarity, dim=-1, descending=True, stable=True)
-        survivors = order[:, min(step, a_idx.shape[1]):]  # the most similar A tokens go
+        survivors = order[:, min(step, a_idx.shape[1]) :]  # the most similar A tokens go
         residual = torch.cat([torch.gather(a_idx, 1, survivors), b_idx], dim=1)
     return residual
 
@@ -83,13 +83,15 @@ class VisPruner(FasterVLM):
     signals = ("CLS attention (feature layer)", "vision features")
     param_help = {
         "important_ratio": "share of the budget taken by [CLS] attention (the official important_ratio); the rest "
-                           "goes to diverse tokens",
+        "goes to diverse tokens",
         "layer": "encoder layer (0-based) whose CLS attention ranks patches; None: the layer producing the features",
     }
 
     def __init__(self, important_ratio: float = 0.5, layer: int | None = None):
-        if isinstance(important_ratio, bool) or not isinstance(important_ratio, (int, float)) or not (
-            0.0 <= float(important_ratio) <= 1.0
+        if (
+            isinstance(important_ratio, bool)
+            or not isinstance(important_ratio, (int, float))
+            or not (0.0 <= float(important_ratio) <= 1.0)
         ):
             raise ValueError(f"important_ratio must be a number in [0, 1], got {important_ratio!r}")
         super().__init__(layer)

@@ -10,8 +10,10 @@ produces LLaVA's ``hidden_states[-2]``; ``end_layer`` defaults to that layer, ``
 feature layer. Each row is computed from that layer's q/k only (the CLS query row), so the encoder stays on SDPA.
 
 Deliberate difference: ``start_layer`` is a required command-line argument of the official scripts (the paper
-sweeps it); here it defaults to ``L // 2`` (or the end layer, when the features come from an earlier layer). Exact ties go to the lower index.
+sweeps it); here it defaults to ``L // 2`` (or the end layer, when the features come from an earlier layer).
+Exact ties go to the lower index.
 """
+
 from __future__ import annotations
 
 from ..errors import BudgetError, MissingSignalError

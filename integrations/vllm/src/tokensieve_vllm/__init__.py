@@ -9,10 +9,12 @@ from __future__ import annotations
 
 ARCHITECTURES = {
     "TokenSieveLlavaForConditionalGeneration": "tokensieve_vllm.llava:TokenSieveLlavaForConditionalGeneration",
-    "TokenSieveLlavaNextForConditionalGeneration":
-        "tokensieve_vllm.llava_next:TokenSieveLlavaNextForConditionalGeneration",
-    "TokenSieveQwen2_5_VLForConditionalGeneration":
-        "tokensieve_vllm.qwen_vl:TokenSieveQwen2_5_VLForConditionalGeneration",
+    "TokenSieveLlavaNextForConditionalGeneration": (
+        "tokensieve_vllm.llava_next:TokenSieveLlavaNextForConditionalGeneration"
+    ),
+    "TokenSieveQwen2_5_VLForConditionalGeneration": (
+        "tokensieve_vllm.qwen_vl:TokenSieveQwen2_5_VLForConditionalGeneration"
+    ),
 }
 """Architecture name -> ``module:class``. LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL; other families are not registered,
 so vLLM refuses them at start-up with its list of supported architectures."""

@@ -38,9 +38,12 @@ def check_model_type(arch: str, config) -> None:
     other = SERVED_BY.get(model_type)
     raise ValueError(
         f"{arch} serves model_type {served[0]!r}; this model is {model_type or type(config).__name__!r}, "
-        + (f"served by {other} (put that name in hf_overrides)" if other else
-           "which tokensieve-vllm does not support yet. Serve it under its stock architecture (drop the "
-           "hf_overrides architecture)")
+        + (
+            f"served by {other} (put that name in hf_overrides)"
+            if other
+            else "which tokensieve-vllm does not support yet. Serve it under its stock architecture (drop the "
+            "hf_overrides architecture)"
+        )
     )
 
 
@@ -135,12 +138,21 @@ def check_engine(vllm_config: VllmConfig, family: Family) -> None:
 
 def record(path: str | None, spec: SieveSpec | None, kept: list[list[int]], encoder) -> None:
     """One trace line per image: method, k, kept indices (raster, CLS excluded) and the tokens entering each encoder
-    layer (what tokensieve.flops prices); ``encoder`` is one list for all images or one each."""
+    layer (what tokensieve.tools.flops prices); ``encoder`` is one list for all images or one each."""
     if not path:
         return
     per_image = encoder if encoder and isinstance(encoder[0], list) else [encoder] * len(kept)
     with open(path, "a", encoding="utf-8") as f:
         for row, layers in zip(kept, per_image):
-            f.write(json.dumps({"method": spec.method if spec else None, "k": spec.k if spec else len(row),
-                                "params": spec.params if spec else {}, "kept": row,
-                                "encoder_layer_tokens": layers}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "method": spec.method if spec else None,
+                        "k": spec.k if spec else len(row),
+                        "params": spec.params if spec else {},
+                        "kept": row,
+                        "encoder_layer_tokens": layers,
+                    }
+                )
+                + "\n"
+            )

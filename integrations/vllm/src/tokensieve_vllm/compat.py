@@ -18,9 +18,13 @@ import types
 
 _STAND_INS = {  # torchvision module -> (its PIL twin, the helpers vLLM imports from it)
     "transformers.models.pixtral.image_processing_pixtral": (
-        "transformers.models.pixtral.image_processing_pil_pixtral", ("_num_image_tokens",)),
+        "transformers.models.pixtral.image_processing_pil_pixtral",
+        ("_num_image_tokens",),
+    ),
     "transformers.models.qwen2_vl.image_processing_qwen2_vl": (
-        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl", ("smart_resize",)),
+        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
+        ("smart_resize",),
+    ),
 }
 
 

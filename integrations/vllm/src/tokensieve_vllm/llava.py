@@ -7,7 +7,7 @@ Two halves, in two processes:
   the shorter prompt as its own. The resolved setting rides along with the image as the ``tokensieve`` field (and so
   is part of the processor cache entry, whose key already holds the request's ``mm_processor_kwargs``).
 * Engine (the model): runs vLLM's CLIP tower layer by layer with tokensieve's capture hooks, hands the method the
-  same signals the transformers adapter would (``tokensieve.capture.grid_signals``), and returns exactly ``k``
+  same signals the transformers adapter would (``tokensieve.engine.capture.grid_signals``), and returns exactly ``k``
   embeddings per image. In-encoder methods run through tokensieve's encoder stage on vLLM's layers.
 
 Memory is still sized for the full grid (``get_mm_max_tokens_per_item``), so any per-request budget fits.
@@ -15,6 +15,7 @@ vLLM builds the tower only up to the feature layer; this class builds the remain
 CLIP), because EvoCut reads the last one; every call runs only as deep as its method reads.
 """
 
+# ruff: noqa: E402 (vLLM modules are imported after allow_without_torchvision() has run)
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from .compat import allow_without_torchvision
 
 allow_without_torchvision()  # before vLLM's llava module is imported (it is also done in register())
 
-from vllm.config import VllmConfig  # noqa: E402
+from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.clip import CLIPEncoderLayer, CLIPVisionTransformer
 from vllm.model_executor.models.llava import (
@@ -43,13 +44,22 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from tokensieve.capture import AttentionParts, capture_encoder, check_finite, grid_signals
-from tokensieve.encoder_stage import run_encoder_stage
+from tokensieve.engine.capture import AttentionParts, capture_encoder, check_finite, grid_signals
+from tokensieve.engine.encoder_stage import run_encoder_stage
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
 
 from .common import (
-    FIELD, TRACE_ENV, WithoutTokensieve, check_engine, check_model_type, decode_spec, encode_specs, item_spec,
-    record, request_settings, resolve_or_400,
+    FIELD,
+    TRACE_ENV,
+    WithoutTokensieve,
+    check_engine,
+    check_model_type,
+    decode_spec,
+    encode_specs,
+    item_spec,
+    record,
+    request_settings,
+    resolve_or_400,
 )
 from .settings import Family, SieveSpec, split_kwargs
 
@@ -71,8 +81,15 @@ def llava_family(config) -> Family:
     layers = tuple(i % (n + 1) for i in ([spec] if isinstance(spec, int) else spec))
     prefix = 0 if strategy == "default" else 1
     side = vc.image_size // vc.patch_size
-    return Family("LLaVA-1.5", n, layers, side * side + prefix, prefix, scopes=("image", "crop"),
-                  stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER))
+    return Family(
+        "LLaVA-1.5",
+        n,
+        layers,
+        side * side + prefix,
+        prefix,
+        scopes=("image", "crop"),
+        stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER),
+    )
 
 
 class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
@@ -93,8 +110,10 @@ class KPlaceholders:
     gets its setting's ``k`` placeholders (the stock count without one)."""
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
 
     def _get_prompt_updates(
         self,
@@ -125,6 +144,7 @@ class TokenSieveLlavaMultiModalProcessor(KPlaceholders, LlavaMultiModalProcessor
         if pixels is not None:
             out[FIELD] = encode_specs([spec] * len(pixels))
         return out
+
 
 CLIP_NAMES = WeightsMapper(
     orig_to_new_regex={re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)"): r"\1vision_model."}
@@ -169,10 +189,14 @@ class ClipTower:
         vc = self.config.vision_config
         layers = vm.encoder.layers
         for i in range(len(layers), vc.num_hidden_layers):
-            layers.append(CLIPEncoderLayer(
-                vc, vllm_config.quant_config, attn_cls=MMEncoderAttention,
-                prefix=maybe_prefix(prefix, f"vision_tower.vision_model.encoder.layers.{i}"),
-            ))
+            layers.append(
+                CLIPEncoderLayer(
+                    vc,
+                    vllm_config.quant_config,
+                    attn_cls=MMEncoderAttention,
+                    prefix=maybe_prefix(prefix, f"vision_tower.vision_model.encoder.layers.{i}"),
+                )
+            )
 
     def _run_tower(self, pixel_values: torch.Tensor, depth: int) -> torch.Tensor:
         """vLLM's CLIP forward, stopped after ``depth`` layers (capture hooks read the states on the way)."""
@@ -185,8 +209,9 @@ class ClipTower:
     @staticmethod
     def _attention_parts(layer) -> AttentionParts:
         attn = layer.self_attn
-        return AttentionParts(None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale),
-                              qkv_proj=attn.qkv_proj)
+        return AttentionParts(
+            None, None, attn.num_heads_per_partition, attn.head_dim, float(attn.scale), qkv_proj=attn.qkv_proj
+        )
 
     def _full_trace(self, depth: int) -> list[int]:
         """Sequence length entering each CLIP layer when the first ``depth`` run uncut (0: not run)."""
@@ -221,7 +246,7 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
         for i, spec in enumerate(specs):  # images with the same setting run as one batch
             groups.setdefault(spec.to_json() if spec else None, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(specs)
-        for key, idx in groups.items():
+        for idx in groups.values():
             embeds = self._sieve(pixel_values[idx], specs[idx[0]])
             for j, i in enumerate(idx):
                 out[i] = embeds[j]
@@ -243,9 +268,17 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         if method.stage == IN_ENCODER:
             res = run_encoder_stage(
-                layers, self._attention_parts, method, method.plan(fam.num_layers, min(fls)), Layout((side, side), 1),
-                spec.k - fam.num_prefix, feature_layer=min(fls), record=fls,
-                run=lambda pv: self._run_tower(pv, max(fls)), pixel_values=pixel_values, stop_after=max(fls),
+                layers,
+                self._attention_parts,
+                method,
+                method.plan(fam.num_layers, min(fls)),
+                Layout((side, side), 1),
+                spec.k - fam.num_prefix,
+                feature_layer=min(fls),
+                record=fls,
+                run=lambda pv: self._run_tower(pv, max(fls)),
+                pixel_values=pixel_values,
+                stop_after=max(fls),
             )
             selected = res.features(fls, rows)
             check_finite(selected)
@@ -254,16 +287,31 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
             encoder = res.traces
         else:
             request = method.request(fam.num_layers, fam.feature_layer)
-            depth = max([*fls, *request.hidden_states, *(i + 1 for i in request.cls_attention),
-                         *(i + 1 for i in request.keys), *(i + 1 for i in request.attention_received)])
+            depth = max(
+                [
+                    *fls,
+                    *request.hidden_states,
+                    *(i + 1 for i in request.cls_attention),
+                    *(i + 1 for i in request.keys),
+                    *(i + 1 for i in request.attention_received),
+                ]
+            )
             with capture_encoder(layers, request, self._attention_parts, fls) as cap:
                 self._run_tower(pixel_values, depth)
                 features = torch.cat([cap.hidden_states[f][:, rows] for f in fls], dim=-1)
                 if method.stage == POST_PROJECTOR:
                     features = self.multi_modal_projector(features)
                 check_finite(features)
-                signals = grid_signals(cap, request, features, Layout((side, side), fam.num_prefix), fam.num_layers,
-                                       fam.feature_layer, fls, rows)
+                signals = grid_signals(
+                    cap,
+                    request,
+                    features,
+                    Layout((side, side), fam.num_prefix),
+                    fam.num_layers,
+                    fam.feature_layer,
+                    fls,
+                    rows,
+                )
                 sel = method.select(signals, spec.k)
             embeds = sel.output(features).to(features.dtype)
             if method.stage == PRE_PROJECTOR:

@@ -5,13 +5,13 @@ The same halves as :mod:`.llava`. What is NeXT's own:
 * **The count before the encoder.** vLLM gives each image its placeholders in the front end, before anything is
   encoded. Under tokensieve's default newline policy ("rows": a grid row's ``image_newline`` stays when the row
   keeps a token) that count depends on which tokens win, so this architecture runs the two policies whose count is
-  fixed by the image size and the budget alone (:mod:`tokensieve.anyres`): ``"all"`` (default here; every
+  fixed by the image size and the budget alone (:mod:`tokensieve.engine.anyres`): ``"all"`` (default here; every
   newline stays, so keep-all is the stock model, and FasterVLM's official NeXT code keeps them) and ``"none"``
   (FlowCut's official multi-crop code inserts none). They equal ``Sieve(..., newlines="all" | "none")`` in
   transformers; "rows" is refused with this reason.
 * **The layout is read off vLLM's own packing**: vLLM's ``_merge_image_patch_embeddings`` (unpadding, newlines) is
   run on crop-patch ids, in the front end for the count and in the engine for the selection, as the core adapter
-  runs transformers' ``pack_image_features``; crops, shares and packing are :mod:`tokensieve.anyres`, the code
+  runs transformers' ``pack_image_features``; crops, shares and packing are :mod:`tokensieve.engine.anyres`, the code
   ``Sieve`` runs.
 * **In-encoder methods are refused**: the encoder sees whole crops, and a kept patch that unpadding removes
   afterwards is dropped, so an image's count is only known after the encoder.
@@ -38,14 +38,20 @@ from vllm.model_executor.models.llava_next import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from tokensieve import anyres  # noqa: E402
 from tokensieve.budget import Budget, Scope  # noqa: E402
-from tokensieve.capture import capture_encoder, check_finite  # noqa: E402
+from tokensieve.engine import anyres  # noqa: E402
+from tokensieve.engine.capture import capture_encoder, check_finite  # noqa: E402
 from tokensieve.errors import TokensieveError  # noqa: E402
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
 
 from .common import (  # noqa: E402
-    FIELD, bad_request, by_method, call_hf_processor, check_model_type, encode_specs, resolve_or_400,
+    FIELD,
+    bad_request,
+    by_method,
+    call_hf_processor,
+    check_model_type,
+    encode_specs,
+    resolve_or_400,
 )
 from .llava import CLIP_NAMES, ClipTower, KPlaceholders  # noqa: E402
 from .settings import Family, SettingsError, SieveSpec  # noqa: E402
@@ -70,10 +76,18 @@ def next_family(config) -> Family:
     side = vc.image_size // vc.patch_size
     most = max(len(_crops_of(config, h, w)) for h, w in config.image_grid_pinpoints)
     return Family(
-        "LLaVA-NeXT", n, layers, side * side * most, 0, scopes=("image", "crop", "global"),
-        stages=(PRE_PROJECTOR, POST_PROJECTOR), newlines=("all", "none"),
-        stage_notes={IN_ENCODER: "the encoder sees whole crops and unpadding drops kept patches afterwards, so an "
-                                 "image's token count is only known after the encoder, and vLLM needs it before"},
+        "LLaVA-NeXT",
+        n,
+        layers,
+        side * side * most,
+        0,
+        scopes=("image", "crop", "global"),
+        stages=(PRE_PROJECTOR, POST_PROJECTOR),
+        newlines=("all", "none"),
+        stage_notes={
+            IN_ENCODER: "the encoder sees whole crops and unpadding drops kept patches afterwards, so an "
+            "image's token count is only known after the encoder, and vLLM needs it before"
+        },
     )
 
 
@@ -91,7 +105,10 @@ def packed_layout(config, height: int, width: int) -> anyres.Packed:
     num_crops = len(_crops_of(config, height, width))
     host = SimpleNamespace(config=config, image_newline=torch.tensor([-1.0], dtype=torch.float64))
     ids = LlavaNextForConditionalGeneration._merge_image_patch_embeddings(
-        host, torch.tensor([height, width]), anyres.crop_ids(num_crops, side * side), strategy="spatial_unpad",
+        host,
+        torch.tensor([height, width]),
+        anyres.crop_ids(num_crops, side * side),
+        strategy="spatial_unpad",
     )
     return anyres.layout(ids, num_crops, side * side)
 
@@ -174,8 +191,15 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
         crops = torch.cat([p[:c] for p, c in zip(pixels, counts)])
         method = specs[0].build() if specs[0] is not None else None
         request = method.request(fam.num_layers, fam.feature_layer) if method is not None else Request()
-        depth = max([*fls, *request.hidden_states, *(i + 1 for i in request.cls_attention),
-                     *(i + 1 for i in request.keys), *(i + 1 for i in request.attention_received)])
+        depth = max(
+            [
+                *fls,
+                *request.hidden_states,
+                *(i + 1 for i in request.cls_attention),
+                *(i + 1 for i in request.keys),
+                *(i + 1 for i in request.attention_received),
+            ]
+        )
         with capture_encoder(layers, request, self._attention_parts, fls) as cap:
             self._run_tower(crops, depth)
             pre = torch.cat([cap.hidden_states[f][:, 1:] for f in fls], dim=-1)  # patches ("default" drops CLS)
@@ -188,9 +212,20 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
                     kept, feats = [int(x) for x in (pk.crop * side * side + pk.patch)[pk.crop >= 0].tolist()], packed
                 else:
                     feats, kept, _, _ = anyres.select_image(
-                        method, Budget.parse(spec.budget, spec.scope), request, cap, fls, pre, crop0, pk, packed,
-                        side=side, cls_offset=1, num_layers=fam.num_layers,
-                        attention=lambda cp, layer: cp.attention_row(layer, 0), project=self.multi_modal_projector,
+                        method,
+                        Budget.parse(spec.budget, spec.scope),
+                        request,
+                        cap,
+                        fls,
+                        pre,
+                        crop0,
+                        pk,
+                        packed,
+                        side=side,
+                        cls_offset=1,
+                        num_layers=fam.num_layers,
+                        attention=lambda cp, layer: cp.attention_row(layer, 0),
+                        project=self.multi_modal_projector,
                         newlines=spec.newlines,
                     )
                     if feats.shape[0] != spec.k:  # the prompt holds k placeholders; anything else corrupts the batch

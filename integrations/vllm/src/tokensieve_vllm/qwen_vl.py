@@ -5,7 +5,7 @@ The same halves as :mod:`.llava`, plus positions:
 * **Candidates are merge units**, one LM token each, as in tokensieve's own Qwen adapter: the engine runs vLLM's
   ViT with hooks that read the per-patch signals a method asks for (block outputs, q/k with the vision RoPE, the
   merger's input), puts them back in the processor's raster order (the ViT runs on a window-permuted sequence) and
-  hands them to :func:`tokensieve.merge_units.select_units`, the function the ``Sieve`` path calls. Pre-projector
+  hands them to :func:`tokensieve.engine.merge_units.select_units`, the function the ``Sieve`` path calls. Pre-projector
   methods select on the merger's input and are projected by vLLM's merger; post-projector ones on its output.
 * **Placeholders.** An image's count depends on its size (``grid_thw``), so the budget is resolved per image in
   the front end (an int above that image's count is a 400), and the image gets ``k`` placeholders.
@@ -52,12 +52,21 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems 
 from vllm.multimodal.parse import MultiModalDataItems  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
-from tokensieve.merge_units import UnitSignals, select_units  # noqa: E402
+from tokensieve.engine.merge_units import UnitSignals, select_units  # noqa: E402
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
 
 from .common import (  # noqa: E402
-    FIELD, TRACE_ENV, by_method, call_hf_processor, check_engine, check_model_type, decode_spec, encode_specs,
-    item_spec, record, resolve_or_400,
+    FIELD,
+    TRACE_ENV,
+    by_method,
+    call_hf_processor,
+    check_engine,
+    check_model_type,
+    decode_spec,
+    encode_specs,
+    item_spec,
+    record,
+    resolve_or_400,
 )
 from .settings import Family, SieveSpec  # noqa: E402
 
@@ -70,10 +79,18 @@ def qwen_family(config, max_tokens: int) -> Family:
     """The vision facts settings are checked against; refuses other model types."""
     check_model_type(ARCH, config)
     depth = config.vision_config.depth
-    return Family("Qwen2.5-VL", depth, (depth,), max_tokens, 0, scopes=("image",),
-                  stages=(PRE_PROJECTOR, POST_PROJECTOR),
-                  stage_notes={IN_ENCODER: "tokensieve's Qwen cutter drives transformers' ViT blocks and is not "
-                                           "ported to vLLM's"})
+    return Family(
+        "Qwen2.5-VL",
+        depth,
+        (depth,),
+        max_tokens,
+        0,
+        scopes=("image",),
+        stages=(PRE_PROJECTOR, POST_PROJECTOR),
+        stage_notes={
+            IN_ENCODER: "tokensieve's Qwen cutter drives transformers' ViT blocks and is not ported to vLLM's"
+        },
+    )
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -94,8 +111,12 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 @lru_cache(maxsize=8)
 def _image_only_processor(model: str, revision: str | None, tokenizer) -> ImageOnlyQwen2_5_VLProcessor:
     image_processor = AutoImageProcessor.from_pretrained(model, revision=revision)
-    return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                        chat_template=getattr(tokenizer, "chat_template", None))
+    return ImageOnlyQwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
 
 
 class TokenSieveQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -116,7 +137,8 @@ class TokenSieveQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
             raise VLLMValidationError(
                 f"tokensieve: {ARCH} serves images only; videos are refused (transformers builds no Qwen video "
                 "processor without torchvision, and the plugin's video path is not written). Serve videos under "
-                "the stock architecture", parameter="video",
+                "the stock architecture",
+                parameter="video",
             )
         return super().parse_mm_data(mm_data, validate=validate)
 
@@ -135,8 +157,10 @@ class TokenSieveQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-                FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
 
     def _get_prompt_updates(
         self,
@@ -145,7 +169,7 @@ class TokenSieveQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         config = self.info.get_hf_config()
-        unit = config.vision_config.spatial_merge_size ** 2
+        unit = config.vision_config.spatial_merge_size**2
 
         def replacement(item_idx: int) -> list[int]:
             grid = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
@@ -170,8 +194,10 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             raise ValueError(f"{ARCH} does not run with EVS (video_pruning_rate); it serves images only")
         pp = vllm_config.parallel_config.pipeline_parallel_size
         if pp != 1:
-            raise ValueError(f"{ARCH} runs with pipeline_parallel_size=1 only (got {pp}): kept tokens' positions "
-                             "are set on the first rank")
+            raise ValueError(
+                f"{ARCH} runs with pipeline_parallel_size=1 only (got {pp}): kept tokens' positions "
+                "are set on the first rank"
+            )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # an image's token count depends on its size: budgets are checked per image in the front end
         self._family = qwen_family(config, 1 << 30)
@@ -238,8 +264,10 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         merge = self.visual.spatial_merge_size
         if image_input["type"] != "pixel_values":  # precomputed embeddings: every unit, full-grid positions
             embeds = self._process_image_input(image_input)
-            return [torch.cat([e, self._positions(torch.arange(e.shape[0]), int(g[2]) // merge, e)], 1)
-                    for e, g in zip(embeds, grid.tolist())]
+            return [
+                torch.cat([e, self._positions(torch.arange(e.shape[0]), int(g[2]) // merge, e)], 1)
+                for e, g in zip(embeds, grid.tolist())
+            ]
         pixels = image_input["pixel_values"]
         grids = [tuple(int(x) for x in g) for g in grid.tolist()]
         starts = torch.tensor([0] + [t * h * w for t, h, w in grids]).cumsum(0).tolist()
@@ -273,8 +301,10 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         seen: dict[int, torch.Tensor] = {}
         handles = []
         for layer in attn_layers:
+
             def pre(mod, args, kw, _l=layer):
                 raw[_l] = (args[0] if args else kw["x"], kw["rotary_pos_emb_cos"], kw["rotary_pos_emb_sin"])
+
             handles.append(visual.blocks[layer].attn.register_forward_pre_hook(pre, with_kwargs=True))
         for i in sorted(set(request.hidden_states) | {depth}):
             if not 0 <= i <= depth:
@@ -330,8 +360,16 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
         out, offset = [], 0
         for (t, h, w), spec in zip(grids, specs):
             feats, where, _, _ = select_units(
-                method, spec.k, request, sig, thw=(t, h, w), patch_offset=offset, merge=merge, frames=1,
-                num_layers=depth, project=self._project,
+                method,
+                spec.k,
+                request,
+                sig,
+                thw=(t, h, w),
+                patch_offset=offset,
+                merge=merge,
+                frames=1,
+                num_layers=depth,
+                project=self._project,
             )
             offset += t * h * w
             if feats.shape[0] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch

@@ -1,11 +1,11 @@
 """Which method and budget an image runs under: the server default, overridden per request.
 
 Settings are four keys (five on LLaVA-NeXT, whose ``newlines`` policy is "all" or "none"). Server-wide they come
-from ``hf_overrides={"tokensieve": {"method": ..., "budget": ..., "params": {...}, "scope": ...}}`` and/or ``--mm-processor-kwargs '{"tokensieve_method": ..., ...}'`` (the latter
-wins); per request from the request's ``mm_processor_kwargs`` with the same ``tokensieve_*`` names (the server needs
-``--trust-request-mm-kwargs``). A request that names a different method than the server default starts from that
-method's own defaults (the server's ``params`` belong to the server's method). ``tokensieve_method: "none"``
-switches selection off for a request.
+from ``hf_overrides={"tokensieve": {"method": ..., "budget": ..., "params": {...}, "scope": ...}}`` and/or
+``--mm-processor-kwargs '{"tokensieve_method": ..., ...}'`` (the latter wins); per request from the request's
+``mm_processor_kwargs`` with the same ``tokensieve_*`` names (the server needs ``--trust-request-mm-kwargs``). A
+request that names a different method than the server default starts from that method's own defaults (the server's
+``params`` belong to the server's method). ``tokensieve_method: "none"`` switches selection off for a request.
 
 Everything here is checked in the front end, before a request reaches the engine: a bad value is a 400 answer for
 that request, never an exception inside the engine that would take the server down. The resolved :class:`SieveSpec`
@@ -17,14 +17,15 @@ Torch-only: tokensieve's own selectors, budget and errors; no vLLM import.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 from tokensieve.budget import Budget, Scope
 from tokensieve.errors import TokensieveError
 from tokensieve.methods import get_method, method_names
-from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Method
+from tokensieve.methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Method
 
 PREFIX = "tokensieve_"
 FIELDS = ("method", "budget", "params", "scope", "newlines")
@@ -55,7 +56,7 @@ class Family:
     scopes: tuple[str, ...] = (Scope.IMAGE.value,)
     stages: tuple[str, ...] = (PRE_PROJECTOR, POST_PROJECTOR)
     newlines: tuple[str, ...] = ()
-    """Newline policies (``tokensieve.anyres``) the family takes, the default first; empty: no newline tokens."""
+    """Newline policies (``tokensieve.engine.anyres``) the family takes, the default first; empty: no newline tokens."""
     stage_notes: dict[str, str] = field(default_factory=dict)
     """Why a stage is missing, by stage name, for the refusal message."""
 
@@ -79,14 +80,31 @@ class SieveSpec:
     newlines: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"method": self.method, "k": self.k, "tokens": self.tokens, "params": self.params,
-                           "budget": self.budget, "scope": self.scope, "newlines": self.newlines}, sort_keys=True)
+        return json.dumps(
+            {
+                "method": self.method,
+                "k": self.k,
+                "tokens": self.tokens,
+                "params": self.params,
+                "budget": self.budget,
+                "scope": self.scope,
+                "newlines": self.newlines,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "SieveSpec":
+    def from_json(cls, text: str) -> SieveSpec:
         d = json.loads(text)
-        return cls(d["method"], int(d["k"]), int(d["tokens"]), d["params"], d.get("budget"),
-                   d.get("scope", Scope.IMAGE.value), d.get("newlines"))
+        return cls(
+            d["method"],
+            int(d["k"]),
+            int(d["tokens"]),
+            d["params"],
+            d.get("budget"),
+            d.get("scope", Scope.IMAGE.value),
+            d.get("newlines"),
+        )
 
     def build(self) -> Method:
         return _build(self.method, json.dumps(self.params, sort_keys=True))
@@ -103,7 +121,7 @@ def split_kwargs(kwargs: Mapping[str, object] | None) -> tuple[dict[str, object]
     rest: dict[str, object] = {}
     for key, value in (kwargs or {}).items():
         if isinstance(key, str) and key.startswith(PREFIX):
-            name = key[len(PREFIX):]
+            name = key[len(PREFIX) :]
             if name not in FIELDS:
                 raise SettingsError(
                     f"unknown tokensieve setting {key!r}; use {', '.join(PREFIX + f for f in FIELDS)}", key
@@ -118,7 +136,9 @@ def server_settings(hf_config, mm_processor_kwargs: Mapping[str, object] | None)
     """The server default: ``hf_overrides``' ``tokensieve`` entry, then ``--mm-processor-kwargs`` on top."""
     base = getattr(hf_config, "tokensieve", None) or {}
     if not isinstance(base, Mapping):
-        raise SettingsError(f"hf_overrides 'tokensieve' must be a mapping of {list(FIELDS)}, got {base!r}", "tokensieve")
+        raise SettingsError(
+            f"hf_overrides 'tokensieve' must be a mapping of {list(FIELDS)}, got {base!r}", "tokensieve"
+        )
     unknown = sorted(set(base) - set(FIELDS))
     if unknown:
         raise SettingsError(f"unknown key(s) {unknown} in hf_overrides 'tokensieve'; use {list(FIELDS)}", "tokensieve")
@@ -156,7 +176,7 @@ def refusal(method: Method, family: Family, suggest: bool = True) -> str | None:
     if method.llm_companion() is not None:
         return (
             f"method {name!r} adds its own in-LLM stage after selecting, which vLLM cannot run (it sizes each "
-            "request's KV cache before the LM runs); pass tokensieve_params={\"relevance\": false} to run its "
+            'request\'s KV cache before the LM runs); pass tokensieve_params={"relevance": false} to run its '
             "first (pre-LLM) stage alone"
         )
     if method.stage not in family.stages:
@@ -193,8 +213,9 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
         raise SettingsError(f"tokensieve_method must be a method name (a string), got {name!r}", PREFIX + "method")
     params = settings.get("params") or {}
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-        raise SettingsError(f"tokensieve_params must be a mapping of parameter names to values, got {params!r}",
-                            PREFIX + "params")
+        raise SettingsError(
+            f"tokensieve_params must be a mapping of parameter names to values, got {params!r}", PREFIX + "params"
+        )
     try:
         cls = get_method(name)
     except TokensieveError as exc:
@@ -209,13 +230,15 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
     if "budget" not in settings or settings["budget"] is None:
         raise SettingsError(
             f"method {cls.name!r} needs a budget: tokensieve_budget as an int (tokens kept per image, at most "
-            f"{family.tokens}) or a float in (0, 1] (keep ratio)", PREFIX + "budget"
+            f"{family.tokens}) or a float in (0, 1] (keep ratio)",
+            PREFIX + "budget",
         )
     scope = settings.get("scope") or Scope.IMAGE.value
     if scope not in family.scopes:
         raise SettingsError(
             f"budget scope {scope!r} is not supported on {family.name} under vLLM; use one of {list(family.scopes)} "
-            "(a budget there is a fixed count per image, or a keep ratio of the image's tokens)", PREFIX + "scope"
+            "(a budget there is a fixed count per image, or a keep ratio of the image's tokens)",
+            PREFIX + "scope",
         )
     newlines = settings.get("newlines")
     if newlines is not None and newlines not in family.newlines:
@@ -233,7 +256,8 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
             raise SettingsError(
                 "adaptive budgets are not available under vLLM: the front end must know each image's token count "
                 "before the encoder runs, and an adaptive count is read off the encoder's features; give an int or "
-                "a keep ratio", PREFIX + "budget"
+                "a keep ratio",
+                PREFIX + "budget",
             )
         k = budget.resolve(n, what=what)
     except TokensieveError as exc:
@@ -250,5 +274,14 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
     return SieveSpec(cls.name, k, n, dict(params), budget.value, budget.scope.value, newlines)
 
 
-__all__ = ["SettingsError", "Family", "SieveSpec", "split_kwargs", "server_settings", "merge", "resolve",
-           "refusal", "runnable_methods"]
+__all__ = [
+    "SettingsError",
+    "Family",
+    "SieveSpec",
+    "split_kwargs",
+    "server_settings",
+    "merge",
+    "resolve",
+    "refusal",
+    "runnable_methods",
+]

@@ -17,11 +17,15 @@ from tokensieve.data import easyvqa, shapes
 
 def _docs(name: str, split: str) -> list[dict]:
     if name == "easyvqa":
-        return [{"index": i, "image_id": image_id, "question": q, "answer": a, "family": easyvqa.family(a)}
-                for i, (q, a, image_id) in enumerate(easyvqa.questions(split))]
+        return [
+            {"index": i, "image_id": image_id, "question": q, "answer": a, "family": easyvqa.family(a)}
+            for i, (q, a, image_id) in enumerate(easyvqa.questions(split))
+        ]
     if name == "shapes":
-        return [{"index": s.index, "image_id": s.index, "question": s.question, "answer": s.answer, "family": s.family}
-                for s in shapes.dataset(split)]
+        return [
+            {"index": s.index, "image_id": s.index, "question": s.question, "answer": s.answer, "family": s.family}
+            for s in shapes.dataset(split)
+        ]
     raise ValueError(f"unknown tokensieve task data {name!r}")
 
 

@@ -13,17 +13,17 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import easyvqa, shapes
-from .tiny import CHAT_TEMPLATE, QUESTION_FIRST_TEMPLATE, SPECIALS, _WORDS, build_processor, build_tokenizer
+from ..data import easyvqa, shapes
+from ..models.tiny import _WORDS, CHAT_TEMPLATE, QUESTION_FIRST_TEMPLATE, SPECIALS, build_processor, build_tokenizer
 
 CHAT_WORDS = ["user", "assistant", ":"]
 
@@ -133,22 +133,41 @@ def build_model(cfg: TrainConfig):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = build_tokenizer(vocabulary())
-    processor = build_processor(tokenizer, cfg.image_size, cfg.patch_size,
-                                chat_template=QUESTION_FIRST_TEMPLATE if cfg.question_first else CHAT_TEMPLATE)
+    processor = build_processor(
+        tokenizer,
+        cfg.image_size,
+        cfg.patch_size,
+        chat_template=QUESTION_FIRST_TEMPLATE if cfg.question_first else CHAT_TEMPLATE,
+    )
     vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_width, intermediate_size=cfg.vision_mlp, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        hidden_size=cfg.vision_width,
+        intermediate_size=cfg.vision_mlp,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
     )
     text = LlamaConfig(
-        hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp, num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads, num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
+        hidden_size=cfg.text_width,
+        intermediate_size=cfg.text_mlp,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_kv_heads,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
     )
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng():
@@ -173,8 +192,9 @@ def _sincos_position_init(model, cfg: TrainConfig) -> None:
     dim = emb.shape[1]
     quarter = dim // 4
     freq = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
     parts = []
     for coord in (xs.flatten(), ys.flatten()):
         angle = coord[:, None] * freq[None]
@@ -182,7 +202,7 @@ def _sincos_position_init(model, cfg: TrainConfig) -> None:
     table = torch.cat(parts, 1)
     with torch.no_grad():
         emb[1:, : table.shape[1]] = 0.5 * table
-        emb[1:, table.shape[1]:] = 0.0
+        emb[1:, table.shape[1] :] = 0.0
 
 
 def prompt_text(processor, question: str) -> str:
@@ -203,8 +223,9 @@ def make_batch(processor, images, questions, answers) -> dict[str, torch.Tensor]
     tok = processor.tokenizer
     questions = [[q] if isinstance(q, str) else list(q) for q in questions]
     answers = [[a] if isinstance(a, str) else list(a) for a in answers]
-    inputs = processor(images=list(images), text=[prompt_text(processor, q[0]) for q in questions],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=list(images), text=[prompt_text(processor, q[0]) for q in questions], return_tensors="pt", padding=True
+    )
     rows, labels_rows = [], []
     for ids, mask, qs, ans in zip(inputs["input_ids"], inputs["attention_mask"], questions, answers):
         if len(qs) != len(ans):
@@ -228,11 +249,15 @@ def make_batch(processor, images, questions, answers) -> dict[str, torch.Tensor]
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, -100)
     for i, (r, lab) in enumerate(zip(rows, labels_rows)):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
-        labels[i, width - len(r):] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": inputs["pixel_values"],
-            "labels": labels}
+        input_ids[i, width - len(r) :] = torch.tensor(r)
+        attention_mask[i, width - len(r) :] = 1
+        labels[i, width - len(r) :] = torch.tensor(lab)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": inputs["pixel_values"],
+        "labels": labels,
+    }
 
 
 class Mixture:
@@ -278,8 +303,9 @@ class Mixture:
         """The opening turn for ``lead_families`` (none when no listed family fits a one-shape scene): a family
         picked by the data stream, asked from its own seeded stream (so the conversation after it, and the test
         set, are unchanged)."""
-        fams = [f for f in self.cfg.lead_families.split(",")
-                if f and (len(scene.objects) >= 2 or f not in shapes.NEEDS_TWO)]
+        fams = [
+            f for f in self.cfg.lead_families.split(",") if f and (len(scene.objects) >= 2 or f not in shapes.NEEDS_TWO)
+        ]
         if not fams:
             return []
         fam = fams[int(torch.randint(len(fams), (1,), generator=self.gen))]
@@ -325,8 +351,17 @@ class Mixture:
                 if cfg.lead_families:
                     turns = self._lead(index, scene) + turns
                 turns = turns[: cfg.turns]
-                turns += shapes.drill("train", index, scene, where=bool(cfg.where_questions),
-                                      relations=cfg.extra_relations, exists=cfg.extra_exists) + described
+                turns += (
+                    shapes.drill(
+                        "train",
+                        index,
+                        scene,
+                        where=bool(cfg.where_questions),
+                        relations=cfg.extra_relations,
+                        exists=cfg.extra_exists,
+                    )
+                    + described
+                )
             images.append(image)
             questions.append([q for q, _ in turns])
             answers.append([a for _, a in turns])
@@ -403,8 +438,9 @@ def sheet_targets(sheet, patch: int, size: int = shapes.IMAGE_SIZE, min_pixels: 
     return _targets(shapes.sheet_labels(sheet), sheet.objects, digits, patch, size, min_pixels)
 
 
-def _targets(labels: np.ndarray, objects, digits: dict[int, int], patch: int, size: int,
-             min_pixels: int | None) -> torch.Tensor:
+def _targets(
+    labels: np.ndarray, objects, digits: dict[int, int], patch: int, size: int, min_pixels: int | None
+) -> torch.Tensor:
     """Per-patch targets from a label map: object ``k`` is label ``k + 1``, ``digits`` maps labels to digits."""
     min_pixels = _min_pixels(4, patch) if min_pixels is None else min_pixels
     if size != labels.shape[0]:
@@ -442,8 +478,9 @@ def quadrant_targets(side: int) -> torch.Tensor:
     return (1 + (cols >= side // 2).long() + 2 * (rows >= side // 2).long()).flatten()
 
 
-def easyvqa_targets(image, colour: str | None, shape: str | None, size: int, patch: int,
-                    min_pixels: int | None = None) -> torch.Tensor:
+def easyvqa_targets(
+    image, colour: str | None, shape: str | None, size: int, patch: int, min_pixels: int | None = None
+) -> torch.Tensor:
     """``[rows, patches]`` (:data:`TARGET_ROWS`) for an easy-VQA image: one shape on a plain background (the
     border's commonest colour).
 
@@ -491,8 +528,9 @@ class PatchProbe(nn.Module):
             if tokenizer is None:
                 raise ValueError("aux_words needs the tokenizer (the words' embeddings are the classifier)")
             self._embeddings = [model.get_input_embeddings()]  # a list: the LM's table is not the probe's parameter
-            self.words = {name: torch.tensor(tokenizer.convert_tokens_to_ids(list(words)))
-                          for name, words in WORD_TARGETS.items()}
+            self.words = {
+                name: torch.tensor(tokenizer.convert_tokens_to_ids(list(words))) for name, words in WORD_TARGETS.items()
+            }
             self.word_handle = model.model.multi_modal_projector.register_forward_hook(self._grab_projected)
 
     def _grab_projected(self, module, args, output):
@@ -534,11 +572,13 @@ class PatchProbe(nn.Module):
             else:
                 terms.append(nn.functional.cross_entropy(part.reshape(-1, n), t, ignore_index=IGNORE))
             if self.pooled and name in POOLED and targets[:, TARGET_ROWS[POOLED[name]]].any():
-                logits, label = self._instances(part, targets[:, TARGET_ROWS[name]],
-                                                targets[:, TARGET_ROWS[POOLED[name]]])
+                logits, label = self._instances(
+                    part, targets[:, TARGET_ROWS[name]], targets[:, TARGET_ROWS[POOLED[name]]]
+                )
                 if (label != IGNORE).any():
-                    terms.append(nn.functional.cross_entropy(logits.reshape(-1, n), label.reshape(-1),
-                                                             ignore_index=IGNORE))
+                    terms.append(
+                        nn.functional.cross_entropy(logits.reshape(-1, n), label.reshape(-1), ignore_index=IGNORE)
+                    )
         return sum(terms) / len(terms)
 
     def word_loss(self, targets: torch.Tensor) -> torch.Tensor:
@@ -548,8 +588,12 @@ class PatchProbe(nn.Module):
         feats = self.projected.reshape(targets.shape[0], targets.shape[-1], -1)  # [B, P, D]
         table = self._embeddings[0].weight
         quadrant = targets[:, TARGET_ROWS["quadrant"]] - 1  # 0-3 in shapes.QUADRANTS order
-        labels = {"colour": targets[:, TARGET_ROWS["colour"]] - 1, "shape": targets[:, TARGET_ROWS["shape"]] - 1,
-                  "row": quadrant // 2, "column": quadrant % 2}
+        labels = {
+            "colour": targets[:, TARGET_ROWS["colour"]] - 1,
+            "shape": targets[:, TARGET_ROWS["shape"]] - 1,
+            "row": quadrant // 2,
+            "column": quadrant % 2,
+        }
         terms = []
         for name, ids in self.words.items():
             label = labels[name]
@@ -560,7 +604,7 @@ class PatchProbe(nn.Module):
 
     @staticmethod
     def _mask_parts(part: torch.Tensor, targets: torch.Tensor):
-        t = targets[:, TARGET_ROWS["mask"]: TARGET_ROWS["mask"] + part.shape[-1]].transpose(1, 2).float()
+        t = targets[:, TARGET_ROWS["mask"] : TARGET_ROWS["mask"] + part.shape[-1]].transpose(1, 2).float()
         return part, t, t.amax(-1) > 0  # logits and targets [B, P, cells]; patches with anything drawn
 
     def _mask_loss(self, part: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -575,7 +619,7 @@ class PatchProbe(nn.Module):
         """Per head, the share of patches that show something (target > 0) whose class the probe gets right; for the
         pooled heads also the share of instances (``digit@instance``, ...)."""
         out = {}
-        for name, n, part in self._parts():
+        for name, _n, part in self._parts():
             if name == "mask":  # sub-cells right, on patches with something drawn
                 logits, t, drawn = self._mask_parts(part, targets)
                 if drawn.any():
@@ -650,10 +694,12 @@ class AttentionGuide:
         def grab(module, args, kwargs, output):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             self.inputs[layer] = (hidden, kwargs["position_embeddings"])
+
         return grab
 
-    def items(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
-              targets: torch.Tensor) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    def items(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor
+    ) -> list[tuple[int, int, int, int, torch.Tensor]]:
         """``(row, position, layer, head, keys)`` for every supervised query; ``keys`` are the sequence positions
         it should attend to (``targets`` as in :meth:`PatchProbe.loss`)."""
         out = []
@@ -705,7 +751,7 @@ class AttentionGuide:
         """Head 0's and head 1's entries for a question that named ``named`` ((kind, patches, position), in
         order)."""
         kinds = [n[0] for n in named]
-        pick = lambda kind, nth=0: [n for n in named if n[0] == kind][nth]
+        pick = lambda kind, nth=0: [n for n in named if n[0] == kind][nth]  # noqa: E731
         if "quadrant" in kinds:
             first = pick("quadrant")
         elif "colour" in kinds:
@@ -861,18 +907,30 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict:
     state = torch.load(path, weights_only=False)
     # A field added after the state was saved counts as its default (the saved run had that behaviour).
     saved = {**asdict(TrainConfig()), **state["config"]}
-    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
-            if k not in _RESUME_FREE and saved.get(k) != v]
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, now {v!r}"
+        for k, v in asdict(cfg).items()
+        if k not in _RESUME_FREE and saved.get(k) != v
+    ]
     if diff:
-        raise ValueError(f"{path} was saved by a run with another config ({'; '.join(diff)}); "
-                         "use the same options or another --state-dir")
+        raise ValueError(
+            f"{path} was saved by a run with another config ({'; '.join(diff)}); "
+            "use the same options or another --state-dir"
+        )
     return state
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: float | None = None,
-          checkpoint: Callable[[int, object, object], None] | None = None, checkpoint_every: int = 0,
-          fit_s: float | None = None, state_dir: str | Path | None = None, state_every: int = 200,
-          stop_at_step: int | None = None):
+def train(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    stop_after_s: float | None = None,
+    checkpoint: Callable[[int, object, object], None] | None = None,
+    checkpoint_every: int = 0,
+    fit_s: float | None = None,
+    state_dir: str | Path | None = None,
+    state_every: int = 200,
+    stop_at_step: int | None = None,
+):
     """Train from scratch (or from ``cfg.init_from``); returns ``(model, processor, history)``.
 
     ``stop_after_s`` ends early (the schedule is not stretched); ``checkpoint(step, model, processor)`` is called
@@ -898,17 +956,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     model.train()
     probe = PatchProbe(model, cfg, processor.tokenizer) if cfg.aux_weight > 0 else None
     if cfg.aux_attention > 0 and cfg.text_heads < 4:
-        raise ValueError(f"aux_attention needs an LM with at least 4 heads (it supervises heads 0-3), "
-                         f"not {cfg.text_heads}")
-    guide = (AttentionGuide(model, processor.tokenizer, cfg.attention_at, cfg.attention_layer)
-             if cfg.aux_attention > 0 else None)
+        raise ValueError(
+            f"aux_attention needs an LM with at least 4 heads (it supervises heads 0-3), not {cfg.text_heads}"
+        )
+    guide = (
+        AttentionGuide(model, processor.tokenizer, cfg.attention_at, cfg.attention_layer)
+        if cfg.aux_attention > 0
+        else None
+    )
     if cfg.aux_words > 0 and probe is None:
         raise ValueError("aux_words needs the probe (aux_weight > 0): its hook reads the projector")
     params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe is not None else [])
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
     data = Mixture(cfg)
     history = []
     running = None
@@ -926,10 +991,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
     t0 = time.perf_counter()
 
     def save_state(next_step: int) -> None:
-        state = {"step": next_step, "config": asdict(cfg), "model": model.state_dict(),
-                 "probe": probe.state_dict() if probe is not None else None, "opt": opt.state_dict(),
-                 "data": data.state(), "history": history, "running": running,
-                 "elapsed_s": before + time.perf_counter() - t0, "torch_rng": torch.get_rng_state()}
+        state = {
+            "step": next_step,
+            "config": asdict(cfg),
+            "model": model.state_dict(),
+            "probe": probe.state_dict() if probe is not None else None,
+            "opt": opt.state_dict(),
+            "data": data.state(),
+            "history": history,
+            "running": running,
+            "elapsed_s": before + time.perf_counter() - t0,
+            "torch_rng": torch.get_rng_state(),
+        }
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -972,8 +1045,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                 rate = (time.perf_counter() - t10) / 30  # seconds per main step
                 fitted = max(41, 40 + int((fit_s - (before + time.perf_counter() - t0)) / rate))
                 if fitted < cfg.steps:
-                    log(f"{rate:.2f} s/step: shortening the run from {cfg.steps} to {fitted} steps "
-                        f"to fit {fit_s:.0f} s")
+                    log(
+                        f"{rate:.2f} s/step: shortening the run from {cfg.steps} to {fitted} steps to fit {fit_s:.0f} s"
+                    )
                     cfg.steps = fitted
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if main < 0 else lr_at(main, cfg)
             for g in opt.param_groups:
@@ -1011,9 +1085,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                 running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             if (main if main >= 0 else step) % cfg.log_every == 0 or main == cfg.steps - 1:
                 elapsed = before + time.perf_counter() - t0
-                record = {"step": main, "loss": round(loss.item(), 4), "smoothed": round(running or 0.0, 4),
-                          "lr": lr, "elapsed_s": round(elapsed, 1),
-                          "load": round(os.getloadavg()[0], 2)}  # the machine's, to read the times by
+                record = {
+                    "step": main,
+                    "loss": round(loss.item(), 4),
+                    "smoothed": round(running or 0.0, 4),
+                    "lr": lr,
+                    "elapsed_s": round(elapsed, 1),
+                    "load": round(os.getloadavg()[0], 2),
+                }  # the machine's, to read the times by
                 if main < 0:
                     record.update(phase="vision", step=step, probe_acc=probe.accuracy(targets))
                 elif aux is not None:
@@ -1025,20 +1104,27 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop_after_s: fl
                     if cfg.aux_balance:
                         record["probe_acc"] = probe.accuracy(targets)  # the scenes: the last forward
                 history.append(record)
-                log(("vision " if main < 0 else "") + f"step {record['step']:5d}  loss {loss.item():.4f}  "
+                log(
+                    ("vision " if main < 0 else "")
+                    + f"step {record['step']:5d}  loss {loss.item():.4f}  "
                     + (f"smoothed {running:.4f}  " if main >= 0 else "")
                     + (f"aux {aux.item():.4f}  " if aux is not None and main >= 0 else "")
                     + (f"words {words.item():.4f}  " if main >= 0 and words is not None else "")
                     + (f"mass {record['attention_mass']}  " if "attention_mass" in record else "")
                     + (f"probe {record['probe_acc']}  " if "probe_acc" in record else "")
-                    + f"lr {lr:.2e}  {elapsed:7.1f} s")
+                    + f"lr {lr:.2e}  {elapsed:7.1f} s"
+                )
             if checkpoint is not None and checkpoint_every and main > 0 and main % checkpoint_every == 0:
                 model.eval()
                 checkpoint(main, model, processor)
                 model.train()
             step += 1
-            if (state_path is not None and state_every and step % state_every == 0
-                    and step < cfg.vision_steps + cfg.steps):
+            if (
+                state_path is not None
+                and state_every
+                and step % state_every == 0
+                and step < cfg.vision_steps + cfg.steps
+            ):
                 save_state(step)
             if stop_after_s is not None and time.perf_counter() - t0 > stop_after_s:
                 log(f"stopping early at step {step} after {time.perf_counter() - t0:.0f} s")

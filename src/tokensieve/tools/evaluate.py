@@ -17,17 +17,17 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from .adaptive import Adaptive
+from ..adaptive import Adaptive
+from ..errors import InputError
+from ..models.loading import EMBEDDED_MODELS, check_model_dir, load_model, model_fingerprint, model_path  # noqa: F401
+from ..trainer import prompt_text
 from .configs import VANILLA, Config, format_budget
-from .errors import InputError
-from .loading import EMBEDDED_MODELS, check_model_dir, load_model, model_fingerprint, model_path  # noqa: F401
-from .train import prompt_text
 
 DEFAULT_MODEL_DIR = EMBEDDED_MODELS["default"].path
 RESULTS_JSON = "results.json"
@@ -37,8 +37,10 @@ list of records, still readable for re-plotting and merging."""
 MAX_NEW_TOKENS = 3
 DEFAULT_CALIBRATION = 256
 """Calibration images per adaptive budget without a threshold (``tokensieve eval --calibration``)."""
-CALIBRATION_SELECTION = {"shapes": "the first N scenes of the val split",
-                         "easyvqa": "N evenly spaced questions of the train split"}
+CALIBRATION_SELECTION = {
+    "shapes": "the first N scenes of the val split",
+    "easyvqa": "N evenly spaced questions of the train split",
+}
 
 
 @dataclass
@@ -51,8 +53,16 @@ class Predictions:
     """Visual tokens each question's image(s) kept (layer-averaged under an in-LLM stage)."""
 
 
-def predict(model, processor, samples: Sequence, *, sieve=None, batch_size: int = 32, max_new_tokens: int = 3,
-            advance: Callable[[int], None] | None = None) -> Predictions:
+def predict(
+    model,
+    processor,
+    samples: Sequence,
+    *,
+    sieve=None,
+    batch_size: int = 32,
+    max_new_tokens: int = 3,
+    advance: Callable[[int], None] | None = None,
+) -> Predictions:
     """Greedy answers for ``samples`` (objects with ``image`` and ``question``), under ``sieve`` if given."""
     from contextlib import nullcontext
 
@@ -60,14 +70,20 @@ def predict(model, processor, samples: Sequence, *, sieve=None, batch_size: int 
     answers: list[str] = []
     kept: list[float] = []
     total = 0
-    with torch.inference_mode(), (sieve(model) if sieve is not None else nullcontext()):
+    with torch.inference_mode(), sieve(model) if sieve is not None else nullcontext():
         for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
-            inputs = processor(images=[s.image for s in chunk], text=[prompt_text(processor, s.question) for s in chunk],
-                               return_tensors="pt", padding=True)
+            chunk = samples[start : start + batch_size]
+            inputs = processor(
+                images=[s.image for s in chunk],
+                text=[prompt_text(processor, s.question) for s in chunk],
+                return_tensors="pt",
+                padding=True,
+            )
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            answers += [a.strip().lower() for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                                           skip_special_tokens=True)]
+            answers += [
+                a.strip().lower()
+                for a in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            ]
             n_in = (inputs["input_ids"] == image_token).sum(dim=1).tolist()
             total += sum(n_in)
             kept += n_in if sieve is None else _kept_per_sample(sieve.last_report, len(chunk))
@@ -96,9 +112,9 @@ class CalibrationSet:
     samples: Sequence
 
     @classmethod
-    def of(cls, data: str, images: int) -> "CalibrationSet":
+    def of(cls, data: str, images: int) -> CalibrationSet:
         """``images`` samples of ``data``'s calibration split (:func:`tokensieve.data.calibration_samples`)."""
-        from .data import CALIBRATION_SPLITS, calibration_samples
+        from ..data import CALIBRATION_SPLITS, calibration_samples
 
         return cls(data, CALIBRATION_SPLITS[data], calibration_samples(data, images))
 
@@ -111,9 +127,11 @@ def calibrate(sieve, config: Config, model, processor, calibration: CalibrationS
     if not config.needs_calibration:
         return None
     if calibration is None:
-        raise InputError(f"{config.label} has no threshold yet and no calibration set was given: pass calibration "
-                         "images (tokensieve eval --calibration N), or give an earlier threshold as adaptive:MEAN@T")
-    from .data import question_batches
+        raise InputError(
+            f"{config.label} has no threshold yet and no calibration set was given: pass calibration "
+            "images (tokensieve eval --calibration N), or give an earlier threshold as adaptive:MEAN@T"
+        )
+    from ..data import question_batches
 
     return sieve.calibrate(model, question_batches(processor, calibration.samples, batch_size))
 
@@ -131,8 +149,12 @@ def _accuracy(answers, samples) -> tuple[float, dict[str, float]]:
 def config_key(config: Config, params: dict | None, scope: str, calibration: CalibrationSet | None = None) -> str:
     """:func:`record_key` of the record ``config`` will produce (calibrated on ``calibration`` if it needs it)."""
     params = params or {}
-    record = {"method": config.method, "budget": config.budget, "scope": scope,
-              "params": {m: params[m] for m in config.methods if params.get(m)}}
+    record = {
+        "method": config.method,
+        "budget": config.budget,
+        "scope": scope,
+        "params": {m: params[m] for m in config.methods if params.get(m)},
+    }
     if config.needs_calibration and calibration is not None:
         record["adaptive"] = {"calibration": calibration.meta()}
     return record_key(record)
@@ -157,17 +179,36 @@ def _adaptive_value(sieve) -> Adaptive:
 
 def _adaptive_entry(sieve, fit, calibration: CalibrationSet | None, pred: Predictions) -> dict:
     value = _adaptive_value(sieve)
-    entry = {"budget": str(value), "criterion": value.criterion, "min": value.min, "max": value.max,
-             "threshold": value.threshold, "calibration": None,
-             "kept_range": [min(pred.kept_per_question, default=0), max(pred.kept_per_question, default=0)]}
+    entry = {
+        "budget": str(value),
+        "criterion": value.criterion,
+        "min": value.min,
+        "max": value.max,
+        "threshold": value.threshold,
+        "calibration": None,
+        "kept_range": [min(pred.kept_per_question, default=0), max(pred.kept_per_question, default=0)],
+    }
     if fit is not None:
-        entry["calibration"] = {**calibration.meta(), "sets": fit.sets, "target_mean": fit.target_mean,
-                                "mean": round(fit.achieved_mean, 4)}
+        entry["calibration"] = {
+            **calibration.meta(),
+            "sets": fit.sets,
+            "target_mean": fit.target_mean,
+            "mean": round(fit.achieved_mean, 4),
+        }
     return entry
 
 
-def _record(config: Config, params: dict, scope: str, pred: "Predictions", samples, vanilla: dict | None,
-            sieve=None, fit=None, calibration: CalibrationSet | None = None) -> dict:
+def _record(
+    config: Config,
+    params: dict,
+    scope: str,
+    pred: Predictions,
+    samples,
+    vanilla: dict | None,
+    sieve=None,
+    fit=None,
+    calibration: CalibrationSet | None = None,
+) -> dict:
     acc, fam = _accuracy(pred.answers, samples)
     base_answers = pred.answers if vanilla is None else vanilla["answers"]
     base_acc = acc if vanilla is None else vanilla["accuracy"]
@@ -194,8 +235,15 @@ def _record(config: Config, params: dict, scope: str, pred: "Predictions", sampl
     return record
 
 
-def preflight(model, processor, samples, configs: Sequence[Config], params: dict, scope: str,
-              calibration: CalibrationSet | None = None) -> None:
+def preflight(
+    model,
+    processor,
+    samples,
+    configs: Sequence[Config],
+    params: dict,
+    scope: str,
+    calibration: CalibrationSet | None = None,
+) -> None:
     """Run every configuration once on the first question, so one that cannot work on this model (an unreachable
     in-LLM budget, a layer beyond the encoder, an unsupported stage) fails before any evaluation starts. An adaptive
     budget without a threshold is first calibrated on the first calibration image only (the real fit comes later),
@@ -212,13 +260,21 @@ def preflight(model, processor, samples, configs: Sequence[Config], params: dict
             predict(model, processor, first, sieve=sieve, batch_size=1, max_new_tokens=1)
             if config.adaptive is not None:
                 where = " at its smallest per-image count"
-                predict(model, processor, first, sieve=_at_floor(config).sieve(params, scope), batch_size=1,
-                        max_new_tokens=1)
+                predict(
+                    model,
+                    processor,
+                    first,
+                    sieve=_at_floor(config).sieve(params, scope),
+                    batch_size=1,
+                    max_new_tokens=1,
+                )
         except Exception as exc:  # every failure is reported, with the configuration it belongs to
             failures.append(f"{config.label}{where}: {' '.join(str(exc).split()) or type(exc).__name__}")
     if failures:
-        raise InputError(f"{len(failures)} of {len(configs)} configuration(s) cannot run on this model, so nothing "
-                         f"was evaluated: {'; '.join(failures)}")
+        raise InputError(
+            f"{len(failures)} of {len(configs)} configuration(s) cannot run on this model, so nothing "
+            f"was evaluated: {'; '.join(failures)}"
+        )
 
 
 FLOOR_THRESHOLD = 1e30
@@ -227,13 +283,27 @@ FLOOR_THRESHOLD = 1e30
 
 def _at_floor(config: Config) -> Config:
     """``config`` with its adaptive budget pinned to the smallest count of its range on every image."""
-    return Config(config.methods, tuple(f"{b.partition('@')[0]}@{FLOOR_THRESHOLD:g}" if isinstance(b, str) else b
-                                        for b in config.budgets))
+    return Config(
+        config.methods,
+        tuple(f"{b.partition('@')[0]}@{FLOOR_THRESHOLD:g}" if isinstance(b, str) else b for b in config.budgets),
+    )
 
 
-def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, params: dict | None = None,
-             scope: str = "image", batch_size: int = 32, done: dict | None = None, on_record=None,
-             progress: bool = True, console=None, calibration: CalibrationSet | None = None) -> list[dict]:
+def evaluate(
+    model,
+    processor,
+    samples: Sequence,
+    configs: Sequence[Config],
+    *,
+    params: dict | None = None,
+    scope: str = "image",
+    batch_size: int = 32,
+    done: dict | None = None,
+    on_record=None,
+    progress: bool = True,
+    console=None,
+    calibration: CalibrationSet | None = None,
+) -> list[dict]:
     """Records for the full-token model (method ``none``) and each configuration, in that order.
 
     ``params`` maps a method name to its hyper-parameters (the 4-layer default LM needs ``{"fastv": {"layer": 1}}``
@@ -241,15 +311,27 @@ def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, 
     those are reused, not recomputed. ``on_record(records)`` is called after every finished record, so a caller can
     save as it goes. ``calibration`` fits every adaptive budget that has no threshold, just before it runs.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     params = params or {}
     done = dict(done or {})
     runs = [Config((VANILLA,))] + list(configs)
     todo = [(config, config_key(config, params, scope, calibration)) for config in runs]
     records = []
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     total = sum(len(samples) for _, key in todo if key not in done)
     with Progress(*columns, console=console, disable=not progress or total == 0, transient=False) as bar:
         task = bar.add_task("", total=total)
@@ -261,8 +343,15 @@ def evaluate(model, processor, samples: Sequence, configs: Sequence[Config], *, 
                 bar.update(task, description="none (full tokens)" if config.is_vanilla else config.label)
                 sieve = None if config.is_vanilla else config.sieve(params, scope)
                 fit = calibrate(sieve, config, model, processor, calibration, batch_size)
-                pred = predict(model, processor, samples, sieve=sieve, batch_size=batch_size,
-                               max_new_tokens=MAX_NEW_TOKENS, advance=lambda n: bar.advance(task, n))
+                pred = predict(
+                    model,
+                    processor,
+                    samples,
+                    sieve=sieve,
+                    batch_size=batch_size,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    advance=lambda n: bar.advance(task, n),
+                )
                 record = _record(config, params, scope, pred, samples, vanilla, sieve, fit, calibration)
             if vanilla is None:
                 vanilla = record
@@ -281,8 +370,9 @@ def is_adaptive(record: dict) -> bool:
 def _twin_key(record: dict) -> str:
     """What pairs an adaptive record with the fixed record it compares to: same line, budget = the adaptive mean."""
     budget = record["budget"]
-    mean = [Adaptive.parse(b).mean if isinstance(b, str) else b for b in (budget if isinstance(budget, list)
-                                                                            else [budget])]
+    mean = [
+        Adaptive.parse(b).mean if isinstance(b, str) else b for b in (budget if isinstance(budget, list) else [budget])
+    ]
     return json.dumps([_method_label(record), mean if isinstance(budget, list) else mean[0]])
 
 
@@ -302,11 +392,16 @@ def _table_rows(records: list[dict]) -> list[dict]:
 def _adaptive_note(r: dict) -> str:
     a = r["adaptive"]
     cal = a["calibration"]
-    fitted = (f"threshold fitted on {cal['images']} `{cal['split']}` images (mean there {cal['mean']:.2f})" if cal
-              else "threshold given, no calibration")
+    fitted = (
+        f"threshold fitted on {cal['images']} `{cal['split']}` images (mean there {cal['mean']:.2f})"
+        if cal
+        else "threshold given, no calibration"
+    )
     lo, hi = a["kept_range"]
-    return (f"- {_method_label(r)} at {format_budget(r['budget'])}: `{a['budget']}`, {fitted}; "
-            f"test mean {r['kept_tokens']:.2f}, per question {lo:g} to {hi:g}")
+    return (
+        f"- {_method_label(r)} at {format_budget(r['budget'])}: `{a['budget']}`, {fitted}; "
+        f"test mean {r['kept_tokens']:.2f}, per question {lo:g} to {hi:g}"
+    )
 
 
 def markdown_table(records: list[dict], title: str = "") -> str:
@@ -314,22 +409,31 @@ def markdown_table(records: list[dict], title: str = "") -> str:
     (threshold, calibration, the per-question range its kept-token mean comes from)."""
     fams = list(records[0]["families"]) if records else []
     head = ["method", "budget", "kept tokens", "accuracy", "relative", "loyalty"] + fams
-    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |",
-                                                      "|" + "---|" * len(head)]
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = _table_rows(records)
     for r in rows:
         kept = f"{r['kept_tokens']:.1f}"
         if is_adaptive(r) and r.get("adaptive"):
             kept += " ({:g}-{:g})".format(*r["adaptive"]["kept_range"])
-        cells = [r["method"], format_budget(r["budget"]), kept,
-                 f"{100 * r['accuracy']:.1f}", "-" if r["relative"] is None else f"{100 * r['relative']:.1f}%", f"{100 * r['loyalty']:.1f}%"]
+        cells = [
+            r["method"],
+            format_budget(r["budget"]),
+            kept,
+            f"{100 * r['accuracy']:.1f}",
+            "-" if r["relative"] is None else f"{100 * r['relative']:.1f}%",
+            f"{100 * r['loyalty']:.1f}%",
+        ]
         cells += [f"{100 * r['families'][f]:.1f}" for f in fams]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [_adaptive_note(r) for r in rows if is_adaptive(r) and r.get("adaptive")]
     if notes:
-        lines += ["", "Adaptive budgets keep a different count per image; their kept tokens are the measured mean over "
-                  "the questions (range per question in brackets), the threshold is fitted so the mean holds on "
-                  "calibration images, never test ones:", ""] + notes
+        lines += [
+            "",
+            "Adaptive budgets keep a different count per image; their kept tokens are the measured mean over "
+            "the questions (range per question in brackets), the threshold is fitted so the mean holds on "
+            "calibration images, never test ones:",
+            "",
+        ] + notes
     return "\n".join(lines) + "\n"
 
 
@@ -348,12 +452,24 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
     colours = {m: cycle[i % len(cycle)] for i, m in enumerate(sorted({m for m, _, _ in by_line}))}
     for (method, name, adaptive), pts in sorted(by_line.items()):
         pts.sort()  # adaptive: the method's colour, dashed, squares; x is the measured mean
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if adaptive else "o", label=name,
-                color=colours[method], linestyle="--" if adaptive else "-", markerfacecolor="white" if adaptive else None)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="s" if adaptive else "o",
+            label=name,
+            color=colours[method],
+            linestyle="--" if adaptive else "-",
+            markerfacecolor="white" if adaptive else None,
+        )
     for r in records:
         if r["method"] == "none":
-            ax.axhline(100 * r["accuracy"], color="black", linestyle="--", linewidth=1,
-                       label=f"full ({r['kept_tokens']:.0f} tokens)")
+            ax.axhline(
+                100 * r["accuracy"],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"full ({r['kept_tokens']:.0f} tokens)",
+            )
             ax.plot([r["kept_tokens"]], [100 * r["accuracy"]], marker="*", color="black", markersize=10)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("visual tokens kept per image (mean)")
@@ -368,8 +484,12 @@ def plot(records: list[dict], path: str | Path, title: str = "") -> None:
 
 def _method_label(record: dict) -> str:
     """A method with its hyper-parameters and scope (fastv with layer=1 is not fastv with layer=2): one colour."""
-    extra = [f"{m}.{k}={v}" for m, p in sorted((record.get("params") or {}).items()) if isinstance(p, dict)
-             for k, v in sorted(p.items())]
+    extra = [
+        f"{m}.{k}={v}"
+        for m, p in sorted((record.get("params") or {}).items())
+        if isinstance(p, dict)
+        for k, v in sorted(p.items())
+    ]
     if record.get("scope", "image") != "image":
         extra.append(f"scope={record['scope']}")
     return record["method"] + (f" ({', '.join(extra)})" if extra else "")
@@ -392,8 +512,9 @@ def title_of(meta: dict | None, records: list[dict]) -> str:
     return f"{meta['data']} {meta['split']} ({meta['questions']} questions), {name}"
 
 
-def write_outputs(records: list[dict], out_dir: str | Path, title: str = "", meta: dict | None = None,
-                  plot_too: bool = True) -> dict[str, Path]:
+def write_outputs(
+    records: list[dict], out_dir: str | Path, title: str = "", meta: dict | None = None, plot_too: bool = True
+) -> dict[str, Path]:
     """``results.json`` (metadata, records, per-question answers), ``results.md`` and ``results.png`` in ``out_dir``.
 
     The JSON is written to a temporary file and renamed, so an interrupted write never leaves a broken file.
@@ -416,8 +537,10 @@ _SCALAR_LIST = re.compile(r'\[\n(?:\s*(?:"(?:[^"\\\n]|\\.)*"|-?[\d.eE+-]+|true|f
 def _dumps(payload) -> str:
     """Indented JSON with every list of plain values on one line (a thousand answers stay a thousand words, not a
     thousand lines)."""
-    return _SCALAR_LIST.sub(lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False),
-                            json.dumps(payload, indent=1, ensure_ascii=False))
+    return _SCALAR_LIST.sub(
+        lambda m: json.dumps(json.loads(m.group(0)), ensure_ascii=False),
+        json.dumps(payload, indent=1, ensure_ascii=False),
+    )
 
 
 def read_results(path: str | Path, option: str = "--from") -> tuple[dict | None, list[dict]]:
@@ -427,13 +550,16 @@ def read_results(path: str | Path, option: str = "--from") -> tuple[dict | None,
     if p.is_dir():
         p = p / RESULTS_JSON
     if not p.is_file():
-        raise InputError(f"{option} {str(path)!r}: no {RESULTS_JSON} there; give a folder written by tokensieve eval "
-                         "or the file itself")
+        raise InputError(
+            f"{option} {str(path)!r}: no {RESULTS_JSON} there; give a folder written by tokensieve eval "
+            "or the file itself"
+        )
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"{option} {str(path)!r}: {p.name} cannot be read ({exc}); it is not a tokensieve eval "
-                         "result") from None
+        raise InputError(
+            f"{option} {str(path)!r}: {p.name} cannot be read ({exc}); it is not a tokensieve eval result"
+        ) from None
     if isinstance(data, list):
         return None, data
     if not isinstance(data, dict) or "records" not in data:
@@ -472,23 +598,48 @@ def eval_meta(model_spec, data: str, samples: Sequence, limit: int | None, batch
 
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
-    items = {"question": [s.question for s in samples], "answer": [s.answer for s in samples],
-             "family": [s.family for s in samples]}
+    items = {
+        "question": [s.question for s in samples],
+        "answer": [s.answer for s in samples],
+        "family": [s.family for s in samples],
+    }
     digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
     return {
-        "tokensieve": __version__, "model": model_fingerprint(model_spec), "data": data, "split": "test",
-        "limit": limit, "questions": len(samples), "questions_sha256": digest, "max_new_tokens": MAX_NEW_TOKENS,
-        "decoding": "greedy, exact match after strip + lower-case", "batch_size": batch_size,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "items": items,
+        "tokensieve": __version__,
+        "model": model_fingerprint(model_spec),
+        "data": data,
+        "split": "test",
+        "limit": limit,
+        "questions": len(samples),
+        "questions_sha256": digest,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "decoding": "greedy, exact match after strip + lower-case",
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "items": items,
     }
 
 
-def run_eval(model_spec, data: str, configs: Sequence[Config], out_dir, *, limit=None, batch_size: int = 32,
-             params: dict | None = None, scope: str = "image", fresh: bool = False, progress: bool = True,
-             console=None, log=print, calibration: int = DEFAULT_CALIBRATION) -> dict:
+def run_eval(
+    model_spec,
+    data: str,
+    configs: Sequence[Config],
+    out_dir,
+    *,
+    limit=None,
+    batch_size: int = 32,
+    params: dict | None = None,
+    scope: str = "image",
+    fresh: bool = False,
+    progress: bool = True,
+    console=None,
+    log=print,
+    calibration: int = DEFAULT_CALIBRATION,
+) -> dict:
     """What ``tokensieve eval`` does: check, load, evaluate (saving after every finished configuration), write.
 
     A ``results.json`` already in ``out_dir`` from the same evaluation (same model, questions, version) is resumed:
@@ -496,7 +647,7 @@ def run_eval(model_spec, data: str, configs: Sequence[Config], out_dir, *, limit
     for now are kept too, after the requested ones. ``fresh`` ignores it. Adaptive budgets without a threshold are
     fitted on ``calibration`` images of the data set's calibration split.
     """
-    from . import data as datasets
+    from .. import data as datasets
 
     out = Path(out_dir)
     if model_path(model_spec) is not None:
@@ -514,15 +665,19 @@ def run_eval(model_spec, data: str, configs: Sequence[Config], out_dir, *, limit
     if existing is not None:
         diff = _differences(existing[0], meta)
         if diff:
-            raise InputError(f"--out {str(out_dir)!r} already holds results of another evaluation ({'; '.join(diff)}); "
-                             "choose another --out, or pass --fresh to replace them")
+            raise InputError(
+                f"--out {str(out_dir)!r} already holds results of another evaluation ({'; '.join(diff)}); "
+                "choose another --out, or pass --fresh to replace them"
+            )
         done = {record_key(r): r for r in existing[1]}
     model, processor = load_model(model_spec)
     keys = [VANILLA] + [config_key(c, params, scope, calib) for c in configs]
     missing = [c for c, k in zip(configs, keys[1:]) if k not in done]
     if done:
-        log(f"resuming {out / RESULTS_JSON}: {sum(k in done for k in keys)} finished result(s) reused, "
-            f"{len(keys) - sum(k in done for k in keys)} to run (--fresh recomputes everything)")
+        log(
+            f"resuming {out / RESULTS_JSON}: {sum(k in done for k in keys)} finished result(s) reused, "
+            f"{len(keys) - sum(k in done for k in keys)} to run (--fresh recomputes everything)"
+        )
         extra = [r for k, r in done.items() if k not in set(keys)]
     preflight(model, processor, samples, missing, params or {}, scope, calib)
     title = title_of(meta, [])
@@ -533,13 +688,27 @@ def run_eval(model_spec, data: str, configs: Sequence[Config], out_dir, *, limit
         write_outputs(records + extra, out, title, meta, plot_too=plot_too)
 
     try:
-        records = evaluate(model, processor, samples, configs, params=params, scope=scope, batch_size=batch_size,
-                           done=done, on_record=save, progress=progress, console=console, calibration=calib)
+        records = evaluate(
+            model,
+            processor,
+            samples,
+            configs,
+            params=params,
+            scope=scope,
+            batch_size=batch_size,
+            done=done,
+            on_record=save,
+            progress=progress,
+            console=console,
+            calibration=calib,
+        )
     except BaseException:
         if saved:
             save(saved, plot_too=True)
-            log(f"stopped: {len(saved)} of {len(keys)} results are saved in {out / RESULTS_JSON}; run the same "
-                "command again to finish the rest")
+            log(
+                f"stopped: {len(saved)} of {len(keys)} results are saved in {out / RESULTS_JSON}; run the same "
+                "command again to finish the rest"
+            )
         raise
     save(records, plot_too=True)
     return {"meta": meta, "records": records + extra, "title": title}
@@ -553,8 +722,10 @@ def merge_results(sources: Sequence, out_dir, log=print) -> dict:
     for src, other, _ in loaded[1:]:
         diff = _differences(meta, other)
         if diff:
-            raise InputError(f"--from {str(loaded[0][0])!r} and --from {str(src)!r} are different evaluations "
-                             f"({'; '.join(diff)}); only results of the same model and questions can be merged")
+            raise InputError(
+                f"--from {str(loaded[0][0])!r} and --from {str(src)!r} are different evaluations "
+                f"({'; '.join(diff)}); only results of the same model and questions can be merged"
+            )
     merged: dict[str, dict] = {}
     for _, _, records in loaded:
         for r in records:
@@ -571,33 +742,48 @@ def _recipe_lines(cfg: dict) -> str:
     lines = []
     if cfg.get("aux_weight"):
         heads = "colour, shape, digit" + (" and quadrant" if cfg.get("aux_quadrant") else "")
-        lines.append(f"- A per-patch probe (a linear layer on the feature layer's patch states, weight {cfg['aux_weight']}) learns the "
-                     f"{heads}\n  each patch shows (targets drawn from the scene; for easy-VQA from the image's own answers)"
-                     + (". Each head's loss averages the patches that show something and those that show\n  nothing "
-                        "separately, so a digit on 3 of 144 patches weighs as much as the background" if cfg.get("aux_balance") else "")
-                     + ". The probe is training-only and not part of the saved model.")
+        lines.append(
+            "- A per-patch probe (a linear layer on the feature layer's patch states, weight "
+            f"{cfg['aux_weight']}) learns the "
+            f"{heads}\n  each patch shows (targets drawn from the scene; for easy-VQA from the image's own answers)"
+            + (
+                ". Each head's loss averages the patches that show something and those that show\n  nothing "
+                "separately, so a digit on 3 of 144 patches weighs as much as the background"
+                if cfg.get("aux_balance")
+                else ""
+            )
+            + ". The probe is training-only and not part of the saved model."
+        )
     if cfg.get("aux_weight") and (cfg.get("aux_pooled") or cfg.get("aux_mask")):
-        extra = (["per object and per digit, the colour / shape / digit logits averaged over the instance's patches"]
-                 if cfg.get("aux_pooled") else [])
+        extra = (
+            ["per object and per digit, the colour / shape / digit logits averaged over the instance's patches"]
+            if cfg.get("aux_pooled")
+            else []
+        )
         extra += ["which sub-cells of each patch are drawn"] if cfg.get("aux_mask") else []
         lines.append("- The probe also learns " + "; and ".join(extra) + ".")
     sheets = "training sheets (3-8 digits and 3-8 shapes anywhere on a scene background)"
     if cfg.get("vision_steps"):
-        lines.append(f"- {cfg['vision_steps']} steps before the main schedule train the vision tower and probe alone"
-                     + (" against the teacher's features, on training images" if cfg.get("distill_from") else
-                        f" on {sheets}")
-                     + (f"; every main step adds {cfg['sheets']} sheets for the probe" if cfg.get("sheets") else "")
-                     + ".")
+        lines.append(
+            f"- {cfg['vision_steps']} steps before the main schedule train the vision tower and probe alone"
+            + (" against the teacher's features, on training images" if cfg.get("distill_from") else f" on {sheets}")
+            + (f"; every main step adds {cfg['sheets']} sheets for the probe" if cfg.get("sheets") else "")
+            + "."
+        )
     elif cfg.get("sheets"):
         lines.append(f"- Every step adds {cfg['sheets']} {sheets} for the probe.")
     if cfg.get("aux_words"):
-        lines.append(f"- A word-alignment loss (weight {cfg['aux_words']}): each patch's projector output, scored "
-                     "against the LM's own embeddings of the colour,\n  shape, row (top / bottom) and column "
-                     "(left / right) words, names what the patch shows and where it is. Training-only.")
+        lines.append(
+            f"- A word-alignment loss (weight {cfg['aux_words']}): each patch's projector output, scored "
+            "against the LM's own embeddings of the colour,\n  shape, row (top / bottom) and column "
+            "(left / right) words, names what the patch shows and where it is. Training-only."
+        )
     if cfg.get("question_first"):
-        lines.append("- The chat template puts the question before the image (`user : QUESTION <image> assistant : `),"
-                     " so the visual\n  tokens read the question; `processor.apply_chat_template` writes this order "
-                     "whatever the order of the content list.")
+        lines.append(
+            "- The chat template puts the question before the image (`user : QUESTION <image> assistant : `),"
+            " so the visual\n  tokens read the question; `processor.apply_chat_template` writes this order "
+            "whatever the order of the content list."
+        )
     drill = []
     if cfg.get("where_questions"):
         drill.append('"where is the <colour> shape?" for every object')
@@ -606,35 +792,48 @@ def _recipe_lines(cfg: dict) -> str:
     if cfg.get("extra_exists"):
         drill.append(f"{cfg['extra_exists']} more existence question(s)")
     if drill:
-        lines.append("- Shapes conversations also carry training-only drill turns after the family questions: "
-                     + ", ".join(drill) + ".")
+        lines.append(
+            "- Shapes conversations also carry training-only drill turns after the family questions: "
+            + ", ".join(drill)
+            + "."
+        )
     if cfg.get("lead_families"):
-        lines.append("- Each shapes conversation opens with a question drawn from: "
-                     + ", ".join(f for f in cfg["lead_families"].split(",") if f)
-                     + " (the evaluation prompt's place); its other turns follow.")
+        lines.append(
+            "- Each shapes conversation opens with a question drawn from: "
+            + ", ".join(f for f in cfg["lead_families"].split(",") if f)
+            + " (the evaluation prompt's place); its other turns follow."
+        )
     if cfg.get("aux_attention"):
         at = [a for a in cfg.get("attention_at", "word").split(",") if a]
-        what = {"word": "in LM layers 0-1, a question's colour / shape / digit / quadrant words attend to the "
-                        "patches they name",
-                "answer": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
-                          "word attends to the patches the question names",
-                "route": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
-                         "word attends to the question words that name what is asked about"}
-        lines.append(f"- An attention guide (weight {cfg['aux_attention']}, loss `-log` of the attention mass on "
-                     "the named keys, training-only): " + "; ".join(what[a] for a in at) + ".")
+        what = {
+            "word": "in LM layers 0-1, a question's colour / shape / digit / quadrant words attend to the "
+            "patches they name",
+            "answer": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
+            "word attends to the patches the question names",
+            "route": f"in LM layer {cfg.get('attention_layer', 2)}, each position that predicts an answer "
+            "word attends to the question words that name what is asked about",
+        }
+        lines.append(
+            f"- An attention guide (weight {cfg['aux_attention']}, loss `-log` of the attention mass on "
+            "the named keys, training-only): " + "; ".join(what[a] for a in at) + "."
+        )
     if cfg.get("init_from"):
-        lines.append(f"- Weights start from `{cfg['init_from']}` (tensors of equal shape copied; CLIP's position table "
-                     "resampled to the new grid and the patch kernel resized, as when a ViT moves to a higher "
-                     "resolution), not from random values.")
+        lines.append(
+            f"- Weights start from `{cfg['init_from']}` (tensors of equal shape copied; CLIP's position table "
+            "resampled to the new grid and the patch kernel resized, as when a ViT moves to a higher "
+            "resolution), not from random values."
+        )
     if cfg.get("distill_from"):
-        lines.append(f"- The vision tower also learns to reproduce the feature layer of `{cfg['distill_from']}` "
-                     f"(its grid resized to this one's; weight {cfg.get('distill_weight', 1.0)}) on every image it sees.")
+        lines.append(
+            f"- The vision tower also learns to reproduce the feature layer of `{cfg['distill_from']}` "
+            f"(its grid resized to this one's; weight {cfg.get('distill_weight', 1.0)}) on every image it sees."
+        )
     return "\n".join(lines) + ("\n" if lines else "")
 
 
 def write_model_card(model_dir: str | Path, batch_size: int = 64, name: str = "default model") -> str:
     """Measure the full-token model on both test sets and write its README.md (the model card)."""
-    from . import data as datasets
+    from .. import data as datasets
 
     model_dir = Path(model_dir)
     model, processor = load_model(model_dir)
@@ -653,42 +852,49 @@ def write_model_card(model_dir: str | Path, batch_size: int = 64, name: str = "d
     params = sum(p.numel() for p in model.parameters())
     notes = cfg.get("notes", {})
     side = cfg["image_size"] // cfg["patch_size"]
-    load = (f" The machine was shared: mean 1-minute load average {notes['mean_load']} on its {notes.get('cores', '?')} "
-            "cores while it trained, so an idle machine is faster." if notes.get("mean_load") else "")
+    load = (
+        f" The machine was shared: mean 1-minute load average {notes['mean_load']} on its {notes.get('cores', '?')} "
+        "cores while it trained, so an idle machine is faster."
+        if notes.get("mean_load")
+        else ""
+    )
     command = f"\n\n    {notes['command']}\n" if notes.get("command") else ""
-    curriculum = (f"- The first {cfg['curriculum_steps']} steps use easy-VQA images only.\n"
-                  if cfg.get("curriculum_steps") else "")
+    curriculum = (
+        f"- The first {cfg['curriculum_steps']} steps use easy-VQA images only.\n"
+        if cfg.get("curriculum_steps")
+        else ""
+    )
     card = f"""# tokensieve {name}
 
 A small LLaVA-1.5-layout VLM trained on CPU by `training/train_default.py` as one of tokensieve's embedded
-accuracy yardsticks. Stock `LlavaForConditionalGeneration`: CLIP vision tower ({cfg['vision_layers']} layers,
-width {cfg['vision_width']}, {cfg['image_size']} px, patch {cfg['patch_size']}: {side}x{side} = {side * side}
-visual tokens + CLS, features from layer -2), 2-layer GELU projector, Llama LM ({cfg['text_layers']} layers, width
-{cfg['text_width']}), word-level tokenizer. {params / 1e6:.2f} M parameters, fp32.
+accuracy yardsticks. Stock `LlavaForConditionalGeneration`: CLIP vision tower ({cfg["vision_layers"]} layers,
+width {cfg["vision_width"]}, {cfg["image_size"]} px, patch {cfg["patch_size"]}: {side}x{side} = {side * side}
+visual tokens + CLS, features from layer -2), 2-layer GELU projector, Llama LM ({cfg["text_layers"]} layers, width
+{cfg["text_width"]}), word-level tokenizer. {params / 1e6:.2f} M parameters, fp32.
 
 Not a general model: it answers one-word questions about the two datasets below, and nothing else.
 
 ## Data
-- `tokensieve.data.shapes` train split (procedural scenes, a fresh scene per sample), {100 * (1 - cfg['easyvqa_share']):.0f}% of samples.
-- easy-VQA train split (PyPI `easy-vqa`, MIT, 38,575 questions on 4,000 images), {100 * cfg['easyvqa_share']:.0f}% of samples.
-- Each training image carries up to {cfg.get('turns', 1)} of its questions as a conversation (shapes: one per
+- `tokensieve.data.shapes` train split (procedural scenes, a fresh scene per sample), {100 * (1 - cfg["easyvqa_share"]):.0f}% of samples.
+- easy-VQA train split (PyPI `easy-vqa`, MIT, 38,575 questions on 4,000 images), {100 * cfg["easyvqa_share"]:.0f}% of samples.
+- Each training image carries up to {cfg.get("turns", 1)} of its questions as a conversation (shapes: one per
   family; easy-VQA: the image's own questions); the first turn is exactly the evaluation prompt.
-{curriculum}- {100 * cfg.get('describe_share', 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
+{curriculum}- {100 * cfg.get("describe_share", 0):.0f}% of images also end with a "describe the image ." turn whose answer lists every object (position,
   size, colour, shape), the count and the digit (for easy-VQA: colour and shape, from the image's own answers).
   The test sets contain only the question families; the shapes test split is never trained on.
 {_recipe_lines(cfg)}
 ## Training
-{notes.get('steps_done', cfg['steps'])} steps x batch {cfg['batch_size']}, AdamW (lr {cfg['lr']}, cosine to {cfg['min_lr']},
-warmup {cfg['warmup']}, weight decay {cfg['weight_decay']}), loss on the answer words and EOS only, seed {cfg['seed']};
-CLIP's learned position table starts from a 2-D sine-cosine grid{'' if cfg.get('sincos_positions', 0) else ' (off in this run)'}.
-{notes.get('train_minutes', '?')} minutes of training on {notes.get('threads', '?')} CPU thread(s) ({notes.get('device', 'cpu')},
-torch {notes.get('torch', '?')}).{load} Loss and probe accuracy history in `training.json`. Command:{command}
+{notes.get("steps_done", cfg["steps"])} steps x batch {cfg["batch_size"]}, AdamW (lr {cfg["lr"]}, cosine to {cfg["min_lr"]},
+warmup {cfg["warmup"]}, weight decay {cfg["weight_decay"]}), loss on the answer words and EOS only, seed {cfg["seed"]};
+CLIP's learned position table starts from a 2-D sine-cosine grid{"" if cfg.get("sincos_positions", 0) else " (off in this run)"}.
+{notes.get("train_minutes", "?")} minutes of training on {notes.get("threads", "?")} CPU thread(s) ({notes.get("device", "cpu")},
+torch {notes.get("torch", "?")}).{load} Loss and probe accuracy history in `training.json`. Command:{command}
 ## Test accuracy (full tokens, greedy `generate()`, exact match)
 
 | set | questions | accuracy | per family |
 |---|---|---|---|
 {chr(10).join(rows)}
-"""
+"""  # noqa: E501 (the card's text, one markdown line per source line)
     old = model_dir / "README.md"
     kept = old.read_text().partition(REPRODUCE)[2] if old.is_file() else ""
     if kept:  # a hand-written section (how the weights it started from were made) survives re-measuring

@@ -11,7 +11,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 IMAGE_SUFFIXES = ".png, .jpg, .webp, .bmp, ..."
 PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -42,8 +42,9 @@ def load_image(path: str | os.PathLike, option: str = "--image"):
     except Image.DecompressionBombError as exc:
         raise InputError(f"{where} is too large to decode safely ({exc}); resize it first") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{where} is damaged or truncated ({' '.join(str(exc).split())}); re-save or re-download "
-                         "it") from None
+        raise InputError(
+            f"{where} is damaged or truncated ({' '.join(str(exc).split())}); re-save or re-download it"
+        ) from None
 
 
 def prepare_out_dir(path: str | os.PathLike, option: str = "--out") -> Path:
@@ -96,21 +97,25 @@ def build_prompt(processor, question: str, option: str = "--prompt") -> tuple[st
     already holds the model's image token once is taken as a complete prompt and sent as written (the user placed
     the image); more than one is refused, since the command passes one image.
     """
-    from .train import prompt_text
+    from ..trainer import prompt_text
 
     token = getattr(processor, "image_token", None) or "<image>"
     count = question.count(token)
     notes = []
     if count > 1:
-        raise InputError(f"{option} holds {count} image placeholders {token!r} but the command passes one image; "
-                         f"remove them (the placeholder is inserted for you) or keep exactly one")
+        raise InputError(
+            f"{option} holds {count} image placeholders {token!r} but the command passes one image; "
+            f"remove them (the placeholder is inserted for you) or keep exactly one"
+        )
     if count == 1:
         text = question
         notes.append(f"{option} contains {token!r}: sent as written, without the chat template")
     else:
         if token != "<image>" and "<image>" in question:
-            raise InputError(f"{option} contains '<image>', which is not this model's image token ({token!r}); "
-                             "leave it out, the placeholder is inserted for you")
+            raise InputError(
+                f"{option} contains '<image>', which is not this model's image token ({token!r}); "
+                "leave it out, the placeholder is inserted for you"
+            )
         text = prompt_text(processor, question)
     unknown = unknown_words(processor, question.replace(token, " "))
     if unknown:

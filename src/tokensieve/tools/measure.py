@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .methods.base import IN_ENCODER, PRE_PROJECTOR
+from ..methods.base import IN_ENCODER, PRE_PROJECTOR
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -83,7 +83,7 @@ def _elapsed(a, b) -> float:
 def vision_modules(model):
     """(vision tower, projector) of a supported model, whose forward calls bound the vision time (the family's
     adapter names them: Qwen-VL's merger MLP and Idefics3's connector projection are its projector)."""
-    from .adapters import get_adapter
+    from ..adapters import get_adapter
 
     return get_adapter(model).vision_modules()
 
@@ -149,7 +149,10 @@ def cache_bytes(cache) -> int:
     if cache is None:
         return 0
     layers = getattr(cache, "layers", None)
-    pairs = [(getattr(l, "keys", None), getattr(l, "values", None)) for l in layers] if layers is not None else cache
+    if layers is not None:
+        pairs = [(getattr(lay, "keys", None), getattr(lay, "values", None)) for lay in layers]
+    else:
+        pairs = cache
     total = 0
     for pair in pairs:
         for t in pair:
@@ -165,8 +168,13 @@ def measure_call(model, batch: dict, sieve=None, new_tokens: int = 8) -> tuple[C
     """
     device = next(model.parameters()).device
     clock = _TokenClock(device.type == "cuda")
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
-               return_dict_in_generate=True)
+    gen = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=clock,
+        return_dict_in_generate=True,
+    )
     with torch.inference_mode(), _PeakMemory(device) as mem, _vision_window(model, clock) as window:
         if sieve is None:
             start = clock.now()
@@ -184,9 +192,15 @@ def measure_call(model, batch: dict, sieve=None, new_tokens: int = 8) -> tuple[C
     vision = max(0.0, window_s - (selection if inside else 0.0))
     decode = _elapsed(tokens[0], tokens[-1]) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None
     timing = CallTiming(
-        ttft_s=ttft, vision_s=vision, selection_s=selection, prefill_s=max(0.0, ttft - vision - selection),
-        decode_ms_per_token=decode, new_tokens=new_tokens, peak_memory_bytes=mem.peak,
-        kv_cache_bytes=cache_bytes(getattr(out, "past_key_values", None)), memory_method=mem.method,
+        ttft_s=ttft,
+        vision_s=vision,
+        selection_s=selection,
+        prefill_s=max(0.0, ttft - vision - selection),
+        decode_ms_per_token=decode,
+        new_tokens=new_tokens,
+        peak_memory_bytes=mem.peak,
+        kv_cache_bytes=cache_bytes(getattr(out, "past_key_values", None)),
+        memory_method=mem.method,
     )
     return timing, report
 
@@ -202,7 +216,7 @@ class Spread:
     values: list[float] = field(default_factory=list)
 
     @classmethod
-    def of(cls, values) -> "Spread | None":
+    def of(cls, values) -> Spread | None:
         vals = [float(v) for v in values if v is not None]
         if not vals:
             return None

@@ -15,20 +15,30 @@ from pathlib import Path
 
 import torch
 
-from .budget import Budget
-from .configs import VANILLA, Config
+from ..budget import Budget
+from ..methods import get_method
+from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR
+from .configs import Config
 from .flops import Flops, analytic_trace, count_flops, dims_from_config, trace_from_report, vanilla_trace
 from .measure import Spread, measure_call
-from .methods import get_method
-from .methods.base import POST_PROJECTOR, PRE_PROJECTOR
 
 
 def _flops_row(flops: Flops) -> dict:
     return flops.to_dict()
 
 
-def run_bench(model, batch: dict, configs: list[Config], *, repeats: int = 5, warmup: int = 1,
-              new_tokens: int = 8, log=print, params: dict | None = None, scope: str = "image") -> dict:
+def run_bench(
+    model,
+    batch: dict,
+    configs: list[Config],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    new_tokens: int = 8,
+    log=print,
+    params: dict | None = None,
+    scope: str = "image",
+) -> dict:
     """Measure every configuration ``repeats`` times after ``warmup`` unrecorded rounds; return rows of results.
 
     ``params`` maps a method name to its hyper-parameters, as ``--param METHOD.NAME=VALUE`` gives them."""
@@ -44,26 +54,43 @@ def run_bench(model, batch: dict, configs: list[Config], *, repeats: int = 5, wa
                 samples[cfg.label].append(timing)
             last_reports[cfg.label] = report
         if rnd >= warmup:
-            log(f"round {rnd - warmup + 1}/{repeats}: " + ", ".join(
-                f"{c.label} {samples[c.label][-1].ttft_s:.3f}s" for c in configs))
+            log(
+                f"round {rnd - warmup + 1}/{repeats}: "
+                + ", ".join(f"{c.label} {samples[c.label][-1].ttft_s:.3f}s" for c in configs)
+            )
     rows = []
     vanilla_flops = count_flops(model.config, vanilla_trace(model.config, **batch, new_tokens=new_tokens))
     for cfg in configs:
         report = last_reports[cfg.label]
-        flops = vanilla_flops if report is None else count_flops(
-            model.config, trace_from_report(report, new_tokens=new_tokens))
+        flops = (
+            vanilla_flops
+            if report is None
+            else count_flops(model.config, trace_from_report(report, new_tokens=new_tokens))
+        )
         runs = samples[cfg.label]
         row = dict(
-            config=cfg.label, method=cfg.method, budget=cfg.budget,
+            config=cfg.label,
+            method=cfg.method,
+            budget=cfg.budget,
             params={m: (params or {})[m] for m in cfg.methods if (params or {}).get(m)},
             visual_tokens=flops.trace.llm_layer_visual_tokens[0][0] if flops.trace.llm_layer_visual_tokens else 0,
-            llm_visual_tokens_avg=(sum(flops.trace.llm_layer_visual_tokens[0]) / len(flops.trace.llm_layer_visual_tokens[0])
-                                   if flops.trace.llm_layer_visual_tokens else 0),
+            llm_visual_tokens_avg=(
+                sum(flops.trace.llm_layer_visual_tokens[0]) / len(flops.trace.llm_layer_visual_tokens[0])
+                if flops.trace.llm_layer_visual_tokens
+                else 0
+            ),
             stage=None if report is None else report.stage,
             flops=_flops_row(flops),
         )
-        for key in ("ttft_s", "vision_s", "selection_s", "prefill_s", "decode_ms_per_token", "peak_memory_bytes",
-                    "kv_cache_bytes"):
+        for key in (
+            "ttft_s",
+            "vision_s",
+            "selection_s",
+            "prefill_s",
+            "decode_ms_per_token",
+            "peak_memory_bytes",
+            "kv_cache_bytes",
+        ):
             spread = Spread.of(getattr(r, key) for r in runs)
             row[key] = spread.to_dict() if spread else None
         row["memory_method"] = runs[0].memory_method if runs else None
@@ -102,8 +129,13 @@ def machine_meta(model, repeats: int, warmup: int, new_tokens: int) -> dict:
         pass
     return dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
-        threads=torch.get_num_threads(), torch=torch.__version__, dtype=str(param.dtype).replace("torch.", ""),
-        repeats=repeats, warmup=warmup, new_tokens=new_tokens, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        dtype=str(param.dtype).replace("torch.", ""),
+        repeats=repeats,
+        warmup=warmup,
+        new_tokens=new_tokens,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     )
 
 
@@ -117,15 +149,16 @@ def check_budgets(config, configs: list[Config]) -> None:
                 Budget.parse(cfg.budgets[0]).resolve(dims.image_tokens, what="each image of this model")
 
 
-def model_probe(model_dir, config, image=None, prompt: str = "What is in the picture?", text_tokens: int = 40,
-                log=print, warn=None) -> dict:
+def model_probe(
+    model_dir, config, image=None, prompt: str = "What is in the picture?", text_tokens: int = 40, log=print, warn=None
+) -> dict:
     """The batch ``bench --model`` times: the model's own processor on ``image`` (default: a generated scene) and
     the chat-formatted ``prompt``; when the processor cannot be loaded here (LLaVA-OneVision's, NeXT-Video's and
     Qwen-VL's need torchvision for their video part), synthetic inputs of the family's layout instead, which is
-    all timing and FLOPs depend on (``tokensieve.archs.synthetic_inputs``)."""
-    from .archs import synthetic_inputs
+    all timing and FLOPs depend on (``tokensieve.models.archs.synthetic_inputs``)."""
+    from ..models.archs import synthetic_inputs
+    from ..models.loading import load_processor
     from .inputs import build_prompt
-    from .loading import load_processor
 
     try:
         processor = load_processor(model_dir)
@@ -133,10 +166,12 @@ def model_probe(model_dir, config, image=None, prompt: str = "What is in the pic
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if image is not None:
             raise ValueError(f"--image needs the model's processor, which cannot be loaded here ({reason})") from None
-        log(f"the processor of {model_dir} cannot be loaded here ({reason}); timing synthetic inputs of the same "
-            f"layout (one image, {text_tokens} text tokens) instead")
+        log(
+            f"the processor of {model_dir} cannot be loaded here ({reason}); timing synthetic inputs of the same "
+            f"layout (one image, {text_tokens} text tokens) instead"
+        )
         return synthetic_inputs(config, text_tokens=text_tokens)
-    from .tiny import demo_image
+    from ..models.tiny import demo_image
 
     text, notes = build_prompt(processor, prompt)
     for note in notes:
@@ -172,8 +207,14 @@ def flops_only(config, batch: dict, configs: list[Config], new_tokens: int = 8) 
                 continue
             k = Budget.parse(cfg.budgets[0]).resolve(dims.image_tokens, what="each image")
             projected = dims.image_tokens * n_img if stage == POST_PROJECTOR else k * n_img
-            trace = analytic_trace(config, text_tokens=text, visual_tokens=k * n_img, projected_tokens=projected,
-                                   num_images=n_img, new_tokens=new_tokens)
+            trace = analytic_trace(
+                config,
+                text_tokens=text,
+                visual_tokens=k * n_img,
+                projected_tokens=projected,
+                num_images=n_img,
+                new_tokens=new_tokens,
+            )
         flops = count_flops(dims, trace)
         row.update(visual_tokens=trace.llm_layer_visual_tokens[0][0], flops=_flops_row(flops))
         rows.append(row)
@@ -187,14 +228,17 @@ def flops_only(config, batch: dict, configs: list[Config], new_tokens: int = 8) 
 
 # -- writing --------------------------------------------------------------------------------------------------
 
+
 def _g(x: float) -> str:
     return f"{x / 1e9:.4g}"
 
 
 def flops_table(rows: list[dict]) -> list[str]:
-    lines = ["| config | visual tokens | vision GFLOPs | projector | LM prefill | to first token | FLOPs-ideal speed-up "
-             "| FastV Eq.5 GMACs | PDrop GMACs | decode GFLOPs/token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | visual tokens | vision GFLOPs | projector | LM prefill | to first token | FLOPs-ideal speed-up "
+        "| FastV Eq.5 GMACs | PDrop GMACs | decode GFLOPs/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "flops" not in r:
             lines.append(f"| {r['config']} | - | {r.get('note', '')} | | | | | | | |")
@@ -210,9 +254,11 @@ def flops_table(rows: list[dict]) -> list[str]:
 
 
 def timing_table(rows: list[dict]) -> list[str]:
-    lines = ["| config | visual tokens | TTFT s (min-max) | TTFT speed-up | FLOPs-ideal | vision s | selection ms "
-             "(% TTFT) | prefill s | prefill speed-up (ideal) | decode ms/token | peak mem MB | KV cache MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | visual tokens | TTFT s (min-max) | TTFT speed-up | FLOPs-ideal | vision s | selection ms "
+        "(% TTFT) | prefill s | prefill speed-up (ideal) | decode ms/token | peak mem MB | KV cache MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["ttft_s"]
         dec = _med(r, "decode_ms_per_token")
@@ -260,8 +306,13 @@ def plot(result: dict, path: Path, title: str) -> None:
     width = 0.4 if measured else 0.6
     ideal = [r["flops_ideal_ttft_speedup"] for r in rows]
     if measured:
-        ax.bar([i - width / 2 for i in x], [r["ttft_speedup"] for r in rows], width, label="measured TTFT speed-up",
-               color="#4c72b0")
+        ax.bar(
+            [i - width / 2 for i in x],
+            [r["ttft_speedup"] for r in rows],
+            width,
+            label="measured TTFT speed-up",
+            color="#4c72b0",
+        )
         ax.bar([i + width / 2 for i in x], ideal, width, label="FLOPs-ideal", color="#c7c7c7")
     else:
         ax.bar(list(x), ideal, width, label="FLOPs-ideal speed-up to first token", color="#c7c7c7")
@@ -285,12 +336,19 @@ def write_results(result: dict, out_dir: str | Path, title: str) -> dict[str, Pa
     if meta.get("mode") == "flops-only":
         lines += [meta.get("note", "FLOPs from the config only; nothing was run."), ""]
     else:
-        lines += [f"{meta['device']}, {meta['threads']} threads, torch {meta['torch']}, {meta['dtype']}; "
-                  f"greedy generate of {meta['new_tokens']} tokens; median of {meta['repeats']} interleaved repeats "
-                  f"after {meta['warmup']} warm-up round(s); {meta['date']}.", "",
-                  *timing_table(result["rows"]), ""]
-    lines += ["FLOPs from each call's token trace (true FLOPs = 2 x MACs; paper conventions are LM prefill only, "
-              "in MACs):", "", *flops_table(result["rows"])]
+        lines += [
+            f"{meta['device']}, {meta['threads']} threads, torch {meta['torch']}, {meta['dtype']}; "
+            f"greedy generate of {meta['new_tokens']} tokens; median of {meta['repeats']} interleaved repeats "
+            f"after {meta['warmup']} warm-up round(s); {meta['date']}.",
+            "",
+            *timing_table(result["rows"]),
+            "",
+        ]
+    lines += [
+        "FLOPs from each call's token trace (true FLOPs = 2 x MACs; paper conventions are LM prefill only, in MACs):",
+        "",
+        *flops_table(result["rows"]),
+    ]
     paths = dict(json=out / "bench.json", md=out / "bench.md", png=out / "bench.png")
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
     paths["md"].write_text("\n".join(lines) + "\n")

@@ -6,12 +6,12 @@ padding side and several images per prompt work the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .errors import PlaceholderError
+from ..errors import PlaceholderError
 
 
 @dataclass
@@ -104,8 +104,11 @@ def shrink_placeholders(
             keep[span.sample, span.positions[drop]] = False
         else:
             keep[span.sample, span.positions[k:]] = False
-    right_padded = attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) and not bool(
-        (attention_mask[:, 0] == 0).any())
+    right_padded = (
+        attention_mask is not None
+        and bool((attention_mask[:, -1] == 0).any())
+        and not bool((attention_mask[:, 0] == 0).any())
+    )
     if left is None:
         left = not right_padded
     elif left and right_padded:
@@ -116,7 +119,7 @@ def shrink_placeholders(
     for b in range(bsz):
         pos = keep[b].nonzero().squeeze(-1)
         if left:
-            index[b, new_len - pos.numel():] = pos
+            index[b, new_len - pos.numel() :] = pos
         else:
             index[b, : pos.numel()] = pos
     return Compaction(index=index, left_padded=left)

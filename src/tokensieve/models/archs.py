@@ -7,11 +7,11 @@ prompt with the model's full placeholder run.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 def _llava15_cpu():
@@ -22,34 +22,73 @@ def _llava15_cpu():
     """
     from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                       max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=151646, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = Qwen2Config(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=151646,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def _llava15_7b():
     """LLaVA-1.5-7B: CLIP-L/14-336 + Vicuna-7B (Llama-2-7B shapes: 32 layers, width 4096, 32 heads, MLP 11008).
 
     About 7.06 B parameters: 28 GB in fp32, 14 GB in fp16/bf16. On a machine that cannot hold it, use it for
-    config-only FLOPs (:func:`tokensieve.flops.count_flops` needs no weights).
+    config-only FLOPs (:func:`tokensieve.tools.flops.count_flops` needs no weights).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       pad_token_id=32001)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def _tiny():
-    """The tiny test/demo LLaVA (:mod:`tokensieve.tiny`): a 12x12 grid, milliseconds per call."""
+    """The tiny test/demo LLaVA (:mod:`tokensieve.models.tiny`): a 12x12 grid, milliseconds per call."""
     from .tiny import build_tiny_llava
 
     return build_tiny_llava()[0].config
@@ -121,8 +160,10 @@ def synthetic_inputs(model, text_tokens: int = 40, seed: int = 0) -> dict[str, t
     vocab = config.get_text_config().vocab_size
     low = min(100, vocab // 2)
     text = torch.randint(low, min(1000, vocab), (text_tokens,), generator=g)
-    special = [getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                    "vision_end_token_id")]
+    special = [
+        getattr(config, k, None)
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    ]
     text[torch.isin(text, torch.tensor([t for t in special if t is not None]))] = low - 1
     ids = torch.cat([text[:5], visual, text[5:]])[None]
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(param.dtype), **extra)
@@ -133,7 +174,7 @@ def synthetic_inputs(model, text_tokens: int = 40, seed: int = 0) -> dict[str, t
 
 def _family_visual(model, config, g: torch.Generator):
     """``(placeholder run, pixel_values, other processor outputs)`` of one synthetic image of a non-LLaVA-1.5 family."""
-    from .adapters import get_adapter
+    from ..adapters import get_adapter
 
     vc = config.vision_config
     family = config.model_type
@@ -142,8 +183,11 @@ def _family_visual(model, config, g: torch.Generator):
         side = QWEN_GRID - QWEN_GRID % (2 * merge)
         width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         pixels = torch.randn(side * side, width, generator=g)
-        run = [config.vision_start_token_id] + [config.image_token_id] * (side * side // merge**2) + [
-            config.vision_end_token_id]
+        run = (
+            [config.vision_start_token_id]
+            + [config.image_token_id] * (side * side // merge**2)
+            + [config.vision_end_token_id]
+        )
         return torch.tensor(run), pixels, {"image_grid_thw": torch.tensor([[1, side, side]])}
     size = vc.image_size
     if family in ("idefics3", "smolvlm"):  # the global view alone: one crop
@@ -158,7 +202,8 @@ def _family_visual(model, config, g: torch.Generator):
     extra = {"image_sizes": torch.tensor([[size, size]])}
     if family == "llava_onevision":
         extra["batch_num_images"] = torch.tensor([1])
-    adapter = get_adapter(model if model is not None and next(model.parameters()).device.type != "meta"
-                          else meta_model(config))
+    adapter = get_adapter(
+        model if model is not None and next(model.parameters()).device.type != "meta" else meta_model(config)
+    )
     n = adapter.tokens_per_image(dict(pixel_values=pixels, **extra))[0]
     return torch.full((n,), config.image_token_id), pixels, extra

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # decoder families whose MLP has no gate (two matrices); everything else is counted as gated
 _PLAIN_MLP = {"gpt2", "opt", "gpt_neox", "gptj", "phi", "bloom", "falcon", "mpt", "starcoder2"}
@@ -113,8 +113,16 @@ def _lm_dims(config) -> LMDims:
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", None) or heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    return LMDims(tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, heads, kv, head_dim, tc.vocab_size,
-                  gated=tc.model_type not in _PLAIN_MLP)
+    return LMDims(
+        tc.hidden_size,
+        tc.intermediate_size,
+        tc.num_hidden_layers,
+        heads,
+        kv,
+        head_dim,
+        tc.vocab_size,
+        gated=tc.model_type not in _PLAIN_MLP,
+    )
 
 
 def dims_from_config(config) -> Dims:
@@ -131,22 +139,45 @@ def dims_from_config(config) -> Dims:
         width = vc.embed_dim if family == "qwen2_vl" else vc.hidden_size
         mlp = int(width * vc.mlp_ratio) if family == "qwen2_vl" else vc.intermediate_size
         out = vc.hidden_size if family == "qwen2_vl" else vc.out_hidden_size
-        vision = VisionDims(width, mlp, vc.depth, vc.patch_size, vc.in_channels, (0, 0), has_cls=False,
-                            patch_inputs=vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
-                            gated=family == "qwen2_5_vl")
+        vision = VisionDims(
+            width,
+            mlp,
+            vc.depth,
+            vc.patch_size,
+            vc.in_channels,
+            (0, 0),
+            has_cls=False,
+            patch_inputs=vc.in_channels * vc.temporal_patch_size * vc.patch_size**2,
+            gated=family == "qwen2_5_vl",
+        )
         unit = width * merge**2
         return Dims(vision, ((unit, unit), (unit, out)), _lm_dims(config), None, family)
     side = vc.image_size // vc.patch_size
     if family in IDEFICS3_FAMILIES:
         scale = int(config.scale_factor)
-        vision = VisionDims(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size,
-                            getattr(vc, "num_channels", 3), (side, side), has_cls=False)
+        vision = VisionDims(
+            vc.hidden_size,
+            vc.intermediate_size,
+            vc.num_hidden_layers,
+            vc.patch_size,
+            getattr(vc, "num_channels", 3),
+            (side, side),
+            has_cls=False,
+        )
         projector = ((vc.hidden_size * scale**2, tc.hidden_size),)
         return Dims(vision, projector, _lm_dims(config), (side // scale) ** 2, family)
     has_cls = getattr(vc, "model_type", "") != "siglip_vision_model"
     head = vc.intermediate_size if not has_cls and getattr(vc, "vision_use_head", False) else None
-    vision = VisionDims(vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.patch_size,
-                        getattr(vc, "num_channels", 3), (side, side), has_cls=has_cls, head_intermediate=head)
+    vision = VisionDims(
+        vc.hidden_size,
+        vc.intermediate_size,
+        vc.num_hidden_layers,
+        vc.patch_size,
+        getattr(vc, "num_channels", 3),
+        (side, side),
+        has_cls=has_cls,
+        head_intermediate=head,
+    )
     layers = config.vision_feature_layer
     n_feat = 1 if isinstance(layers, int) else len(layers)
     projector = ((vc.hidden_size * n_feat, tc.hidden_size), (tc.hidden_size, tc.hidden_size))
@@ -198,7 +229,7 @@ def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1, sampl
     crop first, Qwen's merger on 4 rows a token and windowed blocks), since the report cannot tell whose rows those
     are.
     """
-    from .methods.base import POST_PROJECTOR
+    from ..methods.base import POST_PROJECTOR
 
     images = report.images if sample is None else [im for im in report.images if im.sample == sample]
     rows = range(len(report.llm_layer_tokens)) if sample is None else [sample]
@@ -213,8 +244,11 @@ def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1, sampl
     else:
         projected = sum(v[0] for v in visual if v)
     if sample is not None:
-        every = sum(im.tokens_in for im in report.images) if report.stage == POST_PROJECTOR else sum(
-            v[0] for v in report.llm_layer_visual_tokens if v)
+        every = (
+            sum(im.tokens_in for im in report.images)
+            if report.stage == POST_PROJECTOR
+            else sum(v[0] for v in report.llm_layer_visual_tokens if v)
+        )
         if report.projected_tokens is not None and report.projected_tokens != every:
             raise ValueError(
                 f"per-sample FLOPs cannot be split out of this batch: its projector ran on {report.projected_tokens} "
@@ -244,8 +278,9 @@ def trace_from_report(report, new_tokens: int = 1, logits_tokens: int = 1, sampl
     )
 
 
-def vanilla_trace(config, input_ids, attention_mask=None, new_tokens: int = 1, logits_tokens: int = 1,
-                  **inputs) -> TokenTrace:
+def vanilla_trace(
+    config, input_ids, attention_mask=None, new_tokens: int = 1, logits_tokens: int = 1, **inputs
+) -> TokenTrace:
     """The trace an uncompressed call on this batch has: every layer sees every token.
 
     ``inputs`` are the rest of the processor's output where the family needs them to know what the encoder runs
@@ -256,8 +291,9 @@ def vanilla_trace(config, input_ids, attention_mask=None, new_tokens: int = 1, l
     dims = dims_from_config(config)
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     real = ids.new_ones(ids.shape, dtype=bool) if attention_mask is None else attention_mask.bool()
-    tokens = [config.image_token_id] + ([config.video_token_id] if getattr(config, "video_token_id", None) is not None
-                                        else [])
+    tokens = [config.image_token_id] + (
+        [config.video_token_id] if getattr(config, "video_token_id", None) is not None else []
+    )
     visual = (torch.isin(ids, torch.tensor(tokens, device=ids.device)) & real).sum(dim=1).tolist()
     lengths = [int(n) for n in real.sum(dim=1).tolist()]
     visual = [int(v) for v in visual]
@@ -267,8 +303,15 @@ def vanilla_trace(config, input_ids, attention_mask=None, new_tokens: int = 1, l
             raise ValueError(
                 f"{images} image placeholders are not a whole number of images of {dims.image_tokens} tokens each"
             )
-        return _uniform_trace(dims, lengths, visual, images // dims.image_tokens, projected=images,
-                              new_tokens=new_tokens, logits_tokens=logits_tokens)
+        return _uniform_trace(
+            dims,
+            lengths,
+            visual,
+            images // dims.image_tokens,
+            projected=images,
+            new_tokens=new_tokens,
+            logits_tokens=logits_tokens,
+        )
     if dims.family in QWEN_FAMILIES:
         segments, head, projected = _qwen_encoder(config, dims, inputs)
     elif dims.family in IDEFICS3_FAMILIES:
@@ -281,9 +324,14 @@ def vanilla_trace(config, input_ids, attention_mask=None, new_tokens: int = 1, l
     passes = len(segments[0]) if segments else 0
     return TokenTrace(
         encoder_layer_tokens=[round(sum(s) / passes) if passes else 0 for s in segments] if passes else [],
-        num_images=passes, projected_tokens=projected, llm_layer_tokens=[[n] * dims.lm.layers for n in lengths],
-        llm_layer_visual_tokens=[[n] * dims.lm.layers for n in visual], new_tokens=new_tokens,
-        logits_tokens=logits_tokens, encoder_segments=segments, encoder_head_tokens=head,
+        num_images=passes,
+        projected_tokens=projected,
+        llm_layer_tokens=[[n] * dims.lm.layers for n in lengths],
+        llm_layer_visual_tokens=[[n] * dims.lm.layers for n in visual],
+        new_tokens=new_tokens,
+        logits_tokens=logits_tokens,
+        encoder_segments=segments,
+        encoder_head_tokens=head,
     )
 
 
@@ -313,7 +361,8 @@ def _llava_encoder(config, dims: Dims, inputs: dict):
         else:  # NeXT-Video pools (average or max: no matmul) before projecting
             if getattr(config, "spatial_pool_mode", "average") not in ("average", "max"):
                 raise UnsupportedModelError(
-                    f"FLOPs of spatial_pool_mode={config.spatial_pool_mode!r} are not implemented (average, max)")
+                    f"FLOPs of spatial_pool_mode={config.spatial_pool_mode!r} are not implemented (average, max)"
+                )
             stride = int(config.spatial_pool_stride)
             projected += frames * (v.grid[0] // stride) * (v.grid[1] // stride)
     segments = [[per_pass] * passes] * v.layers
@@ -343,14 +392,24 @@ def _qwen_encoder(config, dims: Dims, inputs: dict):
             windows += [int(n) for n in torch.diff(torch.as_tensor(cu).long()).tolist() if n]
     if rows == 0 and (inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None):
         raise ValueError(f"{dims.family} FLOPs need the processor's image_grid_thw / video_grid_thw")
-    full_blocks = set(getattr(vc, "fullatt_block_indexes", None) or range(vc.depth)) \
-        if dims.family == "qwen2_5_vl" else set(range(vc.depth))
+    full_blocks = (
+        set(getattr(vc, "fullatt_block_indexes", None) or range(vc.depth))
+        if dims.family == "qwen2_5_vl"
+        else set(range(vc.depth))
+    )
     segments = [list(full) if i in full_blocks else list(windows) for i in range(vc.depth)]
     return segments, [], rows // merge**2
 
 
-def analytic_trace(config, *, text_tokens: int, visual_tokens: int, projected_tokens: int | None = None,
-                   num_images: int = 1, new_tokens: int = 1) -> TokenTrace:
+def analytic_trace(
+    config,
+    *,
+    text_tokens: int,
+    visual_tokens: int,
+    projected_tokens: int | None = None,
+    num_images: int = 1,
+    new_tokens: int = 1,
+) -> TokenTrace:
     """A one-sample trace without running anything: a pre- or post-projector method keeping ``visual_tokens``.
 
     This is what config-only analysis (a 7B model on a machine that cannot hold it) can say exactly; in-encoder and
@@ -365,11 +424,19 @@ def _uniform_trace(dims: Dims, lengths, visual, num_images, projected, new_token
     v = dims.vision
     enc = [v.num_patches + int(v.has_cls)] * v.layers if num_images else []
     lm_layers = dims.lm.layers
-    return TokenTrace(enc, num_images, projected, [[n] * lm_layers for n in lengths],
-                      [[n] * lm_layers for n in visual], new_tokens, logits_tokens)
+    return TokenTrace(
+        enc,
+        num_images,
+        projected,
+        [[n] * lm_layers for n in lengths],
+        [[n] * lm_layers for n in visual],
+        new_tokens,
+        logits_tokens,
+    )
 
 
 # -- per-part formulas (FLOPs = 2 x MACs) ----------------------------------------------------------------------
+
 
 def vision_layer_flops(v: VisionDims, n: int | list[int]) -> int:
     """One encoder layer on one segment of ``n`` rows, or on every segment of a list."""
@@ -448,10 +515,20 @@ class Flops:
         return self.decode / steps if steps else None
 
     def to_dict(self) -> dict:
-        return dict(decode_per_token=self.decode_per_token, vision=self.vision, projector=self.projector, prefill=self.prefill,
-                    prefill_layers=list(self.prefill_layers), lm_head_prefill=self.lm_head_prefill,
-                    decode=self.decode, to_first_token=self.to_first_token, total=self.total, macs=self.macs,
-                    fastv_eq5_macs=self.fastv_eq5_macs, pdrop_macs=self.pdrop_macs)
+        return dict(
+            decode_per_token=self.decode_per_token,
+            vision=self.vision,
+            projector=self.projector,
+            prefill=self.prefill,
+            prefill_layers=list(self.prefill_layers),
+            lm_head_prefill=self.lm_head_prefill,
+            decode=self.decode,
+            to_first_token=self.to_first_token,
+            total=self.total,
+            macs=self.macs,
+            fastv_eq5_macs=self.fastv_eq5_macs,
+            pdrop_macs=self.pdrop_macs,
+        )
 
 
 def count_flops(dims_or_config, trace: TokenTrace) -> Flops:

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -30,26 +30,28 @@ class EmbeddedModel:
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "default": EmbeddedModel(
-        "default", PACKAGE_DIR / "default_model",
+        "default",
+        PACKAGE_DIR / "default_model",
         "Using the embedded default model: a small LLaVA trained from scratch on tokensieve's shapes benchmark and "
         "easy-VQA. It answers one-word questions about simple synthetic scenes, nothing else.",
     ),
     "default-576": EmbeddedModel(
-        "default-576", PACKAGE_DIR / "default_model_576",
+        "default-576",
+        PACKAGE_DIR / "default_model_576",
         "Using the embedded default-576 model: a small LLaVA at 336 px with 14-px patches (576 visual tokens, the "
         "LLaVA-1.5 grid), trained from scratch on tokensieve's shapes benchmark and easy-VQA. It answers one-word "
         "questions about simple synthetic scenes, nothing else.",
     ),
     "tiny": EmbeddedModel(
-        "tiny", None,
+        "tiny",
+        None,
         "NOTE: a TINY RANDOM-WEIGHT LLaVA built from a config. Its answers are meaningless; the run shows the "
         "plumbing, token counts and timings only.",
         benchmark=False,
     ),
 }
 DEFAULT_MODEL = "default"
-MODEL_HELP = (f"model folder (save_pretrained output, loaded offline) or an embedded name: "
-              f"{', '.join(EMBEDDED_MODELS)}")
+MODEL_HELP = f"model folder (save_pretrained output, loaded offline) or an embedded name: {', '.join(EMBEDDED_MODELS)}"
 
 
 def model_path(spec: str | Path | None) -> Path | None:
@@ -69,7 +71,7 @@ def model_label(spec: str | Path | None) -> str:
 
 
 def supported_classes() -> list[str]:
-    from .adapters import ADAPTERS
+    from ..adapters import ADAPTERS
 
     return [c for a in ADAPTERS for c in a.model_classes]
 
@@ -88,13 +90,17 @@ def check_model_dir(path: str | Path, option: str = "--model"):
     where = f"{option} {str(path)!r}"
     names = ", ".join(EMBEDDED_MODELS)
     if not p.exists():
-        raise InputError(f"{where}: no such folder; give a local model folder (for a hub model, download it first: "
-                         f"huggingface-cli download ID --local-dir DIR) or an embedded name ({names})")
+        raise InputError(
+            f"{where}: no such folder; give a local model folder (for a hub model, download it first: "
+            f"huggingface-cli download ID --local-dir DIR) or an embedded name ({names})"
+        )
     if not p.is_dir():
         raise InputError(f"{where} is a file; give the model's folder, the one holding config.json")
     if not (p / "config.json").is_file():
-        raise InputError(f"{where} has no config.json; give a folder written by save_pretrained (model and "
-                         f"processor) or an embedded name ({names})")
+        raise InputError(
+            f"{where} has no config.json; give a folder written by save_pretrained (model and "
+            f"processor) or an embedded name ({names})"
+        )
     try:
         config = AutoConfig.from_pretrained(p, local_files_only=True)
     except Exception as exc:  # transformers raises ValueError, KeyError, OSError, JSONDecodeError here
@@ -104,16 +110,20 @@ def check_model_dir(path: str | Path, option: str = "--model"):
     supported = supported_classes()
     if cls is None:
         archs = ", ".join(getattr(config, "architectures", None) or [])
-        raise InputError(f"{where} holds a {model_type!r} model{f' ({archs})' if archs else ''}, not a "
-                         f"vision-language model; tokensieve supports {', '.join(supported)}")
+        raise InputError(
+            f"{where} holds a {model_type!r} model{f' ({archs})' if archs else ''}, not a "
+            f"vision-language model; tokensieve supports {', '.join(supported)}"
+        )
     if cls not in supported:
-        raise InputError(f"{where} holds a {cls}, which tokensieve does not support yet; it supports "
-                         f"{', '.join(supported)}")
+        raise InputError(
+            f"{where} holds a {cls}, which tokensieve does not support yet; it supports {', '.join(supported)}"
+        )
     return config
 
 
-def load_model(spec: str | Path | None = None, *, dtype=None, device=None, option: str = "--model",
-               with_processor: bool = True):
+def load_model(
+    spec: str | Path | None = None, *, dtype=None, device=None, option: str = "--model", with_processor: bool = True
+):
     """``(model, processor)`` for an embedded name or a local folder; eval mode, fp32 unless ``dtype``, offline.
 
     ``with_processor=False`` returns ``(model, None)`` without touching the processor: ``bench`` times synthetic
@@ -135,8 +145,9 @@ def load_model(spec: str | Path | None = None, *, dtype=None, device=None, optio
         where = f"{option} {str(spec)!r}"
         processor = load_processor(path, where) if with_processor else None
         try:
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32,
-                                                                local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype or torch.float32, local_files_only=True
+            )
         except (OSError, ValueError) as exc:
             raise InputError(f"{where}: the weights cannot be loaded ({_first_line(exc)})") from None
     if device is not None:
@@ -151,8 +162,10 @@ def load_processor(path: str | Path, where: str = "--model"):
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # missing files surface as OSError, ValueError or TypeError depending on the class
-        raise InputError(f"{where}: its processor cannot be loaded ({_first_line(exc)}); save the processor into the "
-                         "same folder (processor.save_pretrained)") from None
+        raise InputError(
+            f"{where}: its processor cannot be loaded ({_first_line(exc)}); save the processor into the "
+            "same folder (processor.save_pretrained)"
+        ) from None
 
 
 def load_default_model():
@@ -171,7 +184,7 @@ def model_fingerprint(spec: str | Path | None) -> dict:
     path = model_path(spec)
     out: dict = {"model": model_label(spec), "spec": spec}
     if path is None:
-        from . import __version__
+        from .. import __version__
 
         out["built_in_memory"] = f"tokensieve {__version__}"
         return out
@@ -191,4 +204,3 @@ def model_fingerprint(spec: str | Path | None) -> dict:
             files[f.name] = {"bytes": size, "sha256_ends": h.hexdigest()}
     out["weights"] = files
     return out
-

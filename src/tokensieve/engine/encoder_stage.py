@@ -21,14 +21,14 @@ A family adapter supplies the layers, how to read their attention, and a ``run(p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, gather_tokens
 from .capture import AttentionParts, hook_projections
-from .methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, gather_tokens
 
 
 class _StopEncoder(Exception):
@@ -110,14 +110,45 @@ def run_encoder_stage(
     groups = [slice(i, i + 1) for i in range(pixel_values.shape[0])] if plan.per_image else [slice(None)]
     out = StageResult(hidden={i: [] for i in record}, positions=[], sizes=[], traces=[], groups=[])
     for grp in groups:
-        _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-                   pixel_values[grp], stop_after, num_layers, out, cls_free, units)
+        _run_group(
+            layers,
+            attention_parts,
+            method,
+            plan,
+            planned,
+            layout,
+            target,
+            feature_layer,
+            record,
+            run,
+            pixel_values[grp],
+            stop_after,
+            num_layers,
+            out,
+            cls_free,
+            units,
+        )
     return out
 
 
-def _run_group(layers, attention_parts, method, plan, planned, layout, target, feature_layer, record, run,
-               pixel_values, stop_after, num_layers, out: StageResult, cls_free: bool = False,
-               units: torch.Tensor | None = None) -> None:
+def _run_group(
+    layers,
+    attention_parts,
+    method,
+    plan,
+    planned,
+    layout,
+    target,
+    feature_layer,
+    record,
+    run,
+    pixel_values,
+    stop_after,
+    num_layers,
+    out: StageResult,
+    cls_free: bool = False,
+    units: torch.Tensor | None = None,
+) -> None:
     b = int(pixel_values.shape[0])
     device = pixel_values.device
     n0 = layout.num_patches
@@ -148,8 +179,19 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
         if _i in planned:
             t0 = time.perf_counter()
             cut_fn = _apply_cut if units is None else _apply_unit_cut
-            new = cut_fn(_i, hs, st, attention_parts(layers[_i]), method, plan, layout, target, feature_layer,
-                         num_layers, cls_free)
+            new = cut_fn(
+                _i,
+                hs,
+                st,
+                attention_parts(layers[_i]),
+                method,
+                plan,
+                layout,
+                target,
+                feature_layer,
+                num_layers,
+                cls_free,
+            )
             out.selection_s += time.perf_counter() - t0
         if _i + 1 in record:
             st["hidden"][_i + 1] = (new, st["grouped"])
@@ -161,14 +203,18 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(lambda m, a, k, _i=i: note_input(m, a, k, _i),
-                                                           with_kwargs=True))
+            handles.append(
+                layer.register_forward_pre_hook(lambda m, a, k, _i=i: note_input(m, a, k, _i), with_kwargs=True)
+            )
             handles.append(layer.register_forward_hook(lambda m, a, o, _i=i: after_layer(m, a, o, _i)))
         for i in planned:
             wanted = {"k": plan.keys or plan.cls_attention, "q": plan.cls_attention, "v": plan.values}
-            handles += hook_projections(attention_parts(layers[i]), {n for n, w in wanted.items() if w},
-                                        lambda name, t, _i=i: st["proj"].__setitem__((name, _i), t),
-                                        f"encoder layer {i} (needed by {method.name})")
+            handles += hook_projections(
+                attention_parts(layers[i]),
+                {n for n, w in wanted.items() if w},
+                lambda name, t, _i=i: st["proj"].__setitem__((name, _i), t),
+                f"encoder layer {i} (needed by {method.name})",
+            )
         try:
             run(pixel_values)
         except _StopEncoder:
@@ -191,8 +237,9 @@ def _run_group(layers, attention_parts, method, plan, planned, layout, target, f
     out.traces.extend([list(st["trace"]) for _ in range(b)])
 
 
-def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers,
-                    cls_free: bool = False) -> torch.Tensor:
+def _apply_unit_cut(
+    layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers, cls_free: bool = False
+) -> torch.Tensor:
     """:func:`_apply_cut` for candidates that are groups of patches (``st["units"]``)."""
     units = st["units"].to(hs.device)
     u = units.shape[1]
@@ -218,10 +265,18 @@ def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_
             gq = q[j, :c].mean(0) if c else q[j].mean(0)
             att = (torch.einsum("hd,phd->hp", gq, k[j, c:]) * parts.scale).softmax(-1).view(-1, n, u).sum(-1)
         state = unit_state(
-            plan, layer, num_layers, layout.grid, mean_u(hs[j].float()), att if att is not None else torch.zeros(1, n),
+            plan,
+            layer,
+            num_layers,
+            layout.grid,
+            mean_u(hs[j].float()),
+            att if att is not None else torch.zeros(1, n),
             mean_u(k[j]).transpose(0, 1) if k is not None else torch.zeros(1, n, 1),
             mean_u(v[j]).transpose(0, 1) if v is not None else torch.zeros(1, n, 1),
-            st["sizes"][j, 1:].cpu(), st["positions"][j, 1:].cpu(), target, st["memory"].setdefault(j, {}),
+            st["sizes"][j, 1:].cpu(),
+            st["positions"][j, 1:].cpu(),
+            target,
+            st["memory"].setdefault(j, {}),
         )
         state.feature_layer = feature_layer
         if c:  # a real CLS: its own hidden state, key and value instead of the means
@@ -240,8 +295,13 @@ def _apply_unit_cut(layer, hs, st, parts, method, plan, layout, target, feature_
         note_merge(st, cut)
         rows, sizes = cut_units(hs[j, c:].reshape(n, u, d), st["sizes"][j, 1:].cpu(), cut, method.name)
         keep = cut.keep[0].to(st["positions"].device)
-        out.append((torch.cat([hs[j, :c], rows.reshape(-1, d)]), st["positions"][j][keep],
-                    torch.cat([st["sizes"][j, :1].cpu(), sizes])))
+        out.append(
+            (
+                torch.cat([hs[j, :c], rows.reshape(-1, d)]),
+                st["positions"][j][keep],
+                torch.cat([st["sizes"][j, :1].cpu(), sizes]),
+            )
+        )
     if len({x[0].shape[0] for x in out}) != 1:
         raise ValueError(f"{method.name} kept different counts in images that run together at layer {layer}")
     st["positions"] = torch.stack([x[1] for x in out])
@@ -255,8 +315,9 @@ def _virtual_cls(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
 
 
-def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers,
-               cls_free: bool = False) -> torch.Tensor:
+def _apply_cut(
+    layer, hs, st, parts, method, plan, layout, target, feature_layer, num_layers, cls_free: bool = False
+) -> torch.Tensor:
     real = hs
     proj = st["proj"]
     if cls_free:
@@ -279,8 +340,18 @@ def _apply_cut(layer, hs, st, parts, method, plan, layout, target, feature_layer
         sig["values"] = _heads(proj[("v", layer)], parts)
     for key in [k for k in st["proj"] if k[1] == layer]:
         del st["proj"][key]  # the projections of this layer are not needed any more
-    state = EncoderState(layer=layer, num_layers=num_layers, feature_layer=feature_layer, layout=layout, hidden=hs,
-                         sizes=st["sizes"], positions=st["positions"], target=target, memory=st["memory"], **sig)
+    state = EncoderState(
+        layer=layer,
+        num_layers=num_layers,
+        feature_layer=feature_layer,
+        layout=layout,
+        hidden=hs,
+        sizes=st["sizes"],
+        positions=st["positions"],
+        target=target,
+        memory=st["memory"],
+        **sig,
+    )
     if t - 1 == target:
         return real  # already at the target: nothing left to score or cut
     cut = method.cut(state)
@@ -360,17 +431,37 @@ def check_unit_cut(cut: EncoderCut, n: int, target: int, last: bool, layer: int,
         raise ValueError(f"{name} left {left} units after layer {layer}; the target is {target}")
 
 
-def unit_state(plan: EncoderPlan, layer: int, num_layers: int, grid: tuple[int, int], hidden: torch.Tensor,
-               attention: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sizes: torch.Tensor,
-               units: torch.Tensor, target: int, memory: dict) -> EncoderState:
+def unit_state(
+    plan: EncoderPlan,
+    layer: int,
+    num_layers: int,
+    grid: tuple[int, int],
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    sizes: torch.Tensor,
+    units: torch.Tensor,
+    target: int,
+    memory: dict,
+) -> EncoderState:
     """The state a method sees for one unit-level candidate set (batch of one), with the virtual CLS of a CLS-free
     tower in row 0. ``hidden`` [n, d], ``attention`` [H, n] (the mean query's share per unit), ``keys`` /
     ``values`` [H, n, hd] are unit means; ``units`` the set-local ids of the current units."""
     vcls = lambda x, dim: torch.cat([x.mean(dim, keepdim=True), x], dim)  # noqa: E731
     return EncoderState(
-        layer=layer, num_layers=num_layers, feature_layer=num_layers, layout=Layout(grid, 1),
-        hidden=vcls(hidden, 0)[None], sizes=torch.cat([torch.ones(1), sizes])[None],
-        positions=torch.cat([torch.tensor([-1]), units])[None], target=target, memory=memory,
-        cls_attention=torch.cat([torch.zeros(attention.shape[0], 1), attention], -1)[None] if plan.cls_attention else None,
-        keys=vcls(keys, 1)[None] if plan.keys else None, values=vcls(values, 1)[None] if plan.values else None,
+        layer=layer,
+        num_layers=num_layers,
+        feature_layer=num_layers,
+        layout=Layout(grid, 1),
+        hidden=vcls(hidden, 0)[None],
+        sizes=torch.cat([torch.ones(1), sizes])[None],
+        positions=torch.cat([torch.tensor([-1]), units])[None],
+        target=target,
+        memory=memory,
+        cls_attention=torch.cat([torch.zeros(attention.shape[0], 1), attention], -1)[None]
+        if plan.cls_attention
+        else None,
+        keys=vcls(keys, 1)[None] if plan.keys else None,
+        values=vcls(values, 1)[None] if plan.values else None,
     )

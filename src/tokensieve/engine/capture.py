@@ -8,15 +8,15 @@ eager attention.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .errors import NonFiniteFeaturesError
-from .methods.base import Layout, Request, Signals
+from ..errors import NonFiniteFeaturesError
+from ..methods.base import Layout, Request, Signals
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,16 @@ def capture_encoder(
     try:
         for idx in wanted_hidden:
             if idx == 0:
+
                 def pre(mod, args, kwargs, _i=idx):
                     cap.hidden_states[_i] = args[0] if args else kwargs["hidden_states"]
+
                 handles.append(layers[0].register_forward_pre_hook(pre, with_kwargs=True))
             else:
+
                 def post(mod, args, out, _i=idx):
                     cap.hidden_states[_i] = _first(out)
+
                 handles.append(layers[idx - 1].register_forward_hook(post))
         for idx in attn_layers:
             parts = attention_parts(layers[idx])
@@ -161,8 +165,9 @@ def capture_encoder(
             def store(name, t, _i=idx):
                 (cap.queries if name == "q" else cap.keys)[_i] = t
 
-            handles += hook_projections(parts, {"q", "k"} if idx in query_layers else {"k"}, store,
-                                        f"encoder layer {idx}")
+            handles += hook_projections(
+                parts, {"q", "k"} if idx in query_layers else {"k"}, store, f"encoder layer {idx}"
+            )
         yield cap
     finally:
         for h in handles:
@@ -179,8 +184,16 @@ def check_finite(features: torch.Tensor) -> None:
         )
 
 
-def grid_signals(cap: Captured, request: Request, features: torch.Tensor, layout: Layout, num_layers: int,
-                 feature_layer: int, feature_layers: Sequence[int], rows: slice) -> Signals:
+def grid_signals(
+    cap: Captured,
+    request: Request,
+    features: torch.Tensor,
+    layout: Layout,
+    num_layers: int,
+    feature_layer: int,
+    feature_layers: Sequence[int],
+    rows: slice,
+) -> Signals:
     """The signals ``request`` names for a single-grid tower whose candidates are ``rows`` of every captured
     sequence (LLaVA-1.5's CLIP: the patches, plus CLS under the ``full`` strategy).
 
@@ -205,6 +218,7 @@ def grid_signals(cap: Captured, request: Request, features: torch.Tensor, layout
 
 # -- token meter ---------------------------------------------------------------------------------------------------
 
+
 def rows_per_sequence(args: tuple, kwargs: dict) -> list[int]:
     """Attention segments of an encoder layer called on a [batch, tokens, d] batch: one per sequence."""
     x = args[0] if args else kwargs.get("hidden_states")
@@ -226,7 +240,7 @@ class TokenMeter:
     """Counts what the vision side of one call really ran on: per encoder layer the length of every attention
     segment, the rows entering the projector, and the rows entering a pooling head.
 
-    This is the token trace FLOPs are priced from (``tokensieve.flops``); it counts rows, never FLOPs, so it costs
+    This is the token trace FLOPs are priced from (``tokensieve.tools.flops``); it counts rows, never FLOPs, so it costs
     nothing measurable. Forward hooks (registered before any selection hook of the call) see each module's final
     inputs, after other hooks rewrote them (Qwen-VL's cut ``cu_seqlens``, a projector input replaced by the kept
     tokens); a layer never reached (an encoder stopped after the features) records nothing.
@@ -243,10 +257,11 @@ class TokenMeter:
         self.head_tokens: list[int] = []
         self._handles: list = []
 
-    def __enter__(self) -> "TokenMeter":
+    def __enter__(self) -> TokenMeter:
         def layer_hook(i):
             def hook(mod, args, kwargs, output):
                 self.segments[i] += self.segments_of(args, kwargs)
+
             return hook
 
         def projector_hook(mod, args, kwargs, output):

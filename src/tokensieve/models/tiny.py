@@ -51,8 +51,13 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = _WORDS):
     )
 
 
-def build_processor(tokenizer, image_size: int, patch_size: int, vision_feature_select_strategy: str = "default",
-                    chat_template: str = CHAT_TEMPLATE):
+def build_processor(
+    tokenizer,
+    image_size: int,
+    patch_size: int,
+    vision_feature_select_strategy: str = "default",
+    chat_template: str = CHAT_TEMPLATE,
+):
     """A LLaVA-1.5-style processor (CLIP preprocessing, CLS counted, chat template) around ``tokenizer``."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -87,17 +92,31 @@ def build_tiny_llava(
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer, image_size, patch_size, vision_feature_select_strategy)
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=512,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
         projector_hidden_act="gelu",
     )
     config._attn_implementation = attn_implementation

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import StageError
-from .methods.base import (
+from ..errors import StageError
+from ..methods.base import (
     PRE_PROJECTOR,
     QUERY_LAST,
     QUERY_TEXT,
@@ -74,7 +74,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class _Layout:
-    """The slots a layer processes: per sample, original positions, validity, and which are visual (and of which image)."""
+    """The slots a layer processes: per sample, original positions, validity, and which are visual (and of which
+    image)."""
 
     orig: torch.Tensor  # [B, N] positions in the prefill sequence (extra slots: 0)
     valid: torch.Tensor  # [B, N] real tokens (not padding, not extra)
@@ -85,7 +86,7 @@ class _Layout:
     def visual(self) -> torch.Tensor:
         return self.image >= 0
 
-    def gather(self, rel: torch.Tensor, extra: torch.Tensor) -> "_Layout":
+    def gather(self, rel: torch.Tensor, extra: torch.Tensor) -> _Layout:
         g = lambda t: t.gather(1, rel)  # noqa: E731
         extra = extra | g(self.extra)  # alignment slots of earlier boundaries stay alignment slots
         return _Layout(g(self.orig), g(self.valid) & ~extra, extra, g(self.image).masked_fill(extra, -1))
@@ -120,8 +121,15 @@ class LLMStage:
     tokens each may keep (``None`` for unbudgeted rules), already resolved by the adapter from the budget's scope.
     """
 
-    def __init__(self, adapter, method: LLMMethod, targets: list[list[int]] | None, visual_index: torch.Tensor,
-                 attention_mask: torch.Tensor, counts: list[list[int]]) -> None:
+    def __init__(
+        self,
+        adapter,
+        method: LLMMethod,
+        targets: list[list[int]] | None,
+        visual_index: torch.Tensor,
+        attention_mask: torch.Tensor,
+        counts: list[list[int]],
+    ) -> None:
         self.adapter = adapter
         self.method = method
         self.layers = adapter.decoder_layers()
@@ -150,7 +158,9 @@ class LLMStage:
         self.boundaries = sorted({layer for plans in self.plans for plan in plans for layer, _ in plan})
         for layer in self.boundaries:
             if not 1 <= layer < self.num_layers:
-                raise StageError(f"{method.name} planned a boundary at layer {layer}; the LM has {self.num_layers} layers")
+                raise StageError(
+                    f"{method.name} planned a boundary at layer {layer}; the LM has {self.num_layers} layers"
+                )
         self.capture_layers = set()
         if method.attention_from == "previous" and method.query is not None or method.needs_keys:
             self.capture_layers = {layer - 1 for layer in self.boundaries}
@@ -239,10 +249,12 @@ class LLMStage:
             lay = self.cur
             self._record.tokens.append(lay.valid.sum(1).tolist())
             self._record.visual.append((lay.visual & lay.valid).sum(1).tolist())
-            self._record.per_image.append([
-                [int(((lay.image[s] == j) & lay.valid[s]).sum()) for j in range(len(self.counts[s]))]
-                for s in range(lay.orig.shape[0])
-            ])
+            self._record.per_image.append(
+                [
+                    [int(((lay.image[s] == j) & lay.valid[s]).sum()) for j in range(len(self.counts[s]))]
+                    for s in range(lay.orig.shape[0])
+                ]
+            )
             if i == self.num_layers - 1:
                 self.trace, self.final = self._record, self.cur
         return hs, kwargs
@@ -259,7 +271,9 @@ class LLMStage:
         out = {}
         cos, sin = raw["position_embeddings"]
         if cos.shape[-2] != self.full_length:
-            raise StageError(f"position embeddings of length {cos.shape[-2]} do not match the prompt ({self.full_length})")
+            raise StageError(
+                f"position embeddings of length {cos.shape[-2]} do not match the prompt ({self.full_length})"
+            )
         idx = lay.orig.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
         out["position_embeddings"] = (cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx))
         pid = raw.get("position_ids")
@@ -307,7 +321,7 @@ class LLMStage:
                 new = past_key_values.get_seq_length(0) - self.full_length  # layer 0 already holds this step
                 new_cols = torch.ones(b, 1, q, new, dtype=torch.bool, device=prompt.device)
             else:
-                new_cols = _allowed(mask).expand(b, 1, q, -1)[..., self.full_length:]
+                new_cols = _allowed(mask).expand(b, 1, q, -1)[..., self.full_length :]
             out = _format(torch.cat([prompt, new_cols], dim=-1), mask)
         self._memo[key] = out
         return out
@@ -338,8 +352,13 @@ class LLMStage:
                         k = min(k, kept) if kept is not None else None
                 ks.append(k)
             real = self.base.valid[s].cumsum(0) - 1  # position of each prefill slot among the sample's real tokens
-            signals = LLMSignals(hidden=hs[s, slots], segments=segments, layer=i, num_layers=self.num_layers,
-                                 positions=real[lay.orig[s, slots]].cpu())
+            signals = LLMSignals(
+                hidden=hs[s, slots],
+                segments=segments,
+                layer=i,
+                num_layers=self.num_layers,
+                positions=real[lay.orig[s, slots]].cpu(),
+            )
             if slots.numel():
                 self._signals(signals, s, slots, src, hs)
                 if method.final_norm:
@@ -348,7 +367,11 @@ class LLMStage:
             else:
                 kept = [torch.empty(0, dtype=torch.long) for _ in segments]
             offsets = torch.tensor([0] + segments[:-1], dtype=torch.long).cumsum(0)
-            chosen = torch.cat([k.to(torch.long).cpu() + o for k, o in zip(kept, offsets)]) if kept else torch.empty(0, dtype=torch.long)
+            chosen = (
+                torch.cat([k.to(torch.long).cpu() + o for k, o in zip(kept, offsets)])
+                if kept
+                else torch.empty(0, dtype=torch.long)
+            )
             drop = torch.ones(slots.numel(), dtype=torch.bool)
             drop[chosen] = False
             keep = torch.ones(lay.orig.shape[1], dtype=torch.bool, device=hs.device)

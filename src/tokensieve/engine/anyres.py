@@ -17,15 +17,15 @@ Newline policy (``newlines``): which ``image_newline`` tokens enter the LM after
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .adaptive import select_each
-from .budget import Budget, Scope
-from .methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
-from .report import MergeGroups
+from ..adaptive import select_each
+from ..budget import Budget, Scope
+from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from ..report import MergeGroups
 
 NEWLINES = ("rows", "all", "none")
 
@@ -116,8 +116,9 @@ def num_tokens(pk: Packed, budget: Budget, side: int, per_crop: int, newlines: s
     return sum(image_shares(pk, budget, side, per_crop)) + (pk.num_newlines if newlines == "all" else 0)
 
 
-def assemble(pk: Packed, placed: dict[int, torch.Tensor], tail: list[torch.Tensor], newline: Callable,
-             newlines: str = "rows") -> torch.Tensor:
+def assemble(
+    pk: Packed, placed: dict[int, torch.Tensor], tail: list[torch.Tensor], newline: Callable, newlines: str = "rows"
+) -> torch.Tensor:
     """Walk the packed order: kept tokens in place, newlines (``newline(p)``) as the policy says, then tokens
     without a grid position."""
     rows_kept = {int(pk.row[p]) for p in placed if int(pk.row[p]) >= 0}
@@ -131,14 +132,27 @@ def assemble(pk: Packed, placed: dict[int, torch.Tensor], tail: list[torch.Tenso
 
 
 def select_image(
-    method: Method, budget: Budget, request: Request, cap, feature_layers: list[int], pre: torch.Tensor, crop0: int,
-    pk: Packed, packed: torch.Tensor, *, side: int, cls_offset: int, num_layers: int,
-    attention: Callable, project: Callable[[torch.Tensor], torch.Tensor], newlines: str = "rows",
+    method: Method,
+    budget: Budget,
+    request: Request,
+    cap,
+    feature_layers: list[int],
+    pre: torch.Tensor,
+    crop0: int,
+    pk: Packed,
+    packed: torch.Tensor,
+    *,
+    side: int,
+    cls_offset: int,
+    num_layers: int,
+    attention: Callable,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    newlines: str = "rows",
 ) -> tuple[torch.Tensor, list[int], int, list[int] | None]:
     """Select one image's tokens: ``(LM tokens in packed order, kept patch ids (crop * per_crop + patch), merged,
     merge groups per grid cell (``ImageReport.groups``, None when nothing merged))``.
 
-    ``cap``: a :class:`tokensieve.capture.Captured` of the tower run on all crops of the call (rows [crops, T]);
+    ``cap``: a :class:`tokensieve.engine.capture.Captured` of the tower run on all crops of the call (rows [crops, T]);
     ``pre``: the projector's input [crops, patches, d]; ``crop0``: this image's first crop among them; ``packed``:
     the model's packed output for this image (post-projector candidates and the newline vectors); ``attention(cap,
     layer)``: [crops, H, T] CLS attention (or a CLS-free tower's fallback); ``project``: the projector.
@@ -159,7 +173,7 @@ def select_image(
         tok = patch + cls_offset
 
         def rows(t):  # [crops, T, ...] -> [1, n, ...] for this set's candidates
-            return t[crop_g, tok].unsqueeze(0)
+            return t[crop_g, tok].unsqueeze(0)  # noqa: B023 (used within this iteration)
 
         if method.stage == POST_PROJECTOR:
             cand = packed[where].unsqueeze(0)
@@ -203,5 +217,16 @@ def select_image(
     return feats, sorted(kept_ids), merged, groups.result()
 
 
-__all__ = ["NEWLINES", "Packed", "assemble", "candidate_sets", "check_newlines", "crop_ids", "image_shares",
-           "layout", "num_tokens", "select_image", "shares"]
+__all__ = [
+    "NEWLINES",
+    "Packed",
+    "assemble",
+    "candidate_sets",
+    "check_newlines",
+    "crop_ids",
+    "image_shares",
+    "layout",
+    "num_tokens",
+    "select_image",
+    "shares",
+]

@@ -11,15 +11,15 @@ Torch-only (no transformers import): the vLLM environment installs core without 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from .adaptive import select_each
-from .errors import BudgetError
-from .methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
-from .report import MergeGroups
+from ..adaptive import select_each
+from ..errors import BudgetError
+from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
+from ..report import MergeGroups
 
 QUERY_CHUNK = 512
 
@@ -60,8 +60,17 @@ class UnitSignals:
 
 
 def select_units(
-    method: Method, k: int, request: Request, sig: UnitSignals, *, thw: tuple[int, int, int], patch_offset: int,
-    merge: int, frames: int, num_layers: int, project: Callable[[torch.Tensor], torch.Tensor],
+    method: Method,
+    k: int,
+    request: Request,
+    sig: UnitSignals,
+    *,
+    thw: tuple[int, int, int],
+    patch_offset: int,
+    merge: int,
+    frames: int,
+    num_layers: int,
+    project: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, int, list[int] | None]:
     """Select ``k`` units in each of ``frames`` candidate sets of one image or video (``thw`` patches starting at
     ``patch_offset``): ``(LM tokens [n_kept, d_out], their unit index within the item (sorted), units merged,
@@ -121,8 +130,7 @@ def select_units(
     groups = MergeGroups(frames * n)
     for f, sel in enumerate(sels):
         out = sel.output(cand[f : f + 1])[0]
-        groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0],
-                   sel.num_out)
+        groups.add(f * n + torch.arange(n), sel.indices[0], None if sel.groups is None else sel.groups[0], sel.num_out)
         if sel.tokens is None or sel.indices.shape[1] == out.shape[0]:
             where = sel.indices[0]
         elif sel.anchors is not None and bool((sel.anchors >= 0).all()):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from .budget import Budget
-from .errors import BudgetError, InputError
+from ..budget import Budget
+from ..errors import BudgetError, InputError
 
 VANILLA = "none"
 """Label of the full-token (uncompressed) configuration."""
@@ -64,7 +64,7 @@ class Config:
     budgets: tuple[int | float, ...] = ()
 
     @classmethod
-    def single(cls, method: str, budget) -> "Config":
+    def single(cls, method: str, budget) -> Config:
         return cls((method,), (budget,))
 
     @property
@@ -101,7 +101,7 @@ class Config:
 
     def sieve(self, params: dict[str, dict] | None = None, scope: str = "image"):
         """The :class:`~tokensieve.Sieve` of this configuration, hyper-parameters taken per method from ``params``."""
-        from .session import Sieve, _instantiate
+        from ..session import Sieve, _instantiate
 
         params = params or {}
         if len(self.methods) == 1:
@@ -117,8 +117,15 @@ def _split(text: str, option: str, what: str) -> list[str]:
     return parts
 
 
-def parse_configs(methods: str, budgets: str, *, method_option: str = "--methods",
-                  budget_option: str = "--budgets", single: bool = False, calibrates: bool = False) -> list[Config]:
+def parse_configs(
+    methods: str,
+    budgets: str,
+    *,
+    method_option: str = "--methods",
+    budget_option: str = "--budgets",
+    single: bool = False,
+    calibrates: bool = False,
+) -> list[Config]:
     """Every method configuration at every budget, in the order given; names and budgets checked, nothing loaded.
 
     ``single``: the command runs one configuration (``run``); a comma is refused with a pointer to the commands that
@@ -145,7 +152,7 @@ def parse_configs(methods: str, budgets: str, *, method_option: str = "--methods
                     f"--budgets {b}` fits one on the calibration split and records it in results.json (the record's "
                     "'adaptive' entry), or fit one in Python with Sieve.calibrate"
                 )
-    from .methods import get_method  # needs torch: after every check that does not
+    from ..methods import get_method  # needs torch: after every check that does not
 
     configs = []
     for chain in chains:
@@ -217,8 +224,11 @@ def method_parameters(name: str) -> dict[str, object]:
     """A method's hyper-parameters and their defaults, read from its constructor."""
     import inspect
 
-    from .methods import get_method
+    from ..methods import get_method
 
     sig = inspect.signature(get_method(name).__init__)
-    return {p.name: p.default for p in sig.parameters.values()
-            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }

@@ -49,7 +49,7 @@ def model_view(image: Image.Image, size: int = 384) -> Image.Image:
 def image_batch(model, image: Image.Image, image_processor=None) -> dict[str, torch.Tensor]:
     """Pixels from the model's own image processor (a CLIP one sized from the config when there is none), inside a
     prompt of the model's full placeholder run."""
-    from .archs import synthetic_inputs
+    from ..models.archs import synthetic_inputs
 
     if image_processor is None:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -62,12 +62,13 @@ def image_batch(model, image: Image.Image, image_processor=None) -> dict[str, to
     return batch
 
 
-def panels_for(model, batch: dict, configs: list, budget=None, *, params: dict | None = None,
-               scope: str = "image") -> list[Panel]:
+def panels_for(
+    model, batch: dict, configs: list, budget=None, *, params: dict | None = None, scope: str = "image"
+) -> list[Panel]:
     """Run each configuration once (one greedy token) and collect what its report says about the first image.
 
-    ``configs`` are :class:`~tokensieve.configs.Config` objects, or method names that all take ``budget``. An in-LLM
-    stage drops tokens inside the LM, after what is drawn: the panel shows the tokens entering the LM.
+    ``configs`` are :class:`~tokensieve.tools.configs.Config` objects, or method names that all take ``budget``. An
+    in-LLM stage drops tokens inside the LM, after what is drawn: the panel shows the tokens entering the LM.
     """
     from .configs import Config, format_budget
 
@@ -90,8 +91,15 @@ def panels_for(model, batch: dict, configs: list, budget=None, *, params: dict |
             kept = [c for c in kept if sizes.get(im.groups[c], 0) == 1]
         if sieve.llm_method is not None:
             merged += ", in-LLM stage not drawn"
-        panels.append(Panel(f"{name}: {im.tokens_out} of {im.tokens_in} tokens{merged}", tuple(im.grid),
-                            kept, im.groups, im.tokens_out))
+        panels.append(
+            Panel(
+                f"{name}: {im.tokens_out} of {im.tokens_in} tokens{merged}",
+                tuple(im.grid),
+                kept,
+                im.groups,
+                im.tokens_out,
+            )
+        )
     return panels
 
 
