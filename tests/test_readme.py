@@ -227,7 +227,7 @@ def test_other_readme_commands_parse(item):
         path = (ROOT / image).resolve()
         assert path.is_relative_to(ROOT) and path.is_file(), f"--image {image} is not a file of the repository"
     if getattr(args, "methods", None) is not None and getattr(args, "budgets", None) is not None:
-        from tokensieve.configs import parse_configs
+        from tokensieve.tools.configs import parse_configs
 
         # method names and budgets exist and match; eval fits adaptive thresholds itself
         parse_configs(args.methods, args.budgets, calibrates=cmd[1] == "eval")
