@@ -48,5 +48,7 @@ class InputError(TokensieveError, ValueError):
     """A file, path, prompt or option value given to a command cannot be used (the message says how to fix it)."""
 
 
-class ParameterError(TokensieveError, ValueError):
-    """A method's hyper-parameter does not fit this model (for example a layer its encoder or LM does not have)."""
+class ParameterError(TokensieveError, ValueError, TypeError):
+    """A method's hyper-parameter is unknown, has a bad value, or does not fit this model (a layer its encoder or LM
+    does not have). One class for every such mistake, and both a ``ValueError`` and a ``TypeError``: a bad keyword
+    argument is a ``TypeError`` in Python, a bad value a ``ValueError``, and either ``except`` keeps working."""

@@ -12,21 +12,22 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import plan
 from .adapters import get_adapter
 from .adaptive import Calibration, fit, llm_counts, lm_input_features, recording
 from .budget import Budget, Scope
 from .engine.anyres import check_newlines
 from .engine.llm_stage import KeepAll, LLMStage
-from .errors import BudgetError, StageError, TokensieveError, UnsupportedModelError
+from .errors import BudgetError, ParameterError, StageError, TokensieveError
 from .methods import get_method, method_names
-from .methods.base import IN_ENCODER, IN_LLM, Method
+from .methods.base import IN_LLM
 from .report import SieveReport
 
 _SIEVED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -54,11 +55,11 @@ class Sieve:
         if not methods:
             raise StageError("give at least one method")
         if len(methods) > 1 and params:
-            raise TypeError(
+            raise ParameterError(
                 "keyword hyper-parameters apply to a single method; for a list pass Method instances, e.g. "
-                "tokensieve.methods.get_method('fastv')(layer=3)"
+                "tokensieve.methods.get_method('fastv')(layer=3), or use Sieve.from_names"
             )
-        instances = [_instantiate(m, params) for m in methods]
+        instances = [plan.make_method(m, params) for m in methods]
         if len(methods) == 1:
             budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget]
         elif not isinstance(budget, (list, tuple)):
@@ -73,15 +74,51 @@ class Sieve:
         parsed = [Budget.parse(b, scope) for b in budgets]
         self.newlines = check_newlines(newlines)
         self.methods = instances
-        self.pre_method, self.pre_budget, self.llm_method, self.llm_budget = _plan_stages(instances, parsed)
+        stages = plan.plan_stages(instances, parsed)
+        self.pre_method, self.pre_budget, self.llm_method, self.llm_budget = (
+            stages.pre,
+            stages.pre_budget,
+            stages.llm,
+            stages.llm_budget,
+        )
         self.method = instances[0]
         self.budget = parsed[0]
         self.last_report: SieveReport | None = None
         self.calibration: Calibration | None = None
 
+    @classmethod
+    def from_names(
+        cls,
+        methods: Sequence[str],
+        budgets: Sequence,
+        *,
+        scope: str | Scope = "image",
+        params: Mapping[str, Mapping[str, object]] | None = None,
+        newlines: str = "rows",
+    ) -> Sieve:
+        """A sieve from method names, one budget each, and ``{method: {parameter: value}}``: how the command line
+        and the lmms-eval wrapper build theirs from text."""
+        params = params or {}
+        methods, budgets = list(methods), list(budgets)
+        if len(methods) == 1:
+            budget = budgets[0] if len(budgets) == 1 else budgets  # several: refused with the count message
+            return cls(methods[0], budget, scope=scope, newlines=newlines, **dict(params.get(methods[0], {})))
+        instances = [plan.make_method(m, params.get(m, {})) for m in methods]
+        return cls(instances, list(budgets), scope=scope, newlines=newlines)
+
     @property
     def name(self) -> str:
         return "+".join(m.name for m in self.methods)
+
+    @property
+    def stages(self) -> plan.Stages:
+        return plan.Stages(self.pre_method, self.pre_budget, self.llm_method, self.llm_budget)
+
+    def check(self, model) -> None:
+        """Refuse, without attaching anything, a setting that cannot run on ``model`` (unsupported stage, layer
+        beyond its depth, budget above its token count, ...): what :meth:`apply` checks first, for callers that want
+        the error before their first call (the lmms-eval wrapper checks right after loading the model)."""
+        plan.check(self.stages, get_adapter(model).target(), self.newlines)
 
     def calibrate(self, model, batches) -> Calibration:
         """Fit an adaptive budget's per-image rule on ``batches`` (processor outputs) so its mean holds there.
@@ -95,9 +132,7 @@ class Sieve:
         if not budget.is_adaptive:
             raise BudgetError(f"calibrate() fits adaptive budgets; this sieve's budget is {self.pre_budget}")
         adapter = get_adapter(model)
-        for method in (self.pre_method, self.llm_method) if in_llm else (self.pre_method,):
-            adapter.check_stage(method)
-        adapter.check_budget(budget)
+        plan.check(self.stages, adapter.target(), self.newlines, calibrating=True)
         with recording() as records, torch.no_grad():
             for batch in batches:
                 if not adapter.is_visual(batch):
@@ -136,79 +171,6 @@ class Sieve:
         return f"Sieve({self.methods!r}, budget={budgets!r}, scope={self.budget.scope.value!r})"
 
 
-def _instantiate(method, params: dict) -> Method:
-    if isinstance(method, Method):
-        if params:
-            raise TypeError("pass hyper-parameters to the Method instance, not to Sieve, when giving an instance")
-        return method
-    cls = get_method(method)
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        raise TypeError(f"bad parameter for method {cls.name!r}: {exc}; it accepts {accepted}") from None
-
-
-def _plan_stages(methods: list[Method], budgets: list[Budget]):
-    """Split methods into one pre-LLM and one in-LLM stage, in that order; explain every refusal."""
-    pre = llm = None
-    pre_budget = llm_budget = None
-    for m, b in zip(methods, budgets):
-        if m.stage == IN_LLM:
-            if llm is not None:
-                raise StageError(f"only one in-LLM method per sieve: got {llm.name!r} and {m.name!r}")
-            llm, llm_budget = m, b
-        else:
-            if llm is not None:
-                raise StageError(
-                    f"{m.name!r} ({m.stage}) runs before the LM, so it must come before the in-LLM method {llm.name!r}"
-                )
-            if pre is not None:
-                raise StageError(
-                    f"only one method per pre-LLM stage: got {pre.name!r} and {m.name!r}; chain a pre-LLM method "
-                    "with an in-LLM one instead"
-                )
-            pre, pre_budget = m, b
-    companion = pre.llm_companion() if pre is not None else None
-    if companion is not None:
-        if llm is not None:
-            raise StageError(f"{pre.name!r} runs its own in-LLM stage; it cannot be combined with {llm.name!r}")
-        llm = companion
-    if llm is not None and not llm.budgeted:
-        llm_budget = None
-    if llm_budget is not None and llm_budget.is_adaptive and pre_budget is not None and pre_budget.is_adaptive:
-        raise StageError(
-            "one adaptive budget per sieve (calibrate() fits one threshold): make either the pre-LLM or the in-LLM "
-            "budget an int or a ratio"
-        )
-    if pre is not None and pre_budget.is_adaptive and pre.stage == IN_ENCODER:
-        raise StageError(
-            f"{pre.name!r} cuts inside the vision encoder on a schedule fixed before the encoder runs, while an "
-            "adaptive count is read off the features the encoder produces; use an int or a ratio budget, or a "
-            "method that selects after the encoder"
-        )
-    if pre is not None and pre_budget.is_adaptive and not pre.any_count:
-        raise StageError(
-            f"{pre.name!r} cannot keep an arbitrary number of tokens (its count must fit a pooled grid), so it "
-            "cannot follow an adaptive budget; use an int or a ratio"
-        )
-    if pre is None:
-        pre, pre_budget = KeepAll(), Budget.parse(1.0, budgets[0].scope)
-    if (
-        llm_budget is not None
-        and not pre_budget.is_ratio
-        and not llm_budget.is_ratio
-        and not pre_budget.is_adaptive
-        and not llm_budget.is_adaptive
-        and llm_budget.value > pre_budget.value
-    ):
-        raise StageError(
-            f"the in-LLM budget ({llm_budget.value} layer-averaged visual tokens) exceeds the {pre_budget.value} "
-            f"tokens {pre.name!r} lets into the LM"
-        )
-    return pre, pre_budget, llm, llm_budget
-
-
 def _bind(fn, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Merge positional arguments into keyword arguments by the callee's parameter names."""
     if not args:
@@ -231,41 +193,9 @@ class SieveHandle:
 
     def __init__(self, sieve: Sieve, model) -> None:
         adapter = get_adapter(model)  # raises for unsupported models before anything is attached
-        adapter.check_stage(sieve.pre_method)
-        if sieve.llm_method is not None:
-            companion = sieve.pre_method.llm_companion()
-            try:
-                adapter.check_stage(sieve.llm_method)
-            except UnsupportedModelError as exc:
-                if companion is None:
-                    raise
-                raise UnsupportedModelError(
-                    f"{exc}. {sieve.pre_method.name!r} adds that in-LLM stage itself; switch it off with the method's "
-                    "option (todre: relevance=False) to run its first stage alone"
-                ) from None
+        plan.check(sieve.stages, adapter.target(), sieve.newlines)
         if sieve.newlines != "rows":
-            if not hasattr(adapter, "newlines"):
-                raise UnsupportedModelError(
-                    f"newlines={sieve.newlines!r} is about LLaVA-NeXT-family images (their image_newline tokens); "
-                    f"{type(model).__name__} has none"
-                )
             adapter.newlines = sieve.newlines
-        adapter.check_budget(sieve.pre_budget)
-        if sieve.llm_budget is not None:
-            adapter.check_budget(sieve.llm_budget)
-        for budget in (sieve.pre_budget, sieve.llm_budget):
-            if (
-                budget is not None
-                and budget.is_adaptive
-                and not budget.value.needs_no_threshold
-                and (budget.value.threshold is None)
-            ):
-                raise BudgetError(
-                    f"the adaptive budget {budget} has no threshold yet: call sieve.calibrate(model, batches) on a few "
-                    "representative batches first (the mean is fitted on them; each image's count then depends on "
-                    "that image alone), or give an earlier calibration's threshold (Adaptive(..., threshold=t), or "
-                    "the text adaptive:MEAN@t)"
-                )
         if model in _SIEVED:
             raise TokensieveError(
                 f"this {type(model).__name__} already has a sieve applied; remove it first (one sieve per model)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -18,8 +18,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..budget import Budget, Scope
 from ..engine.capture import TokenMeter
 from ..engine.placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
-from ..errors import BudgetError, ParameterError, PlaceholderError, StageError, UnsupportedModelError
-from ..methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
+from ..errors import PlaceholderError, StageError
+from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Method
+from ..plan import Target
 from ..report import ImageReport, SieveReport
 
 # per-token tensors that must follow input_ids when placeholders are removed, with the value for added padding
@@ -47,6 +48,10 @@ class Encoded:
 class Adapter(ABC):
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
+    model_types: ClassVar[tuple[str, ...]] = ()
+    """``config.model_type`` of each of ``model_classes``, in the same order."""
+    display_names: ClassVar[tuple[str, ...]] = ()
+    """How messages name each of ``model_classes``, in the same order."""
     scopes: ClassVar[tuple[Scope, ...]] = (Scope.IMAGE,)
     stages: ClassVar[tuple[str, ...]] = (PRE_PROJECTOR, POST_PROJECTOR)
     """Stages this family's adapter can run; in-encoder and in-LLM stages need family-specific sequence surgery
@@ -58,6 +63,8 @@ class Adapter(ABC):
     """Call arguments consumed by :meth:`encode`; they are not passed on to the language model."""
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Call arguments whose presence makes a call visual (and so compressed); text-only calls pass through."""
+    newline_policies: ClassVar[tuple[str, ...]] = ()
+    """Newline policies the family takes (``Sieve(..., newlines=)``), the default first; empty: no newline tokens."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -112,24 +119,6 @@ class Adapter(ABC):
             out["video"] = BaseModelOutputWithPooling(pooler_output=self.video_output(encoded.features[n_img:]))
         return out
 
-    def check_stage(self, method: Method) -> None:
-        """Fail at ``apply()`` time when this family cannot run the method's stage yet."""
-        if method.stage not in self.stages:
-            raise UnsupportedModelError(
-                f"method {method.name!r} runs {method.stage.replace('_', '-')}, which tokensieve does not support on "
-                f"{self.family} models yet (supported stages: {', '.join(self.stages)}); pick a method of those stages"
-            )
-
-        self.check_layers(method)
-        num_layers, feature_layer = self.encoder_depth(method)
-        request = method.request(num_layers, feature_layer) if method.stage != IN_LLM else method.request(24, 23)
-        missing = [f.name for f in fields(request) if getattr(request, f.name) and f.name not in self.signal_kinds]
-        if missing:
-            raise UnsupportedModelError(
-                f"method {method.name!r} needs {', '.join(missing)}, which the {self.family} adapter does not "
-                "provide yet"
-            )
-
     @property
     def num_layers(self) -> int:
         """Layers of the vision encoder."""
@@ -145,38 +134,64 @@ class Adapter(ABC):
         :class:`~tokensieve.engine.capture.TokenMeter` (the token trace FLOPs are priced from)."""
         raise NotImplementedError
 
-    def encoder_depth(self, method: Method) -> tuple[int, int]:
-        """``(encoder layers, hidden_states index of the features)`` that ``method`` is planned against, with the
-        model's defaults; families whose connector reads the last layer (Qwen-VL, Idefics3) use the depth for both."""
-        return self.num_layers, self.num_layers
+    # -- what the rule set checks a setting against (tokensieve.plan) ------------------------------------------
+    @classmethod
+    def _variant(cls, config) -> int:
+        model_type = getattr(config, "model_type", None)
+        return cls.model_types.index(model_type) if model_type in cls.model_types else 0
 
-    def check_layers(self, method: Method) -> None:
-        """Fail at ``apply()`` when a layer the method's parameters name does not exist on this model: encoder
-        layers against the real vision encoder, decoder layers (in-LLM methods) against the real LM."""
-        if method.stage == IN_LLM:
-            depth = len(self.decoder_layers())
-            args, where = (depth, None), f"its language model has {depth} decoder layers"
-        else:
-            args = self.encoder_depth(method)
-            n, fl = args
-            where = (
-                f"its vision encoder has {n} layers (0..{n - 1}) and the features are hidden_states[{fl}], the "
-                f"output of layer {fl - 1}"
-            )
-        try:
-            method.check_depth(*args)
-        except ValueError as exc:
-            raise ParameterError(
-                f"Sieve({method.name!r}) does not fit this {type(self.model).__name__}: {exc} ({where})"
-            ) from None
+    @classmethod
+    def model_class(cls, config) -> str:
+        """The transformers class a config belongs to (``model_types`` and ``model_classes`` pair up)."""
+        return cls.model_classes[cls._variant(config)]
 
-    def check_budget(self, budget: Budget) -> None:
-        """Fail at ``apply()`` time, before any call, when the budget cannot fit this model."""
-        if budget.scope not in self.scopes:
-            raise BudgetError(
-                f"budget scope {budget.scope.value!r} is not supported on {self.family} models; "
-                f"use one of {[s.value for s in self.scopes]}"
-            )
+    @classmethod
+    def display_name(cls, config) -> str:
+        """The model family as messages name it (``LLaVA-1.5``, ``Qwen2.5-VL``)."""
+        return cls.display_names[cls._variant(config)]
+
+    @classmethod
+    def encoder_layers_of(cls, config) -> int:
+        """Layers of the vision encoder, read off the config."""
+        return int(config.vision_config.num_hidden_layers)
+
+    @classmethod
+    def feature_layers_of(cls, config) -> tuple[int, ...]:
+        """Non-negative ``hidden_states`` indices the features are made of; by default the encoder's last layer
+        (Qwen-VL's merger and Idefics3's connector read it)."""
+        return (cls.encoder_layers_of(config),)
+
+    @classmethod
+    def limits_of(cls, config) -> dict[Scope, int]:
+        """The most tokens one unit of a scope has, where the config alone fixes it (see ``plan.Target.limits``)."""
+        return {}
+
+    @classmethod
+    def prefix_of(cls, config) -> int:
+        """Leading candidates that are not patches (LLaVA's CLS under the ``full`` strategy)."""
+        return 0
+
+    @classmethod
+    def describe(cls, config, model: str | None = None) -> Target:
+        """This family's facts for a config, as the rule set reads them; a host that runs less of the model
+        (the vLLM plugin) narrows them (``Target.narrowed``)."""
+        return Target(
+            family=cls.display_name(config),
+            model=model or cls.model_class(config),
+            encoder_layers=cls.encoder_layers_of(config),
+            feature_layers=tuple(cls.feature_layers_of(config)),
+            llm_layers=int(config.get_text_config().num_hidden_layers),
+            stages=cls.stages,
+            scopes=cls.scopes,
+            signal_kinds=cls.signal_kinds,
+            limits=cls.limits_of(config),
+            num_prefix=cls.prefix_of(config),
+            newlines=cls.newline_policies,
+        )
+
+    def target(self) -> Target:
+        """:meth:`describe` for this model instance."""
+        return self.describe(self.model.config, type(self.model).__name__)
 
     def llm_targets(self, budget: Budget, images: list) -> list[int]:
         """Per report entry, the layer-averaged visual tokens an in-LLM method may keep, read by the budget's scope.

@@ -26,23 +26,14 @@ from typing import Any
 
 import torch
 
-from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..engine.capture import capture_encoder, rows_per_sequence
 from ..engine.encoder_stage import run_encoder_stage
 from ..engine.placeholders import ImageSpan
+from ..engine.select import select_each
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
-from ..methods.base import (
-    IN_ENCODER,
-    IN_LLM,
-    POST_PROJECTOR,
-    PRE_PROJECTOR,
-    EncoderMethod,
-    Layout,
-    Method,
-    Selection,
-    Signals,
-)
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method, Selection, Signals
+from ..methods.encoder import EncoderMethod
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -96,6 +87,8 @@ def _split_selection(sel: Selection, tokens: torch.Tensor, crops: int, per_crop:
 class Idefics3Adapter(Adapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    model_types = ("idefics3", "smolvlm")
+    display_names = ("Idefics3", "SmolVLM")
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
     signal_kinds = ("hidden_states", "cls_attention", "keys", "cls_hidden", "attention_received")
@@ -174,10 +167,11 @@ class Idefics3Adapter(Adapter):
                 image += 1
         return out
 
-    def check_budget(self, budget: Budget) -> None:
-        super().check_budget(budget)
-        if budget.scope == Scope.CROP:
-            budget.resolve(self.per_crop, what="each crop of this model")
+    @classmethod
+    def limits_of(cls, config) -> dict[Scope, int]:
+        vc = config.vision_config
+        side = vc.image_size // vc.patch_size // int(config.scale_factor)
+        return {Scope.CROP: side * side}  # an image's count depends on its crops
 
     def _shares(self, budget: Budget, images: list[int]) -> list[int]:
         """Tokens to keep per crop (``global`` ranks an image's crops together instead: no per-crop share)."""

@@ -10,19 +10,17 @@ from typing import Any
 
 import torch
 
-from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..engine.capture import (
     AttentionParts,
     capture_encoder,
-    check_finite,
-    grid_signals,
     pooling_head,
     rows_per_sequence,
 )
-from ..engine.encoder_stage import run_encoder_stage
-from ..errors import BudgetError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
+from ..engine.select import feature_layer_indices, grid_cut, grid_outputs, grid_select, kept_patches
+from ..errors import UnsupportedModelError
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
+from ..methods.encoder import EncoderMethod
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
 
@@ -30,6 +28,8 @@ from .base import Adapter, Encoded, now
 class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
+    display_names = ("LLaVA-1.5",)
     # one grid per image: an image is its only crop
     scopes = (Scope.IMAGE, Scope.CROP)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
@@ -66,19 +66,13 @@ class LlavaAdapter(Adapter):
 
     def feature_layers(self, enc: dict[str, Any]) -> list[int]:
         """Non-negative hidden_states indices whose patch rows are concatenated into the features."""
-        spec = self._feature_layer(enc)
-        return [i % (self.num_layers + 1) for i in ([spec] if isinstance(spec, int) else spec)]
+        return list(feature_layer_indices(self._feature_layer(enc), self.num_layers))
 
     def vision_modules(self) -> tuple:
         return self.base.vision_tower, self.base.multi_modal_projector
 
     def meter_parts(self) -> tuple:
         return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
-
-    def encoder_depth(self, method: Method) -> tuple[int, int]:
-        # in-encoder cuts must end before the first feature layer; selectors read the last one (see encode)
-        layers = self.feature_layers({})
-        return self.num_layers, min(layers) if method.stage == IN_ENCODER else layers[-1]
 
     def num_prefix(self, enc: dict[str, Any]) -> int:
         return 0 if self._strategy(enc) == "default" else 1
@@ -87,9 +81,19 @@ class LlavaAdapter(Adapter):
         n = self.grid[0] * self.grid[1] + self.num_prefix(encoder_kwargs)
         return [n] * int(encoder_kwargs["pixel_values"].shape[0])
 
-    def check_budget(self, budget: Budget) -> None:
-        super().check_budget(budget)
-        budget.resolve(self.grid[0] * self.grid[1] + self.num_prefix({}), what="each image of this model")
+    @classmethod
+    def feature_layers_of(cls, config) -> tuple[int, ...]:
+        return feature_layer_indices(config.vision_feature_layer, cls.encoder_layers_of(config))
+
+    @classmethod
+    def prefix_of(cls, config) -> int:
+        return 0 if config.vision_feature_select_strategy == "default" else 1
+
+    @classmethod
+    def limits_of(cls, config) -> dict[Scope, int]:
+        vc = config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + cls.prefix_of(config)
+        return {Scope.IMAGE: n, Scope.CROP: n}  # one grid per image: an image is its only crop
 
     @staticmethod
     def _attention_parts(layer) -> AttentionParts:
@@ -104,22 +108,26 @@ class LlavaAdapter(Adapter):
         pixel_values = encoder_kwargs["pixel_values"]
         n_img = int(pixel_values.shape[0])
         prefix = self.num_prefix(encoder_kwargs)
-        layout = Layout(self.grid, prefix)
-        n_tok = layout.num_patches + prefix
+        n_tok = self.grid[0] * self.grid[1] + prefix
         k = budget.resolve(n_tok, what="each image")
         feature_layers = self.feature_layers(encoder_kwargs)
-        fl = feature_layers[-1]  # methods reading "the feature layer" use the last one
-        request = method.request(self.num_layers, fl)
-        # candidates are the tokens the projector sees: patches, plus CLS under the "full" strategy
-        tok = slice(1 - prefix, None)
+        request = method.request(self.num_layers, feature_layers[-1])  # selectors read the last feature layer
         state: dict[str, Any] = {}
 
         def select(features: torch.Tensor) -> torch.Tensor:
-            check_finite(features)
             t0 = now()
-            signals = grid_signals(cap, request, features, layout, self.num_layers, fl, feature_layers, tok)
-            sels = select_each(method, signals, k)
-            outs = [sel.output(features[i : i + 1])[0].to(features.dtype) for i, sel in enumerate(sels)]
+            sels = grid_select(
+                method,
+                k,
+                cap,
+                request,
+                features,
+                grid=self.grid,
+                num_prefix=prefix,
+                num_layers=self.num_layers,
+                feature_layers=feature_layers,
+            )
+            outs = grid_outputs(sels, features)
             # adaptive budgets give images different counts: pad to the longest and trim after the projector
             out = torch.nn.utils.rnn.pad_sequence(outs, batch_first=True)
             if out.is_cuda:
@@ -151,14 +159,13 @@ class LlavaAdapter(Adapter):
         per_image = state["time"] / n_img
         images = []
         for i, sel in enumerate(state["selection"]):
-            idx = sel.indices[0] - prefix
             images.append(
                 ImageReport(
                     sample=-1,
                     image=i,
                     tokens_in=n_tok,
                     tokens_out=int(features[i].shape[0]),
-                    kept_indices=idx[idx >= 0].tolist(),
+                    kept_indices=kept_patches(sel.indices[0], prefix),
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
@@ -166,7 +173,7 @@ class LlavaAdapter(Adapter):
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
-        trace = [layout.num_patches + 1] * self.num_layers
+        trace = [self.grid[0] * self.grid[1] + 1] * self.num_layers
         return Encoded(features, images, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace)
 
     def _encode_in_encoder(self, method: EncoderMethod, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
@@ -179,31 +186,24 @@ class LlavaAdapter(Adapter):
         start = now()
         pixel_values = encoder_kwargs["pixel_values"]
         prefix = self.num_prefix(encoder_kwargs)
-        layout = Layout(self.grid, 1)  # inside the encoder CLS is always row 0
-        n_tok = layout.num_patches + prefix
+        n_tok = self.grid[0] * self.grid[1] + prefix
         k = budget.resolve(n_tok, what="each image")
-        target = k - prefix  # CLS is a candidate only under the "full" strategy, and it is always kept
-        if target < 1:
-            raise BudgetError(f"{method.name} keeps CLS and at least one patch; a budget of {k} leaves no patch")
         feature_layers = self.feature_layers(encoder_kwargs)
-        plan = method.plan(self.num_layers, min(feature_layers))
         skip = bool(getattr(method, "skip_unused_layers", True))
-        res = run_encoder_stage(
-            self.layers,
-            self._attention_parts,
+        res, selected = grid_cut(
             method,
-            plan,
-            layout,
-            target,
-            feature_layer=min(feature_layers),
-            record=feature_layers,
+            k,
+            layers=self.layers,
+            attention_parts=self._attention_parts,
+            grid=self.grid,
+            num_prefix=prefix,
+            num_layers=self.num_layers,
+            feature_layers=feature_layers,
             run=lambda pv: self.base.vision_tower(pv, output_hidden_states=False, return_dict=True),
             pixel_values=pixel_values,
             stop_after=max(feature_layers) if skip else None,
         )
         n_img = int(pixel_values.shape[0])
-        selected = res.features(feature_layers, slice(1 - prefix, None))
-        check_finite(selected)
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
         for i in range(n_img):

@@ -37,7 +37,8 @@ from ..engine.anyres import Packed as _Packed
 from ..engine.capture import capture_encoder
 from ..engine.encoder_stage import run_encoder_stage
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Layout, Method
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Layout, Method
+from ..methods.encoder import EncoderMethod
 from ..report import ImageReport, MergeGroups
 from .base import Adapter, Encoded, now
 from .llava import LlavaAdapter
@@ -48,6 +49,9 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
+    display_names = ("LLaVA-NeXT",)
+    newline_policies = anyres.NEWLINES
     scopes = (Scope.IMAGE, Scope.CROP, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
     signal_kinds = Adapter.signal_kinds + ("attention_received",)
@@ -72,10 +76,14 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return strategy
 
-    def check_budget(self, budget: Budget) -> None:
-        Adapter.check_budget(self, budget)
-        if budget.scope == Scope.CROP:
-            budget.resolve(self.per_crop, what="each crop of this model")
+    @classmethod
+    def prefix_of(cls, config) -> int:
+        return 0  # the packing drops the CLS token ('default' strategy; other strategies are refused per call)
+
+    @classmethod
+    def limits_of(cls, config) -> dict[Scope, int]:
+        vc = config.vision_config
+        return {Scope.CROP: (vc.image_size // vc.patch_size) ** 2}  # an image's count depends on its size
 
     def _num_crops(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

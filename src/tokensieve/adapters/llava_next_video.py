@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..engine.capture import capture_encoder
 from ..engine.encoder_stage import run_encoder_stage
+from ..engine.select import select_each
 from ..errors import BudgetError, NonFiniteFeaturesError, UnsupportedModelError
-from ..methods.base import IN_ENCODER, EncoderMethod, Layout, Method, Signals
+from ..methods.base import IN_ENCODER, Layout, Method, Signals
+from ..methods.encoder import EncoderMethod
 from ..report import ImageReport, MergeGroups
 from .base import Encoded, now
 from .llava_next import LlavaNextAdapter
@@ -34,6 +35,8 @@ from .llava_next import LlavaNextAdapter
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava-next-video"
     model_classes = ("LlavaNextVideoForConditionalGeneration",)
+    model_types = ("llava_next_video",)
+    display_names = ("LLaVA-NeXT-Video",)
     scopes = (Scope.IMAGE, Scope.CROP, Scope.FRAME, Scope.GLOBAL)
     encoder_inputs = LlavaNextAdapter.encoder_inputs + ("pixel_values_videos",)
     visual_inputs = ("pixel_values", "pixel_values_videos")

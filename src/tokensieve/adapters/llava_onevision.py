@@ -29,6 +29,8 @@ from .llava_next_video import LlavaNextVideoAdapter
 class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
     family = "llava-onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    model_types = ("llava_onevision",)
+    display_names = ("LLaVA-OneVision",)
     encoder_inputs = LlavaNextVideoAdapter.encoder_inputs + ("vision_aspect_ratio", "batch_num_images")
 
     def __init__(self, model) -> None:

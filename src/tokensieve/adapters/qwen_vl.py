@@ -38,7 +38,8 @@ from ..engine.capture import capture_encoder, packed_segments
 from ..engine.encoder_stage import check_unit_cut, cut_units, follow_cut, unit_state
 from ..engine.merge_units import UnitSignals, rotate, select_units
 from ..errors import NonFiniteFeaturesError, PlaceholderError
-from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderCut, EncoderMethod, Method, Request
+from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method, Request
+from ..methods.encoder import EncoderCut, EncoderMethod
 from ..report import ImageReport, MergeGroups
 from .base import Adapter, Encoded, now
 
@@ -46,6 +47,8 @@ from .base import Adapter, Encoded, now
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    display_names = ("Qwen2-VL", "Qwen2.5-VL")
     scopes = (Scope.IMAGE, Scope.FRAME, Scope.GLOBAL)
     stages = (PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER, IN_LLM)
     signal_kinds = Adapter.signal_kinds + ("attention_received",)
@@ -66,6 +69,10 @@ class QwenVLAdapter(Adapter):
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @classmethod
+    def encoder_layers_of(cls, config) -> int:
+        return int(config.vision_config.depth)
 
     def vision_modules(self) -> tuple:
         return self.visual, self.merger.mlp  # pre-projector methods re-run the merger's MLP on the kept units

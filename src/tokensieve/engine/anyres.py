@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adaptive import select_each
 from ..budget import Budget, Scope
 from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
 from ..report import MergeGroups
+from .select import select_each
 
 NEWLINES = ("rows", "all", "none")
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..methods.base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, Layout, gather_tokens
+from ..methods.base import Layout, gather_tokens
+from ..methods.encoder import EncoderCut, EncoderMethod, EncoderPlan, EncoderState
 from .capture import AttentionParts, hook_projections
 
 

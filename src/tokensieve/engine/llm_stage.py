@@ -26,16 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import StageError
-from ..methods.base import (
-    PRE_PROJECTOR,
-    QUERY_LAST,
-    QUERY_TEXT,
-    LLMMethod,
-    LLMSignals,
-    Method,
-    Selection,
-    Signals,
-)
+from ..methods.base import PRE_PROJECTOR, Method, Selection, Signals
+from ..methods.llm import QUERY_LAST, QUERY_TEXT, LLMMethod, LLMSignals
 
 
 class KeepAll(Method):

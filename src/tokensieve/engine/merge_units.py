@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adaptive import select_each
 from ..errors import BudgetError
 from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
 from ..report import MergeGroups
+from .select import select_each
 
 QUERY_CHUNK = 512
 

@@ -33,65 +33,9 @@ from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
 
-from ..models.loading import EMBEDDED_MODELS as _EMBEDDED
-
-EMBEDDED_MODELS = {name: entry.path for name, entry in _EMBEDDED.items() if entry.path is not None}
-"""Names ``pretrained=`` accepts besides a directory: the models shipped inside the package (one table for the
-command line and lmms-eval: :data:`tokensieve.models.loading.EMBEDDED_MODELS`)."""
+from .settings import EMBEDDED_MODELS, build_sieve, method_params, resolve_pretrained  # noqa: F401 (re-exported)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_pretrained(name: str) -> Path | str:
-    """What ``pretrained=`` names: an embedded model, a local model directory, or else a hub id for transformers.
-
-    A hub id loads from the local cache only under the launcher's offline mode (``HF_HUB_OFFLINE=0`` lets
-    transformers download it, where the machine can).
-    """
-    if str(name) in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[str(name)]
-    path = Path(str(name)).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"pretrained={name}: the directory has no config.json (embedded models: {sorted(EMBEDDED_MODELS)})"
-            )
-        return path
-    return str(name)
-
-
-def _parse_budget(value):
-    """``64`` / ``0.25`` as lmms-eval parsed them; ``"192+128"`` for chained stages becomes ``[192, 128]``."""
-    if isinstance(value, str) and "+" in value:
-        return [_parse_budget(part.strip()) for part in value.split("+")]
-    if isinstance(value, str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    return value  # anything else is left for Budget.parse to refuse with its own message
-
-
-def build_sieve(method: str, budget, scope: str, params: dict[str, dict]):
-    """The :class:`~tokensieve.Sieve` of ``method`` (``None`` for ``none``), validated before any model is loaded."""
-    from ..session import Sieve, _instantiate
-
-    names = [m.strip() for m in str(method).split("+")]
-    stray = sorted(set(params) - set(names))
-    if method == "none":
-        if budget is not None or params:
-            raise ValueError("method=none runs the unpruned model: drop budget= and METHOD.NAME= arguments")
-        return None
-    if stray:
-        raise ValueError(
-            f"parameters for {stray} but method={method}; write them METHOD.NAME=VALUE for a method in use"
-        )
-    if budget is None:
-        raise ValueError(f"method={method} needs budget= (an int: tokens per {scope}; a float: keep ratio)")
-    if len(names) == 1:
-        return Sieve(names[0], _parse_budget(budget), scope=scope, **params.get(names[0], {}))
-    return Sieve([_instantiate(n, params.get(n, {})) for n in names], _parse_budget(budget), scope=scope)
 
 
 @dataclass
@@ -142,15 +86,7 @@ class TokensieveChat(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        params: dict[str, dict] = {}
-        for key, value in kwargs.items():
-            name, dot, param = key.partition(".")
-            if not dot or not name or not param:
-                raise TypeError(
-                    f"unknown model argument {key}={value!r}; method hyper-parameters are written "
-                    "METHOD.NAME=VALUE (e.g. evocut.start_layer=10)"
-                )
-            params.setdefault(name, {})[param] = value
+        params = method_params(kwargs)
         self.sieve = build_sieve(str(method), budget, str(scope), params)  # a typo fails before loading anything
         self.method = "none" if self.sieve is None else self.sieve.name
         path = resolve_pretrained(pretrained)
@@ -181,6 +117,8 @@ class TokensieveChat(lmms):
             self._model.to(self._device)
         else:
             self._device = self._model.device
+        if self.sieve is not None:  # a setting this model cannot run fails now, not at its first batch
+            self.sieve.check(self._model)
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
         self._tokenizer = self.processor.tokenizer

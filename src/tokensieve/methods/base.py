@@ -9,9 +9,14 @@ hand-made tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+from ..errors import BudgetError
+
+if TYPE_CHECKING:
+    from .llm import LLMMethod
 
 PRE_PROJECTOR = "pre_projector"
 """Stage: select on vision-encoder features, before the projector maps them into the LM's space."""
@@ -182,6 +187,9 @@ class Method:
     def select(self, signals: Signals, k: int) -> Selection:
         raise NotImplementedError
 
+    companion_switch: ClassVar[str | None] = None
+    """The boolean parameter that turns :meth:`llm_companion` off (ToDRE: ``relevance``), for refusals to name."""
+
     def llm_companion(self) -> LLMMethod | None:
         """The in-LLM part of a two-stage method (ToDRE), run after this one in the same call; ``None`` for most."""
         return None
@@ -206,213 +214,46 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-# -- in-encoder stage ------------------------------------------------------------------------------------------
+def check_k(k: int, n: int) -> None:
+    """The one check every selector makes: keep at least one of the ``n`` candidates and at most all of them.
+
+    Budgets are resolved to ``k`` before a method runs (``Budget.resolve``), so a ``k`` outside ``[1, n]`` here is a
+    caller's bug or a hand-made call, refused the same way for every method."""
+    if not 1 <= k <= n:
+        raise BudgetError(f"k must be in [1, {n}], got {k}")
 
 
-@dataclass(frozen=True)
-class EncoderPlan:
-    """Where an in-encoder method acts, decided from the encoder depth before the forward starts.
+class ScoreMethod(Method):
+    """A selector that ranks candidates by one score per token and keeps the ``k`` best, in raster order.
 
-    ``layers``: 0-based encoder layers after which the method is consulted (it may decline to cut at some of them,
-    e.g. to update a running score). ``cls_attention`` / ``keys`` / ``values``: which signals it reads at those
-    layers; the stage computes only these, from that layer's own projections.
-    ``per_image``: the kept count may depend on the image (entropy-adaptive schedules), so a batch is run one image
-    at a time; fixed-schedule methods run batched.
-    """
+    Subclasses implement :meth:`scores`; the k check, the tie rule (:func:`topk_sorted`) and the scores in the
+    :class:`Selection` (which adaptive budgets' ``criterion="scores"`` reads) are the same for all of them."""
 
-    layers: tuple[int, ...]
-    cls_attention: bool = False
-    keys: bool = False
-    values: bool = False
-    per_image: bool = False
-
-
-@dataclass
-class EncoderState:
-    """The sequence right after encoder layer ``layer``, as an in-encoder method sees it.
-
-    hidden:        [B, T, d] output of ``layer`` (CLS at row 0).
-    cls_attention: [B, H, T] softmax attention of the CLS query over all T keys at ``layer`` (CLS column included).
-    keys, values:  [B, H, T, head_dim] of ``layer``.
-    sizes:         [B, T] how many original tokens each row stands for (1 until merging; CLS is 1).
-    positions:     [B, T] original patch index of each row (CLS: -1); a merged row keeps its destination's.
-    target:        patch rows (CLS excluded) the sequence must have when the last planned layer is done.
-    memory:        scratch that persists across the layers of one forward (running scores); fresh per forward.
-    """
-
-    layer: int
-    num_layers: int
-    feature_layer: int
-    layout: Layout
-    hidden: torch.Tensor
-    sizes: torch.Tensor
-    positions: torch.Tensor
-    target: int
-    cls_attention: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    memory: dict = field(default_factory=dict)
-
-    @property
-    def num_patches(self) -> int:
-        return self.hidden.shape[1] - 1
-
-
-@dataclass
-class EncoderCut:
-    """What survives one cut: ``keep`` [B, k] row indices into the current sequence, ascending, row 0 (CLS) first.
-
-    ``hidden`` [B, k, d] replaces the gathered rows when the method merged dropped rows into kept ones; ``sizes``
-    [B, k] are the merged sizes then (they must still sum to the original token count). ``groups`` [B, T-1] says,
-    for a merge, which kept patch (0..k-2, in ``keep[:, 1:]`` order) each current patch row went into: families
-    whose tokens are groups of encoder rows (Qwen's 2x2 merge units) replay the merge on the rows with it.
-    """
-
-    keep: torch.Tensor
-    hidden: torch.Tensor | None = None
-    sizes: torch.Tensor | None = None
-    groups: torch.Tensor | None = None
-
-
-class EncoderMethod(Method):
-    """A method that shrinks the sequence between encoder layers (stage ``in_encoder``).
-
-    It stays a pure selector: :meth:`plan` names layers and signals, :meth:`cut` maps one :class:`EncoderState` to
-    an :class:`EncoderCut` (or ``None`` for no cut at this layer). The adapter's encoder stage applies cuts, keeps
-    CLS, positions and sizes consistent, and makes the last planned cut land exactly on the target.
-    """
-
-    stage = IN_ENCODER
-
-    def plan(self, num_layers: int, feature_layer: int) -> EncoderPlan:
-        raise NotImplementedError
-
-    def check_depth(self, num_layers: int, feature_layer: int) -> None:
-        self.plan(num_layers, feature_layer)
-
-    def cut(self, state: EncoderState) -> EncoderCut | None:
+    def scores(self, signals: Signals) -> torch.Tensor:
+        """[B, N] scores of the candidates, higher is kept first."""
         raise NotImplementedError
 
     def select(self, signals: Signals, k: int) -> Selection:
-        raise TypeError(f"{self.name} acts inside the vision encoder; it has no post-encoder select()")
+        check_k(k, signals.num_tokens)
+        scores = self.scores(signals)
+        return Selection(indices=topk_sorted(scores, k), scores=scores)
 
 
-def keep_with_cls(patch_keep: torch.Tensor) -> torch.Tensor:
-    """Patch indices [B, k] (0-based over patch rows, ascending) -> row indices [B, 1 + k] with CLS at 0."""
-    return torch.cat([torch.zeros_like(patch_keep[:, :1]), patch_keep + 1], dim=1)
+_MOVED = {
+    **dict.fromkeys(
+        ("EncoderPlan", "EncoderState", "EncoderCut", "EncoderMethod", "keep_with_cls", "check_plan_layers"),
+        "encoder",
+    ),
+    **dict.fromkeys(
+        ("QUERY_LAST", "QUERY_TEXT", "LLMSignals", "LLMMethod", "averaged_tokens", "per_segment_topk"), "llm"
+    ),
+}
 
 
-def check_plan_layers(layers, num_layers: int, feature_layer: int, what: str) -> tuple[int, ...]:
-    """Planned layers must exist and end before the feature layer (their output must reach the LM's features)."""
-    layers = tuple(sorted(set(int(x) for x in layers)))
-    if not layers:
-        raise ValueError(f"{what}: the schedule has no layer for an encoder of {num_layers} layers")
-    if layers[0] < 0 or layers[-1] > feature_layer - 1:
-        raise ValueError(
-            f"{what}: layers {list(layers)} must lie in [0, {feature_layer - 1}] (the feature layer is "
-            f"hidden_states[{feature_layer}], the output of layer {feature_layer - 1})"
-        )
-    return layers
+def __getattr__(name: str):
+    """``tokensieve.methods.base`` once held the in-encoder and in-LLM contracts too; their old import path works."""
+    if name in _MOVED:
+        from importlib import import_module
 
-
-# -- in-LLM methods ----------------------------------------------------------------------------------------------
-
-QUERY_LAST = "last"
-"""Attention rows wanted: the last real token of the prompt (FastV's and PyramidDrop's scoring query)."""
-QUERY_TEXT = "text"
-"""Attention rows wanted: every text token after the first visual token (ToDRE's text-to-visual share)."""
-
-
-@dataclass
-class LLMSignals:
-    """One sample at an in-LLM stage boundary, restricted to the visual tokens still in the sequence.
-
-    hidden:      [n, d] hidden states of the visual tokens entering the stage layer, in sequence order.
-    segments:    visual tokens per image, in order (they sum to n); budgets apply per image.
-    attention:   [H, r, n] softmax attention of the requested query rows to the visual keys, from the layer named by
-                 ``attention_from`` (not renormalised: ``attention.sum(-1)`` is each row's mass on visual keys).
-    keys:        [n, H_kv * head_dim] post-RoPE keys of the visual tokens at the layer before the stage.
-    text_keys / text_hidden: the same for the sample's real non-visual tokens (DART's text pivots).
-    positions / text_positions: [n] / [m] where the visual / text tokens sit in the sample's sequence as the LM
-                 received it, counting real tokens only (padding excluded). ``None``: visual tokens are taken as
-                 consecutive from 0 and text tokens as following them.
-    layer:       the decoder layer that will be the first to run without the dropped tokens; num_layers: LM depth.
-
-    With ``LLMMethod.final_norm`` set, ``hidden`` and ``text_hidden`` have been through the LM's final norm.
-    """
-
-    hidden: torch.Tensor
-    segments: list[int]
-    layer: int
-    num_layers: int
-    attention: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    text_keys: torch.Tensor | None = None
-    text_hidden: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    text_positions: torch.Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden.shape[0]
-
-    def split(self, x: torch.Tensor, dim: int = -1) -> list[torch.Tensor]:
-        """Cut a per-visual-token tensor into its images."""
-        return list(torch.split(x, self.segments, dim=dim))
-
-
-class LLMMethod(Method):
-    """A selector that runs between decoder layers: it plans a schedule, then keeps indices at each boundary.
-
-    ``schedule`` turns one image's budget into boundaries; the in-LLM stage asks for the signals the class attributes
-    name, computing attention rows from q/k of the named layer (the model stays on SDPA).
-    """
-
-    stage: ClassVar[str] = IN_LLM
-    query: ClassVar[str | None] = None
-    """``QUERY_LAST``, ``QUERY_TEXT`` or ``None`` (attention-free)."""
-    attention_from: ClassVar[str] = "previous"
-    """``previous``: attention of the layer before the boundary (FastV). ``current``: the boundary layer's own q/k on
-    the hidden states entering it (PyramidDrop)."""
-    needs_keys: ClassVar[bool] = False
-    final_norm: ClassVar[bool] = False
-    """True: the hidden states in :class:`LLMSignals` pass through the LM's final norm first (DART compares them so)."""
-    budgeted: ClassVar[bool] = True
-    """False for rules that decide counts themselves (ToDRE's relevance check); such stages take no budget."""
-
-    def schedule(self, n: int, num_layers: int, target: int | None) -> list[tuple[int, int]]:
-        """Boundaries for one image of ``n`` visual tokens: ``[(layer, tokens kept from that layer on), ...]``.
-
-        ``target`` is the wanted average number of this image's visual tokens over all decoder layers (``None`` for
-        unbudgeted rules). Raise :class:`BudgetError` when no schedule of this method can reach it.
-        """
-        raise NotImplementedError
-
-    def select_llm(self, signals: LLMSignals, ks: list[int | None]) -> list[torch.Tensor]:
-        """Per image, ascending indices into that image's current visual tokens to keep (``ks[i]`` of them)."""
-        raise NotImplementedError
-
-    def check_depth(self, num_layers: int, feature_layer: int | None = None) -> None:
-        """In-LLM methods name decoder layers: ``num_layers`` is the LM's depth. A schedule that keeps everything
-        must exist at any budget; when it does not, a layer parameter does not fit this LM."""
-        for layer, _ in self.schedule(1, num_layers, 1 if self.budgeted else None):
-            if not 1 <= layer < num_layers:
-                raise ValueError(
-                    f"{self.name} plans a boundary at decoder layer {layer}; it must lie in "
-                    f"1..{num_layers - 1} for a {num_layers}-layer LM"
-                )
-
-
-def averaged_tokens(n: int, num_layers: int, plan: list[tuple[int, int]]) -> float:
-    """Average visual tokens per decoder layer under ``plan`` (boundaries sorted by layer)."""
-    total, count, prev = 0, n, 0
-    for layer, kept in plan:
-        total += count * (layer - prev)
-        prev, count = layer, kept
-    total += count * (num_layers - prev)
-    return total / num_layers
-
-
-def per_segment_topk(scores: torch.Tensor, segments: list[int], ks: list[int]) -> list[torch.Tensor]:
-    """Top-``ks[i]`` of each image's scores, ascending (raster order), ties towards the lower index."""
-    return [topk_sorted(s, k) for s, k in zip(torch.split(scores, segments), ks)]
+        return getattr(import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-from .base import LLMMethod, LLMSignals, topk_sorted
+from .base import topk_sorted
 from .fastv import single_boundary
+from .llm import LLMMethod, LLMSignals
+from .registry import register
 
 
 def _l1(x: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import BudgetError
-from . import register
-from .base import POST_PROJECTOR, Method, Selection, Signals
+from .base import POST_PROJECTOR, Method, Selection, Signals, check_k
+from .registry import register
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +66,5 @@ class DivPrune(Method):
 
     def select(self, signals: Signals, k: int) -> Selection:
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         return Selection(indices=maxmin_select(cosine_distances(signals.features), k))

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+from ..errors import MissingSignalError
+from .base import PRE_PROJECTOR, Request, ScoreMethod, Signals
+from .registry import register
 
 
 def _group_directions(moves: torch.Tensor, inv_norm: torch.Tensor, num_groups: int, iterations: int, eps: float):
@@ -99,7 +99,7 @@ def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None
 
 
 @register
-class EvoCut(Method):
+class EvoCut(ScoreMethod):
     name = "evocut"
     description = (
         "Keep patches whose hidden-state movement deviates from the shared group directions (EMA over layers)."
@@ -157,10 +157,8 @@ class EvoCut(Method):
         start, end = self._layers(num_layers)
         return Request(hidden_states=tuple(range(start - 1, end + 1)))
 
-    def select(self, signals: Signals, k: int) -> Selection:
+    def scores(self, signals: Signals) -> torch.Tensor:
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
         start, end = self._layers(signals.num_layers)
         needed = range(start - 1, end + 1)
         missing = [i for i in needed if i not in signals.hidden_states]
@@ -171,5 +169,4 @@ class EvoCut(Method):
             raise ValueError(
                 f"hidden_states rows {tuple(states[0].shape[:2])} do not match the candidates ({signals.batch}, {n})"
             )
-        scores = evocut_scores(states, self.num_groups, self.iterations, self.alpha, self.eps)
-        return Selection(indices=topk_sorted(scores, k), scores=scores)
+        return evocut_scores(states, self.num_groups, self.iterations, self.alpha, self.eps)

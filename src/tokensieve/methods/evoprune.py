@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-from .base import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, check_plan_layers, keep_with_cls, topk_sorted
+from .base import topk_sorted
+from .encoder import EncoderCut, EncoderMethod, EncoderPlan, EncoderState, check_plan_layers, keep_with_cls
+from .registry import register
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+from ..errors import MissingSignalError
+from .base import PRE_PROJECTOR, Request, ScoreMethod, Signals
+from .registry import register
 
 
 @register
-class FasterVLM(Method):
+class FasterVLM(ScoreMethod):
     name = "fastervlm"
     description = "Keep the top-k patches by [CLS] attention (head mean) at the feature layer."
     stage = PRE_PROJECTOR
@@ -45,11 +45,9 @@ class FasterVLM(Method):
     def request(self, num_layers: int, feature_layer: int) -> Request:
         return Request(cls_attention=(self._layer(num_layers, feature_layer),))
 
-    def cls_scores(self, signals: Signals, k: int) -> torch.Tensor:
-        """[B, N] head-mean CLS attention of the scoring layer, after checking k and the signal's shape."""
+    def scores(self, signals: Signals) -> torch.Tensor:
+        """[B, N] head-mean CLS attention of the scoring layer, after checking the signal's shape."""
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
         layer = self._layer(signals.num_layers, signals.feature_layer)
         if layer not in signals.cls_attention:
             raise MissingSignalError(f"{self.name} needs the CLS attention of encoder layer {layer}")
@@ -57,7 +55,3 @@ class FasterVLM(Method):
         if tuple(attention.shape[::2]) != (signals.batch, n):
             raise ValueError(f"cls_attention[{layer}] has shape {tuple(attention.shape)}, expected [B, H, {n}]")
         return attention.mean(dim=1)
-
-    def select(self, signals: Signals, k: int) -> Selection:
-        scores = self.cls_scores(signals, k)
-        return Selection(indices=topk_sorted(scores, k), scores=scores)

@@ -19,8 +19,8 @@ Deliberate differences from the official code: the count comes from that budget 
 from __future__ import annotations
 
 from ..errors import BudgetError
-from . import register
-from .base import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
+from .llm import QUERY_LAST, LLMMethod, LLMSignals, per_segment_topk
+from .registry import register
 
 
 def single_boundary(n: int, num_layers: int, target: int, layer: int, name: str) -> list[tuple[int, int]]:

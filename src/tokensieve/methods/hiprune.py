@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+from ..errors import MissingSignalError
+from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, check_k, topk_sorted
+from .registry import register
 
 
 def _layer_arg(name, v):
@@ -78,8 +78,7 @@ class HiPrune(Method):
 
     def select(self, signals: Signals, k: int) -> Selection:
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         obj, out = self._layers(signals.num_layers, signals.feature_layer)
         for layer in (obj, out):
             if layer not in signals.attention_received:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 
 from ..errors import BudgetError
-from . import register
-from .base import QUERY_LAST, LLMMethod, LLMSignals, averaged_tokens, per_segment_topk
+from .llm import QUERY_LAST, LLMMethod, LLMSignals, averaged_tokens, per_segment_topk
+from .registry import register
 
 
 def _plan(n: int, layers: list[int], lam: float) -> list[tuple[int, int]]:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError
-from . import register
-from .base import PRE_PROJECTOR, Method, Selection, Signals
+from .base import PRE_PROJECTOR, Method, Selection, Signals, check_k
+from .registry import register
 
 
 def pooled_grid(k: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -69,8 +69,7 @@ class Pool(Method):
 
     def select(self, signals: Signals, k: int) -> Selection:
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         layout = signals.layout
         prefix = layout.num_prefix
         h, w = layout.grid

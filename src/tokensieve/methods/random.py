@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError
-from . import register
-from .base import PRE_PROJECTOR, Method, Selection, Signals
+from .base import PRE_PROJECTOR, Method, Selection, Signals, check_k
+from .registry import register
 
 
 @register
@@ -30,8 +29,7 @@ class RandomSelect(Method):
 
     def select(self, signals: Signals, k: int) -> Selection:
         n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         # a CPU generator gives the same draw whatever device the features live on
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         keep = torch.randperm(n, generator=generator)[:k].sort().values

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import POST_PROJECTOR, QUERY_TEXT, LLMMethod, LLMSignals, Method, Request, Selection, Signals
+from ..errors import MissingSignalError
+from .base import POST_PROJECTOR, Method, Request, Selection, Signals, check_k
+from .llm import QUERY_TEXT, LLMMethod, LLMSignals
+from .registry import register
 
 
 class ToDRERelevance(LLMMethod):
@@ -88,6 +89,8 @@ class ToDRE(Method):
         self.relevance = relevance
         self._stage2 = ToDRERelevance(tau, check_layers) if relevance else None
 
+    companion_switch = "relevance"
+
     def llm_companion(self) -> LLMMethod | None:
         return self._stage2
 
@@ -100,8 +103,7 @@ class ToDRE(Method):
             raise MissingSignalError("todre needs the [CLS] attention of the vision encoder's last layer")
         x = torch.nn.functional.normalize(signals.features.float(), dim=-1)  # [B, N, d]
         b, n, _ = x.shape
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         pivot = signals.cls_attention[layer].float().mean(1).argmax(-1)  # [B]
         rows = torch.arange(b)
         chosen = torch.zeros(b, n, dtype=torch.bool)

@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, gather_tokens, topk_sorted
+from ..errors import MissingSignalError
+from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, check_k, gather_tokens, topk_sorted
+from .registry import register
 
 
 def default_contextual(k: int) -> int:
@@ -76,8 +76,7 @@ class VisionZip(Method):
         b = signals.batch
         features = signals.features
         device = features.device
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+        check_k(k, n)
         if k == n:
             return Selection(indices=torch.arange(n, device=device).unsqueeze(0).expand(b, -1).contiguous())
 

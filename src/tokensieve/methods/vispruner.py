@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register
-from .base import PRE_PROJECTOR, Selection, Signals
+from .base import PRE_PROJECTOR, Selection, Signals, check_k
 from .fastervlm import FasterVLM
+from .registry import register
 
 MAX_STEP = 8
 """Most A tokens one matching round drops (the official constant)."""
@@ -98,7 +98,8 @@ class VisPruner(FasterVLM):
         self.important_ratio = float(important_ratio)
 
     def select(self, signals: Signals, k: int) -> Selection:
-        scores = self.cls_scores(signals, k)
+        check_k(k, signals.num_tokens)
+        scores = self.scores(signals)
         important, diverse = split_budget(k, self.important_ratio)
         order = torch.argsort(scores, dim=-1, descending=True, stable=True)
         kept = order[:, :important]

@@ -16,13 +16,15 @@ Exact ties go to the lower index.
 
 from __future__ import annotations
 
-from ..errors import BudgetError, MissingSignalError
-from . import register
-from .base import PRE_PROJECTOR, Method, Request, Selection, Signals, topk_sorted
+import torch
+
+from ..errors import MissingSignalError
+from .base import PRE_PROJECTOR, Request, ScoreMethod, Signals
+from .registry import register
 
 
 @register
-class VtcCls(Method):
+class VtcCls(ScoreMethod):
     name = "vtc_cls"
     description = "Keep the top-k patches by [CLS] attention (head mean) summed over a range of encoder layers."
     stage = PRE_PROJECTOR
@@ -52,13 +54,9 @@ class VtcCls(Method):
     def request(self, num_layers: int, feature_layer: int) -> Request:
         return Request(cls_attention=self._layers(num_layers, feature_layer))
 
-    def select(self, signals: Signals, k: int) -> Selection:
-        n = signals.num_tokens
-        if not 1 <= k <= n:
-            raise BudgetError(f"k must be in [1, {n}], got {k}")
+    def scores(self, signals: Signals) -> torch.Tensor:
         layers = self._layers(signals.num_layers, signals.feature_layer)
         missing = [i for i in layers if i not in signals.cls_attention]
         if missing:
             raise MissingSignalError(f"vtc_cls needs the CLS attention of encoder layers {missing}")
-        scores = sum(signals.cls_attention[i].float().mean(dim=1) for i in layers)
-        return Selection(indices=topk_sorted(scores, k), scores=scores)
+        return sum(signals.cls_attention[i].float().mean(dim=1) for i in layers)

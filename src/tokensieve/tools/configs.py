@@ -101,13 +101,9 @@ class Config:
 
     def sieve(self, params: dict[str, dict] | None = None, scope: str = "image"):
         """The :class:`~tokensieve.Sieve` of this configuration, hyper-parameters taken per method from ``params``."""
-        from ..session import Sieve, _instantiate
+        from ..session import Sieve
 
-        params = params or {}
-        if len(self.methods) == 1:
-            return Sieve(self.methods[0], self.budgets[0], scope=scope, **params.get(self.methods[0], {}))
-        instances = [_instantiate(m, params.get(m, {})) for m in self.methods]
-        return Sieve(instances, list(self.budgets), scope=scope)
+        return Sieve.from_names(self.methods, self.budgets, scope=scope, params=params)
 
 
 def _split(text: str, option: str, what: str) -> list[str]:
@@ -222,13 +218,7 @@ def group_params(items: list[tuple[str, object]], configs: list[Config]) -> dict
 
 def method_parameters(name: str) -> dict[str, object]:
     """A method's hyper-parameters and their defaults, read from its constructor."""
-    import inspect
-
     from ..methods import get_method
+    from ..plan import accepted_params
 
-    sig = inspect.signature(get_method(name).__init__)
-    return {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    return accepted_params(get_method(name))

@@ -13,38 +13,14 @@ import torch
 from vllm.config import VllmConfig
 from vllm.exceptions import VLLMValidationError
 
-from .settings import PREFIX, Family, SettingsError, SieveSpec, merge, resolve, server_settings, split_kwargs
+from tokensieve.plan import Target
+
+from .settings import PREFIX, SettingsError, SieveSpec, merge, resolve, server_settings, split_kwargs
 
 FIELD = "tokensieve"
 """The per-image processor output that carries the resolved setting (JSON bytes) to the engine."""
 TRACE_ENV = "TOKENSIEVE_VLLM_TRACE"
 """When set, the engine appends one JSON line per image (method, k, kept patch indices) to this file."""
-
-
-SERVED_BY = {
-    "llava": "TokenSieveLlavaForConditionalGeneration",
-    "llava_next": "TokenSieveLlavaNextForConditionalGeneration",
-    "qwen2_5_vl": "TokenSieveQwen2_5_VLForConditionalGeneration",
-}
-"""model_type -> the plugin architecture that serves it."""
-
-
-def check_model_type(arch: str, config) -> None:
-    """Refuse, at start-up, a model this architecture does not serve, naming the one that does (if any)."""
-    model_type = getattr(config, "model_type", None)
-    if SERVED_BY.get(model_type) == arch:
-        return
-    served = [t for t, a in SERVED_BY.items() if a == arch]
-    other = SERVED_BY.get(model_type)
-    raise ValueError(
-        f"{arch} serves model_type {served[0]!r}; this model is {model_type or type(config).__name__!r}, "
-        + (
-            f"served by {other} (put that name in hf_overrides)"
-            if other
-            else "which tokensieve-vllm does not support yet. Serve it under its stock architecture (drop the "
-            "hf_overrides architecture)"
-        )
-    )
 
 
 def bad_request(exc: SettingsError) -> VLLMValidationError:
@@ -113,14 +89,14 @@ def call_hf_processor(processor, hf_data: Mapping[str, object], hf_kwargs: Mappi
     return settings, family, info.ctx.call_hf_processor(WithoutTokensieve(info.get_hf_processor(**rest)), hf_data, rest)
 
 
-def resolve_or_400(settings: Mapping[str, object], family: Family, tokens: int | None = None) -> SieveSpec | None:
+def resolve_or_400(settings: Mapping[str, object], family: Target, tokens: int | None = None) -> SieveSpec | None:
     try:
         return resolve(settings, family, tokens)
     except SettingsError as exc:
         raise bad_request(exc) from None
 
 
-def check_engine(vllm_config: VllmConfig, family: Family) -> None:
+def check_engine(vllm_config: VllmConfig, family: Target) -> None:
     """Start-up checks: one tensor-parallel rank, and a server default that resolves (else the server won't start)."""
     tp = vllm_config.parallel_config.tensor_parallel_size
     if tp != 1:

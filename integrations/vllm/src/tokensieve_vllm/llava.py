@@ -23,7 +23,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from transformers import CLIPVisionConfig
 
 from .compat import allow_without_torchvision
 
@@ -44,16 +43,16 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from tokensieve.engine.capture import AttentionParts, capture_encoder, check_finite, grid_signals
-from tokensieve.engine.encoder_stage import run_encoder_stage
-from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Layout, Request
+from tokensieve.engine.capture import AttentionParts, capture_encoder
+from tokensieve.engine.select import candidate_rows, grid_cut, grid_outputs, grid_select, kept_patches
+from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request
+from tokensieve.plan import Target
 
 from .common import (
     FIELD,
     TRACE_ENV,
     WithoutTokensieve,
     check_engine,
-    check_model_type,
     decode_spec,
     encode_specs,
     item_spec,
@@ -61,40 +60,12 @@ from .common import (
     request_settings,
     resolve_or_400,
 )
-from .settings import Family, SieveSpec, split_kwargs
-
-
-def llava_family(config) -> Family:
-    """The vision facts settings are checked against; refuses families, towers and strategies this plugin cannot cut."""
-    check_model_type("TokenSieveLlavaForConditionalGeneration", config)
-    vc = config.vision_config
-    if not isinstance(vc, CLIPVisionConfig):
-        raise ValueError(
-            f"TokenSieveLlavaForConditionalGeneration supports LLaVA-1.5 with a CLIP vision tower; this model has "
-            f"{type(vc).__name__}. Serve it under its stock architecture (drop the hf_overrides architecture)"
-        )
-    strategy = config.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; use 'default' or 'full'")
-    n = vc.num_hidden_layers
-    spec = config.vision_feature_layer
-    layers = tuple(i % (n + 1) for i in ([spec] if isinstance(spec, int) else spec))
-    prefix = 0 if strategy == "default" else 1
-    side = vc.image_size // vc.patch_size
-    return Family(
-        "LLaVA-1.5",
-        n,
-        layers,
-        side * side + prefix,
-        prefix,
-        scopes=("image", "crop"),
-        stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER),
-    )
+from .settings import SieveSpec, llava_target, split_kwargs
 
 
 class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
-    def family(self) -> Family:
-        return llava_family(self.get_hf_config())
+    def family(self) -> Target:
+        return llava_target(self.get_hf_config())
 
     def spec(self, request_kwargs: Mapping[str, object]) -> SieveSpec | None:
         """The checked setting of one request (server default + its ``mm_processor_kwargs``)."""
@@ -161,7 +132,7 @@ class ClipTower:
     ``family_of(hf_config)`` (set by the model class) checks the model at start-up.
     """
 
-    family_of: Callable[[object], Family]
+    family_of: Callable[[object], Target]
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         family = self.family_of(vllm_config.model_config.hf_config)
@@ -232,7 +203,7 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
     """vLLM's LLaVA whose images are compressed by a tokensieve method before they reach the LM."""
 
     hf_to_vllm_mapper = CLIP_NAMES | LlavaForConditionalGeneration.hf_to_vllm_mapper
-    family_of = staticmethod(llava_family)
+    family_of = staticmethod(llava_target)
 
     # -- engine side -----------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object):
@@ -253,11 +224,12 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
         return out
 
     def _sieve(self, pixel_values: torch.Tensor, spec: SieveSpec | None) -> torch.Tensor:
-        """[B, k, d] LM embeddings of a batch of images that share one setting."""
+        """[B, k, d] LM embeddings of a batch of images that share one setting: the core's single-grid flow
+        (``tokensieve.engine.select``) on vLLM's tower."""
         fam = self._family
         layers = self.vision_tower.vision_model.encoder.layers
         fls = list(fam.feature_layers)
-        rows = slice(1 - fam.num_prefix, None)  # the projector's tokens: patches (+ CLS under "full")
+        rows = candidate_rows(fam.num_prefix)  # the projector's tokens: patches (+ CLS under "full")
         if spec is None:  # no method: the stock features (the tower's forward would now run the added layers too)
             with capture_encoder(layers, Request(), self._attention_parts, fls) as cap:
                 self._run_tower(pixel_values, max(fls))
@@ -266,27 +238,23 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
             return self.multi_modal_projector(features)
         method = spec.build()
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        grid = dict(grid=(side, side), num_prefix=fam.num_prefix, num_layers=fam.encoder_layers, feature_layers=fls)
         if method.stage == IN_ENCODER:
-            res = run_encoder_stage(
-                layers,
-                self._attention_parts,
+            res, selected = grid_cut(
                 method,
-                method.plan(fam.num_layers, min(fls)),
-                Layout((side, side), 1),
-                spec.k - fam.num_prefix,
-                feature_layer=min(fls),
-                record=fls,
+                spec.k,
+                layers=layers,
+                attention_parts=self._attention_parts,
                 run=lambda pv: self._run_tower(pv, max(fls)),
                 pixel_values=pixel_values,
                 stop_after=max(fls),
+                **grid,
             )
-            selected = res.features(fls, rows)
-            check_finite(selected)
             embeds = self.multi_modal_projector(selected)
             kept = [p[1:].tolist() for p in res.positions]
             encoder = res.traces
         else:
-            request = method.request(fam.num_layers, fam.feature_layer)
+            request = method.request(fam.encoder_layers, fam.feature_layer)
             depth = max(
                 [
                     *fls,
@@ -301,23 +269,11 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
                 features = torch.cat([cap.hidden_states[f][:, rows] for f in fls], dim=-1)
                 if method.stage == POST_PROJECTOR:
                     features = self.multi_modal_projector(features)
-                check_finite(features)
-                signals = grid_signals(
-                    cap,
-                    request,
-                    features,
-                    Layout((side, side), fam.num_prefix),
-                    fam.num_layers,
-                    fam.feature_layer,
-                    fls,
-                    rows,
-                )
-                sel = method.select(signals, spec.k)
-            embeds = sel.output(features).to(features.dtype)
+                sels = grid_select(method, spec.k, cap, request, features, **grid)
+            embeds = torch.stack(grid_outputs(sels, features))
             if method.stage == PRE_PROJECTOR:
                 embeds = self.multi_modal_projector(embeds)
-            idx = sel.indices - fam.num_prefix
-            kept = [row[row >= 0].tolist() for row in idx]
+            kept = [kept_patches(sel.indices[0], fam.num_prefix) for sel in sels]
             encoder = self._full_trace(depth)
         if embeds.shape[1] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch
             raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 
 import torch
-from transformers import CLIPVisionConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from .compat import allow_without_torchvision
@@ -38,57 +37,33 @@ from vllm.model_executor.models.llava_next import (  # noqa: E402
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from tokensieve.budget import Budget, Scope  # noqa: E402
+from tokensieve.budget import Budget  # noqa: E402
 from tokensieve.engine import anyres  # noqa: E402
 from tokensieve.engine.capture import capture_encoder, check_finite  # noqa: E402
 from tokensieve.errors import TokensieveError  # noqa: E402
-from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
+from tokensieve.methods.base import Request  # noqa: E402
+from tokensieve.plan import Target  # noqa: E402
 
 from .common import (  # noqa: E402
     FIELD,
     bad_request,
     by_method,
     call_hf_processor,
-    check_model_type,
     encode_specs,
     resolve_or_400,
 )
 from .llava import CLIP_NAMES, ClipTower, KPlaceholders  # noqa: E402
-from .settings import Family, SettingsError, SieveSpec  # noqa: E402
+from .settings import SettingsError, SieveSpec, check_model_type, next_target  # noqa: E402
 
 ARCH = "TokenSieveLlavaNextForConditionalGeneration"
 
 
-def next_family(config) -> Family:
-    """The vision facts settings are checked against; refuses other families, towers and strategies."""
+def next_family(config) -> Target:
+    """The facts settings are checked against: the core's LLaVA-NeXT facts, narrowed to what this plugin serves, with
+    the most crops an image can have under this model's pinpoints (vLLM's own grid rule)."""
     check_model_type(ARCH, config)
-    vc = config.vision_config
-    if not isinstance(vc, CLIPVisionConfig):
-        raise ValueError(f"{ARCH} supports LLaVA-NeXT with a CLIP vision tower; this model has {type(vc).__name__}")
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError(
-            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not supported on LLaVA-NeXT: "
-            "its packing assumes the CLS token is dropped ('default')"
-        )
-    n = vc.num_hidden_layers
-    spec = config.vision_feature_layer
-    layers = tuple(i % (n + 1) for i in ([spec] if isinstance(spec, int) else spec))
-    side = vc.image_size // vc.patch_size
     most = max(len(_crops_of(config, h, w)) for h, w in config.image_grid_pinpoints)
-    return Family(
-        "LLaVA-NeXT",
-        n,
-        layers,
-        side * side * most,
-        0,
-        scopes=("image", "crop", "global"),
-        stages=(PRE_PROJECTOR, POST_PROJECTOR),
-        newlines=("all", "none"),
-        stage_notes={
-            IN_ENCODER: "the encoder sees whole crops and unpadding drops kept patches afterwards, so an "
-            "image's token count is only known after the encoder, and vLLM needs it before"
-        },
-    )
+    return next_target(config, most)
 
 
 def _crops_of(config, height: int, width: int) -> range:
@@ -113,7 +88,7 @@ def packed_layout(config, height: int, width: int) -> anyres.Packed:
     return anyres.layout(ids, num_crops, side * side)
 
 
-def _spec_of_image(settings, family: Family, config, height: int, width: int) -> SieveSpec | None:
+def _spec_of_image(settings, family: Target, config, height: int, width: int) -> SieveSpec | None:
     """One image's setting, its placeholder count ``k`` fixed by its layout, the budget and the newline policy."""
     spec = resolve_or_400(settings, family)
     if spec is None:
@@ -123,8 +98,6 @@ def _spec_of_image(settings, family: Family, config, height: int, width: int) ->
     pk = packed_layout(config, height, width)
     try:
         budget = Budget.parse(spec.budget, spec.scope)
-        if budget.scope == Scope.CROP:  # as the core adapter's check: an int per crop is at most a crop's patches
-            budget.resolve(side * side, what="each crop of this model")
         k = anyres.num_tokens(pk, budget, side, side * side, spec.newlines)
     except TokensieveError as exc:
         raise bad_request(SettingsError(str(exc), "tokensieve_budget")) from None
@@ -132,7 +105,7 @@ def _spec_of_image(settings, family: Family, config, height: int, width: int) ->
 
 
 class TokenSieveLlavaNextProcessingInfo(LlavaNextProcessingInfo):
-    def family(self) -> Family:
+    def family(self) -> Target:
         return next_family(self.get_hf_config())
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
@@ -190,7 +163,7 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
         counts = [min(c, pk.num_crops) for c, pk in zip(counts, packs)]  # vLLM may pad crops for batching
         crops = torch.cat([p[:c] for p, c in zip(pixels, counts)])
         method = specs[0].build() if specs[0] is not None else None
-        request = method.request(fam.num_layers, fam.feature_layer) if method is not None else Request()
+        request = method.request(fam.encoder_layers, fam.feature_layer) if method is not None else Request()
         depth = max(
             [
                 *fls,
@@ -223,7 +196,7 @@ class TokenSieveLlavaNextForConditionalGeneration(ClipTower, LlavaNextForConditi
                         packed,
                         side=side,
                         cls_offset=1,
-                        num_layers=fam.num_layers,
+                        num_layers=fam.encoder_layers,
                         attention=lambda cp, layer: cp.attention_row(layer, 0),
                         project=self.multi_modal_projector,
                         newlines=spec.newlines,

@@ -53,7 +53,8 @@ from vllm.multimodal.parse import MultiModalDataItems  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
 from tokensieve.engine.merge_units import UnitSignals, select_units  # noqa: E402
-from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request  # noqa: E402
+from tokensieve.methods.base import Request  # noqa: E402
+from tokensieve.plan import Target  # noqa: E402
 
 from .common import (  # noqa: E402
     FIELD,
@@ -61,36 +62,17 @@ from .common import (  # noqa: E402
     by_method,
     call_hf_processor,
     check_engine,
-    check_model_type,
     decode_spec,
     encode_specs,
     item_spec,
     record,
     resolve_or_400,
 )
-from .settings import Family, SieveSpec  # noqa: E402
+from .settings import SieveSpec, qwen_target  # noqa: E402
 
 ARCH = "TokenSieveQwen2_5_VLForConditionalGeneration"
 POSITION_CHANNELS = 3
 """(t, h, w) offsets of a kept unit within its image, appended to its embedding."""
-
-
-def qwen_family(config, max_tokens: int) -> Family:
-    """The vision facts settings are checked against; refuses other model types."""
-    check_model_type(ARCH, config)
-    depth = config.vision_config.depth
-    return Family(
-        "Qwen2.5-VL",
-        depth,
-        (depth,),
-        max_tokens,
-        0,
-        scopes=("image",),
-        stages=(PRE_PROJECTOR, POST_PROJECTOR),
-        stage_notes={
-            IN_ENCODER: "tokensieve's Qwen cutter drives transformers' ViT blocks and is not ported to vLLM's"
-        },
-    )
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -120,8 +102,8 @@ def _image_only_processor(model: str, revision: str | None, tokenizer) -> ImageO
 
 
 class TokenSieveQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    def family(self) -> Family:
-        return qwen_family(self.get_hf_config(), self.get_max_image_tokens())
+    def family(self) -> Target:
+        return qwen_target(self.get_hf_config(), self.get_max_image_tokens())
 
     def get_hf_processor(self, **kwargs: object) -> Qwen2_5_VLProcessor:
         if has_torchvision():
@@ -189,7 +171,7 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         config = vllm_config.model_config.hf_config
-        qwen_family(config, 1)  # model type first: the real token count needs the processor
+        qwen_target(config, 1)  # model type first: the real token count needs the processor
         if vllm_config.model_config.get_multimodal_config().is_multimodal_pruning_enabled():
             raise ValueError(f"{ARCH} does not run with EVS (video_pruning_rate); it serves images only")
         pp = vllm_config.parallel_config.pipeline_parallel_size
@@ -200,7 +182,7 @@ class TokenSieveQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGener
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # an image's token count depends on its size: budgets are checked per image in the front end
-        self._family = qwen_family(config, 1 << 30)
+        self._family = qwen_target(config, 1 << 30)
         check_engine(vllm_config, self._family)
         self._trace = os.environ.get(TRACE_ENV)
         self._offsets: tuple[torch.Tensor, torch.Tensor] | None = None  # (image slots, their (t, h, w) offsets)

@@ -11,7 +11,9 @@ Everything here is checked in the front end, before a request reaches the engine
 that request, never an exception inside the engine that would take the server down. The resolved :class:`SieveSpec`
 travels with each image (it is part of the processor's output, hence of its cache entry).
 
-Torch-only: tokensieve's own selectors, budget and errors; no vLLM import.
+The rules are tokensieve's own (``tokensieve.plan``, the rule set ``Sieve`` and the lmms-eval wrapper use too), so a
+setting is refused here with the text ``Sieve`` would give; the plugin only narrows each family's facts to what vLLM
+can run (:func:`served`). No vLLM import: the front end's checks run (and are tested) without an engine.
 """
 
 from __future__ import annotations
@@ -22,14 +24,28 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from tokensieve import plan
+from tokensieve.adapters import LlavaAdapter, LlavaNextAdapter, QwenVLAdapter
 from tokensieve.budget import Budget, Scope
-from tokensieve.errors import TokensieveError
-from tokensieve.methods import get_method, method_names
-from tokensieve.methods.base import IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, EncoderMethod, Method
+from tokensieve.errors import BudgetError, TokensieveError, UnknownMethodError
+from tokensieve.methods import get_method
+from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
+from tokensieve.methods.encoder import check_patch_target
+from tokensieve.plan import Target
 
 PREFIX = "tokensieve_"
 FIELDS = ("method", "budget", "params", "scope", "newlines")
 OFF = "none"
+HOST = "tokensieve-vllm"
+
+IN_LLM_NOTE = (
+    "vLLM fixes each request's placeholder count, and with it the KV cache it allocates and every position, before "
+    "the LM runs, so a method that drops visual tokens between decoder layers cannot shrink a request there"
+)
+ADAPTIVE_NOTE = (
+    "the front end must know each image's token count before the encoder runs, and an adaptive count is read off "
+    "the encoder's features"
+)
 
 
 class SettingsError(ValueError):
@@ -38,32 +54,6 @@ class SettingsError(ValueError):
     def __init__(self, message: str, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
-
-
-@dataclass(frozen=True)
-class Family:
-    """What the settings are checked against: one model's vision side."""
-
-    name: str
-    num_layers: int
-    feature_layers: tuple[int, ...]
-    """hidden_states indices (non-negative) whose patch rows make the features, concatenated in this order."""
-    tokens: int
-    """Visual tokens per image before selection (the candidates); the most an image can have where the count
-    depends on the image (Qwen-VL), whose requests are checked again per image."""
-    num_prefix: int = 0
-    """Leading candidates that are not patches (CLS under LLaVA's ``full`` strategy)."""
-    scopes: tuple[str, ...] = (Scope.IMAGE.value,)
-    stages: tuple[str, ...] = (PRE_PROJECTOR, POST_PROJECTOR)
-    newlines: tuple[str, ...] = ()
-    """Newline policies (``tokensieve.engine.anyres``) the family takes, the default first; empty: no newline tokens."""
-    stage_notes: dict[str, str] = field(default_factory=dict)
-    """Why a stage is missing, by stage name, for the refusal message."""
-
-    @property
-    def feature_layer(self) -> int:
-        """The feature layer methods read (the last one listed), as tokensieve's adapters define it."""
-        return self.feature_layers[-1]
 
 
 @dataclass(frozen=True)
@@ -163,48 +153,109 @@ def _norm(name) -> object:
     return name.strip().lower() if isinstance(name, str) else name
 
 
-def refusal(method: Method, family: Family, suggest: bool = True) -> str | None:
-    """Why ``method`` cannot run under vLLM on ``family``, or ``None`` when it can."""
-    name = method.name
-    if method.stage == IN_LLM:
-        return (
-            f"method {name!r} runs inside the language model (in-LLM): it drops visual tokens between decoder "
-            "layers after the LM has read them. vLLM fixes each request's placeholder count, and with it the KV "
-            "cache it allocates and every position, before the LM runs, so such a method cannot shrink a request "
-            "there." + (f" Use a pre-LLM method: {', '.join(runnable_methods(family))}" if suggest else "")
+def served(target: Target, *, stages: tuple[str, ...], **changes) -> Target:
+    """A family's facts (``Adapter.describe``) narrowed to what this plugin serves: vLLM never runs in-LLM stages or
+    adaptive budgets (reasons in ``notes``, so refusals give them), and each family module names its own stages,
+    scopes, token limits and newline policies."""
+    notes = {IN_LLM: IN_LLM_NOTE, "adaptive": ADAPTIVE_NOTE, **changes.pop("notes", {})}
+    return target.narrowed(host=HOST, stages=stages, adaptive=False, notes=notes, **changes)
+
+
+SERVED_BY = {
+    "llava": "TokenSieveLlavaForConditionalGeneration",
+    "llava_next": "TokenSieveLlavaNextForConditionalGeneration",
+    "qwen2_5_vl": "TokenSieveQwen2_5_VLForConditionalGeneration",
+}
+"""model_type -> the plugin architecture that serves it."""
+
+
+def check_model_type(arch: str, config) -> None:
+    """Refuse, at start-up, a model this architecture does not serve, naming the one that does (if any)."""
+    model_type = getattr(config, "model_type", None)
+    if SERVED_BY.get(model_type) == arch:
+        return
+    served_types = [t for t, a in SERVED_BY.items() if a == arch]
+    other = SERVED_BY.get(model_type)
+    raise ValueError(
+        f"{arch} serves model_type {served_types[0]!r}; this model is {model_type or type(config).__name__!r}, "
+        + (
+            f"served by {other} (put that name in hf_overrides)"
+            if other
+            else "which tokensieve-vllm does not support yet. Serve it under its stock architecture (drop the "
+            "hf_overrides architecture)"
         )
-    if method.llm_companion() is not None:
-        return (
-            f"method {name!r} adds its own in-LLM stage after selecting, which vLLM cannot run (it sizes each "
-            'request\'s KV cache before the LM runs); pass tokensieve_params={"relevance": false} to run its '
-            "first (pre-LLM) stage alone"
+    )
+
+
+def _clip_tower(arch: str, config) -> None:
+    from transformers import CLIPVisionConfig
+
+    vc = config.vision_config
+    if not isinstance(vc, CLIPVisionConfig):
+        raise ValueError(
+            f"{arch} supports a CLIP vision tower; this model has {type(vc).__name__}. Serve it under its stock "
+            "architecture (drop the hf_overrides architecture)"
         )
-    if method.stage not in family.stages:
-        why = family.stage_notes.get(method.stage)
-        return (
-            f"method {name!r} runs {method.stage.replace('_', '-')}, which tokensieve-vllm does not support on "
-            f"{family.name} (supported stages: {', '.join(family.stages)})" + (f": {why}" if why else "")
+
+
+def llava_target(config) -> Target:
+    """LLaVA-1.5 as served: pre-/post-projector and in-encoder methods; refuses other families, towers, strategies."""
+    arch = SERVED_BY["llava"]
+    check_model_type(arch, config)
+    _clip_tower(arch, config)
+    strategy = config.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; use 'default' or 'full'")
+    return served(LlavaAdapter.describe(config), stages=(PRE_PROJECTOR, POST_PROJECTOR, IN_ENCODER))
+
+
+def next_target(config, most_crops: int) -> Target:
+    """LLaVA-NeXT as served: the newline policy fixes each image's count before selection ("all" or "none"), and an
+    image has at most ``most_crops`` crops (the host's own anyres grid rule decides)."""
+    arch = SERVED_BY["llava_next"]
+    check_model_type(arch, config)
+    _clip_tower(arch, config)
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} is not supported on "
+            "LLaVA-NeXT: its packing assumes the CLS token is dropped ('default')"
         )
-    return None
+    core = LlavaNextAdapter.describe(config)
+    per_crop = core.limits[Scope.CROP]
+    return served(
+        core,
+        stages=(PRE_PROJECTOR, POST_PROJECTOR),
+        limits={Scope.IMAGE: per_crop * most_crops, Scope.CROP: per_crop},
+        newlines=("all", "none"),
+        notes={
+            IN_ENCODER: "the encoder sees whole crops and unpadding drops kept patches afterwards, so an image's "
+            "token count is only known after the encoder, and vLLM needs it before"
+        },
+    )
 
 
-def runnable_methods(family: Family) -> list[str]:
-    """Registered methods that run on ``family`` with their default parameters."""
-    out = []
-    for name in method_names():
-        try:
-            method = get_method(name)()
-        except (TypeError, ValueError):
-            continue
-        if refusal(method, family, suggest=False) is None:
-            out.append(name)
-    return out
+def qwen_target(config, max_tokens: int) -> Target:
+    """Qwen2.5-VL as served: images only, a budget per image (an image's count is its own grid's)."""
+    check_model_type(SERVED_BY["qwen2_5_vl"], config)
+    return served(
+        QwenVLAdapter.describe(config),
+        stages=(PRE_PROJECTOR, POST_PROJECTOR),
+        scopes=(Scope.IMAGE,),
+        limits={Scope.IMAGE: max_tokens},
+        notes={IN_ENCODER: "tokensieve's Qwen cutter drives transformers' ViT blocks and is not ported to vLLM's"},
+    )
 
 
-def resolve(settings: Mapping[str, object], family: Family, tokens: int | None = None) -> SieveSpec | None:
-    """Check merged settings against ``family``; ``None`` when no method is set (the stock model's tokens).
+def runnable_methods(target: Target) -> list[str]:
+    """Registered methods that run on ``target`` with their default parameters."""
+    return plan.runnable(target)
 
-    ``tokens``: this image's candidate count, where it depends on the image (default: ``family.tokens``).
+
+def resolve(settings: Mapping[str, object], target: Target, tokens: int | None = None) -> SieveSpec | None:
+    """Check merged settings against ``target``; ``None`` when no method is set (the stock model's tokens).
+
+    ``tokens``: this image's candidate count, where it depends on the image (default: ``target.tokens``, the most
+    an image has). Every check and message is :mod:`tokensieve.plan`'s; a refusal carries the setting it is about.
     """
     name = settings.get("method")
     if name is None or _norm(name) == OFF:
@@ -217,71 +268,57 @@ def resolve(settings: Mapping[str, object], family: Family, tokens: int | None =
             f"tokensieve_params must be a mapping of parameter names to values, got {params!r}", PREFIX + "params"
         )
     try:
-        cls = get_method(name)
-    except TokensieveError as exc:
+        method = plan.make_method(name, params)
+    except UnknownMethodError as exc:
         raise SettingsError(str(exc), PREFIX + "method") from None
-    try:
-        method = cls(**params)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"bad tokensieve_params for method {cls.name!r}: {exc}", PREFIX + "params") from None
-    why = refusal(method, family)
+    except TokensieveError as exc:
+        raise SettingsError(str(exc), PREFIX + "params") from None
+    why = plan.refusal(method, target)
     if why is not None:
         raise SettingsError(why, PREFIX + "method")
-    if "budget" not in settings or settings["budget"] is None:
+    if settings.get("budget") is None:
         raise SettingsError(
-            f"method {cls.name!r} needs a budget: tokensieve_budget as an int (tokens kept per image, at most "
-            f"{family.tokens}) or a float in (0, 1] (keep ratio)",
+            f"method {method.name!r} needs a budget: tokensieve_budget as an int (tokens kept per image, at most "
+            f"{target.tokens}) or a float in (0, 1] (keep ratio)",
             PREFIX + "budget",
         )
     scope = settings.get("scope") or Scope.IMAGE.value
-    if scope not in family.scopes:
-        raise SettingsError(
-            f"budget scope {scope!r} is not supported on {family.name} under vLLM; use one of {list(family.scopes)} "
-            "(a budget there is a fixed count per image, or a keep ratio of the image's tokens)",
-            PREFIX + "scope",
-        )
-    newlines = settings.get("newlines")
-    if newlines is not None and newlines not in family.newlines:
-        raise SettingsError(
-            f"tokensieve_newlines {newlines!r} is not supported on {family.name}; "
-            + (f"use one of {list(family.newlines)}" if family.newlines else "it has no newline tokens"),
-            PREFIX + "newlines",
-        )
-    newlines = newlines or (family.newlines[0] if family.newlines else None)
-    n = family.tokens if tokens is None else tokens
-    what = f"each image of this {family.name} model" if tokens is None else f"this image ({family.name})"
     try:
         budget = Budget.parse(settings["budget"], scope)
-        if budget.is_adaptive:
-            raise SettingsError(
-                "adaptive budgets are not available under vLLM: the front end must know each image's token count "
-                "before the encoder runs, and an adaptive count is read off the encoder's features; give an int or "
-                "a keep ratio",
-                PREFIX + "budget",
-            )
-        k = budget.resolve(n, what=what)
+        plan.check_budget(budget, target)
+        n = target.tokens if tokens is None else tokens
+        k = budget.resolve(n, what="each image of this model" if tokens is None else "this image")
+        if method.stage == IN_ENCODER:
+            check_patch_target(method.name, k, target.num_prefix)
     except TokensieveError as exc:
-        raise SettingsError(str(exc), PREFIX + "budget") from None
-    try:  # layer parameters are checked against the real depth here, not inside the engine
-        if isinstance(method, EncoderMethod):
-            if k - family.num_prefix < 1:
-                raise ValueError(f"{cls.name} keeps CLS and at least one patch; a budget of {k} leaves no patch")
-            method.plan(family.num_layers, min(family.feature_layers))
-        else:
-            method.request(family.num_layers, family.feature_layer)
-    except ValueError as exc:
-        raise SettingsError(f"bad tokensieve_params for method {cls.name!r}: {exc}", PREFIX + "params") from None
-    return SieveSpec(cls.name, k, n, dict(params), budget.value, budget.scope.value, newlines)
+        wrong_scope = isinstance(exc, BudgetError) and "scope" in str(exc) and scope not in target.scopes
+        raise SettingsError(str(exc), PREFIX + ("scope" if wrong_scope else "budget")) from None
+    newlines = settings.get("newlines")
+    try:
+        if newlines is not None:
+            plan.check_newlines(newlines, target)
+        plan.check_layers(method, target)
+        plan.check_signals(method, target)
+    except TokensieveError as exc:
+        raise SettingsError(
+            str(exc), PREFIX + ("newlines" if newlines is not None and newlines not in target.newlines else "params")
+        ) from None
+    newlines = newlines or (target.newlines[0] if target.newlines else None)
+    return SieveSpec(method.name, k, n, dict(params), budget.value, budget.scope.value, newlines)
 
 
 __all__ = [
     "SettingsError",
-    "Family",
     "SieveSpec",
     "split_kwargs",
     "server_settings",
     "merge",
     "resolve",
-    "refusal",
+    "served",
+    "llava_target",
+    "next_target",
+    "qwen_target",
     "runnable_methods",
+    "check_model_type",
+    "SERVED_BY",
 ]
