@@ -545,7 +545,7 @@ def test_attention_guide_raises_the_mass_it_supervises_and_needs_the_layers_it_g
 
 
 def test_model_card_names_the_attention_guide_and_the_opening_families():
-    from tokensieve.tools.evaluate import _recipe_lines
+    from tokensieve.trainer.card import _recipe_lines
 
     card = _recipe_lines(
         {
@@ -565,7 +565,7 @@ def test_rewriting_a_model_card_keeps_its_reproduce_section_and_skips_steps_not_
     and a warm-started run without vision-only or curriculum steps does not claim "0 steps" of them."""
     import tokensieve.data as datasets
     from tokensieve.data import shapes
-    from tokensieve.tools.evaluate import REPRODUCE, write_model_card
+    from tokensieve.trainer.card import REPRODUCE, write_model_card
 
     cfg = TrainConfig(**{**TOY, "steps": 1, "sheets": 2, "aux_weight": 1.0})
     before = torch.get_num_threads()

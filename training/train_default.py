@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         print(f"saved to {out} after {minutes:.1f} min of training", flush=True)
         if args.no_card:
             return 0
-    from tokensieve.tools.evaluate import write_model_card
+    from tokensieve.trainer.card import write_model_card
 
     card = write_model_card(out, batch_size=args.eval_batch_size, name=args.name)
     print(card)

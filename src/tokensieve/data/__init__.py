@@ -31,7 +31,7 @@ def calibration_samples(name: str, limit: int = 256):
 
 def question_batches(processor, samples, batch_size: int = 32):
     """Processor batches (left-padded, the evaluation prompt) of ``samples``, in order."""
-    from ..trainer import prompt_text
+    from .prompts import prompt_text
 
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]

@@ -97,7 +97,7 @@ def build_prompt(processor, question: str, option: str = "--prompt") -> tuple[st
     already holds the model's image token once is taken as a complete prompt and sent as written (the user placed
     the image); more than one is refused, since the command passes one image.
     """
-    from ..trainer import prompt_text
+    from ..data.prompts import prompt_text
 
     token = getattr(processor, "image_token", None) or "<image>"
     count = question.count(token)
