@@ -58,8 +58,8 @@ def vanilla(idf, batch):
 def _crops_per_image(model, batch):
     adapter = get_adapter(model)
     enc = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")}
-    adapter.find_spans(batch["input_ids"], enc)
-    return torch.bincount(torch.tensor(adapter._images)).tolist()
+    spans = adapter.find_spans(batch["input_ids"], enc)
+    return torch.bincount(torch.tensor([s.group for s in spans])).tolist()
 
 
 def test_layout_of_the_batch(idf, batch):
@@ -211,9 +211,9 @@ def test_refusals(idf, batch):
     model, _ = idf
     adapter = get_adapter(model)
     enc = {k: batch[k] for k in ("pixel_values", "pixel_attention_mask")}
-    adapter.find_spans(batch["input_ids"], enc)
+    spans = adapter.find_spans(batch["input_ids"], enc)
     with torch.inference_mode():
-        adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
+        adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc, spans)
         with pytest.raises(PlaceholderError, match="which crops form an image"):  # grouping is per call
             adapter.encode(get_method("random")(), Budget.parse(7, "image"), enc)
     with pytest.raises(Exception, match="scope"):

@@ -66,6 +66,9 @@ class ImageReport:
     """Video frames (Qwen-VL: temporal patches) this entry spans; 0 for an image."""
     llm_layer_tokens: list[int] = field(default_factory=list)
     """This image's visual tokens per decoder layer in prefill (filled when an in-LLM stage ran)."""
+    crop_of: int | None = None
+    """Families that report each crop as its own entry (Idefics3): the prompt's image this crop belongs to, so
+    per-image budgets (in-LLM ones too) can add its crops up."""
 
     @property
     def llm_tokens_avg(self) -> float:
@@ -75,7 +78,10 @@ class ImageReport:
         return sum(self.llm_layer_tokens) / len(self.llm_layer_tokens)
 
     def to_dict(self) -> dict:
-        return dict(vars(self), llm_tokens_avg=self.llm_tokens_avg)
+        out = dict(vars(self), llm_tokens_avg=self.llm_tokens_avg)
+        if self.crop_of is None:
+            del out["crop_of"]
+        return out
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 import pytest
 
+from tokensieve.budget import Scope
 from tokensieve.methods import method_names
+from tokensieve.plan import Target
 from tokensieve_vllm.settings import (
-    Family,
     SettingsError,
     merge,
     resolve,
@@ -13,9 +14,16 @@ from tokensieve_vllm.settings import (
     split_kwargs,
 )
 
-LLAVA = Family(
-    "LLaVA-1.5", 8, (7,), 144, 0, scopes=("image", "crop"), stages=("pre_projector", "post_projector", "in_encoder")
-)
+
+def served(**facts) -> Target:
+    from tokensieve_vllm.settings import served as narrow
+
+    stages = facts.pop("stages", ("pre_projector", "post_projector", "in_encoder"))
+    base = Target("LLaVA-1.5", "LlavaForConditionalGeneration", 8, (7,), 2, scopes=(Scope.IMAGE, Scope.CROP), **facts)
+    return narrow(base, stages=stages)
+
+
+LLAVA = served(limits={Scope.IMAGE: 144, Scope.CROP: 144})
 
 
 class Config:
@@ -53,7 +61,7 @@ def test_todre_second_stage_refused_first_stage_alone_runs():
 
 
 def test_in_encoder_refused_where_the_family_cannot_cut():
-    no_cut = Family("X", 8, (7,), 144, 0)
+    no_cut = served(stages=("pre_projector", "post_projector"), limits={Scope.IMAGE: 144})
     with pytest.raises(SettingsError, match="in-encoder"):
         resolve({"method": "evoprune", "budget": 36}, no_cut)
 
@@ -74,7 +82,7 @@ def test_budget_int_or_ratio(budget, k):
         (True, "must be an int"),
         (None, "needs a budget"),
         ([64], "must be an int"),
-        ("adaptive:64", "not available under vLLM"),
+        ("adaptive:64", "not available under tokensieve-vllm"),
     ],
 )
 def test_bad_budgets_are_refused_clearly(budget, match):
@@ -92,7 +100,7 @@ def test_other_scopes_refused():
 def test_unknown_method_params_and_keys():
     with pytest.raises(SettingsError, match="unknown method 'nope'; available: .*evocut"):
         resolve({"method": "nope", "budget": 8}, LLAVA)
-    with pytest.raises(SettingsError, match="bad tokensieve_params for method 'evocut'"):
+    with pytest.raises(SettingsError, match="bad parameter for method .evocut.: it has no parameter .bogus."):
         resolve({"method": "evocut", "budget": 8, "params": {"bogus": 1}}, LLAVA)
     # layer parameters are checked against the real depth before any engine work
     with pytest.raises(SettingsError, match="fastervlm layer=30 must be in"):
@@ -132,10 +140,10 @@ def test_spec_round_trip():
 def test_other_families_and_towers_refused_at_start_up():
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig, SiglipVisionConfig
 
-    from tokensieve_vllm.llava import llava_family
+    from tokensieve_vllm.settings import llava_target as llava_family
 
     fam = llava_family(LlavaConfig(vision_config=CLIPVisionConfig(image_size=96, patch_size=8, num_hidden_layers=8)))
-    assert (fam.tokens, fam.feature_layers, fam.num_layers) == (144, (7,), 8)
+    assert (fam.tokens, fam.feature_layers, fam.encoder_layers) == (144, (7,), 8)
     with pytest.raises(ValueError, match="'llava_next', served by TokenSieveLlavaNextForConditionalGeneration"):
         llava_family(LlavaNextConfig())
     with pytest.raises(ValueError, match="'mllama', which tokensieve-vllm does not support yet"):
@@ -147,10 +155,10 @@ def test_other_families_and_towers_refused_at_start_up():
 def test_qwen_family_budgets_per_image_and_refusals():
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    from tokensieve_vllm.qwen_vl import qwen_family
+    from tokensieve_vllm.settings import qwen_target as qwen_family
 
     fam = qwen_family(Qwen2_5_VLConfig(vision_config={"depth": 4}), 36)
-    assert (fam.num_layers, fam.feature_layer, fam.tokens) == (4, 4, 36)
+    assert (fam.encoder_layers, fam.feature_layer, fam.tokens) == (4, 4, 36)
     # in-encoder methods are refused on vLLM's Qwen ViT; in-LLM ones everywhere
     assert set(runnable_methods(fam)) == set(runnable_methods(LLAVA)) - {"evoprune", "flowcut"}
     with pytest.raises(SettingsError, match="in-encoder.*not ported to vLLM"):

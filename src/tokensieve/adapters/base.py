@@ -232,8 +232,13 @@ class Adapter(ABC):
         """Placeholders each image occupies in the uncompressed prompt."""
 
     @abstractmethod
-    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
-        """Run the vision side with ``method`` selecting, return the kept features of every image."""
+    def encode(
+        self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], spans: list[ImageSpan] | None = None
+    ) -> Encoded:
+        """Run the vision side with ``method`` selecting, return the kept features of every image.
+
+        ``spans``: this call's placeholder runs (:meth:`find_spans`), for families that read the prompt's grouping
+        of runs into images; what one call learns is passed along, never kept on the adapter."""
 
     def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
         """A pad id for re-padding: the one the processor used if visible, otherwise the config's."""
@@ -310,7 +315,7 @@ class Adapter(ABC):
             )
         spans = self.find_spans(input_ids, encoder_kwargs)
         with TokenMeter(*self.meter_parts()) as meter:
-            encoded = self.encode(method, budget, encoder_kwargs)
+            encoded = self.encode(method, budget, encoder_kwargs, spans)
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
         kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]

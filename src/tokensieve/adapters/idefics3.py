@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget, Scope
+from ..engine.attention import received_attention
 from ..engine.capture import capture_encoder, rows_per_sequence
 from ..engine.encoder_stage import run_encoder_stage
 from ..engine.placeholders import ImageSpan
@@ -36,7 +37,7 @@ from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, La
 from ..methods.encoder import EncoderMethod
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
-from .llava import LlavaAdapter
+from .towers import ClipTower
 
 
 def _share_out(total: int, sizes: list[int]) -> list[int]:
@@ -126,7 +127,7 @@ class Idefics3Adapter(Adapter):
         return self.layers, [self.base.connector.modality_projection], None, rows_per_sequence
 
     # SigLIP attention exposes the same projections and head geometry as CLIP's
-    _attention_parts = staticmethod(LlavaAdapter._attention_parts)
+    _attention_parts = staticmethod(ClipTower._attention_parts)
 
     # -- layout ------------------------------------------------------------------------------------------------
     def _num_crops(self, encoder_kwargs: dict[str, Any]) -> int:
@@ -143,7 +144,8 @@ class Idefics3Adapter(Adapter):
 
     def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
         spans = super().find_spans(input_ids, encoder_kwargs)
-        self._images = self._group(input_ids, spans)
+        for span, image in zip(spans, self._group(input_ids, spans)):
+            span.group = image
         return spans
 
     @staticmethod
@@ -200,7 +202,7 @@ class Idefics3Adapter(Adapter):
         """Entries are crops; an int per image (or ``global``) is that image's total, shared over its crops."""
         if budget.is_ratio or budget.scope == Scope.CROP:
             return super().llm_targets(budget, images)
-        groups = getattr(self, "_llm_groups", None) or list(range(len(images)))
+        groups = [i if im.crop_of is None else im.crop_of for i, im in enumerate(images)]
         out = [0] * len(images)
         for g in sorted(set(groups)):
             idx = [i for i, x in enumerate(groups) if x == g]
@@ -225,19 +227,18 @@ class Idefics3Adapter(Adapter):
 
     def _received(self, cap, layer: int, real: torch.Tensor) -> torch.Tensor:
         """[crops, H, P] mean attention each patch receives from the crop's real queries, padded keys masked."""
-        p = cap._parts[layer]
         q = cap.split_heads(cap.queries[layer], layer).float()
         k = cap.key_heads(layer).float()
-        logits = (q @ k.transpose(-1, -2)) * p.scale
-        logits = logits.masked_fill(~real[:, None, None, :], float("-inf"))
-        probs = logits.softmax(dim=-1) * real[:, None, :, None]
-        return probs.sum(dim=-2) / real.sum(-1).clamp(min=1)[:, None, None]
+        total = received_attention(
+            q, k, cap.scale(layer), chunk=q.shape[-2], key_mask=real, query_mask=real.to(q.dtype)
+        )  # one chunk: the whole crop
+        return total / real.sum(-1).clamp(min=1)[:, None, None]
 
-    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], spans=None) -> Encoded:
         start = now()
         n = self._num_crops(encoder_kwargs)
-        # set by find_spans for this call; taken once, so a later call never reuses another prompt's grouping
-        images, self._images = getattr(self, "_images", None), None
+        # which crops form an image: read off this call's prompt by find_spans
+        images = [s.group for s in spans] if spans and all(s.group is not None for s in spans) else None
         if method.stage == IN_ENCODER:
             return self._encode_in_encoder(method, budget, encoder_kwargs, n, images, start)
         if images is None or len(images) != n:
@@ -248,7 +249,6 @@ class Idefics3Adapter(Adapter):
                 )
             images = list(range(n))
         shares = self._shares(budget, images)
-        self._llm_groups = images  # this call's crop -> image map, for in-LLM budgets per image
         fl = self.num_layers
         request = method.request(self.num_layers, fl)
         state: dict[str, Any] = {}
@@ -366,6 +366,8 @@ class Idefics3Adapter(Adapter):
                     groups=None if sel.groups is None else sel.groups[0].tolist(),
                 )
             )
+        for r, image in zip(reports, images):
+            r.crop_of = image
         side = self.grid[0] * int(self.model.config.scale_factor)
         trace = [side * side] * self.num_layers
         return Encoded(features, reports, encode_s=now() - start, selection_s=state["time"], encoder_layer_tokens=trace)
@@ -395,7 +397,6 @@ class Idefics3Adapter(Adapter):
                     "through the sieved model (or find_spans first), or use scope='crop'"
                 )
             images = list(range(n))
-        self._llm_groups = images
         shares = self._shares(budget, images)
         pv = encoder_kwargs["pixel_values"].flatten(0, 1)
         real = pv.flatten(1).ne(0).any(1)  # the model drops all-zero padding images the same way
@@ -449,5 +450,8 @@ class Idefics3Adapter(Adapter):
                     selection_s=res.selection_s / len(run),
                     groups=None if res.groups[j] is None else res.groups[j].tolist(),
                 )
+        for r, image in zip(reports, images):
+            if r is not None:
+                r.crop_of = image
         trace = [round(sum(t[i] for t in traces) / max(len(traces), 1)) for i in range(self.num_layers)]
         return Encoded(features, reports, encode_s=now() - start, selection_s=selection_s, encoder_layer_tokens=trace)

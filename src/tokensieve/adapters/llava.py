@@ -12,20 +12,17 @@ import torch
 
 from ..budget import Budget, Scope
 from ..engine.capture import (
-    AttentionParts,
     capture_encoder,
-    pooling_head,
-    rows_per_sequence,
 )
-from ..engine.select import feature_layer_indices, grid_cut, grid_outputs, grid_select, kept_patches
-from ..errors import UnsupportedModelError
+from ..engine.select import grid_cut, grid_outputs, grid_select, kept_patches
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..methods.encoder import EncoderMethod
 from ..report import ImageReport
 from .base import Adapter, Encoded, now
+from .towers import ClipTower
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(ClipTower, Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
@@ -38,56 +35,11 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model) -> None:
         super().__init__(model)
-        base = model.model
-        tower = base.vision_tower
-        encoder = getattr(tower, "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers") or not hasattr(tower.embeddings, "class_embedding"):
-            raise UnsupportedModelError(
-                f"LLaVA with a {type(tower).__name__} vision tower is not supported: tokensieve's llava adapter "
-                "needs a CLIP-style tower (encoder.layers and a CLS token)"
-            )
-        self.base = base
-        self.layers = encoder.layers
-        vc = model.config.vision_config
-        side = vc.image_size // vc.patch_size
-        self.grid = (side, side)
-
-    # -- model facts -------------------------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def _strategy(self, enc: dict[str, Any]) -> str:
-        return enc.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-
-    def _feature_layer(self, enc: dict[str, Any]):
-        spec = enc.get("vision_feature_layer")
-        return self.model.config.vision_feature_layer if spec is None else spec
-
-    def feature_layers(self, enc: dict[str, Any]) -> list[int]:
-        """Non-negative hidden_states indices whose patch rows are concatenated into the features."""
-        return list(feature_layer_indices(self._feature_layer(enc), self.num_layers))
-
-    def vision_modules(self) -> tuple:
-        return self.base.vision_tower, self.base.multi_modal_projector
-
-    def meter_parts(self) -> tuple:
-        return self.layers, [self.base.multi_modal_projector], pooling_head(self.base.vision_tower), rows_per_sequence
-
-    def num_prefix(self, enc: dict[str, Any]) -> int:
-        return 0 if self._strategy(enc) == "default" else 1
+        self._init_tower(model)
 
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         n = self.grid[0] * self.grid[1] + self.num_prefix(encoder_kwargs)
         return [n] * int(encoder_kwargs["pixel_values"].shape[0])
-
-    @classmethod
-    def feature_layers_of(cls, config) -> tuple[int, ...]:
-        return feature_layer_indices(config.vision_feature_layer, cls.encoder_layers_of(config))
-
-    @classmethod
-    def prefix_of(cls, config) -> int:
-        return 0 if config.vision_feature_select_strategy == "default" else 1
 
     @classmethod
     def limits_of(cls, config) -> dict[Scope, int]:
@@ -95,13 +47,8 @@ class LlavaAdapter(Adapter):
         n = (vc.image_size // vc.patch_size) ** 2 + cls.prefix_of(config)
         return {Scope.IMAGE: n, Scope.CROP: n}  # one grid per image: an image is its only crop
 
-    @staticmethod
-    def _attention_parts(layer) -> AttentionParts:
-        attn = layer.self_attn
-        return AttentionParts(attn.q_proj, attn.k_proj, attn.num_heads, attn.head_dim, float(attn.scale), attn.v_proj)
-
     # -- encode + select ---------------------------------------------------------------------------------------
-    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], spans=None) -> Encoded:
         if method.stage == IN_ENCODER:
             return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()

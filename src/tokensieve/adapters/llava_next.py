@@ -41,11 +41,11 @@ from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, La
 from ..methods.encoder import EncoderMethod
 from ..report import ImageReport, MergeGroups
 from .base import Adapter, Encoded, now
-from .llava import LlavaAdapter
+from .towers import ClipTower
 
 
-class LlavaNextAdapter(LlavaAdapter):
-    """Shares LLaVA-1.5's tower facts (CLIP layers, feature layer, attention parts); the layout is its own."""
+class LlavaNextAdapter(ClipTower, Adapter):
+    """LLaVA-1.5's tower facts (:class:`~tokensieve.adapters.towers.ClipTower`); the anyres layout is its own."""
 
     family = "llava-next"
     model_classes = ("LlavaNextForConditionalGeneration",)
@@ -62,8 +62,11 @@ class LlavaNextAdapter(LlavaAdapter):
     """Which ``image_newline`` tokens follow selection (``tokensieve.engine.anyres``): set by
     ``Sieve(..., newlines=)``."""
 
+    encoder_inputs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
     def __init__(self, model) -> None:
         super().__init__(model)
+        self._init_tower(model)
         self.side = self.grid[0]
         self.per_crop = self.side * self.side
 
@@ -126,7 +129,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _shares(self, budget: Budget, sizes: list[int]) -> list[int]:
         return anyres.shares(budget, sizes, self.per_crop)
 
-    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], spans=None) -> Encoded:
         if method.stage == IN_ENCODER:
             return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()

@@ -21,17 +21,26 @@ from typing import Any
 
 import torch
 
+from ..budget import Scope
+from ..engine.attention import received_attention
 from ..errors import UnsupportedModelError
 from .base import Adapter
-from .llava_next_video import LlavaNextVideoAdapter
+from .llava_next import LlavaNextAdapter
+from .videos import VideoFrames
 
 
-class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
+class LlavaOnevisionAdapter(VideoFrames, LlavaNextAdapter):
     family = "llava-onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
     display_names = ("LLaVA-OneVision",)
-    encoder_inputs = LlavaNextVideoAdapter.encoder_inputs + ("vision_aspect_ratio", "batch_num_images")
+    scopes = (Scope.IMAGE, Scope.CROP, Scope.FRAME, Scope.GLOBAL)
+    encoder_inputs = LlavaNextAdapter.encoder_inputs + (
+        "pixel_values_videos",
+        "vision_aspect_ratio",
+        "batch_num_images",
+    )
+    visual_inputs = ("pixel_values", "pixel_values_videos")
 
     def __init__(self, model) -> None:
         Adapter.__init__(self, model)
@@ -106,7 +115,7 @@ class LlavaOnevisionAdapter(LlavaNextVideoAdapter):
     def _attention(self, cap, layer: int) -> torch.Tensor:
         if self.cls_offset:
             return super()._attention(cap, layer)
-        p = cap._parts[layer]
         q = cap.split_heads(cap.queries[layer], layer).float()
         k = cap.key_heads(layer).float()
-        return ((q @ k.transpose(-1, -2)) * p.scale).softmax(dim=-1).mean(dim=-2)  # [crops, H, T] received
+        n = q.shape[-2]
+        return received_attention(q, k, cap.scale(layer), chunk=n) / n  # [crops, H, T]: mean received attention

@@ -43,6 +43,9 @@ from ..methods.encoder import EncoderCut, EncoderMethod
 from ..report import ImageReport, MergeGroups
 from .base import Adapter, Encoded, now
 
+_FULL_POSITIONS = "tokensieve_full_positions"
+"""Where ``prepare`` leaves the full prompt's M-RoPE positions [3, B, L] for ``carry_inputs`` to gather."""
+
 
 class QwenVLAdapter(Adapter):
     family = "qwen2-vl"
@@ -106,7 +109,8 @@ class QwenVLAdapter(Adapter):
                 mask = mask.bool()
             elif mask is not None:
                 mask = None  # base.prepare rejects it with a clear message
-            self._full_positions, _ = self.base.get_rope_index(
+            # handed to carry_inputs inside this call's own kwargs (popped there), never kept on the adapter
+            kwargs[_FULL_POSITIONS], _ = self.base.get_rope_index(
                 ids,
                 mm_token_type_ids=mm,
                 image_grid_thw=kwargs.get("image_grid_thw"),
@@ -116,8 +120,9 @@ class QwenVLAdapter(Adapter):
         return super().prepare(kwargs, method, budget, method_name, left_pad)
 
     def carry_inputs(self, kwargs, comp, input_ids) -> None:
+        full = kwargs.pop(_FULL_POSITIONS)
         super().carry_inputs(kwargs, comp, input_ids)
-        pos3 = comp.apply(self._full_positions.permute(1, 2, 0), 0).permute(2, 0, 1)  # [3, B, L']
+        pos3 = comp.apply(full.permute(1, 2, 0), 0).permute(2, 0, 1)  # [3, B, L']
         mask = kwargs["attention_mask"]
         # row 0 only builds masks and must look like ordinary contiguous positions (see module docstring)
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -203,7 +208,7 @@ class QwenVLAdapter(Adapter):
                 raise PlaceholderError(f"{pv_key} was given without {grid_key}; pass the processor's output whole")
             yield video, pv_key, pixel, grid
 
-    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any]) -> Encoded:
+    def encode(self, method: Method, budget: Budget, encoder_kwargs: dict[str, Any], spans=None) -> Encoded:
         if method.stage == IN_ENCODER:
             return self._encode_in_encoder(method, budget, encoder_kwargs)
         start = now()

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import NonFiniteFeaturesError
 from ..methods.base import Layout, Request, Signals
+from .attention import received_attention
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class Captured:
         b, t, _ = x.shape
         return x.view(b, t, p.num_heads, p.head_dim).transpose(1, 2)
 
+    def scale(self, layer: int) -> float:
+        """The attention scale of ``layer``."""
+        return self._parts[layer].scale
+
     def key_heads(self, layer: int) -> torch.Tensor:
         return self.split_heads(self.keys[layer], layer)
 
@@ -111,15 +116,10 @@ class Captured:
         Needs the whole attention map of one layer, so query rows go in chunks: memory stays O(chunk * T) per head
         instead of O(T^2), and nothing outside this layer changes implementation.
         """
-        p = self._parts[layer]
         q = self.split_heads(self.queries[layer], layer).float()
         k = self.key_heads(layer).float()
-        t = q.shape[2]
-        total = torch.zeros(k.shape[0], k.shape[2], dtype=torch.float32, device=k.device)
-        for s in range(0, t, chunk):
-            probs = ((q[:, :, s : s + chunk] @ k.transpose(-1, -2)) * p.scale).softmax(dim=-1)
-            total += probs.sum(dim=(1, 2))
-        return total / (t * q.shape[1])
+        total = received_attention(q, k, self._parts[layer].scale, chunk=chunk, sum_heads=True)
+        return total / (q.shape[2] * q.shape[1])
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import StageError
 from ..methods.base import PRE_PROJECTOR, Method, Selection, Signals
 from ..methods.llm import QUERY_LAST, QUERY_TEXT, LLMMethod, LLMSignals
+from .attention import rotate
 
 
 class KeepAll(Method):
@@ -55,13 +56,6 @@ class LLMParts:
     scaling: float
     q_norm: nn.Module | None = None
     k_norm: nn.Module | None = None
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Standard half-rotation RoPE: x [.., T, hd] with cos/sin [T, hd]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
 
 
 @dataclass

@@ -19,29 +19,23 @@ import torch
 from ..errors import BudgetError
 from ..methods.base import POST_PROJECTOR, Layout, Method, Request, Signals
 from ..report import MergeGroups
+from .attention import QUERY_CHUNK, received_attention
+from .attention import rotate as rope
 from .select import select_each
-
-QUERY_CHUNK = 512
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The vision rotary (rotate-half form) on [P, H, hd] with [P, hd] cos / sin."""
-    half = x.shape[-1] // 2
-    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(-2) + turned * sin.unsqueeze(-2)
+    """The vision rotary on [P, H, hd] with [P, hd] cos / sin."""
+    return rope(x, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
 
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def segment_received(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Mean softmax attention each key receives over all queries of one attention segment: [H, P].
 
-    q / k: [P, H, hd] with the vision RoPE applied. Query rows go in chunks, so memory stays O(chunk * P) per head.
+    q / k: [P, H, hd] with the vision RoPE applied.
     """
     qh, kh = q.transpose(0, 1), k.transpose(0, 1)  # [H, P, hd]
-    total = torch.zeros(kh.shape[0], kh.shape[1], dtype=torch.float32, device=k.device)
-    for start in range(0, qh.shape[1], QUERY_CHUNK):
-        logits = qh[:, start : start + QUERY_CHUNK] @ kh.transpose(1, 2) * scale
-        total += logits.softmax(dim=-1).sum(dim=1)
-    return total / qh.shape[1]
+    return received_attention(qh, kh, scale, chunk=QUERY_CHUNK) / qh.shape[1]
 
 
 @dataclass
@@ -103,7 +97,7 @@ def select_units(
             q, k_rot = q[seg], k_rot[seg]
             span = h * w
             rec = torch.cat(
-                [received_attention(q[i : i + span], k_rot[i : i + span], scale) for i in range(0, t * span, span)],
+                [segment_received(q[i : i + span], k_rot[i : i + span], scale) for i in range(0, t * span, span)],
                 dim=1,
             )  # [H, t*h*w]
             heads = rec.shape[0]
@@ -151,4 +145,4 @@ def select_units(
     return out.to(sig.merged.dtype), where, sum(sel.num_merged for sel in sels), groups.result()
 
 
-__all__ = ["UnitSignals", "select_units", "received_attention", "rotate", "QUERY_CHUNK"]
+__all__ = ["UnitSignals", "select_units", "segment_received", "rotate", "QUERY_CHUNK"]

@@ -21,6 +21,9 @@ class ImageSpan:
     sample: int
     image: int
     positions: torch.Tensor
+    group: int | None = None
+    """For families whose images span several placeholder runs (Idefics3's crops): the image this run belongs to,
+    read off the prompt by the adapter's ``find_spans`` for this call."""
 
 
 def find_image_spans(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int]) -> list[ImageSpan]:
