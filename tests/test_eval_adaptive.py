@@ -12,6 +12,7 @@ from tokensieve.cli import main
 from tokensieve.data import calibration_samples, load, question_batches
 from tokensieve.tools import evaluate
 from tokensieve.tools.configs import Config
+from tokensieve.tools.results import markdown_table, plot
 
 LIMIT, CALIB = 6, 8
 SMALL = ["--data", "shapes", "--limit", str(LIMIT), "--batch-size", "6", "--calibration", str(CALIB)]
@@ -230,7 +231,7 @@ def test_table_and_plot_put_adaptive_next_to_fixed(monkeypatch, tmp_path):
         adaptive("adaptive:18", 17.5, 0.65),
         rec("divprune", 36, 36, 0.5),
     ]
-    table = evaluate.markdown_table(records).splitlines()
+    table = markdown_table(records).splitlines()
     rows = [line.split(" | ")[1] for line in table if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["-", "36", "adaptive:36", "18", "adaptive:18", "36"]
     assert "| evocut | adaptive:18 | 17.5 (4-50) | 65.0 |" in "\n".join(table)
@@ -238,7 +239,7 @@ def test_table_and_plot_put_adaptive_next_to_fixed(monkeypatch, tmp_path):
     monkeypatch.setattr(
         matplotlib.axes.Axes, "plot", lambda self, x, y, **k: lines.setdefault(k.get("label"), (list(x), list(y), k))
     )
-    evaluate.plot(records, tmp_path / "p.png")
+    plot(records, tmp_path / "p.png")
     assert set(lines) >= {"evocut", "evocut adaptive", "divprune"}
     fixed, adapt = lines["evocut"], lines["evocut adaptive"]
     assert adapt[0] == [17.5, 37.25] and adapt[1] == [65.0, 70.0]  # measured means on the x-axis

@@ -9,20 +9,19 @@ Methods and budgets use one grammar on every command: '+' chains the stages of o
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-import time
 
 from .models.loading import MODEL_HELP
 from .tools.configs import parse_param
+from .tools.console import Out
 
-DEMO_SAMPLE = 4  # a shapes test scene with a tiny object; its own question is the default prompt
+EXIT_INTERRUPTED = 130
+# defaults that help texts show: the command bodies in tools/ read them from here
 GENERIC_QUESTION = "What is in the picture?"
-DEFAULT_IMAGE_QUESTION = "how many shapes are there ?"  # the default model counts shapes reliably
 EVAL_METHODS = "evocut,random,pool"
 EVAL_BUDGETS = "0.5,0.25,0.125,0.0625"
-EXIT_INTERRUPTED = 130
 
 
 class _Help(argparse.HelpFormatter):
@@ -233,343 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- output -------------------------------------------------------------------------------------------------------
-
-
-def _console(stream):
-    """Rich console on ``stream``; files and pipes get wide lines (no wrapping at 80 columns) and no colour."""
-    from rich.console import Console
-
-    if stream.isatty():
-        return Console(file=stream)
-    return Console(file=stream, width=1000, soft_wrap=True)
-
-
-class Out:
-    """stdout for results, stderr for notes and warnings (so ``--json`` and pipes stay clean)."""
-
-    def __init__(self, quiet: bool = False):
-        self.console = _console(sys.stdout)
-        self.err = _console(sys.stderr)
-        self.quiet = quiet
-
-    def note(self, text: str, style: str = "cyan") -> None:
-        from rich.markup import escape
-
-        if not self.quiet:
-            self.err.print(f"[{style}]{escape(text)}[/]", highlight=False)
-
-    def warn(self, text: str) -> None:
-        from rich.markup import escape
-
-        self.err.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False)
-
-
-def _model_note(spec, out: Out) -> None:
-    """Say which embedded model answers, and what it can and cannot do."""
-    from .models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
-
-    entry = EMBEDDED_MODELS.get(str(spec or DEFAULT_MODEL))
-    if entry is not None:
-        out.note(entry.note, "bold yellow" if entry.path is None else "cyan")
-
-
-def _quiet_loading() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per load of a 4 MB model is noise on a command line
-
-
-def _load_model(spec, out: Out, **kwargs):
-    from .models.loading import load_model
-
-    _model_note(spec, out)
-    _quiet_loading()
-    return load_model(spec, **kwargs)
-
-
-# -- run ----------------------------------------------------------------------------------------------------------
-
-
-def cmd_run(args, out: Out) -> int:
-    from .tools.configs import format_budget, group_params, parse_configs
-    from .tools.inputs import check_question, load_image
-
-    if args.tiny:
-        if args.model:
-            raise ValueError("give either --model or --tiny, not both")
-        args.model = "tiny"
-    configs = parse_configs(args.methods, args.budgets, method_option="--method", budget_option="--budget", single=True)
-    params = group_params(args.param, configs)
-    sieve = configs[0].sieve(params, args.scope)  # every check that needs no model, before loading one
-    question = check_question(args.prompt)
-    image = load_image(args.image) if args.image else None
-    model, processor = _load_model(args.model, out)
-
-    import torch
-
-    from .data import shapes
-    from .models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
-    from .tools.inputs import build_prompt
-
-    name = args.model or DEFAULT_MODEL
-    entry = EMBEDDED_MODELS.get(name)
-    trained = entry is not None and entry.benchmark  # knows the benchmark's words and questions
-    demo = shapes.sample("test", DEMO_SAMPLE)
-    if image is None:
-        image = demo.image
-    if question is None:
-        if trained:
-            question = demo.question if args.image is None else DEFAULT_IMAGE_QUESTION
-        else:
-            question = GENERIC_QUESTION
-    text, notes = build_prompt(processor, question)
-    for note in notes:
-        out.warn(note)
-    inputs = processor(images=[image], text=[text], return_tensors="pt")
-    prompt_len = inputs["input_ids"].shape[1]
-    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-
-    def call(with_sieve: bool):
-        t0 = time.perf_counter()
-        if with_sieve:
-            with sieve(model):
-                ids = model.generate(**inputs, **gen_kwargs)
-        else:
-            ids = model.generate(**inputs, **gen_kwargs)
-        elapsed = time.perf_counter() - t0
-        return processor.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)[0].strip(), elapsed
-
-    times = {True: [], False: []}
-    answers = {}
-    with torch.inference_mode():
-        if args.compare:
-            # one unrecorded call each, then alternate which goes first, so neither gets the cold start or the drift
-            call(False)
-            call(True)
-            for r in range(args.repeats):
-                for with_sieve in (False, True) if r % 2 == 0 else (True, False):
-                    answers[with_sieve], t = call(with_sieve)
-                    times[with_sieve].append(t)
-        else:
-            answers[True], t = call(True)
-            times[True].append(t)
-    report = sieve.last_report
-    result = {
-        "model": "tiny-random-llava" if name == "tiny" else name,
-        "method": sieve.name,
-        "budget": configs[0].budget,
-        "prompt": question,
-    }
-    if trained and args.image is None and args.prompt is None:
-        result["expected"] = demo.answer
-    result.update(
-        answer=answers[True],
-        generate_s=_median(times[True]),
-        visual_tokens_in=report.tokens_in,
-        visual_tokens_out=report.tokens_out,
-        seq_len_in=report.seq_len_in,
-        seq_len_out=report.seq_len_out,
-        encode_s=report.encode_s,
-        selection_s=report.selection_s,
-        llm_visual_tokens_avg=report.llm_visual_tokens_avg[0] if report.llm_visual_tokens_avg else report.tokens_out,
-        timing={
-            "calls": len(times[True]),
-            "warmup": 1 if args.compare else 0,
-            "alternating": args.compare,
-            "generate_s_runs": times[True],
-        },
-    )
-    if args.compare:
-        result["vanilla"] = {
-            "answer": answers[False],
-            "generate_s": _median(times[False]),
-            "generate_s_runs": times[False],
-        }
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
-    table.add_row("prompt", escape(repr(question)))
-    table.add_row(
-        "answer",
-        escape(repr(result["answer"]) + (f" (expected {result['expected']!r})" if "expected" in result else "")),
-    )
-    budget = format_budget(configs[0].budgets)
-    table.add_row("visual tokens", f"{report.tokens_in} -> {report.tokens_out} ({sieve.name}, budget {budget})")
-    if report.llm_budget:
-        table.add_row("in the LM", f"{result['llm_visual_tokens_avg']:.1f} visual tokens averaged over decoder layers")
-    table.add_row("prompt length", f"{report.seq_len_in} -> {report.seq_len_out} tokens")
-    table.add_row("encode + select", f"{report.encode_s * 1e3:.1f} ms (selection {report.selection_s * 1e3:.2f} ms)")
-    if args.compare:
-        table.add_row("vanilla answer", escape(repr(answers[False])))
-        table.add_row(
-            "generate",
-            f"{_spread(times[True])} with {sieve.name}, {_spread(times[False])} vanilla: median "
-            f"(min-max) of {args.repeats} alternating calls each after a warm-up, up to "
-            f"{args.max_new_tokens} new tokens",
-        )
-    else:
-        table.add_row(
-            "generate",
-            f"{times[True][0] * 1e3:.1f} ms for up to {args.max_new_tokens} new tokens: one cold "
-            "call (first-call overhead included)",
-        )
-    table.add_row(
-        "timing",
-        "a rough look, not a benchmark: `tokensieve bench` measures time to first token, stages, "
-        "memory and FLOPs over interleaved repeats",
-    )
-    out.console.print(table)
-    return 0
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
-def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0] * 1e3:.1f} ms"
-    return f"{_median(values) * 1e3:.1f} ms ({min(values) * 1e3:.1f}-{max(values) * 1e3:.1f})"
-
-
-# -- methods ------------------------------------------------------------------------------------------------------
-
-
-def cmd_methods(args, out: Out) -> int:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from .methods import get_method, method_names  # the method classes need torch, not transformers
-
-    if args.name is None:
-        table = Table(title="tokensieve methods (tokensieve methods NAME explains one)")
-        for col in ("name", "stage", "signals", "description"):
-            table.add_column(col)
-        for m in map(get_method, method_names()):
-            table.add_row(m.name, m.stage, escape(", ".join(m.signals) or "-"), escape(m.description))
-        out.console.print(table)
-        return 0
-    from .tools.configs import method_parameters
-
-    cls = get_method(args.name)
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
-    out.console.print(f"[bold]{cls.name}[/]: {escape(cls.description)}", highlight=False)
-    out.console.print(escape(f"stage: {cls.stage}; signals: {', '.join(cls.signals) or 'none'}"), highlight=False)
-    budget = (
-        "layer-averaged visual tokens per image in the LM"
-        if cls.stage == "in_llm"
-        else "visual tokens per image entering the LM"
-    )
-    out.console.print(f"budget: {budget}", highlight=False)
-    out.console.print(escape(" ".join(doc.split())), highlight=False)
-    params = method_parameters(cls.name)
-    if not params:
-        out.console.print("parameters: none")
-        return 0
-    table = Table(title=f"parameters (--param {cls.name}.NAME=VALUE; Python: Sieve({cls.name!r}, budget, NAME=VALUE))")
-    for col in ("name", "default", "meaning"):
-        table.add_column(col)
-    for pname, default in params.items():
-        table.add_row(pname, escape(repr(default)), escape(cls.param_help.get(pname, "")))
-    out.console.print(table)
-    return 0
-
-
-# -- eval ---------------------------------------------------------------------------------------------------------
-
-
-def cmd_eval(args, out: Out) -> int:
-    from .tools.inputs import prepare_out_dir
-
-    if args.sources:
-        given = [
-            o
-            for o, v in (
-                ("--methods", args.methods),
-                ("--budgets", args.budgets),
-                ("--param", args.param or None),
-                ("--model", args.model),
-                ("--limit", args.limit),
-            )
-            if v is not None
-        ]
-        if given:
-            raise ValueError(
-                f"--from re-plots saved results and runs no model, so {', '.join(given)} cannot apply; "
-                "drop them, or drop --from to evaluate"
-            )
-        prepare_out_dir(args.out)
-        from .tools.evaluate import merge_results
-
-        result = merge_results(args.sources, args.out, log=out.note)
-    else:
-        from .tools.configs import group_params, parse_configs
-
-        configs = parse_configs(
-            EVAL_METHODS if args.methods is None else args.methods,
-            EVAL_BUDGETS if args.budgets is None else args.budgets,
-            calibrates=True,
-        )
-        params = group_params(args.param, configs)
-        for config in configs:
-            config.sieve(params, args.scope)  # chains, budgets and parameters, before anything runs
-        prepare_out_dir(args.out)
-        from .tools.evaluate import run_eval
-
-        _model_note(args.model, out)
-        _quiet_loading()
-        result = run_eval(
-            args.model,
-            args.data,
-            configs,
-            args.out,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            params=params,
-            scope=args.scope,
-            fresh=args.fresh,
-            console=out.err,
-            log=out.note,
-            calibration=args.calibration,
-        )
-    from .tools.evaluate import markdown_table
-
-    table = markdown_table(result["records"], result["title"])
-    if out.console.is_terminal:
-        from rich.markdown import Markdown
-
-        out.console.print(Markdown(table))
-    else:
-        print(table, end="")
-    out.note(f"wrote results.json, results.md, results.png to {args.out}")
-    return 0
-
-
-def cmd_make_tiny(args, out: Out) -> int:
-    from .models.tiny import build_tiny_llava
-    from .tools.inputs import prepare_out_dir
-
-    prepare_out_dir(args.dir, "make-tiny DIR")
-    model, processor = build_tiny_llava()
-    model.save_pretrained(args.dir)
-    processor.save_pretrained(args.dir)
-    out.console.print(f"saved tiny random-weight LLaVA to {args.dir}")
-    return 0
-
-
-# -- tokensieve bench / tokensieve show ------------------------------------------------------------------------
-
-CPU_GFLOPS = 100.0
-"""Rough fp32 throughput of a 2-core CPU (this project's machine measured 120-130), for refusing hour-long runs."""
-
-
 def add_measure_commands(sub) -> None:
     bench = sub.add_parser(
         "bench",
@@ -614,154 +276,21 @@ def add_measure_commands(sub) -> None:
     src.add_argument("--arch", help="random-weight architecture instead (e.g. llava15-cpu: a 24x24 grid)")
 
 
-def _available_bytes(device: str) -> int:
-    import torch
-
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info()[0])
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
-def cmd_bench(args, out: Out) -> int:
-    from .tools.configs import group_params, parse_configs
-    from .tools.inputs import check_question, load_image, prepare_out_dir
-
-    configs = parse_configs(args.methods, args.budgets)
-    params = group_params(args.param, configs)
-    for config in configs:
-        config.sieve(params, args.scope)
-    check_question(args.prompt)
-    image = load_image(args.image) if args.image else None
-    prepare_out_dir(args.out)
-
-    import torch
-
-    from .models.archs import arch_config, arch_parameters, build_arch, synthetic_inputs
-    from .tools.bench import check_budgets, flops_only, model_probe, run_bench, write_results
-    from .tools.configs import VANILLA, Config
-    from .tools.flops import count_flops, vanilla_trace
-
-    configs = [Config((VANILLA,))] + configs
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model:
-        from .models.loading import check_model_dir, model_path
-
-        path = model_path(args.model)
-        if path is None:
-            raise ValueError(f"--model {args.model} is built in memory; bench it with --arch {args.model}")
-        config = check_model_dir(path)
-        name = args.model
-    else:
-        name = args.arch or "llava15-cpu"
-        config = arch_config(name)
-    check_budgets(config, configs)
-    if args.model:
-        probe = model_probe(path, config, image, args.prompt, args.text_tokens, log=out.note, warn=out.warn)
-    else:
-        probe = synthetic_inputs(config, text_tokens=args.text_tokens)
-    title = f"tokensieve bench: {name}"
-    need = arch_parameters(config) * torch.finfo(dtype).bits // 8
-    avail = _available_bytes(device)
-    reason = "--flops-only given" if args.flops_only else None
-    if reason is None and need * 1.15 + (1 << 30) > avail:
-        reason = (
-            f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
-            f"{avail / 1e9:.1f} GB available"
-        )
-    if reason is None and device == "cpu" and not args.force:
-        flops = count_flops(config, vanilla_trace(config, **probe, new_tokens=args.new_tokens)).total
-        est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
-        if est > 1800:
-            reason = (
-                f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
-                "(pass --force to run anyway)"
-            )
-    if reason is not None:
-        note = (
-            f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
-            "post-projector methods; timing needs enough memory or a GPU."
-        )
-        out.note(note, "bold yellow")
-        result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
-        result["meta"].update(note=note, model=name)
-        paths = write_results(result, args.out, title)
-        print(paths["md"].read_text())
-        out.note(f"wrote {', '.join(str(p) for p in paths.values())}")
-        return 0
-    if args.model:
-        model, _ = _load_model(args.model, out, dtype=dtype, device=device, with_processor=False)
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in probe.items()}
-    else:
-        out.note(f"building {name} (random weights, {args.dtype}, {device}) ...")
-        model = build_arch(name, dtype=dtype, device=device)
-        batch = synthetic_inputs(model, text_tokens=args.text_tokens)
-    result = run_bench(
-        model,
-        batch,
-        configs,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        new_tokens=args.new_tokens,
-        log=out.note,
-        params=params,
-        scope=args.scope,
-    )
-    result["meta"].update(model=name, prompt_tokens=int(batch["input_ids"].shape[1]))
-    paths = write_results(result, args.out, title)
-    print(paths["md"].read_text())
-    out.note(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0
-
-
-def cmd_show(args, out: Out) -> int:
-    from .tools.configs import group_params, parse_configs
-    from .tools.inputs import check_out_file, load_image
-
-    configs = parse_configs(args.methods, args.budgets)
-    params = group_params(args.param, configs)
-    for config in configs:
-        config.sieve(params, args.scope)
-    image = load_image(args.image) if args.image else None
-    check_out_file(args.out)
-
-    from .models.tiny import demo_image
-    from .tools.show import image_batch, model_view, panels_for, render
-
-    image = image or demo_image()
-    if args.arch:
-        from .models.archs import build_arch
-
-        model, image_processor = build_arch(args.arch), None
-        name = args.arch
-    else:
-        model, processor = _load_model(args.model, out)
-        image_processor = getattr(processor, "image_processor", None)
-        name = args.model or "default model"
-    batch = image_batch(model, image, image_processor)
-    panels = panels_for(model, batch, configs, params=params, scope=args.scope)
-    path = render(
-        model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped"
-    )
-    for p in panels:
-        out.console.print(f"{p.title}: {len(p.kept)} kept patches, {len(p.merged_cells)} merge groups", highlight=False)
-    out.note(f"wrote {path}")
-    return 0
-
-
 COMMANDS = {
-    "methods": cmd_methods,
-    "run": cmd_run,
-    "eval": cmd_eval,
-    "make-tiny": cmd_make_tiny,
-    "bench": cmd_bench,
-    "show": cmd_show,
+    "methods": "catalog:cmd_methods",
+    "run": "run:cmd_run",
+    "eval": "evaluate:cmd_eval",
+    "make-tiny": "catalog:cmd_make_tiny",
+    "bench": "bench:cmd_bench",
+    "show": "show:cmd_show",
 }
+"""Each command's body, as ``module:function`` in :mod:`tokensieve.tools`. Imported only when the command runs: most
+of those modules import torch, which ``tokensieve --help`` and argument errors must not wait for."""
+
+
+def _command(name: str):
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(f".tools.{module}", __package__), function)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -786,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import TokensieveError
 
     try:
-        return COMMANDS[args.command](args, out)
+        return _command(args.command)(args, out)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

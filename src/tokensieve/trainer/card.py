@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..models.loading import load_model
-from ..tools.evaluate import _accuracy, predict
+from ..tools.evaluate import predict
+from ..tools.records import _accuracy
 
 
 def _recipe_lines(cfg: dict) -> str:
