@@ -21,6 +21,16 @@ ADAPTERS: tuple[type[Adapter], ...] = (
 )
 
 
+def adapter_class(config) -> type[Adapter]:
+    """The adapter class of a model config (its ``model_type``), for facts read before any model is built."""
+    model_type = getattr(config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    supported = ", ".join(t for a in ADAPTERS for t in a.model_types)
+    raise UnsupportedModelError(f"model_type {model_type!r} is not supported by tokensieve; supported: {supported}")
+
+
 def get_adapter(model) -> Adapter:
     for cls in ADAPTERS:
         if cls.matches(model):
@@ -40,5 +50,6 @@ __all__ = [
     "QwenVLAdapter",
     "Idefics3Adapter",
     "ADAPTERS",
+    "adapter_class",
     "get_adapter",
 ]

@@ -18,10 +18,8 @@ import torch
 from ..budget import Budget
 from ..methods import get_method
 from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR
-from .configs import VANILLA, Config, group_params, parse_configs
-from .console import Out, load_with_note
+from .configs import Config
 from .flops import Flops, analytic_trace, count_flops, dims_from_config, trace_from_report, vanilla_trace
-from .inputs import check_question, load_image, prepare_out_dir
 from .measure import Spread, measure_call
 
 
@@ -142,13 +140,15 @@ def machine_meta(model, repeats: int, warmup: int, new_tokens: int) -> dict:
 
 
 def check_budgets(config, configs: list[Config]) -> None:
-    """Refuse, before any model is built, a budget that cannot fit a LLaVA-1.5 image; other families' budgets
-    depend on crops, frames and resolution and are checked when the sieve is applied."""
-    dims = dims_from_config(config)
-    if dims.family == "llava":
-        for cfg in configs:
-            if not cfg.is_vanilla:
-                Budget.parse(cfg.budgets[0]).resolve(dims.image_tokens, what="each image of this model")
+    """Refuse, before any model is built, a budget that cannot fit this model (the rule set's check against the
+    family's facts from the config alone); budgets whose fit depends on the input are checked per call."""
+    from .. import plan
+    from ..adapters import adapter_class
+
+    target = adapter_class(config).describe(config)
+    for cfg in configs:
+        if not cfg.is_vanilla:
+            plan.check_budget(Budget.parse(cfg.budgets[0]), target)
 
 
 def model_probe(
@@ -356,102 +356,3 @@ def write_results(result: dict, out_dir: str | Path, title: str) -> dict[str, Pa
     paths["md"].write_text("\n".join(lines) + "\n")
     plot(result, paths["png"], title)
     return paths
-
-
-CPU_GFLOPS = 100.0
-"""Rough fp32 throughput of a 2-core CPU (this project's machine measured 120-130), for refusing hour-long runs."""
-
-
-def _available_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return int(torch.cuda.mem_get_info()[0])
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
-def cmd_bench(args, out: Out) -> int:
-    configs = parse_configs(args.methods, args.budgets)
-    params = group_params(args.param, configs)
-    for config in configs:
-        config.sieve(params, args.scope)
-    check_question(args.prompt)
-    image = load_image(args.image) if args.image else None
-    prepare_out_dir(args.out)
-
-    from ..models.archs import arch_config, arch_parameters, build_arch, synthetic_inputs
-
-    configs = [Config((VANILLA,))] + configs
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model:
-        from ..models.loading import check_model_dir, model_path
-
-        path = model_path(args.model)
-        if path is None:
-            raise ValueError(f"--model {args.model} is built in memory; bench it with --arch {args.model}")
-        config = check_model_dir(path)
-        name = args.model
-    else:
-        name = args.arch or "llava15-cpu"
-        config = arch_config(name)
-    check_budgets(config, configs)
-    if args.model:
-        probe = model_probe(path, config, image, args.prompt, args.text_tokens, log=out.note, warn=out.warn)
-    else:
-        probe = synthetic_inputs(config, text_tokens=args.text_tokens)
-    title = f"tokensieve bench: {name}"
-    need = arch_parameters(config) * torch.finfo(dtype).bits // 8
-    avail = _available_bytes(device)
-    reason = "--flops-only given" if args.flops_only else None
-    if reason is None and need * 1.15 + (1 << 30) > avail:
-        reason = (
-            f"{name} needs about {need / 1e9:.1f} GB of weights in {args.dtype} and this {device} has "
-            f"{avail / 1e9:.1f} GB available"
-        )
-    if reason is None and device == "cpu" and not args.force:
-        flops = count_flops(config, vanilla_trace(config, **probe, new_tokens=args.new_tokens)).total
-        est = flops / (CPU_GFLOPS * 1e9) * len(configs) * (args.repeats + args.warmup)
-        if est > 1800:
-            reason = (
-                f"measuring would take roughly {est / 60:.0f} min on this CPU at ~{CPU_GFLOPS:.0f} GFLOP/s "
-                "(pass --force to run anyway)"
-            )
-    if reason is not None:
-        note = (
-            f"FLOPs only, from the config (no weights, nothing run): {reason}. Exact for pre- and "
-            "post-projector methods; timing needs enough memory or a GPU."
-        )
-        out.note(note, "bold yellow")
-        result = flops_only(config, probe, configs, new_tokens=args.new_tokens)
-        result["meta"].update(note=note, model=name)
-        paths = write_results(result, args.out, title)
-        print(paths["md"].read_text())
-        out.note(f"wrote {', '.join(str(p) for p in paths.values())}")
-        return 0
-    if args.model:
-        model, _ = load_with_note(args.model, out, dtype=dtype, device=device, with_processor=False)
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in probe.items()}
-    else:
-        out.note(f"building {name} (random weights, {args.dtype}, {device}) ...")
-        model = build_arch(name, dtype=dtype, device=device)
-        batch = synthetic_inputs(model, text_tokens=args.text_tokens)
-    result = run_bench(
-        model,
-        batch,
-        configs,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        new_tokens=args.new_tokens,
-        log=out.note,
-        params=params,
-        scope=args.scope,
-    )
-    result["meta"].update(model=name, prompt_tokens=int(batch["input_ids"].shape[1]))
-    paths = write_results(result, args.out, title)
-    print(paths["md"].read_text())
-    out.note(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return 0

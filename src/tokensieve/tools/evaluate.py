@@ -27,11 +27,9 @@ from ..data.prompts import prompt_text
 from ..errors import InputError
 from ..models.loading import EMBEDDED_MODELS, check_model_dir, load_model, model_path  # noqa: F401
 from .calibration import CALIBRATION_SELECTION, DEFAULT_CALIBRATION, CalibrationSet, calibrate
-from .configs import VANILLA, Config, group_params, parse_configs
-from .console import Out, model_note, quiet_loading
-from .inputs import prepare_out_dir
+from .configs import VANILLA, Config
 from .records import MAX_NEW_TOKENS, Predictions, _differences, _record, config_key, eval_meta, record_key
-from .results import RESULTS_JSON, markdown_table, read_results, title_of, write_outputs
+from .results import RESULTS_JSON, read_results, title_of, write_outputs
 
 DEFAULT_MODEL_DIR = EMBEDDED_MODELS["default"].path
 
@@ -210,65 +208,6 @@ def evaluate(
             if on_record is not None and key not in done:
                 on_record(records)
     return records
-
-
-def cmd_eval(args, out: Out) -> int:
-    from ..cli import EVAL_BUDGETS, EVAL_METHODS  # the parser shows them in --help
-
-    if args.sources:
-        given = [
-            o
-            for o, v in (
-                ("--methods", args.methods),
-                ("--budgets", args.budgets),
-                ("--param", args.param or None),
-                ("--model", args.model),
-                ("--limit", args.limit),
-            )
-            if v is not None
-        ]
-        if given:
-            raise ValueError(
-                f"--from re-plots saved results and runs no model, so {', '.join(given)} cannot apply; "
-                "drop them, or drop --from to evaluate"
-            )
-        prepare_out_dir(args.out)
-        result = merge_results(args.sources, args.out, log=out.note)
-    else:
-        configs = parse_configs(
-            EVAL_METHODS if args.methods is None else args.methods,
-            EVAL_BUDGETS if args.budgets is None else args.budgets,
-            calibrates=True,
-        )
-        params = group_params(args.param, configs)
-        for config in configs:
-            config.sieve(params, args.scope)  # chains, budgets and parameters, before anything runs
-        prepare_out_dir(args.out)
-        model_note(args.model, out)
-        quiet_loading()
-        result = run_eval(
-            args.model,
-            args.data,
-            configs,
-            args.out,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            params=params,
-            scope=args.scope,
-            fresh=args.fresh,
-            console=out.err,
-            log=out.note,
-            calibration=args.calibration,
-        )
-    table = markdown_table(result["records"], result["title"])
-    if out.console.is_terminal:
-        from rich.markdown import Markdown
-
-        out.console.print(Markdown(table))
-    else:
-        print(table, end="")
-    out.note(f"wrote results.json, results.md, results.png to {args.out}")
-    return 0
 
 
 def run_eval(

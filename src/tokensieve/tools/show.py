@@ -14,10 +14,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .configs import group_params, parse_configs
-from .console import Out, load_with_note
-from .inputs import check_out_file, load_image
-
 
 @dataclass
 class Panel:
@@ -149,34 +145,3 @@ def render(view: Image.Image, panels: list[Panel], out: str | Path, suptitle: st
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def cmd_show(args, out: Out) -> int:
-    configs = parse_configs(args.methods, args.budgets)
-    params = group_params(args.param, configs)
-    for config in configs:
-        config.sieve(params, args.scope)
-    image = load_image(args.image) if args.image else None
-    check_out_file(args.out)
-
-    from ..models.tiny import demo_image
-
-    image = image or demo_image()
-    if args.arch:
-        from ..models.archs import build_arch
-
-        model, image_processor = build_arch(args.arch), None
-        name = args.arch
-    else:
-        model, processor = load_with_note(args.model, out)
-        image_processor = getattr(processor, "image_processor", None)
-        name = args.model or "default model"
-    batch = image_batch(model, image, image_processor)
-    panels = panels_for(model, batch, configs, params=params, scope=args.scope)
-    path = render(
-        model_view(image), panels, args.out, suptitle=f"{name}: bright = kept, tinted = merged, dim = dropped"
-    )
-    for p in panels:
-        out.console.print(f"{p.title}: {len(p.kept)} kept patches, {len(p.merged_cells)} merge groups", highlight=False)
-    out.note(f"wrote {path}")
-    return 0

@@ -13,15 +13,12 @@ import importlib
 import os
 import sys
 
-from .models.loading import MODEL_HELP
-from .tools.configs import parse_param
-from .tools.console import Out
+from ..models.loading import MODEL_HELP
+from ..tools.configs import parse_param
+from .console import Out
+from .defaults import EVAL_BUDGETS, EVAL_METHODS, GENERIC_QUESTION
 
 EXIT_INTERRUPTED = 130
-# defaults that help texts show: the command bodies in tools/ read them from here
-GENERIC_QUESTION = "What is in the picture?"
-EVAL_METHODS = "evocut,random,pool"
-EVAL_BUDGETS = "0.5,0.25,0.125,0.0625"
 
 
 class _Help(argparse.HelpFormatter):
@@ -126,7 +123,7 @@ def _add_configs(p, *, several: bool, methods: str | None, budgets: str | None) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = Parser(prog="tokensieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokensieve {__version__}")
@@ -279,18 +276,18 @@ def add_measure_commands(sub) -> None:
 COMMANDS = {
     "methods": "catalog:cmd_methods",
     "run": "run:cmd_run",
-    "eval": "evaluate:cmd_eval",
+    "eval": "eval:cmd_eval",
     "make-tiny": "catalog:cmd_make_tiny",
     "bench": "bench:cmd_bench",
     "show": "show:cmd_show",
 }
-"""Each command's body, as ``module:function`` in :mod:`tokensieve.tools`. Imported only when the command runs: most
-of those modules import torch, which ``tokensieve --help`` and argument errors must not wait for."""
+"""Each command's body, as ``module:function`` in this package. Imported only when the command runs, and each body
+checks its arguments before it imports torch or the tools it drives: ``--help`` and a typo never wait for them."""
 
 
 def _command(name: str):
     module, _, function = COMMANDS[name].partition(":")
-    return getattr(importlib.import_module(f".tools.{module}", __package__), function)
+    return getattr(importlib.import_module(f".{module}", __package__), function)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -302,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input ends in one line on stderr naming the problem and the fix, exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lmms-eval"]:  # every argument after it belongs to lmms-eval
-        from .lmms_eval.launch import main as lmms_eval_main
+        from ..lmms_eval.launch import main as lmms_eval_main
 
         return lmms_eval_main(argv[1:])
     parser = build_parser()
@@ -312,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     out = Out(quiet=getattr(args, "json", False))
     prog = f"tokensieve {args.command}"
-    from .errors import TokensieveError
+    from ..errors import TokensieveError
 
     try:
         return _command(args.command)(args, out)

@@ -10,15 +10,15 @@ import json
 import time
 
 from .console import Out, load_with_note
+from .defaults import GENERIC_QUESTION
 
 DEMO_SAMPLE = 4  # a shapes test scene with a tiny object; its own question is the default prompt
 DEFAULT_IMAGE_QUESTION = "how many shapes are there ?"  # the default model counts shapes reliably
 
 
 def cmd_run(args, out: Out) -> int:
-    from ..cli import GENERIC_QUESTION  # bench's default --prompt too: the parser holds it
-    from .configs import format_budget, group_params, parse_configs
-    from .inputs import check_question, load_image
+    from ..tools.configs import format_budget, group_params, parse_configs
+    from ..tools.inputs import check_question, load_image
 
     if args.tiny:
         if args.model:
@@ -35,7 +35,7 @@ def cmd_run(args, out: Out) -> int:
 
     from ..data import shapes
     from ..models.loading import DEFAULT_MODEL, EMBEDDED_MODELS
-    from .inputs import build_prompt
+    from ..tools.inputs import build_prompt
 
     name = args.model or DEFAULT_MODEL
     entry = EMBEDDED_MODELS.get(name)

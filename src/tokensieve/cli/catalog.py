@@ -25,7 +25,7 @@ def cmd_methods(args, out: Out) -> int:
             table.add_row(m.name, m.stage, escape(", ".join(m.signals) or "-"), escape(m.description))
         out.console.print(table)
         return 0
-    from .configs import method_parameters
+    from ..tools.configs import method_parameters
 
     cls = get_method(args.name)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
@@ -53,7 +53,7 @@ def cmd_methods(args, out: Out) -> int:
 
 def cmd_make_tiny(args, out: Out) -> int:
     from ..models.tiny import build_tiny_llava
-    from .inputs import prepare_out_dir
+    from ..tools.inputs import prepare_out_dir
 
     prepare_out_dir(args.dir, "make-tiny DIR")
     model, processor = build_tiny_llava()
