@@ -27,7 +27,7 @@ def test_torch_only_parts_import_without_transformers():
     res = _run(
         "import tokensieve, tokensieve.methods, tokensieve.budget, tokensieve.errors, tokensieve.engine.capture, "
         "tokensieve.engine.encoder_stage, tokensieve.tools.flops, tokensieve.engine.merge_units, "
-        "tokensieve.engine.anyres\n"
+        "tokensieve.engine.anyres, tokensieve.engine.select, tokensieve.plan\n"
         "from tokensieve.methods import get_method, method_names\n"
         "assert 'evocut' in method_names() and get_method('divprune').stage == 'post_projector'\n"
         "assert tokensieve.Budget.parse(64).resolve(576) == 64\n"

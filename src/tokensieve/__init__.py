@@ -9,6 +9,7 @@ see ``integrations/vllm``).
 from importlib import import_module
 
 from . import _compat
+from ._version import __version__ as __version__  # the package version (re-exported)
 from .budget import Budget, Scope
 from .errors import (
     BudgetError,
@@ -22,8 +23,6 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-
-__version__ = "0.1.0"
 
 _compat.install()  # old module paths (tokensieve.flops, tokensieve.evaluate, ...) keep working
 

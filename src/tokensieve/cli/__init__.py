@@ -123,7 +123,7 @@ def _add_configs(p, *, several: bool, methods: str | None, budgets: str | None) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = Parser(prog="tokensieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokensieve {__version__}")

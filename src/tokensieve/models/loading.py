@@ -184,7 +184,7 @@ def model_fingerprint(spec: str | Path | None) -> dict:
     path = model_path(spec)
     out: dict = {"model": model_label(spec), "spec": spec}
     if path is None:
-        from .. import __version__
+        from .._version import __version__
 
         out["built_in_memory"] = f"tokensieve {__version__}"
         return out

@@ -162,7 +162,7 @@ def eval_meta(model_spec, data: str, samples: Sequence, limit: int | None, batch
     import torch
     import transformers
 
-    from .. import __version__
+    from .._version import __version__
 
     items = {
         "question": [s.question for s in samples],
