@@ -4,6 +4,9 @@ Methods and budgets use one grammar on every command: '+' chains the stages of o
 (--method evocut+fastv --budget 192+128, one budget per method), ',' separates configurations to compare
 (--methods evocut,divprune --budgets 64,32). A budget is an int (visual tokens kept per image) or a float in
 (0, 1] (keep ratio). Without --model, commands use the embedded default model (small, trained, offline).
+
+This module is the parser and the dispatch; each command's body is a module of this package (``run``, ``eval``,
+``bench``, ``show``, ``catalog``) that checks its arguments before it imports torch or the tools it drives.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the command line runs, as importable functions, and each command's body next to it: accuracy evaluation
+"""What the command line drives, as importable functions a script or notebook can call too: accuracy evaluation
 (``evaluate``, with ``records``, ``calibration`` and ``results``), timing (``bench``, ``measure``), FLOPs (``flops``),
-figures (``show``), one question (``run``), the methods and the demo model (``catalog``), and what the commands share
-(``configs``, ``inputs``, ``console``)."""
+figures (``show``), and the grammar commands share (``configs``, ``inputs``). The commands themselves (argument
+checks, terminal output) are :mod:`tokensieve.cli`."""
