@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from vllm.config import VllmConfig
 from vllm.exceptions import VLLMValidationError
+from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from tokensieve.plan import Target
 
@@ -55,6 +56,17 @@ def by_method(specs: list[SieveSpec | None]) -> list[list[int]]:
         key = None if spec is None else f"{spec.method}:{json.dumps(spec.params, sort_keys=True)}"
         groups.setdefault(key, []).append(i)
     return list(groups.values())
+
+
+class SettingField:
+    """Processor mixin: each image's resolved setting travels as the batched ``tokensieve`` field, kept on the CPU
+    (it is part of the processor's output, hence of its cache entry)."""
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
+        return {
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+        }
 
 
 class WithoutTokensieve:

@@ -39,7 +39,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.model_executor.models.utils import WeightsMapper, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
@@ -51,6 +51,7 @@ from tokensieve.plan import Target
 from .common import (
     FIELD,
     TRACE_ENV,
+    SettingField,
     WithoutTokensieve,
     check_engine,
     decode_spec,
@@ -76,15 +77,9 @@ class TokenSieveLlavaProcessingInfo(LlavaProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class KPlaceholders:
+class KPlaceholders(SettingField):
     """Processor half shared by LLaVA-1.5 and LLaVA-NeXT: the setting field travels with each image, and an image
     gets its setting's ``k`` placeholders (the stock count without one)."""
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-        }
 
     def _get_prompt_updates(
         self,

@@ -48,7 +48,7 @@ from vllm.model_executor.models.qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems  # noqa: E402
+from vllm.multimodal.inputs import MultiModalKwargsItems  # noqa: E402
 from vllm.multimodal.parse import MultiModalDataItems  # noqa: E402
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate  # noqa: E402
 
@@ -59,6 +59,7 @@ from tokensieve.plan import Target  # noqa: E402
 from .common import (  # noqa: E402
     FIELD,
     TRACE_ENV,
+    SettingField,
     by_method,
     call_hf_processor,
     check_engine,
@@ -129,7 +130,7 @@ class TokenSieveQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class TokenSieveQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class TokenSieveQwen2_5_VLMultiModalProcessor(SettingField, Qwen2_5_VLMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         settings, family, out = call_hf_processor(self, hf_data, hf_kwargs)
         grid = out.get("image_grid_thw")
@@ -137,12 +138,6 @@ class TokenSieveQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
             out[FIELD] = encode_specs([resolve_or_400(settings, family, int(g.prod()) // unit) for g in grid])
         return out
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-        }
 
     def _get_prompt_updates(
         self,
