@@ -12,20 +12,16 @@ from tokensieve.errors import BudgetError
 from tokensieve.methods import get_method
 from tokensieve.models.tiny import demo_image
 
-from .conftest import prompt
-from .families import (
+from ..conftest import prompt
+from .builders import build_tiny_llava_next
+from .helpers import (
     assert_adaptive_is_per_set,
     assert_unit_cut_equals_pick,
     assert_vispruner_ranks_like_fastervlm,
-    build_tiny_llava_next,
     methods_for,
 )
-from .families import (
-    greedy as _gen,
-)
-from .families import (
-    logits as _logits,
-)
+from .helpers import greedy as _gen
+from .helpers import logits as _logits
 
 SIDE = 4  # 16 px crops, 4 px patches: 4x4 = 16 patches per crop
 

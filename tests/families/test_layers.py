@@ -13,8 +13,8 @@ from tokensieve import Sieve
 from tokensieve.errors import ParameterError
 from tokensieve.models.tiny import build_tiny_llava, demo_image
 
-from . import families as F
-from .conftest import prompt
+from ..conftest import prompt
+from . import builders as F
 
 
 def _hooks(model) -> int:

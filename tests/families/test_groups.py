@@ -13,8 +13,8 @@ import torch
 from tokensieve import Sieve
 from tokensieve.models.tiny import demo_image
 
-from . import families as F
-from .conftest import prompt
+from ..conftest import prompt
+from . import builders as F
 
 MERGING = ["evoprune", "visionzip", "pool"]
 FAMILIES = ["llava15", "llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3"]

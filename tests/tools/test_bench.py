@@ -101,7 +101,7 @@ def test_bench_on_a_saved_model_directory(tmp_path, capsys):
 
 def _save_family(name, model_dir):
     """A tiny model of ``name`` saved as a model directory, with its processor where one can be built here."""
-    from tests import families as F
+    from tests.families import builders as F
 
     proc = None
     if name == "llava_next":

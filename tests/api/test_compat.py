@@ -7,7 +7,7 @@ from transformers import pipeline
 from tokensieve import Sieve
 from tokensieve.models.tiny import build_tiny_llava, demo_image
 
-from .conftest import N_TOKENS, TINY, prompt
+from ..conftest import N_TOKENS, TINY, prompt
 
 
 def test_image_text_to_text_pipeline(tiny):

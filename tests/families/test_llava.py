@@ -10,8 +10,8 @@ from tokensieve import Sieve
 from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
-from .conftest import N_TOKENS, batch_and_singles, prompt
-from .families import assert_vispruner_ranks_like_fastervlm
+from ..conftest import N_TOKENS, batch_and_singles, prompt
+from .helpers import assert_vispruner_ranks_like_fastervlm
 
 ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: test_llm_stage.py
 # in-encoder methods have their own hand-written reference in test_encoder_stage.py

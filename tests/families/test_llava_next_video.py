@@ -12,7 +12,8 @@ from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.models.tiny import demo_image
 
-from .families import assert_unit_cut_equals_pick, build_tiny_llava_next_video, greedy, logits, methods_for
+from .builders import build_tiny_llava_next_video
+from .helpers import assert_unit_cut_equals_pick, greedy, logits, methods_for
 
 PER_FRAME = 4  # 4x4 patches average-pooled with stride 2
 

@@ -15,7 +15,7 @@ from tokensieve.methods import IN_LLM, get_method, method_names
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.models.tiny import build_tiny_llava, demo_image
 
-from .conftest import N_TOKENS, TINY, batch_and_singles, prompt
+from ..conftest import N_TOKENS, TINY, batch_and_singles, prompt
 
 ADAPTIVE_METHODS = [
     n for n in method_names() if get_method(n).stage not in (IN_LLM, IN_ENCODER) and get_method(n).any_count

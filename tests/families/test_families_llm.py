@@ -15,12 +15,12 @@ from tokensieve.methods.base import LLMMethod
 from tokensieve.methods.todre import ToDRERelevance
 from tokensieve.models.tiny import demo_image
 
-from . import families as F
-from .conftest import prompt
-from .test_llm_stage import Replay as _Replay
-from .test_llm_stage import generate as _generate
-from .test_llm_stage import layer_hooks as _hooks
-from .test_llm_stage import logits as _logits
+from ..conftest import prompt
+from ..engine.test_llm_stage import Replay as _Replay
+from ..engine.test_llm_stage import generate as _generate
+from ..engine.test_llm_stage import layer_hooks as _hooks
+from ..engine.test_llm_stage import logits as _logits
+from . import builders as F
 
 LAYERS = 4
 IN_LLM = ["fastv", "pdrop", "dart"]

@@ -17,8 +17,8 @@ from tokensieve.methods.base import EncoderCut, EncoderMethod, EncoderPlan, LLMM
 from tokensieve.methods.fastv import single_boundary
 from tokensieve.tools.flops import count_flops, dims_from_config, trace_from_report, vanilla_trace
 
+from ..tools.test_flops import counter
 from .test_families_llm import FAMILIES, _build
-from .test_flops import counter
 
 
 class FirstRows(EncoderMethod):
@@ -93,7 +93,7 @@ def test_sieved_generate_matches_the_counter_exactly(family, method):
 
 def test_qwen_images_are_priced_at_their_own_grid():
     """Two images of different resolutions: the vision cost follows each one's image_grid_thw, not the config."""
-    from tests import families as F
+    from tests.families import builders as F
     from tokensieve.models.tiny import demo_image
 
     model, proc = F.build_tiny_qwen("qwen2_vl")

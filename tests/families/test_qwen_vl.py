@@ -12,20 +12,16 @@ from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.models.tiny import demo_image
 
-from .families import (
+from .builders import build_tiny_qwen
+from .helpers import (
     CutUnits,
     assert_adaptive_is_per_set,
     assert_unit_cut_equals_pick,
     assert_vispruner_ranks_like_fastervlm,
-    build_tiny_qwen,
     methods_for,
 )
-from .families import (
-    greedy as _gen,
-)
-from .families import (
-    logits as _logits,
-)
+from .helpers import greedy as _gen
+from .helpers import logits as _logits
 
 KINDS = ["qwen2_vl", "qwen2_5_vl"]
 # 64 px images -> 8x8 patches -> 4x4 = 16 merge units; the video: 4 frames = 2 temporal patches of 16 units

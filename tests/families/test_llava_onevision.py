@@ -11,11 +11,11 @@ from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER, EncoderMethod, EncoderPlan
 from tokensieve.models.tiny import demo_image
 
-from .families import (
+from .builders import build_tiny_onevision
+from .helpers import (
     assert_adaptive_is_per_set,
     assert_unit_cut_equals_pick,
     assert_vispruner_ranks_like_fastervlm,
-    build_tiny_onevision,
     greedy,
     logits,
     methods_for,

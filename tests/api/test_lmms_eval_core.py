@@ -9,7 +9,7 @@ import pytest
 
 from tokensieve.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_integration_package_imports_without_lmms_eval():
