@@ -8,6 +8,8 @@ top-level ``import transformers`` creeping into them would break it there while 
 import subprocess
 import sys
 
+import pytest
+
 _BLOCK = """
 import sys
 class _NoTransformers:
@@ -23,6 +25,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", _BLOCK + code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_torch_only_parts_import_without_transformers():
     res = _run(
         "import tokensieve, tokensieve.methods, tokensieve.budget, tokensieve.errors, tokensieve.engine.capture, "
@@ -37,6 +40,7 @@ def test_torch_only_parts_import_without_transformers():
     assert res.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_sieve_is_still_served_from_the_package_root():
     import tokensieve
     from tokensieve.session import Sieve

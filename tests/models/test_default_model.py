@@ -1,5 +1,6 @@
 """The embedded default model: loads offline with the stock Auto classes and answers from generate()."""
 
+import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from tokensieve.data import load
@@ -18,6 +19,7 @@ def test_loads_offline_as_a_stock_llava_with_a_cls_tower():
     assert size < 25 * 2**20
 
 
+@pytest.mark.slow
 def test_answers_every_family_on_fixed_test_subsets():
     """Floors on fixed subsets, a few points under what the shipped checkpoint scores there, far above chance.
 
@@ -92,6 +94,7 @@ def test_the_576_token_variant_is_a_stock_llava_on_the_llava15_grid():
     assert size < 25 * 2**20
 
 
+@pytest.mark.slow
 def test_the_576_token_variant_answers_from_the_image_on_fixed_test_subsets():
     """Floors a little under what the card measures on the whole test sets (shapes 79.6%, easy-VQA 92.4%; digits 96.7%),
     per family where the model has learned it; an image-blind model sits at chance on each."""

@@ -68,6 +68,7 @@ def test_every_option_has_help_and_its_default_is_shown():
                 )
 
 
+@pytest.mark.slow
 def test_version_python_m_and_a_fast_start_without_torch(tmp_path):
     """--help, --version and argument errors import neither torch nor transformers; `methods` needs torch (the
     method classes are torch code) but not transformers. Measured, not timed: sys.modules after the call."""

@@ -29,6 +29,7 @@ TOY = dict(
 )
 
 
+@pytest.mark.slow
 def test_training_steps_lower_the_loss_and_save_a_loadable_model(tmp_path):
     cfg = TrainConfig(**TOY)
     before = torch.get_num_threads()
@@ -160,6 +161,7 @@ def test_easyvqa_targets_mark_the_shape_and_ignore_what_the_questions_do_not_nam
     assert (unknown[0, :6, :6] == IGNORE).all() and (unknown[0, 6:, :] == 0).all()
 
 
+@pytest.mark.slow
 def test_the_patch_probe_trains_and_leaves_no_hook_on_the_model():
     def hooks(model):  # transformers installs some of its own; the probe must add none that outlive training
         return {name: len(m._forward_hooks) for name, m in model.named_modules() if m._forward_hooks}
@@ -174,6 +176,7 @@ def test_the_patch_probe_trains_and_leaves_no_hook_on_the_model():
     assert not any("head" in name for name, _ in model.named_parameters())  # the probe is not part of the model
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     """Stop after 3 of 2 + 6 steps (state saved), start again from the state: bit-identical to one go."""
     cfg = dict(
@@ -407,6 +410,7 @@ def test_word_loss_scores_patches_against_the_lms_own_word_embeddings():
         PatchProbe(model, cfg)
 
 
+@pytest.mark.slow
 def test_word_loss_trains_and_leaves_no_hook_on_the_projector():
     before = torch.get_num_threads()
     model, _, history = train(
@@ -532,6 +536,7 @@ def test_attention_guide_supervises_what_the_question_names_and_matches_eager_at
     assert not ids & {i for layer in model.model.language_model.layers for i in layer.self_attn._forward_hooks}
 
 
+@pytest.mark.slow
 def test_attention_guide_raises_the_mass_it_supervises_and_needs_the_layers_it_guides():
     before = torch.get_num_threads()
     cfg = {**TOY, "text_layers": 2, "text_heads": 4, "steps": 15, "aux_attention": 10.0, "where_questions": 1}
@@ -560,6 +565,7 @@ def test_model_card_names_the_attention_guide_and_the_opening_families():
     assert _recipe_lines({}) == ""
 
 
+@pytest.mark.slow
 def test_rewriting_a_model_card_keeps_its_reproduce_section_and_skips_steps_not_run(tmp_path, monkeypatch):
     """``--card-only`` re-measures a model; the hand-written "how the weights it started from were made" part stays,
     and a warm-started run without vision-only or curriculum steps does not claim "0 steps" of them."""
