@@ -21,7 +21,7 @@ def logits(model, inputs):
 
 def methods_for(adapter_cls, *, in_llm: bool = False) -> list[str]:
     """Registered methods whose stages (an in-LLM companion included) the family's adapter supports; pre-LLM ones
-    only unless ``in_llm`` (in-LLM methods need deeper LMs than the family fixtures have, see test_families_llm)."""
+    only unless ``in_llm`` (in-LLM methods need deeper LMs than the family fixtures have; conformance.py's have 4)."""
     from tokensieve.methods import get_method, method_names
     from tokensieve.methods.base import IN_LLM
 

@@ -1,4 +1,5 @@
-"""Layer parameters are checked against the model's real depth at ``apply()``, on every family.
+"""Layer parameters are checked against the model's real depth at ``apply()``: deep and shallow LLaVA-1.5 towers,
+the default model, the in-LLM layers, a deep Qwen-VL tower (every family's own depth: test_conformance_hygiene.py).
 
 An encoder layer a method names must exist in this model's vision encoder (and lie before the features it reads);
 a decoder layer an in-LLM method names must exist in this model's LM. Valid settings on a deep tower are accepted,
@@ -85,44 +86,7 @@ def test_in_llm_layers_are_checked_against_the_lm(tiny):
     assert _hooks(model) == before
 
 
-# -- every other family ------------------------------------------------------------------------------------------
-
-
-def _family(name):
-    if name == "llava_next":
-        return F.build_tiny_llava_next()[0]
-    if name == "llava_next_video":
-        return F.build_tiny_llava_next_video()[0]
-    if name == "llava_onevision":
-        return F.build_tiny_onevision()[0]
-    if name in ("qwen2_vl", "qwen2_5_vl"):
-        return F.build_tiny_qwen(name)[0]
-    return F.build_tiny_idefics3(smolvlm=name == "smolvlm")[0]
-
-
-FAMILIES = ["llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_every_family_checks_its_real_encoder_and_lm_depth(name):
-    model = _family(name)
-    from tokensieve.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    depth = adapter.num_layers
-    lm = len(adapter.decoder_layers())
-    _refused(model, Sieve("fastervlm", 4, layer=depth), f"fastervlm layer={depth}", f"{depth} layers")
-    _refused(model, Sieve("vtc_cls", 4, start_layer=depth), f"start_layer={depth}")
-    _refused(model, Sieve("evoprune", 4, end_layer=depth), f"end_layer={depth}")
-    _refused(model, Sieve("fastv", 4, layer=lm), f"fastv layer={lm}", f"{lm} decoder layers")
-    before = _hooks(model)
-    for ok in (
-        Sieve("fastervlm", 4, layer=depth - 1),
-        Sieve("evoprune", 4, start_layer=0),
-        Sieve("fastv", 4, layer=lm - 1),
-    ):
-        ok.apply(model).remove()
-    assert _hooks(model) == before and "generate" not in model.__dict__
+# -- Qwen-VL ------------------------------------------------------------------------------------------------------
 
 
 def test_deep_qwen_tower_accepts_a_late_layer():

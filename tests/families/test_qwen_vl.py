@@ -11,7 +11,9 @@ from tokensieve.errors import BudgetError, PlaceholderError
 from tokensieve.methods import get_method
 from tokensieve.methods.base import IN_ENCODER
 from tokensieve.models.tiny import demo_image
+from tokensieve.tools.flops import count_flops, dims_from_config, vanilla_trace
 
+from ..tools.test_flops import counter
 from .builders import build_tiny_qwen
 from .helpers import (
     CutUnits,
@@ -49,25 +51,6 @@ def _mixed_batch(proc, first_side=96):
 @pytest.fixture(scope="module")
 def batch(qwen):
     return _mixed_batch(qwen[1])
-
-
-@pytest.fixture(scope="module")
-def vanilla(qwen, batch):
-    """The uncompressed model's logits and greedy tokens, computed once for every keep-all comparison."""
-    model, _ = qwen
-    return _logits(model, batch), _gen(model, batch)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_keep_all_equals_vanilla(qwen, batch, vanilla, method):
-    model, _ = qwen
-    ref, ref_gen = vanilla
-    sieve = Sieve(method, 1.0)
-    with sieve(model):
-        got, got_gen = _logits(model, batch), _gen(model, batch)
-    assert [im.tokens_out for im in sieve.last_report.images] == [UNITS, UNITS, 2 * UNITS]
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    assert torch.equal(got_gen, ref_gen)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -386,3 +369,24 @@ def test_adaptive_budget_per_image_and_per_frame(qwen, batch, method):
     cal, report = assert_adaptive_is_per_set(model, batch, singles, Adaptive(6, 2, 12), method=method)
     assert cal.sets == 4  # two images and the video's two temporal patches
     assert all(2 <= c <= 12 for c in cal.counts)
+
+
+def test_qwen_images_are_priced_at_their_own_grid():
+    """Two images of different resolutions: the vision cost follows each one's image_grid_thw, not the config."""
+
+    def generate_flops(model, batch):
+        with torch.inference_mode(), counter() as fc:
+            model.generate(**batch, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        return fc.get_total_flops()
+
+    model, proc = build_tiny_qwen("qwen2_vl")
+    small = proc(["user : <image> what ? assistant :"], images=[demo_image(32, 0)])
+    large = proc(["user : <image> what ? assistant :"], images=[demo_image(96, 0)])
+    costs = []
+    for batch in (small, large):
+        trace = vanilla_trace(model.config, **batch)
+        costs.append(count_flops(model.config, trace))
+        assert costs[-1].total == generate_flops(model, batch)
+        assert trace.projected_tokens == int(batch["image_grid_thw"].prod()) // 4
+    assert costs[1].vision > 4 * costs[0].vision
+    assert dims_from_config(model.config).image_tokens is None  # no per-config image size to fall back to
