@@ -11,6 +11,8 @@ from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, Layout, Signals
 
 from ..conftest import N_TOKENS, batch_and_singles, prompt
+from .conformance import assert_same as _assert_same
+from .conformance import snapshot as _snapshot  # hooks but transformers' own output-capturing ones
 from .helpers import assert_vispruner_ranks_like_fastervlm
 
 ALL = [n for n in method_names() if get_method(n).stage != IN_LLM]  # in-LLM methods: tests/engine/test_llm_stage.py
@@ -185,20 +187,6 @@ def test_sdpa_and_eager_select_the_same_tokens(tiny, tiny_eager, images, method)
             logits(model, batch)
         kept.append([im.kept_indices for im in sieve.last_report.images])
     assert kept[0] == kept[1]
-
-
-def _snapshot(model):
-    hooks = {
-        name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-        for name, m in model.named_modules()
-    }
-    return set(model.__dict__), hooks, {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same(a, b):
-    assert a[0] == b[0]
-    assert a[1] == b[1]
-    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
 def test_context_restores_model_even_when_the_call_raises(tiny, single):
