@@ -113,3 +113,61 @@ def held(engine: list):
     yield engine
     engine.clear()
     gc.collect()
+
+
+# -- the promises test_offline.py (LLaVA-1.5), test_next.py and test_qwen.py share --------------------------------
+
+
+def each_case(
+    engine: list, image_dir: Path, cases: list[dict], wants: list[dict], *, kept: bool = False, **settings
+) -> list[tuple[list[int], list[dict]]]:
+    """Ask every reference case with ``settings`` on an offline ``engine`` (``[llm, sampling, trace, ...]``) and hold
+    the request to its ``want`` (stock vLLM's or the ``Sieve`` path's outputs on that case): the prompt the LM
+    receives and the greedy tokens, and with ``kept`` the one encoded image's kept patches. Returns each case's
+    (prompt ids, trace lines) for what a family checks beyond that."""
+    out = []
+    for case, want in zip(cases, wants):
+        ids, tokens, trace = ask(*engine[:3], image_dir, case, **settings)
+        assert ids == want["ids"]
+        if kept:
+            assert [t["kept"] for t in trace] == [want["kept"]]
+        assert tokens == want["tokens"]
+        out.append((ids, trace))
+    return out
+
+
+def refused_then_served(engine: list, image_dir: Path, case: dict, bad: dict, match: str, **good) -> list[int]:
+    """A request with ``bad`` settings fails with ``match`` (the request, not the engine); the next request, with
+    ``good`` settings, is answered. Returns its prompt ids."""
+    import pytest
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=match):
+        ask(*engine[:3], image_dir, case, **bad)
+    ids, tokens, _ = ask(*engine[:3], image_dir, case, **good)
+    assert tokens
+    return ids
+
+
+def one_batch(engine: list, image_dir: Path, cases: list[dict], settings: list[dict], wants: list[dict]) -> list[dict]:
+    """Requests with different settings in one ``generate()`` call, one per case: each gets exactly its own prompt and
+    answer (``wants``: the ``Sieve`` path's outputs). Returns the trace lines the call added."""
+    from PIL import Image
+
+    llm, params, trace = engine[:3]
+    prompts = []
+    for case, setting in zip(cases, settings):
+        image = Image.open(image_dir / case["image"]).convert("RGB")
+        prompts.append(
+            {
+                "prompt": case["prompt"],
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {f"tokensieve_{k}": v for k, v in setting.items()},
+            }
+        )
+    before = trace.read_text().splitlines() if trace.exists() else []
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for out, want in zip(outs, wants):
+        assert list(out.prompt_token_ids) == want["ids"]
+        assert list(out.outputs[0].token_ids) == want["tokens"]
+    return [json.loads(x) for x in trace.read_text().splitlines()[len(before) :]]

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "families"))
 
-from families import build_tiny_llava_next  # noqa: E402
+from builders import build_tiny_llava_next  # noqa: E402
 from reference_common import NEXT_CASES as CASES  # noqa: E402
 from reference_common import answer, case_id  # noqa: E402
 

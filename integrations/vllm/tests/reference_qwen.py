@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "families"))
 
-from families import MERGE, PATCH, QWEN_SPECIALS, build_tiny_qwen  # noqa: E402
+from builders import MERGE, PATCH, QWEN_SPECIALS, build_tiny_qwen  # noqa: E402
 from reference_common import answer  # noqa: E402
 
 from tokensieve import Sieve  # noqa: E402

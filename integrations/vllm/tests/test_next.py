@@ -6,7 +6,6 @@ receives, greedy tokens), on a wide, a tall and a square image (5, 3 and 5 crops
 import helpers
 import pytest
 from helpers import IMAGE_TOKEN
-from PIL import Image
 from reference_common import NEXT_CASES as CASES
 from reference_common import case_id
 
@@ -18,10 +17,6 @@ def engine(tmp_path_factory, next_reference, next_dir):
     trace = tmp_path_factory.mktemp("next_trace") / "trace.jsonl"
     llm, params = helpers.offline_engine(next_dir / "model", ARCH, trace, next_reference["max_new_tokens"])
     yield from helpers.held([llm, params, trace])
-
-
-def ask(engine, next_dir, case, **settings):
-    return helpers.ask(*engine, next_dir, case, **settings)
 
 
 def test_stock_vllm_equals_transformers_on_the_tiny_model(next_stock, next_reference):
@@ -40,21 +35,16 @@ def test_stock_vllm_equals_transformers_on_the_tiny_model(next_stock, next_refer
     ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}",
 )
 def test_keep_all_equals_stock_vllm(engine, next_stock, next_reference, next_dir, settings):
-    for case, want in zip(next_reference["cases"], next_stock):
-        ids, tokens, trace = ask(engine, next_dir, case, **settings)
-        assert ids == want["ids"]
-        assert tokens == want["tokens"]
+    for _, trace in helpers.each_case(engine, next_dir, next_reference["cases"], next_stock, **settings):
         assert len(trace) == 1 and len(trace[0]["kept"]) == len(set(trace[0]["kept"]))
 
 
 @pytest.mark.parametrize("method, budget, scope, newlines", CASES, ids=[case_id(*c) for c in CASES])
 def test_matches_sieve_in_transformers(engine, next_reference, next_dir, method, budget, scope, newlines):
     """Kept patches, the prompt the LM receives and the greedy answer equal Sieve(..., newlines=...)."""
-    for case, want in zip(next_reference["cases"], next_reference["sieve"][case_id(method, budget, scope, newlines)]):
-        ids, tokens, trace = ask(engine, next_dir, case, method=method, budget=budget, scope=scope, newlines=newlines)
-        assert ids == want["ids"]
-        assert [t["kept"] for t in trace] == [want["kept"]]
-        assert tokens == want["tokens"]
+    wants = next_reference["sieve"][case_id(method, budget, scope, newlines)]
+    settings = dict(method=method, budget=budget, scope=scope, newlines=newlines)
+    helpers.each_case(engine, next_dir, next_reference["cases"], wants, kept=True, **settings)
 
 
 @pytest.mark.parametrize(
@@ -68,43 +58,14 @@ def test_matches_sieve_in_transformers(engine, next_reference, next_dir, method,
     ],
 )
 def test_bad_settings_fail_the_request_not_the_engine(engine, next_reference, next_dir, settings, match):
-    from vllm.exceptions import VLLMValidationError
-
-    with pytest.raises(VLLMValidationError, match=match):
-        ask(engine, next_dir, next_reference["cases"][1], **settings)
-    ids, tokens, _ = ask(
-        engine,
-        next_dir,
-        next_reference["cases"][1],
-        method="random",
-        budget=2,
-        scope="crop",
-        params={"seed": 3},
-        newlines="none",
-    )
-    assert ids.count(IMAGE_TOKEN) == 6 and tokens  # 3 crops x 2, no newline
+    good = dict(method="random", budget=2, scope="crop", params={"seed": 3}, newlines="none")
+    ids = helpers.refused_then_served(engine, next_dir, next_reference["cases"][1], settings, match, **good)
+    assert ids.count(IMAGE_TOKEN) == 6  # 3 crops x 2, no newline
 
 
 def test_one_batch_with_different_settings(engine, next_reference, next_dir):
-    llm, params, _ = engine
     wanted = [CASES[0], CASES[5], CASES[3]]
-    prompts = []
-    for case, (method, budget, scope, newlines) in zip(next_reference["cases"], wanted):
-        image = Image.open(next_dir / case["image"]).convert("RGB")
-        prompts.append(
-            {
-                "prompt": case["prompt"],
-                "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {
-                    "tokensieve_method": method,
-                    "tokensieve_budget": budget,
-                    "tokensieve_scope": scope,
-                    "tokensieve_newlines": newlines,
-                },
-            }
-        )
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for i, (out, c) in enumerate(zip(outs, wanted)):
-        want = next_reference["sieve"][case_id(*c)][i]
-        assert list(out.prompt_token_ids) == want["ids"]
-        assert list(out.outputs[0].token_ids) == want["tokens"]
+    keys = ("method", "budget", "scope", "newlines")
+    settings = [dict(zip(keys, c)) for c in wanted]
+    wants = [next_reference["sieve"][case_id(*c)][i] for i, c in enumerate(wanted)]
+    helpers.one_batch(engine, next_dir, next_reference["cases"], settings, wants)

@@ -5,12 +5,9 @@ every request names its own setting through ``mm_processor_kwargs``. The engine 
 to a trace file (``TOKENSIEVE_VLLM_TRACE``): that is where the kept patch indices are read from.
 """
 
-import json
-
 import helpers
 import pytest
 from helpers import ARCH, DEFAULT_MODEL, IMAGE_TOKEN, TOKENS
-from PIL import Image
 
 SERVER_DEFAULT = {"method": "evocut", "budget": 36}
 
@@ -40,10 +37,8 @@ def ask(engine, ref_dir, case, **settings):
     ids=lambda s: f"{s['method']}-{s.get('budget', 'all')}",
 )
 def test_keep_all_equals_stock_vllm(engine, stock, reference, ref_dir, settings):
-    for case, want in zip(reference["cases"], stock):
-        ids, tokens, trace = ask(engine, ref_dir, case, **settings)
-        assert ids == want["ids"] and ids.count(IMAGE_TOKEN) == TOKENS
-        assert tokens == want["tokens"]
+    for ids, trace in helpers.each_case(engine, ref_dir, reference["cases"], stock, **settings):
+        assert ids.count(IMAGE_TOKEN) == TOKENS
         assert [t["kept"] for t in trace] == [list(range(TOKENS))]
 
 
@@ -71,12 +66,9 @@ def _cases(reference_json):
 )
 def test_matches_sieve_in_transformers(engine, reference, ref_dir, method, k):
     """Kept patches, the prompt the LM receives (text + k tokens) and the greedy answer equal the Sieve path."""
-    for case, want in zip(reference["cases"], reference["sieve"][method][k]):
-        ids, tokens, trace = ask(engine, ref_dir, case, method=method, budget=int(k))
-        assert ids == want["ids"]
-        assert ids.count(IMAGE_TOKEN) == int(k) and len(ids) == len(want["ids"])
-        assert [t["kept"] for t in trace] == [want["kept"]]
-        assert tokens == want["tokens"]
+    cases, wants = reference["cases"], reference["sieve"][method][k]
+    for ids, _ in helpers.each_case(engine, ref_dir, cases, wants, kept=True, method=method, budget=int(k)):
+        assert ids.count(IMAGE_TOKEN) == int(k)
 
 
 def test_server_default_and_per_request_override(engine, reference, ref_dir):
@@ -105,39 +97,18 @@ def test_server_default_and_per_request_override(engine, reference, ref_dir):
     ],
 )
 def test_bad_settings_fail_the_request_not_the_engine(engine, reference, ref_dir, settings, match):
-    from vllm.exceptions import VLLMValidationError
-
-    with pytest.raises(VLLMValidationError, match=match):
-        ask(engine, ref_dir, reference["cases"][1], **settings)
-    ids, tokens, _ = ask(engine, ref_dir, reference["cases"][1], method="random", budget=12, params={"seed": 1})
-    assert ids.count(IMAGE_TOKEN) == 12 and tokens
+    good = dict(method="random", budget=12, params={"seed": 1})
+    ids = helpers.refused_then_served(engine, ref_dir, reference["cases"][1], settings, match, **good)
+    assert ids.count(IMAGE_TOKEN) == 12
 
 
 def test_one_batch_with_different_settings(engine, reference, ref_dir):
     """Requests with different methods and budgets in one generate() call: images are grouped by setting inside
     the engine and each request still gets exactly its own tokens and answer."""
-    llm, params, trace = engine
     wanted = [("evocut", "16"), ("divprune", "72"), ("fastervlm", "16")]
-    prompts = []
-    for case, (method, k) in zip(reference["cases"], wanted):
-        image = Image.open(ref_dir / case["image"]).convert("RGB")
-        # scope "crop" is "image" on LLaVA-1.5: same selection, but new cache keys, so every image is encoded again
-        prompts.append(
-            {
-                "prompt": case["prompt"],
-                "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {
-                    "tokensieve_method": method,
-                    "tokensieve_budget": int(k),
-                    "tokensieve_scope": "crop",
-                },
-            }
-        )
-    before = len(trace.read_text().splitlines())
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    lines = [json.loads(x) for x in trace.read_text().splitlines()[before:]]
-    for i, (out, (method, k)) in enumerate(zip(outs, wanted)):
-        want = reference["sieve"][method][k][i]
-        assert list(out.prompt_token_ids) == want["ids"]
-        assert list(out.outputs[0].token_ids) == want["tokens"]
+    # scope "crop" is "image" on LLaVA-1.5: same selection, but new cache keys, so every image is encoded again
+    settings = [{"method": method, "budget": int(k), "scope": "crop"} for method, k in wanted]
+    wants = [reference["sieve"][method][k][i] for i, (method, k) in enumerate(wanted)]
+    lines = helpers.one_batch(engine, ref_dir, reference["cases"], settings, wants)
+    for (method, _), want in zip(wanted, wants):
         assert [t["kept"] for t in lines if t["method"] == method] == [want["kept"]]

@@ -7,7 +7,6 @@ the same way (the cases include a wide and a tall image, whose grids differ in h
 
 import helpers
 import pytest
-from PIL import Image
 
 ARCH = "TokenSieveQwen2_5_VLForConditionalGeneration"
 IMAGE_PAD = "<|image_pad|>"
@@ -43,10 +42,7 @@ def test_stock_vllm_equals_transformers_on_the_tiny_model(qwen_stock, qwen_refer
 )
 def test_keep_all_equals_stock_vllm(engine, qwen_stock, qwen_reference, qwen_dir, settings):
     pad = engine[3]
-    for case, want in zip(qwen_reference["cases"], qwen_stock):
-        ids, tokens, trace = ask(engine, qwen_dir, case, **settings)
-        assert ids == want["ids"]
-        assert tokens == want["tokens"]
+    for ids, trace in helpers.each_case(engine, qwen_dir, qwen_reference["cases"], qwen_stock, **settings):
         assert [t["kept"] for t in trace] == [list(range(ids.count(pad)))]
 
 
@@ -68,12 +64,9 @@ def test_keep_all_equals_stock_vllm(engine, qwen_stock, qwen_reference, qwen_dir
 )
 def test_matches_sieve_in_transformers(engine, qwen_reference, qwen_dir, method, k):
     """Kept units, the prompt the LM receives (text + k tokens) and the greedy answer equal the Sieve path."""
-    pad = engine[3]
-    for case, want in zip(qwen_reference["cases"], qwen_reference["sieve"][method][k]):
-        ids, tokens, trace = ask(engine, qwen_dir, case, method=method, budget=int(k))
-        assert ids == want["ids"] and ids.count(pad) == int(k)
-        assert [t["kept"] for t in trace] == [want["kept"]]
-        assert tokens == want["tokens"]
+    pad, cases, wants = engine[3], qwen_reference["cases"], qwen_reference["sieve"][method][k]
+    for ids, _ in helpers.each_case(engine, qwen_dir, cases, wants, kept=True, method=method, budget=int(k)):
+        assert ids.count(pad) == int(k)
 
 
 def test_ratio_budget_resolves_per_image(engine, qwen_reference, qwen_dir):
@@ -96,12 +89,9 @@ def test_ratio_budget_resolves_per_image(engine, qwen_reference, qwen_dir):
     ],
 )
 def test_bad_settings_fail_the_request_not_the_engine(engine, qwen_reference, qwen_dir, settings, match):
-    from vllm.exceptions import VLLMValidationError
-
-    with pytest.raises(VLLMValidationError, match=match):
-        ask(engine, qwen_dir, qwen_reference["cases"][1], **settings)
-    ids, tokens, _ = ask(engine, qwen_dir, qwen_reference["cases"][1], method="random", budget=5)
-    assert ids.count(engine[3]) == 5 and tokens
+    case = qwen_reference["cases"][1]
+    ids = helpers.refused_then_served(engine, qwen_dir, case, settings, match, method="random", budget=5)
+    assert ids.count(engine[3]) == 5
 
 
 def test_videos_are_refused_clearly(engine, qwen_reference, qwen_dir):
@@ -120,20 +110,7 @@ def test_videos_are_refused_clearly(engine, qwen_reference, qwen_dir):
 
 def test_one_batch_with_different_settings(engine, qwen_reference, qwen_dir):
     """Images of different sizes and settings in one generate() call keep their own tokens, positions, answers."""
-    llm, params, trace, _ = engine
     wanted = [("evocut", "12"), ("divprune", "4"), ("fastervlm", "12")]
-    prompts = []
-    for case, (method, k) in zip(qwen_reference["cases"], wanted):
-        image = Image.open(qwen_dir / case["image"]).convert("RGB")
-        prompts.append(
-            {
-                "prompt": case["prompt"],
-                "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {"tokensieve_method": method, "tokensieve_budget": int(k)},
-            }
-        )
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    for i, (out, (method, k)) in enumerate(zip(outs, wanted)):
-        want = qwen_reference["sieve"][method][k][i]
-        assert list(out.prompt_token_ids) == want["ids"]
-        assert list(out.outputs[0].token_ids) == want["tokens"]
+    settings = [{"method": method, "budget": int(k)} for method, k in wanted]
+    wants = [qwen_reference["sieve"][method][k][i] for i, (method, k) in enumerate(wanted)]
+    helpers.one_batch(engine, qwen_dir, qwen_reference["cases"], settings, wants)
