@@ -35,7 +35,6 @@ import pytest
 import torch
 
 from tokensieve import Sieve
-from tokensieve.adapters import get_adapter
 from tokensieve.methods import get_method, method_names
 from tokensieve.methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, LLMMethod
 from tokensieve.models.tiny import demo_image
@@ -299,10 +298,7 @@ def image_sets(s: Subject, inputs, images) -> list[list]:
     image (Idefics3), told apart the way the adapter groups them."""
     if not s.family.crops_share_budget:
         return [[im] for im in images]
-    adapter = get_adapter(s.model)
-    enc = {k: inputs[k] for k in ("pixel_values", "pixel_attention_mask")}
-    adapter.find_spans(inputs["input_ids"], enc)
-    owners = list(adapter._images)
+    owners = [im.crop_of for im in images]  # the image each crop entry belongs to, as the adapter grouped them
     return [[im for im, o in zip(images, owners) if o == i] for i in sorted(set(owners))]
 
 

@@ -17,10 +17,10 @@ from tokensieve import Sieve, TokensieveError, plan
 from tokensieve.adapters import get_adapter
 from tokensieve.lmms_eval.settings import build_sieve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "vllm" / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integrations" / "vllm" / "src"))
 from tokensieve_vllm.settings import SettingsError, llava_target, resolve  # noqa: E402
 
-from .conftest import N_TOKENS  # noqa: E402
+from ..conftest import N_TOKENS  # noqa: E402
 
 # (what is wrong, Sieve(...) arguments, lmms-eval (method, budget, params), vLLM request settings)
 BAD = [
