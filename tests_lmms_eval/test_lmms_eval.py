@@ -265,7 +265,7 @@ def test_other_families_load_through_the_auto_classes_and_batch_like_single_call
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from PIL import Image
 
-    from tests.families import build_tiny_idefics3, build_tiny_llava_next
+    from tests.families.builders import build_tiny_idefics3, build_tiny_llava_next
     from tokensieve.lmms_eval.model import TokensieveChat
 
     model, processor = build_tiny_llava_next() if family == "llava_next" else build_tiny_idefics3()
