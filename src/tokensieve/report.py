@@ -130,6 +130,10 @@ class SieveReport:
     visual_input: bool = True
     """False for a call without images or videos: it ran uncompressed, and the report says so (it never keeps
     the numbers of an earlier call)."""
+    host_visual_index: list[list[int]] | None = field(default=None, repr=False)
+    host_attention_mask: list[list[int]] | None = field(default=None, repr=False)
+    """``visual_index`` and ``attention_mask`` as the host already knows them (the in-LLM stage plans from these
+    without reading the device)."""
 
     @property
     def llm_visual_tokens_avg(self) -> list[float]:

@@ -254,7 +254,16 @@ class SieveHandle:
                 targets[im.sample].append(k)
         for im in report.images:
             counts[im.sample].append(im.tokens_out)
-        stage = LLMStage(self.adapter, sieve.llm_method, targets, report.visual_index, mask, counts)
+        stage = LLMStage(
+            self.adapter,
+            sieve.llm_method,
+            targets,
+            report.visual_index,
+            mask,
+            counts,
+            report.host_visual_index,
+            report.host_attention_mask,
+        )
         report.llm_budget = str(sieve.llm_budget) if sieve.llm_budget is not None else f"{sieve.llm_method.name} rule"
         if isinstance(sieve.pre_method, KeepAll):
             report.stage, report.budget = IN_LLM, report.llm_budget

@@ -289,3 +289,37 @@ def test_hiprune_overflowing_anchors_and_buffers_keep_anchors_then_the_strongest
     assert sel.indices.tolist() == [[0, 1, 2]]
     sel = run("hiprune", sig, 2, object_layer=1, output_layer=4, alpha=2.5)  # 1 anchor (0), buffers 1 and 6
     assert sel.indices.tolist() == [[0, 1]]
+
+
+def _per_row_hiprune(obj_att, out_att, k, alpha, cols):
+    """HiPrune as it read before its rows were batched: one image at a time, anchors, neighbours, registers (or,
+    when anchors and neighbours overflow k, anchors then the best buffers)."""
+    from tokensieve.methods.base import topk_sorted
+
+    n = obj_att.shape[-1]
+    n_anchor = min(k, round(k * alpha / 5))
+    out = []
+    for o, d in zip(obj_att, out_att):
+        anchors = topk_sorted(o[None], n_anchor)[0]
+        near = torch.stack([anchors - 1, anchors + 1, anchors - cols, anchors + cols]).clamp(0, n - 1)
+        chosen = torch.zeros(n, dtype=torch.bool).index_fill(0, anchors, True).index_fill(0, near.flatten(), True)
+        extra = k - int(chosen.sum())
+        if extra >= 0:
+            rest = topk_sorted(d.masked_fill(chosen, float("-inf"))[None], extra)[0]
+            out.append(sorted(chosen.nonzero().flatten().tolist() + rest.tolist()))
+        else:
+            scores = o.masked_fill(~chosen, float("-inf")).index_fill(0, anchors, float("-inf"))
+            out.append(sorted(anchors.tolist() + topk_sorted(scores[None], k - n_anchor)[0].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("k, alpha", [(10, 0.5), (20, 2.0), (12, 5.0), (30, 1.0), (4, 5.0)])
+def test_hiprune_batched_rows_keep_what_one_image_at_a_time_keeps(k, alpha):
+    """Rows whose register counts differ (and rows that overflow k) in one batch, no host reads per row."""
+    g = torch.Generator().manual_seed(k)
+    signals = make_signals()
+    for layer in signals.attention_received:
+        signals.attention_received[layer] = torch.rand(B, N, generator=g).round(decimals=2)  # ties too
+    sel = run("hiprune", signals, k, object_layer=1, output_layer=4, alpha=alpha)
+    want = _per_row_hiprune(signals.attention_received[1], signals.attention_received[4], k, alpha, GRID[1])
+    assert sel.indices.tolist() == want

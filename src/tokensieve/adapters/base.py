@@ -17,6 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..budget import Budget, Scope
 from ..engine.capture import TokenMeter
+from ..engine.host import HostPrompt, to_device
 from ..engine.placeholders import Compaction, ImageSpan, find_image_spans, shrink_placeholders
 from ..errors import PlaceholderError, StageError
 from ..methods.base import POST_PROJECTOR, PRE_PROJECTOR, Method
@@ -37,7 +38,7 @@ class Encoded:
     selection_s: float = 0.0
     encoder_layer_tokens: list[int] = field(default_factory=list)
     """Sequence length per image entering each encoder layer (see ``SieveReport.encoder_layer_tokens``)."""
-    slots: list[torch.Tensor] | None = None
+    slots: list[list[int]] | None = None
     """Per image, which of its placeholders the kept features fill (ascending span indices). ``None``: the first
     ``len(features[i])``, right for families whose positions are re-indexed; families that keep original positions
     (M-RoPE) name the kept placeholders so each feature keeps its own position."""
@@ -94,12 +95,16 @@ class Adapter(ABC):
         """Placeholders each video occupies (families whose videos have their own ``video_token_id``)."""
         return []
 
-    def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
-        """Placeholder runs in the order :meth:`encode` returns features: images, then videos."""
-        spans = find_image_spans(input_ids, self.image_token_id, self.tokens_per_image(encoder_kwargs))
+    def find_spans(self, prompt, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
+        """Placeholder runs in the order :meth:`encode` returns features: images, then videos.
+
+        ``prompt``: the call's :class:`~tokensieve.engine.host.HostPrompt` (``input_ids`` is read once if given)."""
+        if isinstance(prompt, torch.Tensor):
+            prompt = HostPrompt.of(prompt)
+        spans = find_image_spans(prompt, self.image_token_id, self.tokens_per_image(encoder_kwargs))
         per_video = self.tokens_per_video(encoder_kwargs)
         if per_video:
-            videos = find_image_spans(input_ids, self.video_token_id, per_video)
+            videos = find_image_spans(prompt, self.video_token_id, per_video)
             for span in videos:
                 span.image += len(spans)
             spans += videos
@@ -240,10 +245,13 @@ class Adapter(ABC):
         ``spans``: this call's placeholder runs (:meth:`find_spans`), for families that read the prompt's grouping
         of runs into images; what one call learns is passed along, never kept on the adapter."""
 
-    def pad_token_id(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    def pad_token_id(self, prompt: HostPrompt) -> int:
         """A pad id for re-padding: the one the processor used if visible, otherwise the config's."""
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            return int(input_ids[attention_mask == 0][0])
+        if prompt.mask is not None:
+            for row, mask in zip(prompt.ids, prompt.mask):
+                for t, m in zip(row, mask):
+                    if m == 0:
+                        return t
         text_cfg = self.model.config.get_text_config()
         for cand in (getattr(text_cfg, "pad_token_id", None), getattr(self.model.config, "pad_token_id", None)):
             if cand is not None and int(cand) != self.image_token_id:
@@ -313,31 +321,40 @@ class Adapter(ABC):
                 f"tokensieve needs a 2-D [batch, seq] attention_mask to shrink the prompt, got shape "
                 f"{tuple(attention_mask.shape)}"
             )
-        spans = self.find_spans(input_ids, encoder_kwargs)
+        prompt = HostPrompt.of(input_ids, attention_mask)  # the call's one read of the prompt
+        spans = self.find_spans(prompt, encoder_kwargs)
         with TokenMeter(*self.meter_parts()) as meter:
             encoded = self.encode(method, budget, encoder_kwargs, spans)
         for span, im in zip(spans, encoded.images):
             im.sample = span.sample
-        kept = encoded.slots if encoded.slots is not None else [f.shape[0] for f in encoded.features]
-        comp = shrink_placeholders(input_ids, attention_mask, spans, kept, left=True if left_pad else None)
-        pad_id = self.pad_token_id(input_ids, attention_mask)
+        kept = encoded.slots if encoded.slots is not None else [int(f.shape[0]) for f in encoded.features]
+        comp = shrink_placeholders(prompt, spans, kept, left=True if left_pad else None, device=input_ids.device)
+        pad_id = self.pad_token_id(prompt)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        host_mask = prompt.mask if prompt.mask is not None else [[1] * len(r) for r in prompt.ids]
         new_ids = comp.apply(input_ids, pad_id)
-        owner = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        owner = [[-1] * len(r) for r in prompt.ids]  # which of its sample's visual entries each slot belongs to
         ordinal: dict[int, int] = {}
         for span in spans:
-            owner[span.sample, span.positions] = ordinal.setdefault(span.sample, 0)
+            j = ordinal.setdefault(span.sample, 0)
+            for p in span.positions:
+                owner[span.sample][p] = j
             ordinal[span.sample] += 1
+        new_owner = comp.apply_host(owner, -1)
+        new_host_ids = comp.apply_host(prompt.ids, pad_id)
+        new_host_mask = comp.apply_host(host_mask, 0)
         new_mask = comp.apply(attention_mask, 0)
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
         self.carry_inputs(kwargs, comp, input_ids)
         kwargs["mm_encoder_outputs"] = self.encoder_outputs(encoded)
         num_llm_layers = int(self.model.config.get_text_config().num_hidden_layers)
-        real = new_mask.sum(dim=1).tolist()
-        is_visual = torch.isin(new_ids, torch.tensor(self.placeholder_token_ids, device=new_ids.device))
-        visual = (is_visual & (new_mask != 0)).sum(dim=1).tolist()
+        placeholders = set(self.placeholder_token_ids)
+        real = [sum(1 for m in row if m) for row in new_host_mask]
+        visual = [
+            sum(1 for t, m in zip(ids, row) if m and t in placeholders) for ids, row in zip(new_host_ids, new_host_mask)
+        ]
         report = SieveReport(
             method=method_name,
             budget=str(budget),
@@ -351,7 +368,9 @@ class Adapter(ABC):
             kept_positions=comp.kept_positions,
             input_ids=new_ids,
             attention_mask=new_mask,
-            visual_index=comp.apply(owner, -1),
+            visual_index=to_device(new_owner, input_ids.device),
+            host_visual_index=new_owner,
+            host_attention_mask=new_host_mask,
             encoder_layer_tokens=list(encoded.encoder_layer_tokens),
             encoder_layer_segments=meter.segments,
             projected_tokens=meter.projected,

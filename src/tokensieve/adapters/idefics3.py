@@ -30,6 +30,7 @@ from ..budget import Budget, Scope
 from ..engine.attention import received_attention
 from ..engine.capture import capture_encoder, rows_per_sequence
 from ..engine.encoder_stage import run_encoder_stage
+from ..engine.host import HostPrompt
 from ..engine.placeholders import ImageSpan
 from ..engine.select import select_each
 from ..errors import BudgetError, NonFiniteFeaturesError, PlaceholderError, UnsupportedModelError
@@ -142,16 +143,18 @@ class Idefics3Adapter(Adapter):
     def tokens_per_image(self, encoder_kwargs: dict[str, Any]) -> list[int]:
         return [self.per_crop] * self._num_crops(encoder_kwargs)
 
-    def find_spans(self, input_ids: torch.Tensor, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
-        spans = super().find_spans(input_ids, encoder_kwargs)
-        for span, image in zip(spans, self._group(input_ids, spans)):
+    def find_spans(self, prompt, encoder_kwargs: dict[str, Any]) -> list[ImageSpan]:
+        if isinstance(prompt, torch.Tensor):
+            prompt = HostPrompt.of(prompt)
+        spans = super().find_spans(prompt, encoder_kwargs)
+        for span, image in zip(spans, self._group(prompt, spans)):
             span.group = image
         return spans
 
     @staticmethod
-    def _group(input_ids: torch.Tensor, spans: list[ImageSpan]) -> list[int]:
+    def _group(prompt: HostPrompt, spans: list[ImageSpan]) -> list[int]:
         """Image index of every crop span, from the token that opens the global view's run."""
-        before = [int(input_ids[s.sample, int(s.positions[0]) - 1]) if int(s.positions[0]) > 0 else -1 for s in spans]
+        before = [prompt.ids[s.sample][s.positions[0] - 1] if s.positions[0] > 0 else -1 for s in spans]
         last = {}
         for i, s in enumerate(spans):
             last[s.sample] = i

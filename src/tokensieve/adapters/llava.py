@@ -14,7 +14,8 @@ from ..budget import Budget, Scope
 from ..engine.capture import (
     capture_encoder,
 )
-from ..engine.select import grid_cut, grid_outputs, grid_select, kept_patches
+from ..engine.host import read_lists
+from ..engine.select import grid_cut, grid_outputs, grid_select, selection_lists
 from ..methods.base import IN_ENCODER, IN_LLM, POST_PROJECTOR, PRE_PROJECTOR, Method
 from ..methods.encoder import EncoderMethod
 from ..report import ImageReport
@@ -105,6 +106,7 @@ class LlavaAdapter(ClipTower, Adapter):
         features = [f[:n] for f, n in zip(features, state["lengths"])]
         per_image = state["time"] / n_img
         images = []
+        kept, groups = selection_lists(state["selection"], prefix)
         for i, sel in enumerate(state["selection"]):
             images.append(
                 ImageReport(
@@ -112,11 +114,11 @@ class LlavaAdapter(ClipTower, Adapter):
                     image=i,
                     tokens_in=n_tok,
                     tokens_out=int(features[i].shape[0]),
-                    kept_indices=kept_patches(sel.indices[0], prefix),
+                    kept_indices=kept[i],
                     grid=self.grid,
                     merged=sel.num_merged,
                     selection_s=per_image,
-                    groups=None if sel.groups is None else sel.groups[0, prefix:].tolist(),
+                    groups=groups[i],
                 )
             )
         # HF runs every encoder layer whatever the feature layer; all of them at full length here
@@ -153,20 +155,23 @@ class LlavaAdapter(ClipTower, Adapter):
         n_img = int(pixel_values.shape[0])
         features = list(self.base.multi_modal_projector(selected).unbind(0))
         images = []
+        # one read of every image's kept positions, merged sizes and merge owners (for the reports)
+        owners = [torch.where(o >= 0, o + prefix, -1) for o in res.groups if o is not None]
+        values = read_lists([p[1:] for p in res.positions] + [(s[1:] > 1).sum() for s in res.sizes] + owners)
+        positions, merged, rest = values[:n_img], values[n_img : 2 * n_img], iter(values[2 * n_img :])
         for i in range(n_img):
-            pos, size, owner = res.positions[i][1:], res.sizes[i][1:], res.groups[i]
             images.append(
                 ImageReport(
                     sample=-1,
                     image=i,
                     tokens_in=n_tok,
                     tokens_out=int(features[i].shape[0]),
-                    kept_indices=pos.tolist(),
+                    kept_indices=positions[i],
                     grid=self.grid,
-                    merged=int((size > 1).sum()),
+                    merged=merged[i][0],
                     selection_s=res.selection_s / n_img,
                     # a patch row's output token: after the CLS token under the "full" strategy
-                    groups=None if owner is None else torch.where(owner >= 0, owner + prefix, -1).tolist(),
+                    groups=None if res.groups[i] is None else next(rest),
                 )
             )
         # images may differ under per-image schedules: the trace is their mean, so that trace x images = total

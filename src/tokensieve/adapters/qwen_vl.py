@@ -219,7 +219,7 @@ class QwenVLAdapter(Adapter):
             if not 0 <= idx < self.num_layers:
                 raise ValueError(f"encoder layer {idx} outside 0..{self.num_layers - 1}")
         features: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        slots: list[list[int]] = []
         images: list[ImageReport] = []
         selection_s = 0.0
         patches_total = 0
@@ -255,14 +255,14 @@ class QwenVLAdapter(Adapter):
                 patch_off += t * h * w
                 patches_total += t * h * w
                 features.append(feats)
-                slots.append(kept)
+                slots.append(kept.tolist())
                 images.append(
                     ImageReport(
                         sample=-1,
                         image=len(images),
                         tokens_in=t * hu * wu,
                         tokens_out=int(feats.shape[0]),
-                        kept_indices=kept.tolist(),
+                        kept_indices=list(slots[-1]),
                         grid=(t * hu, wu),
                         merged=merged_n,
                         selection_s=secs,
@@ -294,7 +294,7 @@ class QwenVLAdapter(Adapter):
         """
         start = now()
         features: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        slots: list[list[int]] = []
         images: list[ImageReport] = []
         selection_s, num_images, traces = 0.0, 0, []
         for video, pv_key, pixel, grid in self._visual_batches(encoder_kwargs):
@@ -321,14 +321,14 @@ class QwenVLAdapter(Adapter):
                 hu, wu = h // self.merge, w // self.merge
                 base += t * hu * wu
                 features.append(feats)
-                slots.append(kept)
+                slots.append(kept.tolist())
                 images.append(
                     ImageReport(
                         sample=-1,
                         image=len(images),
                         tokens_in=t * hu * wu,
                         tokens_out=int(feats.shape[0]),
-                        kept_indices=kept.tolist(),
+                        kept_indices=list(slots[-1]),
                         grid=(t * hu, wu),
                         merged=sum(int((c.sizes > 1).sum()) for c in mine),
                         selection_s=cutter.selection_s / len(grid),

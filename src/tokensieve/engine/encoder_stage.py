@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torch import nn
 from ..methods.base import Layout, gather_tokens
 from ..methods.encoder import EncoderCut, EncoderMethod, EncoderPlan, EncoderState
 from .capture import AttentionParts, hook_projections
+from .host import read_lists
 
 
 class _StopEncoder(Exception):
@@ -51,6 +52,8 @@ class StageResult:
     groups: list[torch.Tensor | None] | None = None
     """Per image, when a cut merged (``EncoderCut.groups``): per original candidate (patch, or unit in unit mode),
     the final patch row it ended in (-1: dropped); ``None`` for images whose cuts only kept or dropped rows."""
+    checks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    """Checks of the cuts' contents (device booleans, True = broken) and their messages, read once at the end."""
 
     def features(self, feature_layers: Sequence[int], rows: slice) -> torch.Tensor:
         """[B, k, d * len(feature_layers)]: the recorded ``rows`` of each feature layer, concatenated per image."""
@@ -63,14 +66,17 @@ def _heads(x: torch.Tensor, parts: AttentionParts) -> torch.Tensor:
     return x.view(b, t, parts.num_heads, parts.head_dim).transpose(1, 2)
 
 
-def _check_cut(cut: EncoderCut, b: int, t: int, d: int, layer: int, name: str) -> None:
+def _check_cut(cut: EncoderCut, b: int, t: int, d: int, layer: int, name: str, checks: list) -> None:
+    """Shapes are checked at once (the host knows them); the contents' checks join ``checks`` and are read in one
+    go when the encoder is done (:func:`_raise_broken`), so a cut costs no device round trip."""
     keep = cut.keep
     if keep.dim() != 2 or keep.shape[0] != b or not 1 <= keep.shape[1] <= t:
         raise ValueError(f"{name} at layer {layer}: keep has shape {tuple(keep.shape)}, expected [{b}, 1..{t}]")
-    if bool((keep[:, 0] != 0).any()):
-        raise ValueError(f"{name} at layer {layer}: row 0 (CLS) must be kept first")
-    if keep.shape[1] > 1 and bool((keep[:, 1:] <= keep[:, :-1]).any()):
-        raise ValueError(f"{name} at layer {layer}: kept rows must be strictly ascending")
+    checks.append(((keep[:, 0] != 0).any(), f"{name} at layer {layer}: row 0 (CLS) must be kept first"))
+    if keep.shape[1] > 1:
+        checks.append(
+            ((keep[:, 1:] <= keep[:, :-1]).any(), f"{name} at layer {layer}: kept rows must be strictly ascending")
+        )
     k = keep.shape[1]
     if cut.hidden is not None and tuple(cut.hidden.shape) != (b, k, d):
         raise ValueError(f"{name} at layer {layer}: merged hidden {tuple(cut.hidden.shape)}, expected {(b, k, d)}")
@@ -129,7 +135,18 @@ def run_encoder_stage(
             cls_free,
             units,
         )
+    _raise_broken(out.checks)
     return out
+
+
+def _raise_broken(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """One device read for every content check of every cut of the call; the first broken one is raised."""
+    if not checks:
+        return
+    broken = read_lists([torch.stack([flag for flag, _ in checks])])[0]
+    for bad, (_, message) in zip(broken, checks):
+        if bad:
+            raise ValueError(message)
 
 
 def _run_group(
@@ -165,6 +182,7 @@ def _run_group(
         grouped=False,
         owner=torch.arange(n0, device=device).expand(b, -1).clone(),  # original candidate -> current patch row
         merged=False,
+        checks=out.checks,
     )
     handles = []
 
@@ -360,7 +378,7 @@ def _apply_cut(
         if layer == st["last_planned"]:
             raise ValueError(f"{method.name} made no cut at its last layer {layer}; {t - 1} patches, target {target}")
         return real
-    _check_cut(cut, b, t, d, layer, method.name)
+    _check_cut(cut, b, t, d, layer, method.name, st["checks"])
     left = cut.keep.shape[1] - 1
     if left < target or (layer == st["last_planned"] and left != target):
         raise ValueError(f"{method.name} left {left} patches after layer {layer}; the target is {target}")

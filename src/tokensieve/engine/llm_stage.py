@@ -29,6 +29,7 @@ from ..errors import StageError
 from ..methods.base import PRE_PROJECTOR, Method, Selection, Signals
 from ..methods.llm import QUERY_LAST, QUERY_TEXT, LLMMethod, LLMSignals
 from .attention import rotate
+from .host import read_lists, to_device
 
 
 class KeepAll(Method):
@@ -61,25 +62,34 @@ class LLMParts:
 @dataclass
 class _Layout:
     """The slots a layer processes: per sample, original positions, validity, and which are visual (and of which
-    image)."""
+    image), on the device; and what the host knows of them without reading the device: the count of each image's
+    visual slots, real tokens and alignment slots per sample, and (before the first boundary) every slot."""
 
     orig: torch.Tensor  # [B, N] positions in the prefill sequence (extra slots: 0)
     valid: torch.Tensor  # [B, N] real tokens (not padding, not extra)
     extra: torch.Tensor  # [B, N] slots added so samples line up
     image: torch.Tensor  # [B, N] image index within the sample, -1 for non-visual
+    counts: list[list[int]]  # per sample, per image: its visual slots
+    n_valid: list[int]  # per sample: real tokens
+    n_extra: list[int]  # per sample: alignment slots
+    host: list[tuple[list[int], list[bool], list[int]]] | None = None  # per sample (orig, valid, image) if known
 
     @property
     def visual(self) -> torch.Tensor:
         return self.image >= 0
 
-    def gather(self, rel: torch.Tensor, extra: torch.Tensor) -> _Layout:
+    def gather(self, rel: torch.Tensor, extra: torch.Tensor, counts, n_valid, n_extra) -> _Layout:
         g = lambda t: t.gather(1, rel)  # noqa: E731
         extra = extra | g(self.extra)  # alignment slots of earlier boundaries stay alignment slots
-        return _Layout(g(self.orig), g(self.valid) & ~extra, extra, g(self.image).masked_fill(extra, -1))
+        return _Layout(
+            g(self.orig), g(self.valid) & ~extra, extra, g(self.image).masked_fill(extra, -1), counts, n_valid, n_extra
+        )
 
     @property
     def trivial(self) -> bool:
-        return bool(self.valid.all())
+        """Every slot is a real token (no padding, no alignment slot): known on the host."""
+        width = self.orig.shape[1]
+        return not any(self.n_extra) and all(n == width for n in self.n_valid)
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -91,6 +101,15 @@ def _format(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
         return allowed
     out = torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device)
     return out.masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _running(valid: list[bool]) -> list[int]:
+    """Each slot's position among the real tokens before it (padding does not count)."""
+    out, n = [], -1
+    for v in valid:
+        n += int(v)
+        out.append(n)
+    return out
 
 
 @dataclass
@@ -115,6 +134,8 @@ class LLMStage:
         visual_index: torch.Tensor,
         attention_mask: torch.Tensor,
         counts: list[list[int]],
+        host_image: list[list[int]] | None = None,
+        host_mask: list[list[int]] | None = None,
     ) -> None:
         self.adapter = adapter
         self.method = method
@@ -123,12 +144,17 @@ class LLMStage:
         b, length = visual_index.shape
         self.length = length
         self.counts = counts
-        image = visual_index.masked_fill(attention_mask == 0, -1).to(torch.long)
+        if host_image is None or host_mask is None:  # a caller without the host's view of the prompt: read it once
+            both = read_lists([visual_index, attention_mask])
+            host_image = [both[0][s * length : (s + 1) * length] for s in range(b)]
+            host_mask = [both[1][s * length : (s + 1) * length] for s in range(b)]
+        self.host_valid = [[m != 0 for m in row] for row in host_mask]
+        self.host_image = [[j if v else -1 for j, v in zip(img, val)] for img, val in zip(host_image, self.host_valid)]
         for s in range(b):
-            have = [int((image[s] == j).sum()) for j in range(len(counts[s]))]
-            if have != list(counts[s]) or int((image[s] >= len(counts[s])).sum()):
+            have = [self.host_image[s].count(j) for j in range(len(counts[s]))]
+            if have != list(counts[s]) or any(j >= len(counts[s]) for j in self.host_image[s]):
                 raise StageError(f"sample {s} has visual slots {have} but its images account for {counts[s]}")
-        self.base_image = image
+        self.base_image = visual_index.masked_fill(attention_mask == 0, -1).to(torch.long)
         self.base_valid = attention_mask != 0
         # plan: per sample, per image, [(layer, count)]; the boundaries are the union of all plans' layers
         self.plans = []
@@ -206,7 +232,21 @@ class LLMStage:
         valid = torch.cat([self.base_valid, torch.ones(b, ext, dtype=torch.bool, device=dev)], 1)
         image = torch.cat([self.base_image, torch.full((b, ext), -1, dtype=torch.long, device=dev)], 1)
         orig = torch.arange(length, device=dev).expand(b, -1)
-        self.cur = _Layout(orig, valid, torch.zeros_like(valid), image)
+        host = []
+        for s in range(b):
+            v = self.host_valid[s] + [True] * ext
+            host.append((list(range(length)), v, self.host_image[s] + [-1] * ext))
+        self.host_real = [_running(v) for _, v, _ in host]  # each slot's position among its sample's real tokens
+        self.cur = _Layout(
+            orig,
+            valid,
+            torch.zeros_like(valid),
+            image,
+            [list(c) for c in self.counts],
+            [sum(v) for _, v, _ in host],
+            [0] * b,
+            host,
+        )
         self.base = self.cur
         self.full_length = length
         self.captured = None
@@ -231,16 +271,11 @@ class LLMStage:
         if i in self.capture_layers:
             cos, sin = kwargs["position_embeddings"]
             self.captured = (module, hs, cos, sin, self.cur)
-        if self._record is not None:
+        if self._record is not None:  # counts the host knows: no device read per layer
             lay = self.cur
-            self._record.tokens.append(lay.valid.sum(1).tolist())
-            self._record.visual.append((lay.visual & lay.valid).sum(1).tolist())
-            self._record.per_image.append(
-                [
-                    [int(((lay.image[s] == j) & lay.valid[s]).sum()) for j in range(len(self.counts[s]))]
-                    for s in range(lay.orig.shape[0])
-                ]
-            )
+            self._record.tokens.append(list(lay.n_valid))
+            self._record.visual.append([sum(c) for c in lay.counts])
+            self._record.per_image.append([list(c) for c in lay.counts])
             if i == self.num_layers - 1:
                 self.trace, self.final = self._record, self.cur
         return hs, kwargs
@@ -281,7 +316,7 @@ class LLMStage:
         self._check_mask(mask)
         b, n = lay.orig.shape
         if mask is None:
-            if not bool(lay.extra.any()):
+            if not any(lay.n_extra):
                 return None  # causal over an order-preserving slice is still causal: SDPA's is_causal holds
             allowed = torch.ones(n, n, dtype=torch.bool, device=lay.orig.device).tril().expand(b, 1, n, n)
         else:
@@ -314,6 +349,9 @@ class LLMStage:
 
     # -- selection ------------------------------------------------------------------------------------------------
     def _select(self, i: int, module, hs: torch.Tensor, kwargs: dict):
+        """One boundary for the whole batch: signals per sample, the method's choice for all samples at once, and
+        the gather to the kept slots. Every count is known on the host (the plans, the kept tensors' shapes), so no
+        value is read back here; a method reads what its own rule needs (``select_llm_batch``)."""
         lay = self.cur
         method = self.method
         if method.attention_from == "previous":
@@ -321,15 +359,12 @@ class LLMStage:
         else:
             cos, sin = kwargs["position_embeddings"]
             src = (module, hs, cos, sin, lay)
-        b = lay.orig.shape[0]
-        keep_rel, sizes = [], []
+        b, width = lay.orig.shape
+        dev = hs.device
+        all_signals, all_ks, all_slots = [], [], []
         for s in range(b):
-            vis = lay.visual[s] & lay.valid[s]
-            slots = vis.nonzero().flatten()
-            # segments are contiguous per entry in report order (images before videos), whatever the prompt's order
-            slots = slots[torch.sort(lay.image[s, slots], stable=True).indices]
-            img = lay.image[s, slots]
-            segments = [int((img == j).sum()) for j in range(len(self.counts[s]))]
+            segments = list(lay.counts[s])
+            slots, positions = self._visual_slots(lay, s, sum(segments))
             ks = []
             for j, plan in enumerate(self.plans[s]):
                 k = segments[j]
@@ -337,42 +372,75 @@ class LLMStage:
                     if layer == i:
                         k = min(k, kept) if kept is not None else None
                 ks.append(k)
-            real = self.base.valid[s].cumsum(0) - 1  # position of each prefill slot among the sample's real tokens
             signals = LLMSignals(
-                hidden=hs[s, slots],
-                segments=segments,
-                layer=i,
-                num_layers=self.num_layers,
-                positions=real[lay.orig[s, slots]].cpu(),
+                hidden=hs[s, slots], segments=segments, layer=i, num_layers=self.num_layers, positions=positions
             )
-            if slots.numel():
+            if sum(segments):
                 self._signals(signals, s, slots, src, hs)
                 if method.final_norm:
                     self._final_norm(signals)
-                kept = method.select_llm(signals, ks)
-            else:
-                kept = [torch.empty(0, dtype=torch.long) for _ in segments]
-            offsets = torch.tensor([0] + segments[:-1], dtype=torch.long).cumsum(0)
-            chosen = (
-                torch.cat([k.to(torch.long).cpu() + o for k, o in zip(kept, offsets)])
-                if kept
-                else torch.empty(0, dtype=torch.long)
-            )
-            drop = torch.ones(slots.numel(), dtype=torch.bool)
-            drop[chosen] = False
-            keep = torch.ones(lay.orig.shape[1], dtype=torch.bool, device=hs.device)
-            keep[slots[drop.to(slots.device)]] = False
-            rel = keep.nonzero().flatten()
-            keep_rel.append(rel)
-            sizes.append(rel.numel())
+            all_signals.append(signals)
+            all_ks.append(ks)
+            all_slots.append(slots)
+        active = [s for s in range(b) if sum(lay.counts[s])]
+        chosen = dict(
+            zip(active, method.select_llm_batch([all_signals[s] for s in active], [all_ks[s] for s in active]))
+        )
+        orders, counts, n_valid, sizes = [], [], [], []
+        positions = torch.arange(width, device=dev)
+        for s in range(b):
+            segments = lay.counts[s]
+            kept = chosen.get(s, [torch.empty(0, dtype=torch.long, device=dev) for _ in segments])
+            kept_counts = [int(k.numel()) for k in kept]
+            keep = torch.ones(width, dtype=torch.bool, device=dev)
+            if sum(segments):
+                offsets = [sum(segments[:j]) for j in range(len(segments))]
+                picked = torch.cat([k.to(device=dev, dtype=torch.long) + o for k, o in zip(kept, offsets)])
+                keep[all_slots[s]] = False
+                keep[all_slots[s][picked]] = True
+            dropped = sum(segments) - sum(kept_counts)
+            size = width - dropped
+            orders.append(torch.where(keep, positions, width).sort().values[:size])  # the kept slots, in order
+            sizes.append(size)
+            counts.append(kept_counts)
+            n_valid.append(lay.n_valid[s] - dropped)
         n_new = max(sizes)
-        rel = torch.zeros(b, n_new, dtype=torch.long, device=hs.device)
-        extra = torch.zeros(b, n_new, dtype=torch.bool, device=hs.device)
-        for s, r in enumerate(keep_rel):
-            pad = n_new - r.numel()
-            rel[s, pad:] = r
-            extra[s, :pad] = True
-        return lay.gather(rel, extra), rel
+        pads = [n_new - size for size in sizes]
+        rel = torch.stack([torch.cat([order.new_zeros(pad), order]) for order, pad in zip(orders, pads)])
+        extra = to_device([[True] * pad + [False] * (n_new - pad) for pad in pads], dev, torch.bool)
+        n_extra = [e + pad for e, pad in zip(lay.n_extra, pads)]
+        return lay.gather(rel, extra, counts, n_valid, n_extra), rel
+
+    def _visual_slots(self, lay: _Layout, s: int, n_vis: int):
+        """Sample ``s``'s valid visual slots, grouped by image (report order) and in sequence order within one, and
+        their positions among the sample's real tokens: host lists before the first boundary, device work after
+        it (``n_vis`` is known either way)."""
+        dev = lay.orig.device
+        if lay.host is not None:
+            orig, valid, image = lay.host[s]
+            order = sorted((image[t], t) for t in range(len(orig)) if valid[t] and image[t] >= 0)
+            slots = [t for _, t in order]
+            return to_device(slots, dev), [self.host_real[s][orig[t]] for t in slots]
+        width = lay.orig.shape[1]
+        vis = lay.visual[s] & lay.valid[s]
+        key = torch.where(vis, lay.image[s] * width + torch.arange(width, device=dev), (len(lay.counts[s]) + 1) * width)
+        slots = key.argsort()[:n_vis]
+        real = self.base.valid[s].cumsum(0) - 1
+        return slots, real[lay.orig[s, slots]]
+
+    def _text_slots(self, lay: _Layout, s: int):
+        """Sample ``s``'s valid non-visual slots in order, and their positions among its real tokens."""
+        dev = lay.orig.device
+        if lay.host is not None:
+            orig, valid, image = lay.host[s]
+            slots = [t for t in range(len(orig)) if valid[t] and image[t] < 0]
+            return to_device(slots, dev), [self.host_real[s][orig[t]] for t in slots]
+        width = lay.orig.shape[1]
+        text = lay.valid[s] & ~lay.visual[s]
+        count = lay.n_valid[s] - sum(lay.counts[s])
+        slots = torch.where(text, torch.arange(width, device=dev), width).sort().values[:count]
+        real = self.base.valid[s].cumsum(0) - 1
+        return slots, real[lay.orig[s, slots]]
 
     def _signals(self, signals: LLMSignals, s: int, slots: torch.Tensor, src, hs_now: torch.Tensor) -> None:
         method = self.method
@@ -392,16 +460,16 @@ class LLMStage:
             k = rotate(k.transpose(0, 1), cos, sin)  # [Hkv, N, hd]
             if method.needs_keys:
                 flat = k.transpose(0, 1).reshape(x.shape[0], -1)
-                text = valid & ~lay.visual[s]
+                text, text_positions = self._text_slots(lay, s)
                 signals.keys = flat[slots]
                 signals.text_keys = flat[text]
                 signals.text_hidden = hs_now[s][text]  # entering the boundary layer, like ``hidden``
-                signals.text_positions = (self.base.valid[s].cumsum(0) - 1)[lay.orig[s, text]].cpu()
+                signals.text_positions = text_positions
             if method.query is None:
                 return
             rows = self._query_rows(lay, s)
             if rows.numel() == 0:
-                signals.attention = torch.zeros(parts.num_heads, 0, slots.numel())
+                signals.attention = torch.zeros(parts.num_heads, 0, slots.numel(), device=x.device)
                 return
             q = parts.q_proj(x[rows]).view(rows.numel(), parts.num_heads, parts.head_dim)
             if parts.q_norm is not None:
@@ -423,15 +491,31 @@ class LLMStage:
                 signals.text_hidden = norm(signals.text_hidden[None])[0]
 
     def _query_rows(self, lay: _Layout, s: int) -> torch.Tensor:
-        valid = lay.valid[s]
-        if self.method.query == QUERY_LAST:
-            return valid.nonzero().flatten()[-1:]
-        if self.method.query == QUERY_TEXT:
-            vis = (lay.visual[s] & valid).nonzero().flatten()
-            if vis.numel() == 0:
-                return vis
-            first = lay.orig[s, vis[0]]
-            return (valid & ~lay.visual[s] & (lay.orig[s] > first)).nonzero().flatten()
+        """The query slots a method scores with, found on the host where the layout is known there; after a
+        boundary the last real slot is found on the device (``QUERY_TEXT`` reads its rows there: only ToDRE's
+        relevance rule asks for it, and its checks come before any other boundary)."""
+        dev = lay.orig.device
+        if lay.host is not None:
+            orig, valid, image = lay.host[s]
+            real = [t for t in range(len(orig)) if valid[t]]
+            if self.method.query == QUERY_LAST:
+                return to_device(real[-1:], dev)
+            if self.method.query == QUERY_TEXT:
+                vis = [t for t in real if image[t] >= 0]
+                if not vis:
+                    return to_device([], dev)
+                return to_device([t for t in real if image[t] < 0 and orig[t] > orig[vis[0]]], dev)
+        else:
+            valid = lay.valid[s]
+            if self.method.query == QUERY_LAST:
+                width = valid.shape[0]
+                return (valid.long() * torch.arange(1, width + 1, device=dev)).argmax().view(1)
+            if self.method.query == QUERY_TEXT:
+                vis = (lay.visual[s] & valid).nonzero().flatten()
+                if vis.numel() == 0:
+                    return vis
+                first = lay.orig[s, vis[0]]
+                return (valid & ~lay.visual[s] & (lay.orig[s] > first)).nonzero().flatten()
         raise StageError(f"{self.method.name}: unknown query kind {self.method.query!r}")
 
     # -- results --------------------------------------------------------------------------------------------------

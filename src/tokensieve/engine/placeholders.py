@@ -12,31 +12,34 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PlaceholderError
+from .host import HostPrompt, to_device
 
 
 @dataclass
 class ImageSpan:
-    """One image's placeholders: ``positions`` in sample ``sample`` of the batch."""
+    """One image's placeholders: ``positions`` (host ints, ascending) in sample ``sample`` of the batch."""
 
     sample: int
     image: int
-    positions: torch.Tensor
+    positions: list[int]
     group: int | None = None
     """For families whose images span several placeholder runs (Idefics3's crops): the image this run belongs to,
     read off the prompt by the adapter's ``find_spans`` for this call."""
 
 
-def find_image_spans(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: Sequence[int]) -> list[ImageSpan]:
+def find_image_spans(prompt, image_token_id: int, tokens_per_image: Sequence[int]) -> list[ImageSpan]:
     """Assign the placeholders of each sample, in reading order, to the images in the order they were given.
 
-    This mirrors how the model scatters features (``masked_scatter`` fills placeholders in row-major order), and
-    checks what the model would otherwise fail on later with a less helpful message.
+    ``prompt`` is the call's :class:`~tokensieve.engine.host.HostPrompt` (or ``input_ids``, read once here). This
+    mirrors how the model scatters features (``masked_scatter`` fills placeholders in row-major order), and checks
+    what the model would otherwise fail on later with a less helpful message.
     """
-    if input_ids.dim() != 2:
-        raise PlaceholderError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    is_img = input_ids == image_token_id
-    counts = is_img.sum(dim=1).tolist()
-    total = sum(counts)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 2:
+            raise PlaceholderError(f"input_ids must be [batch, seq], got shape {tuple(prompt.shape)}")
+        prompt = HostPrompt.of(prompt)
+    where = [[i for i, t in enumerate(row) if t == image_token_id] for row in prompt.ids]
+    total = sum(len(w) for w in where)
     expected = int(sum(tokens_per_image))
     if total != expected:
         raise PlaceholderError(
@@ -46,9 +49,8 @@ def find_image_spans(input_ids: torch.Tensor, image_token_id: int, tokens_per_im
         )
     spans: list[ImageSpan] = []
     image = 0
-    for b, count in enumerate(counts):
-        pos = is_img[b].nonzero().squeeze(-1)
-        used = 0
+    for b, pos in enumerate(where):
+        count, used = len(pos), 0
         while used < count:
             n = int(tokens_per_image[image])
             if used + n > count:
@@ -64,14 +66,19 @@ def find_image_spans(input_ids: torch.Tensor, image_token_id: int, tokens_per_im
 
 @dataclass
 class Compaction:
-    """The shrunk batch and how to carry other per-token tensors along with it."""
+    """The shrunk batch and how to carry other per-token tensors along with it.
 
-    index: torch.Tensor  # [B, L'] original position of each new slot, -1 for added padding
+    ``rows``: per sample, the original position of each new slot (-1 for added padding), on the host; ``index``
+    the same as one [B, L'] tensor on the prompt's device.
+    """
+
+    rows: list[list[int]]
+    index: torch.Tensor
     left_padded: bool
 
     @property
     def kept_positions(self) -> list[torch.Tensor]:
-        return [row[row >= 0] for row in self.index]
+        return [torch.tensor([p for p in row if p >= 0], dtype=torch.long) for row in self.rows]
 
     def apply(self, t: torch.Tensor, pad_value) -> torch.Tensor:
         """Gather a [B, L, ...] tensor into the new layout, filling added slots with ``pad_value``."""
@@ -81,48 +88,45 @@ class Compaction:
         fill = (self.index < 0).to(t.device).view(*idx.shape, *([1] * (t.dim() - 2)))
         return out.masked_fill(fill, pad_value)
 
+    def apply_host(self, rows: list[list], pad_value) -> list[list]:
+        """The same gather on host lists (one per sample)."""
+        return [[row[p] if p >= 0 else pad_value for p in new] for row, new in zip(rows, self.rows)]
+
 
 def shrink_placeholders(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    prompt,
     spans: Sequence[ImageSpan],
-    kept_counts: Sequence[int | torch.Tensor],
+    kept_counts: Sequence[int | Sequence[int]],
     left: bool | None = None,
+    device=None,
 ) -> Compaction:
     """Keep the first ``kept_counts[i]`` placeholders of image i and drop the rest, then re-pad the batch.
 
-    A tensor instead of a count names the kept placeholders of that span (indices into ``span.positions``), for
-    families whose visual tokens keep their own positions.
+    A sequence of ints instead of a count names the kept placeholders of that span (indices into
+    ``span.positions``), for families whose visual tokens keep their own positions. Computed on the host from the
+    call's :class:`~tokensieve.engine.host.HostPrompt`; the index goes to ``device`` in one copy.
 
     Samples can lose different numbers of tokens (different image counts), so the result is re-padded on the side
     the input was padded on (left when it had no padding, as generation needs), or on the left when ``left`` is
     true: generation appends after the last slot, so a right-padded prompt would be continued after its padding.
     """
-    bsz, length = input_ids.shape
-    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    bsz, length = prompt.shape
+    keep = [[True] * length for _ in range(bsz)]
     for span, k in zip(spans, kept_counts):
-        if isinstance(k, torch.Tensor):
-            drop = torch.ones(span.positions.numel(), dtype=torch.bool, device=span.positions.device)
-            drop[k.to(span.positions.device)] = False
-            keep[span.sample, span.positions[drop]] = False
+        row = keep[span.sample]
+        if isinstance(k, int):
+            dropped = span.positions[k:]
         else:
-            keep[span.sample, span.positions[k:]] = False
-    right_padded = (
-        attention_mask is not None
-        and bool((attention_mask[:, -1] == 0).any())
-        and not bool((attention_mask[:, 0] == 0).any())
-    )
+            named = set(k)
+            dropped = [p for j, p in enumerate(span.positions) if j not in named]
+        for p in dropped:
+            row[p] = False
+    right_padded = prompt.right_padded
     if left is None:
         left = not right_padded
-    elif left and right_padded:
-        keep &= attention_mask.bool()  # the caller's right padding moves to the left with the new padding
-    lengths = keep.sum(dim=1)
-    new_len = int(lengths.max())
-    index = torch.full((bsz, new_len), -1, dtype=torch.long, device=input_ids.device)
-    for b in range(bsz):
-        pos = keep[b].nonzero().squeeze(-1)
-        if left:
-            index[b, new_len - pos.numel() :] = pos
-        else:
-            index[b, : pos.numel()] = pos
-    return Compaction(index=index, left_padded=left)
+    elif left and right_padded:  # the caller's right padding moves to the left with the new padding
+        keep = [[k and r for k, r in zip(row, prompt.real(b))] for b, row in enumerate(keep)]
+    kept = [[i for i, k in enumerate(row) if k] for row in keep]
+    new_len = max(len(r) for r in kept)
+    rows = [([-1] * (new_len - len(r)) + r) if left else (r + [-1] * (new_len - len(r))) for r in kept]
+    return Compaction(rows=rows, index=to_device(rows, device or "cpu"), left_padded=left)

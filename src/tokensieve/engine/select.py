@@ -22,6 +22,7 @@ from ..methods.base import Layout, Method, Request, Selection
 from ..methods.encoder import EncoderMethod, check_patch_target
 from .capture import AttentionParts, Captured, check_finite, grid_signals
 from .encoder_stage import StageResult, run_encoder_stage
+from .host import read_lists
 
 
 def select_each(method: Method, signals, k) -> list[Selection]:
@@ -76,10 +77,16 @@ def grid_outputs(selections: list[Selection], features: torch.Tensor) -> list[to
     return [sel.output(features[i : i + 1])[0].to(features.dtype) for i, sel in enumerate(selections)]
 
 
-def kept_patches(indices: torch.Tensor, num_prefix: int) -> list[int]:
-    """Grid indices of the kept patches of one image (a kept CLS is not a patch)."""
-    idx = indices - num_prefix
-    return idx[idx >= 0].tolist()
+def selection_lists(selections: list[Selection], num_prefix: int) -> tuple[list[list[int]], list[list[int] | None]]:
+    """For reports, every image's kept grid indices and merge groups (``None`` where a method does not merge),
+    read from the device in one transfer for the whole batch (a per-image read would stall a GPU per image)."""
+    tensors = [sel.indices[0] for sel in selections] + [sel.groups[0] for sel in selections if sel.groups is not None]
+    values = read_lists(tensors)
+    n = len(selections)
+    kept = [[i - num_prefix for i in row if i >= num_prefix] for row in values[:n]]
+    rest = iter(values[n:])
+    groups = [None if sel.groups is None else next(rest)[num_prefix:] for sel in selections]
+    return kept, groups
 
 
 def grid_cut(

@@ -8,6 +8,7 @@ hand-made tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -202,6 +203,26 @@ class Method:
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``x[b, indices[b]]`` for every b: [B, N, d] x [B, k] -> [B, k, d]."""
     return torch.gather(x, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def read_lists(tensors: Sequence[torch.Tensor]) -> list[list]:
+    """Each tensor's values as a flat Python list, in one device-to-host transfer for all of them.
+
+    The one way a method (or the engine) reads device values on the host: a rule that needs host values reads
+    them for the whole batch at once, since every read stalls a GPU until its queue drains."""
+    if not tensors:
+        return []
+    flat = [t.reshape(-1) for t in tensors]
+    dtype = torch.float64 if any(t.is_floating_point() for t in flat) else torch.long
+    device = flat[0].device
+    values = torch.cat([t.to(device=device, dtype=dtype) for t in flat]).tolist()
+    out, start = [], 0
+    for t in flat:
+        n = t.numel()
+        chunk = values[start : start + n]
+        out.append(chunk if dtype == torch.long or t.is_floating_point() else [int(v) for v in chunk])
+        start += n
+    return out
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

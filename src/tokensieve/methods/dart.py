@@ -39,10 +39,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import topk_sorted
+from .base import read_lists, topk_sorted
 from .fastv import single_boundary
 from .llm import LLMMethod, LLMSignals
 from .registry import register
+
+
+def _ints(x) -> list[int]:
+    """Positions as host ints: the stage hands them over as lists where it knows them (no device read)."""
+    return x.tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
 
 
 def _l1(x: torch.Tensor) -> torch.Tensor:
@@ -75,40 +80,58 @@ class DART(LLMMethod):
         return single_boundary(n, num_layers, target, self.layer, self.name)
 
     def select_llm(self, signals: LLMSignals, ks):
-        n_all = signals.hidden.shape[0]
-        positions = signals.positions if signals.positions is not None else torch.arange(n_all)
-        text_keys = signals.text_keys if signals.text_keys is not None else torch.empty(0, 1)
-        text_hidden = (
-            signals.text_hidden if signals.text_hidden is not None else torch.empty(0, signals.hidden.shape[-1])
-        )
-        text_pos = signals.text_positions
-        if text_pos is None:
-            text_pos = torch.arange(n_all, n_all + text_keys.shape[0])
+        return self.select_llm_batch([signals], [ks])[0]
+
+    def select_llm_batch(self, signals: list[LLMSignals], ks):
+        """Two phases so the whole batch reads the device once: the pivots of every image (device), one read of
+        the pivots' indices (the walk order is a Python set of their positions), then the claims (device)."""
+        pending, reads = [], []
+        for sig, k_img in zip(signals, ks):
+            n_all = sig.hidden.shape[0]
+            positions = _ints(sig.positions) if sig.positions is not None else list(range(n_all))
+            text_keys = sig.text_keys if sig.text_keys is not None else torch.empty(0, 1)
+            text_pos = sig.text_positions
+            text_pos = list(range(n_all, n_all + text_keys.shape[0])) if text_pos is None else _ints(text_pos)
+            images, start = [], 0
+            for n, k in zip(sig.segments, k_img):
+                pos = positions[start : start + n]
+                key = sig.keys[start : start + n]
+                p = min(self.pivots_image, k)
+                after = [i for i, t in enumerate(text_pos) if n and t > max(pos)]
+                t = min(self.pivots_text, len(after))
+                piv = _l1(key).topk(p).indices
+                reads.append(piv)
+                if t:
+                    where = torch.tensor(after, device=text_keys.device)
+                    reads.append(where[_l1(text_keys[where]).topk(t).indices])
+                images.append((start, n, k, pos, p, t))
+                start += n
+            pending.append((sig, text_pos, images))
+        values = iter(read_lists(reads))
         out = []
-        parts = zip(
-            signals.split(signals.keys, 0), signals.split(signals.hidden.float(), 0), signals.split(positions, 0), ks
-        )
-        for key, hid, pos, k in parts:
-            n = hid.shape[0]
-            p = min(self.pivots_image, k)
-            piv = _l1(key).topk(p).indices
-            vectors = {int(pos[i]): hid[i] for i in piv.tolist()}
-            order = [int(pos[i]) for i in piv.tolist()]
-            after = (text_pos > int(pos.max())).nonzero().flatten() if n else text_pos[:0]
-            t = min(self.pivots_text, int(after.numel()))
-            if t:
-                for i in after[_l1(text_keys[after]).topk(t).indices].tolist():
-                    vectors[int(text_pos[i])] = text_hidden[i].float()
-                    order.append(int(text_pos[i]))
-            walk = list(set(order))  # the official order: a set of integer positions, as CPython iterates it
-            taken = torch.zeros(n, dtype=torch.bool)
-            taken[piv.cpu()] = True
-            picks = k - p
-            for j, q in enumerate(walk):  # pivot j claims its share of the least similar free tokens
-                share = picks // len(walk) + (1 if j < picks % len(walk) else 0)
-                if share == 0:
-                    continue
-                unlike = -torch.nn.functional.cosine_similarity(vectors[q][None].to(hid), hid, dim=-1).cpu()
-                taken[topk_sorted(unlike.masked_fill(taken, float("-inf")), share)] = True
-            out.append(taken.nonzero().flatten())
+        for sig, text_pos, images in pending:
+            hidden = sig.hidden.float()
+            text_hidden = sig.text_hidden
+            kept = []
+            for start, n, k, pos, p, t in images:
+                hid = hidden[start : start + n]
+                piv = next(values)
+                vectors = {pos[i]: hid[i] for i in piv}
+                order = [pos[i] for i in piv]
+                for i in next(values) if t else []:
+                    vectors[text_pos[i]] = text_hidden[i].float()
+                    order.append(text_pos[i])
+                walk = list(set(order))  # the official order: a set of integer positions, as CPython iterates it
+                taken = torch.zeros(n, dtype=torch.bool, device=hid.device)
+                taken[torch.tensor(piv, dtype=torch.long, device=hid.device)] = True
+                picks = k - p
+                for j, q in enumerate(walk):  # pivot j claims its share of the least similar free tokens
+                    share = picks // len(walk) + (1 if j < picks % len(walk) else 0)
+                    if share == 0:
+                        continue
+                    unlike = -torch.nn.functional.cosine_similarity(vectors[q][None].to(hid), hid, dim=-1)
+                    taken[topk_sorted(unlike.masked_fill(taken, float("-inf"))[None], share)[0]] = True
+                # exactly k are taken: their indices in order, without reading the mask back
+                kept.append(torch.where(taken, torch.arange(n, device=hid.device), n).sort().values[:k])
+            out.append(kept)
         return out

@@ -44,7 +44,11 @@ def _group_directions(moves: torch.Tensor, inv_norm: torch.Tensor, num_groups: i
     centres = moves[:, seeds, :] * inv_norm[:, seeds, None]
     for _ in range(iterations):
         assign = torch.bmm(moves, centres.transpose(1, 2)).argmax(dim=-1)  # [B, N]
-        weights = torch.nn.functional.one_hot(assign, m).to(moves.dtype) * inv_norm.unsqueeze(-1)  # [B, N, M]
+        # one_hot would check the labels' range on the host (a device read per iteration); a scatter does not
+        onehot = torch.zeros(*assign.shape, m, dtype=moves.dtype, device=moves.device).scatter_(
+            -1, assign[..., None], 1
+        )
+        weights = onehot * inv_norm.unsqueeze(-1)  # [B, N, M]
         sums = torch.bmm(weights.transpose(1, 2), moves)  # [B, M, d] sums of unit moves
         norms = sums.norm(dim=-1, keepdim=True)
         # a centre without members (or whose members cancel) has no direction to move to: keep the old one

@@ -93,16 +93,21 @@ class HiPrune(Method):
         neigh = torch.stack([anchors - 1, anchors + 1, anchors - cols, anchors + cols], dim=-1).clamp(0, n - 1)
         chosen = torch.zeros(obj_att.shape, dtype=torch.bool, device=obj_att.device)
         chosen.scatter_(1, anchors, True).scatter_(1, neigh.flatten(1), True)
-        kept = []
-        for b in range(obj_att.shape[0]):
-            extra = k - int(chosen[b].sum())
-            if extra >= 0:  # registers: the best output-layer attention among the patches not chosen yet
-                rest = topk_sorted(out_att[b].masked_fill(chosen[b], float("-inf")), extra)
-                kept.append(torch.cat([chosen[b].nonzero().flatten(), rest]).sort().values)
-            else:  # anchors and buffers overflow k (not reachable in the official code): anchors, then buffers
-                buffers = topk_sorted(
-                    obj_att[b].masked_fill(~chosen[b], float("-inf")).scatter(0, anchors[b], float("-inf")),
-                    k - n_anchor,
-                )
-                kept.append(torch.cat([anchors[b], buffers]).sort().values)
-        return Selection(indices=torch.stack(kept), scores=out_att)
+        # every row at once, no host reads: a row's register count k - |chosen| differs between images, so each
+        # row keeps its top-``extra`` ranks (the ranking topk_sorted uses: stable, ties to the lower index)
+        extra = k - chosen.sum(dim=1, keepdim=True)
+        registers = (_ranks(out_att.masked_fill(chosen, float("-inf"))) < extra) & ~chosen
+        # anchors and buffers overflow k (not reachable in the official code): anchors, then the best buffers
+        is_anchor = torch.zeros_like(chosen).scatter_(1, anchors, True)
+        buffers = _ranks(obj_att.masked_fill(~chosen | is_anchor, float("-inf"))) < k - n_anchor
+        keep = torch.where(extra >= 0, chosen | registers, is_anchor | (buffers & chosen & ~is_anchor))
+        where = torch.arange(n, device=keep.device).expand_as(keep).masked_fill(~keep, n)
+        return Selection(indices=where.sort(dim=1).values[:, :k], scores=out_att)
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] each candidate's place in its row's stable descending order (0 = best)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(
+        -1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    )

@@ -31,7 +31,8 @@ class LLMSignals:
     keys:        [n, H_kv * head_dim] post-RoPE keys of the visual tokens at the layer before the stage.
     text_keys / text_hidden: the same for the sample's real non-visual tokens (DART's text pivots).
     positions / text_positions: [n] / [m] where the visual / text tokens sit in the sample's sequence as the LM
-                 received it, counting real tokens only (padding excluded). ``None``: visual tokens are taken as
+                 received it, counting real tokens only (padding excluded): host ints (a list) where the stage
+                 knows them without reading the device, else a tensor. ``None``: visual tokens are taken as
                  consecutive from 0 and text tokens as following them.
     layer:       the decoder layer that will be the first to run without the dropped tokens; num_layers: LM depth.
 
@@ -88,6 +89,12 @@ class LLMMethod(Method):
     def select_llm(self, signals: LLMSignals, ks: list[int | None]) -> list[torch.Tensor]:
         """Per image, ascending indices into that image's current visual tokens to keep (``ks[i]`` of them)."""
         raise NotImplementedError
+
+    def select_llm_batch(self, signals: list[LLMSignals], ks: list[list[int | None]]) -> list[list[torch.Tensor]]:
+        """:meth:`select_llm` for every sample of a batch at one boundary. Methods whose rule needs values on the
+        host (a pivot's position, a yes/no decision) override this to read them for the whole batch at once: a
+        read per sample would stall a GPU once per sample."""
+        return [self.select_llm(sig, k) for sig, k in zip(signals, ks)]
 
     def check_depth(self, num_layers: int, feature_layer: int | None = None) -> None:
         """In-LLM methods name decoder layers: ``num_layers`` is the LM's depth. A schedule that keeps everything

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MissingSignalError
-from .base import POST_PROJECTOR, Method, Request, Selection, Signals, check_k
+from .base import POST_PROJECTOR, Method, Request, Selection, Signals, check_k, read_lists
 from .llm import QUERY_TEXT, LLMMethod, LLMSignals
 from .registry import register
 
@@ -59,8 +59,34 @@ class ToDRERelevance(LLMMethod):
         return float(signals.attention.float().sum(-1).mean())
 
     def select_llm(self, signals: LLMSignals, ks):
-        keep = self.share(signals) >= self.tau
-        return [torch.arange(n) if keep else torch.empty(0, dtype=torch.long) for n in signals.segments]
+        return self.select_llm_batch([signals], [ks])[0]
+
+    def select_llm_batch(self, signals, ks):
+        # the decision needs each share on the host (it decides how long the sequence goes on): one read per batch
+        shares = [self._share(sig) for sig in signals]
+        values = (
+            read_lists([torch.stack([s for s in shares if isinstance(s, torch.Tensor)])])
+            if any(isinstance(s, torch.Tensor) for s in shares)
+            else [[]]
+        )
+        read = iter(values[0])
+        out = []
+        for sig, share in zip(signals, shares):
+            keep = (next(read) if isinstance(share, torch.Tensor) else share) >= self.tau
+            device = sig.hidden.device
+            out.append(
+                [
+                    torch.arange(n, device=device) if keep else torch.empty(0, dtype=torch.long, device=device)
+                    for n in sig.segments
+                ]
+            )
+        return out
+
+    def _share(self, signals: LLMSignals):
+        """The share as a device scalar (or 1.0 where there is no text after the image)."""
+        if signals.attention is None or signals.attention.shape[1] == 0:
+            return 1.0
+        return signals.attention.float().sum(-1).mean()
 
 
 @register
@@ -105,8 +131,8 @@ class ToDRE(Method):
         b, n, _ = x.shape
         check_k(k, n)
         pivot = signals.cls_attention[layer].float().mean(1).argmax(-1)  # [B]
-        rows = torch.arange(b)
-        chosen = torch.zeros(b, n, dtype=torch.bool)
+        rows = torch.arange(b, device=x.device)
+        chosen = torch.zeros(b, n, dtype=torch.bool, device=x.device)
         chosen[rows, pivot] = True
         sim = (x @ x[rows, pivot].unsqueeze(-1)).squeeze(-1)  # [B, N]
         for _ in range(k - 1):
@@ -114,5 +140,7 @@ class ToDRE(Method):
             chosen[rows, c] = True
             new = (x @ x[rows, c].unsqueeze(-1)).squeeze(-1)
             sim = sim + new if self.objective == "max_sum" else torch.maximum(sim, new)
-        idx = chosen.nonzero()[:, 1].view(b, k)
+        # exactly k per row: their indices in order, without reading the mask back (the greedy loop itself is all
+        # device work, k - 1 steps, no host read)
+        idx = torch.where(chosen, torch.arange(n, device=x.device), n).sort(dim=-1).values[:, :k]
         return Selection(indices=idx)

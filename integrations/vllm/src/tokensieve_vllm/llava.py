@@ -44,7 +44,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from tokensieve.engine.capture import AttentionParts, capture_encoder
-from tokensieve.engine.select import candidate_rows, grid_cut, grid_outputs, grid_select, kept_patches
+from tokensieve.engine.select import candidate_rows, grid_cut, grid_outputs, grid_select, selection_lists
 from tokensieve.methods.base import IN_ENCODER, POST_PROJECTOR, PRE_PROJECTOR, Request
 from tokensieve.plan import Target
 
@@ -268,7 +268,7 @@ class TokenSieveLlavaForConditionalGeneration(ClipTower, LlavaForConditionalGene
             embeds = torch.stack(grid_outputs(sels, features))
             if method.stage == PRE_PROJECTOR:
                 embeds = self.multi_modal_projector(embeds)
-            kept = [kept_patches(sel.indices[0], fam.num_prefix) for sel in sels]
+            kept, _ = selection_lists(sels, fam.num_prefix)  # one read for the batch
             encoder = self._full_trace(depth)
         if embeds.shape[1] != spec.k:  # the prompt holds k placeholders; anything else would corrupt the batch
             raise RuntimeError(f"tokensieve: {spec.method} returned {embeds.shape[1]} tokens for a budget of {spec.k}")
