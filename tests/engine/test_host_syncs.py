@@ -12,9 +12,9 @@ import torch
 
 from tokensieve import Sieve
 from tokensieve.models.tiny import build_tiny_llava, demo_image
+from tokensieve.tools.syncs import counting
 
 from ..conftest import prompt
-from .syncs import counting
 
 ADDED = {
     # method, budget, parameters: the most syncs a call may add at batch 1 and 8. The pre-LLM path reads the

@@ -77,6 +77,11 @@ CASES = (
         (["show", "--methods", "evocut,bogus", "--out", "{tmp}/s.png"], "unknown method 'bogus'"),
         (["bench", "--arch", "tiny", "--methods", "evocut,nope", "--out", "{tmp}/b"], "unknown method 'nope'"),
         (["bench", "--arch", "nope", "--out", "{tmp}/b"], "unknown architecture 'nope'; known:"),
+        *(
+            [(["bench", "--arch", "tiny", "--device", "cuda", "--out", "{tmp}/b"], "has no usable CUDA device")]
+            if not __import__("torch").cuda.is_available()
+            else []
+        ),
         (["run", "--method", "fastv", "--budget", "72"], "--param fastv.layer=1"),
         (["eval", "--methods", "evocut,fastv", "--budgets", "72", "--out", "{tmp}/ev2"], "--param fastv.layer=1"),
         (["run", "--param", "alpha=3.0"], "alpha"),

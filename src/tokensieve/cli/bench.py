@@ -6,6 +6,7 @@ Arguments are checked before torch is imported, so a typo fails at once.
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..tools.configs import VANILLA, Config, group_params, parse_configs
 from ..tools.inputs import check_question, load_image, prepare_out_dir
 from .console import Out, load_with_note
@@ -45,6 +46,11 @@ def cmd_bench(args, out: Out) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {device}: this torch ({torch.__version__}) has no usable CUDA device; drop --device (CPU), or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
     if args.model:
         from ..models.loading import check_model_dir, model_path
 

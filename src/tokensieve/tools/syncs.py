@@ -1,4 +1,4 @@
-"""Counting host syncs of a call on the CPU: what would stall a GPU queue.
+"""Counting the host syncs of a call: what stalls a GPU queue (counted the same way on the CPU).
 
 ``torch.profiler`` counts ``aten::_local_scalar_dense`` (``.item()``, ``int(t)``, a boolean test on a tensor) and
 ``aten::nonzero`` (boolean indexing, ``nonzero()``), the two operations that wait for the device on a GPU, including
