@@ -33,6 +33,10 @@ Deliberate differences from the official code, and why:
   fails there.
 * Keys are read as the KV cache holds them, one copy per KV head; the official code sums the per-query-head copies
   (grouped-query LMs), the same ranking up to float rounding. Exact ties in the claims go to the lower index.
+
+Host reads: the walk order is a Python set of integer positions, so the pivots' indices must be read on the host;
+:meth:`DART.select_llm_batch` reads every image's pivots of the whole batch in one transfer and runs the claims on
+the device.
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ Deliberate differences from the official code, and why:
   algorithm above runs on whole merge units (unit means, a virtual CLS from the mean query), with the schedule
   above, so the merger still sees whole blocks and several images or frames stay apart.
 * Scores are computed in float32 whatever the model dtype (the official scripts run in float16).
+
+Host reads: the count a cut keeps is entropy-adaptive per image (read off the attention, as the official code
+does with ``.item()``), and the next layer's sequence length depends on it, so each image reads one count per cut
+(``per_image`` plans run images one at a time); every other method's encoder work reads nothing per image.
 """
 
 from __future__ import annotations
